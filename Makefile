@@ -1,0 +1,52 @@
+# Email Router for Dynamics 365 — developer entry points.
+# `make run` and `make test` install whatever is missing (venv, pip packages, Azurite via npm).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NPM_STAMP := node_modules/.installed
+
+.PHONY: run test test-fast lint bench demo chaos reset install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+$(NPM_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $(NPM_STAMP)
+
+install: $(STAMP) $(NPM_STAMP)
+
+run: install
+	$(PY) -m local.stack up
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(PY) -m ruff check .
+
+bench: install
+	$(PY) -m bench
+
+demo: install
+	$(PY) -m local.demo
+
+chaos: install
+	$(PY) -m pytest -m chaos --chaos-full
+
+reset:
+	rm -rf .local
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache

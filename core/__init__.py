@@ -1,0 +1,1 @@
+"""Email Router for Dynamics 365: the product (pure decisions, services, adapters)."""

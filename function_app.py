@@ -1,0 +1,12 @@
+"""Azure Functions entry point: registers the blueprints in functions/ and nothing else.
+
+No configuration is read and no client is built here: an exception at import time would make the
+host index no functions at all (azure-functions-python-worker#1338).
+"""
+
+import azure.functions as func
+
+from functions import health
+
+app = func.FunctionApp()
+app.register_functions(health.bp)

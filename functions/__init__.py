@@ -1,0 +1,1 @@
+"""Thin Azure Functions triggers (one Blueprint per trigger family)."""
