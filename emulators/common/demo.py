@@ -1,0 +1,14 @@
+"""Identities of the local demo/test tenant shared by the emulators' default seeds and the stack.
+
+All values are obviously fake and only valid against the local emulators.
+"""
+
+from typing import Final
+
+TENANT_ID: Final = "c0ffee00-0000-4000-8000-000000000001"
+TENANT_DOMAIN: Final = "contoso.example"
+APP_CLIENT_ID: Final = "c0ffee00-0000-4000-8000-0000000000a1"
+APP_OBJECT_ID: Final = "c0ffee00-0000-4000-8000-0000000000a2"  # service principal object id
+APP_CLIENT_SECRET: Final = "local-dev-secret-not-for-production"  # noqa: S105 - emulator-only demo credential
+GRAPH_RESOURCE: Final = "https://graph.microsoft.com"
+GRAPH_APP_ROLES: Final = ("Mail.ReadWrite", "Mail.Send", "MailboxSettings.ReadWrite", "User.Read.All")
