@@ -1,0 +1,132 @@
+"""Webhook service: Graph notifications in, work items out. Never calls Graph or Dataverse.
+
+Returns the HTTP status the trigger must answer with: 202 when everything valid was enqueued (even
+if some items were rejected: Graph must not redeliver forged items), 400 for a body that is not a
+notification collection, 413 when too large, 503 when the queue is unavailable so Graph redelivers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from core.names import INBOUND_QUEUE, MAILBOX_SYNC_QUEUE
+from core.notifications import (
+    BadNotificationPayload,
+    Ignored,
+    Rejection,
+    check_change_notification,
+    check_lifecycle_notification,
+    parse_notification_body,
+)
+from core.ports import SubscriptionDirectory, WorkQueue
+from core.work_items import InboundItem, MailboxSyncItem
+
+log = logging.getLogger("emailrouter.webhook")
+
+MAX_VALIDATION_TOKEN = 4096
+
+
+@dataclass
+class WebhookResult:
+    status: int
+    accepted: int = 0
+    ignored: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def rejected_by_reason(self) -> dict[str, int]:
+        return dict(Counter(r.reason for r in self.rejected))
+
+
+def validation_response(token: str) -> str | None:
+    """The plain-text echo for Graph's validation handshake (already URL-decoded by the host)."""
+    if not token or len(token) > MAX_VALIDATION_TOKEN:
+        return None
+    return token
+
+
+async def _lookup_all(items: list[object], directory: SubscriptionDirectory) -> dict[str, object]:
+    ids = {
+        i["subscriptionId"]
+        for i in items
+        if isinstance(i, dict) and isinstance(i.get("subscriptionId"), str) and 0 < len(i["subscriptionId"]) <= 1024
+    }
+    return dict(await directory.get_many(ids)) if ids else {}
+
+
+def _log_rejections(kind: str, rejected: list[Rejection]) -> None:
+    for r in rejected:
+        # Subscription id and reason only: the item may be forged and carries nothing worth logging.
+        log.warning("%s notification rejected: subscription=%s reason=%s", kind, r.subscription_id or "-", r.reason)
+
+
+async def handle_change_notifications(
+    body: bytes, *, directory: SubscriptionDirectory, queue: WorkQueue, tenant_id: str, max_bytes: int
+) -> WebhookResult:
+    if len(body) > max_bytes:
+        return WebhookResult(413, error=f"body larger than {max_bytes} bytes")
+    try:
+        items = parse_notification_body(body, max_bytes=max_bytes)
+    except BadNotificationPayload as exc:
+        log.warning("change notification body rejected: %s", exc)
+        return WebhookResult(400, error=str(exc))
+    subs = await _lookup_all(items, directory)
+    result = WebhookResult(202)
+    work: list[InboundItem] = []
+    seen: set[tuple[str, str]] = set()
+    for item in items:
+        outcome = check_change_notification(item, subs.get, tenant_id)  # type: ignore[arg-type]
+        if isinstance(outcome, Rejection):
+            result.rejected.append(outcome)
+        elif isinstance(outcome, Ignored):
+            result.ignored += 1
+        else:
+            key = (outcome.mailbox, outcome.message_id)
+            if key in seen:  # Graph often sends created+updated together: one fetch is enough
+                result.ignored += 1
+                continue
+            seen.add(key)
+            work.append(outcome)
+    _log_rejections("change", result.rejected)
+    if work:
+        try:
+            await queue.send_many(INBOUND_QUEUE, [w.to_json() for w in work])
+        except Exception as exc:  # the queue is down: 5xx so Graph redelivers; nothing is lost
+            log.error("enqueue of %d inbound items failed: %s", len(work), exc.__class__.__name__)
+            return WebhookResult(503, rejected=result.rejected, error="queue unavailable")
+    result.accepted = len(work)
+    return result
+
+
+async def handle_lifecycle_notifications(
+    body: bytes, *, directory: SubscriptionDirectory, queue: WorkQueue, tenant_id: str, max_bytes: int
+) -> WebhookResult:
+    if len(body) > max_bytes:
+        return WebhookResult(413, error=f"body larger than {max_bytes} bytes")
+    try:
+        items = parse_notification_body(body, max_bytes=max_bytes)
+    except BadNotificationPayload as exc:
+        log.warning("lifecycle notification body rejected: %s", exc)
+        return WebhookResult(400, error=str(exc))
+    subs = await _lookup_all(items, directory)
+    result = WebhookResult(202)
+    work: list[MailboxSyncItem] = []
+    for item in items:
+        outcome = check_lifecycle_notification(item, subs.get, tenant_id)  # type: ignore[arg-type]
+        if isinstance(outcome, Rejection):
+            result.rejected.append(outcome)
+        else:
+            log.info("lifecycle event %s for subscription %s", outcome.reason, outcome.subscription_id)
+            work.append(outcome)
+    _log_rejections("lifecycle", result.rejected)
+    if work:
+        try:
+            await queue.send_many(MAILBOX_SYNC_QUEUE, [w.to_json() for w in work])
+        except Exception as exc:
+            log.error("enqueue of %d lifecycle items failed: %s", len(work), exc.__class__.__name__)
+            return WebhookResult(503, rejected=result.rejected, error="queue unavailable")
+    result.accepted = len(work)
+    return result

@@ -1,0 +1,29 @@
+"""Fakes of our own ports (never of foreign APIs: those are emulated)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Mapping, Sequence
+
+from core.notifications import SubscriptionInfo
+
+
+class FakeWorkQueue:
+    def __init__(self) -> None:
+        self.messages: dict[str, list[str]] = defaultdict(list)
+        self.fail_with: Exception | None = None
+
+    async def send_many(self, queue: str, messages: Sequence[str], *, delay_seconds: int = 0) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.messages[queue].extend(messages)
+
+
+class FakeSubscriptionDirectory:
+    def __init__(self, subs: Sequence[SubscriptionInfo] = ()) -> None:
+        self.subs = {s.id: s for s in subs}
+        self.lookups = 0
+
+    async def get_many(self, subscription_ids: Collection[str]) -> Mapping[str, SubscriptionInfo]:
+        self.lookups += 1
+        return {i: self.subs[i] for i in subscription_ids if i in self.subs}
