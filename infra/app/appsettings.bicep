@@ -1,0 +1,114 @@
+// The Function App's app settings: every setting the router reads (core/config.py SETTINGS) that
+// the deployment decides, plus identity-based host storage and Entra-authenticated App Insights.
+// Secrets are Key Vault references resolved with the user-assigned identity
+// (keyVaultReferenceIdentity in app/api.bicep), never values.
+//
+// This resource replaces the whole app-settings collection: a setting added by hand in the portal
+// is removed by the next deployment; add it here (or as a parameter) instead.
+// tests/unit/test_infra.py reads this file to check that no setting of core/config.py is forgotten.
+
+param functionAppName string
+
+@description('Client id of the user-assigned managed identity.')
+param identityClientId string
+
+param storageBlobEndpoint string
+param storageQueueEndpoint string
+param storageTableEndpoint string
+param appInsightsConnectionString string
+
+@description('Key Vault URI with the trailing slash, e.g. https://kv-x.vault.azure.net/')
+param keyVaultUri string
+
+@description('Names of the Key Vault secrets: graphClientSecret, dataverseClientSecret, webhookFunctionKey.')
+param secretNames object
+
+param tablePrefix string = 'emailrouter'
+
+param graphTenantId string
+param graphClientId string
+param graphAuthorityHost string = 'https://login.microsoftonline.com'
+param graphBaseUrl string = 'https://graph.microsoft.com/v1.0'
+param graphScope string = 'https://graph.microsoft.com/.default'
+
+param dataverseUrl string
+param dataverseTenantId string = ''
+param dataverseClientId string = ''
+param dataverseAuthority string = ''
+param dataverseScope string = ''
+param dataverseApiVersion string = 'v9.2'
+
+@description('Public base URL of the HTTP functions, e.g. https://func-x.azurewebsites.net/api')
+param webhookBaseUrl string
+param webhookMaxBodyBytes int = 1048576
+
+param subscriptionReconcileSchedule string = '0 */15 * * * *'
+param deltaCatchupSchedule string = '0 */5 * * * *'
+param outboundScanSchedule string = '*/15 * * * * *'
+param crmSyncSchedule string = '0 */15 * * * *'
+param logLevel string = 'INFO'
+
+// Versionless references: the app follows the latest secret version after a rotation.
+var graphClientSecretRef = '@Microsoft.KeyVault(SecretUri=${keyVaultUri}secrets/${secretNames.graphClientSecret}/)'
+var dataverseClientSecretRef = '@Microsoft.KeyVault(SecretUri=${keyVaultUri}secrets/${secretNames.dataverseClientSecret}/)'
+var webhookFunctionKeyRef = '@Microsoft.KeyVault(SecretUri=${keyVaultUri}secrets/${secretNames.webhookFunctionKey}/)'
+
+// Functions host: identity-based storage (no connection string, no keys) and App Insights with Entra ID.
+var hostSettings = {
+  AzureWebJobsStorage__credential: 'managedidentity'
+  AzureWebJobsStorage__clientId: identityClientId
+  AzureWebJobsStorage__blobServiceUri: storageBlobEndpoint
+  AzureWebJobsStorage__queueServiceUri: storageQueueEndpoint
+  AzureWebJobsStorage__tableServiceUri: storageTableEndpoint
+  APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+}
+
+var graphSettings = {
+  GRAPH_TENANT_ID: graphTenantId
+  GRAPH_CLIENT_ID: graphClientId
+  GRAPH_CLIENT_SECRET: graphClientSecretRef
+  GRAPH_AUTHORITY_HOST: graphAuthorityHost
+  GRAPH_BASE_URL: graphBaseUrl
+  GRAPH_SCOPE: graphScope
+}
+
+var dataverseSettings = {
+  DATAVERSE_URL: dataverseUrl
+  DATAVERSE_TENANT_ID: dataverseTenantId
+  DATAVERSE_CLIENT_ID: dataverseClientId
+  DATAVERSE_AUTHORITY: dataverseAuthority
+  DATAVERSE_SCOPE: dataverseScope
+  DATAVERSE_API_VERSION: dataverseApiVersion
+}
+
+// Only a separate Dataverse app registration has its own secret; otherwise the router falls back to
+// GRAPH_CLIENT_SECRET (an unresolved reference here would hide that fallback).
+var dataverseSecretSettings = empty(dataverseClientId) ? {} : {
+  DATAVERSE_CLIENT_SECRET: dataverseClientSecretRef
+}
+
+var webhookSettings = {
+  WEBHOOK_BASE_URL: webhookBaseUrl
+  WEBHOOK_FUNCTION_KEY: webhookFunctionKeyRef
+  WEBHOOK_MAX_BODY_BYTES: string(webhookMaxBodyBytes)
+}
+
+var routerSettings = {
+  TABLE_PREFIX: tablePrefix
+  SUBSCRIPTION_RECONCILE_SCHEDULE: subscriptionReconcileSchedule
+  DELTA_CATCHUP_SCHEDULE: deltaCatchupSchedule
+  OUTBOUND_SCAN_SCHEDULE: outboundScanSchedule
+  CRM_SYNC_SCHEDULE: crmSyncSchedule
+  LOG_LEVEL: logLevel
+}
+
+resource functionApp 'Microsoft.Web/sites@2024-04-01' existing = {
+  name: functionAppName
+}
+
+resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
+  parent: functionApp
+  name: 'appsettings'
+  properties: union(hostSettings, graphSettings, dataverseSettings, dataverseSecretSettings, webhookSettings, routerSettings)
+}

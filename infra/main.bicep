@@ -1,0 +1,295 @@
+// Email Router for Dynamics 365: everything the Function App needs in one resource group.
+//
+//   Flex Consumption plan (FC1, Linux) + Function App (Python 3.11)        app/api.bicep
+//   user-assigned managed identity (storage, Key Vault, App Insights)     this file
+//   Storage account: host storage, deployment container, queues, tables   core/storage.bicep
+//   Key Vault (RBAC mode) with the app registration secret(s)             core/keyvault.bicep
+//   Log Analytics + Application Insights (Entra ID auth only)             core/monitoring.bicep
+//   role assignments for the identity                                     app/rbac.bicep
+//   app settings (after the role assignments)                             app/appsettings.bicep
+//
+// Used by `azd up` (azure.yaml, main.parameters.json) and by `az deployment group create`.
+// No secret is written into this template or returned as an output; secure parameters go to Key Vault
+// and the app reads them through Key Vault references resolved with the managed identity.
+// The Bicep CLI could not be run where this was written: run `az bicep build --file infra/main.bicep`
+// before deploying (docs/deploy.md).
+
+targetScope = 'resourceGroup'
+
+metadata description = 'Email Router for Dynamics 365 on Azure Functions Flex Consumption'
+
+// ---------------------------------------------------------------------------------------------------
+// Environment
+// ---------------------------------------------------------------------------------------------------
+
+@minLength(1)
+@maxLength(64)
+@description('Name of the environment (azd: AZURE_ENV_NAME). Seeds the unique suffix of every resource name.')
+param environmentName string
+
+@minLength(1)
+@description('Region of every resource; it must offer Flex Consumption (az functionapp list-flexconsumption-locations).')
+param location string = resourceGroup().location
+
+@description('Extra tags for every resource.')
+param tags object = {}
+
+// ---------------------------------------------------------------------------------------------------
+// Microsoft Graph (Exchange Online). May be a different tenant from Dataverse.
+// ---------------------------------------------------------------------------------------------------
+
+@minLength(1)
+@description('Entra tenant id of the Exchange Online organisation (GRAPH_TENANT_ID).')
+param graphTenantId string
+
+@minLength(1)
+@description('Application (client) id of the app registration used for Microsoft Graph (GRAPH_CLIENT_ID).')
+param graphClientId string
+
+@secure()
+@description('Client secret of the Graph app registration. Written to Key Vault as graph-client-secret; leave empty to put it there yourself.')
+param graphClientSecret string = ''
+
+@description('Identity platform host for Graph tokens (GRAPH_AUTHORITY_HOST). Defaults to the current cloud.')
+param graphAuthorityHost string = environment().authentication.loginEndpoint
+
+@description('Microsoft Graph base URL (GRAPH_BASE_URL); change only for national clouds.')
+param graphBaseUrl string = 'https://graph.microsoft.com/v1.0'
+
+@description('Scope requested for Graph tokens (GRAPH_SCOPE); change only for national clouds.')
+param graphScope string = 'https://graph.microsoft.com/.default'
+
+// ---------------------------------------------------------------------------------------------------
+// Dataverse (Dynamics 365). Empty tenant/client = the Graph ones (single-tenant, single app).
+// ---------------------------------------------------------------------------------------------------
+
+@minLength(1)
+@description('Dataverse organisation URL, e.g. https://contoso.crm.dynamics.com (DATAVERSE_URL).')
+param dataverseUrl string
+
+@description('Tenant of the Dataverse org when it differs from the Exchange tenant (DATAVERSE_TENANT_ID); empty = graphTenantId.')
+param dataverseTenantId string = ''
+
+@description('Client id of a separate Dataverse app registration (DATAVERSE_CLIENT_ID); empty = graphClientId.')
+param dataverseClientId string = ''
+
+@secure()
+@description('Client secret of the separate Dataverse app registration (only used when dataverseClientId is set). Written to Key Vault as dataverse-client-secret.')
+param dataverseClientSecret string = ''
+
+@description('Full token authority for Dataverse (DATAVERSE_AUTHORITY), e.g. an AD FS authority for Dynamics 365 on-premises; empty = Entra ID.')
+param dataverseAuthority string = ''
+
+@description('Scope for Dataverse tokens (DATAVERSE_SCOPE); empty = dataverseUrl + "/.default".')
+param dataverseScope string = ''
+
+@description('Dataverse Web API version (DATAVERSE_API_VERSION).')
+param dataverseApiVersion string = 'v9.2'
+
+// ---------------------------------------------------------------------------------------------------
+// Webhooks. The base URL is computed from the Function App's host name.
+// ---------------------------------------------------------------------------------------------------
+
+@secure()
+@description('Function key that Graph notification URLs carry as ?code= (WEBHOOK_FUNCTION_KEY). Written to Key Vault as webhook-function-key; register the same value as a host function key after deployment (docs/deploy.md).')
+param webhookFunctionKey string = ''
+
+@description('Largest notification body accepted, in bytes (WEBHOOK_MAX_BODY_BYTES).')
+param webhookMaxBodyBytes int = 1048576
+
+// ---------------------------------------------------------------------------------------------------
+// Router behaviour
+// ---------------------------------------------------------------------------------------------------
+
+@minLength(1)
+@maxLength(40)
+@description('Prefix of every Azure Table the router keeps (TABLE_PREFIX): letters and digits, starting with a letter.')
+param tablePrefix string = 'emailrouter'
+
+@description('NCRONTAB (6 fields, seconds first): subscription reconcile (SUBSCRIPTION_RECONCILE_SCHEDULE).')
+param subscriptionReconcileSchedule string = '0 */15 * * * *'
+
+@description('NCRONTAB: delta catch-up rounds (DELTA_CATCHUP_SCHEDULE).')
+param deltaCatchupSchedule string = '0 */5 * * * *'
+
+@description('NCRONTAB: scan CRM for Pending Send emails (OUTBOUND_SCAN_SCHEDULE).')
+param outboundScanSchedule string = '*/15 * * * * *'
+
+@description('NCRONTAB: sync delivery methods from CRM (CRM_SYNC_SCHEDULE).')
+param crmSyncSchedule string = '0 */15 * * * *'
+
+@allowed([
+  'DEBUG'
+  'INFO'
+  'WARNING'
+  'ERROR'
+])
+@description('Log level of the router\'s own loggers (LOG_LEVEL).')
+param logLevel string = 'INFO'
+
+// ---------------------------------------------------------------------------------------------------
+// Scale (Flex Consumption)
+// ---------------------------------------------------------------------------------------------------
+
+@allowed([
+  512
+  2048
+  4096
+])
+@description('Memory of each Flex Consumption instance, in MB.')
+param instanceMemoryMB int = 2048
+
+@minValue(40)
+@maxValue(1000)
+@description('Upper bound of Flex Consumption instances (the platform minimum for this cap was 40 when written).')
+param maximumInstanceCount int = 40
+
+@description('Turn on Key Vault purge protection (cannot be turned off again; blocks `azd down --purge`).')
+param keyVaultPurgeProtection bool = false
+
+// ---------------------------------------------------------------------------------------------------
+// Names
+// ---------------------------------------------------------------------------------------------------
+
+var abbrs = loadJsonContent('abbreviations.json')
+var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName, location))
+var allTags = union(tags, { 'azd-env-name': environmentName })
+var serviceName = 'api'
+
+var functionAppName = '${abbrs.webSitesFunctions}emailrouter-${resourceToken}'
+var deploymentContainerName = 'app-package-${resourceToken}'
+
+// Key Vault secret names; the values are never in this template.
+var secretNames = {
+  graphClientSecret: 'graph-client-secret'
+  dataverseClientSecret: 'dataverse-client-secret'
+  webhookFunctionKey: 'webhook-function-key'
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Resources
+// ---------------------------------------------------------------------------------------------------
+
+resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: '${abbrs.managedIdentityUserAssignedIdentities}emailrouter-${resourceToken}'
+  location: location
+  tags: allTags
+}
+
+module monitoring 'core/monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    workspaceName: '${abbrs.operationalInsightsWorkspaces}${resourceToken}'
+    appInsightsName: '${abbrs.insightsComponents}${resourceToken}'
+    location: location
+    tags: allTags
+  }
+}
+
+module storage 'core/storage.bicep' = {
+  name: 'storage'
+  params: {
+    name: '${abbrs.storageStorageAccounts}${resourceToken}'
+    location: location
+    tags: allTags
+    deploymentContainerName: deploymentContainerName
+    tablePrefix: tablePrefix
+  }
+}
+
+module keyVault 'core/keyvault.bicep' = {
+  name: 'keyvault'
+  params: {
+    name: '${abbrs.keyVaultVaults}${resourceToken}'
+    location: location
+    tags: allTags
+    purgeProtection: keyVaultPurgeProtection
+    secretNames: secretNames
+    graphClientSecret: graphClientSecret
+    dataverseClientSecret: empty(dataverseClientId) ? '' : dataverseClientSecret
+    webhookFunctionKey: webhookFunctionKey
+  }
+}
+
+module api 'app/api.bicep' = {
+  name: 'api'
+  params: {
+    name: functionAppName
+    planName: '${abbrs.webServerFarms}${resourceToken}'
+    location: location
+    tags: allTags
+    serviceName: serviceName
+    identityId: identity.id
+    deploymentStorageBlobEndpoint: storage.outputs.blobEndpoint
+    deploymentContainerName: deploymentContainerName
+    instanceMemoryMB: instanceMemoryMB
+    maximumInstanceCount: maximumInstanceCount
+  }
+}
+
+module rbac 'app/rbac.bicep' = {
+  name: 'rbac'
+  params: {
+    principalId: identity.properties.principalId
+    storageAccountName: storage.outputs.name
+    keyVaultName: keyVault.outputs.name
+    appInsightsName: monitoring.outputs.appInsightsName
+  }
+}
+
+// The Functions host serves HTTP functions under host.json "routePrefix" ("api").
+var webhookBaseUrl = 'https://${api.outputs.defaultHostName}/api'
+
+module appSettings 'app/appsettings.bicep' = {
+  name: 'appsettings'
+  params: {
+    functionAppName: api.outputs.name
+    identityClientId: identity.properties.clientId
+    storageBlobEndpoint: storage.outputs.blobEndpoint
+    storageQueueEndpoint: storage.outputs.queueEndpoint
+    storageTableEndpoint: storage.outputs.tableEndpoint
+    appInsightsConnectionString: monitoring.outputs.appInsightsConnectionString
+    keyVaultUri: keyVault.outputs.uri
+    secretNames: secretNames
+    tablePrefix: tablePrefix
+    graphTenantId: graphTenantId
+    graphClientId: graphClientId
+    graphAuthorityHost: graphAuthorityHost
+    graphBaseUrl: graphBaseUrl
+    graphScope: graphScope
+    dataverseUrl: dataverseUrl
+    dataverseTenantId: dataverseTenantId
+    dataverseClientId: dataverseClientId
+    dataverseAuthority: dataverseAuthority
+    dataverseScope: dataverseScope
+    dataverseApiVersion: dataverseApiVersion
+    webhookBaseUrl: webhookBaseUrl
+    webhookMaxBodyBytes: webhookMaxBodyBytes
+    subscriptionReconcileSchedule: subscriptionReconcileSchedule
+    deltaCatchupSchedule: deltaCatchupSchedule
+    outboundScanSchedule: outboundScanSchedule
+    crmSyncSchedule: crmSyncSchedule
+    logLevel: logLevel
+  }
+  // Key Vault references and identity-based storage resolve only once the roles exist.
+  dependsOn: [
+    rbac
+  ]
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Outputs (azd stores them in the environment). Names and URLs only, never secrets.
+// ---------------------------------------------------------------------------------------------------
+
+output AZURE_LOCATION string = location
+output AZURE_TENANT_ID string = tenant().tenantId
+output AZURE_RESOURCE_GROUP string = resourceGroup().name
+output AZURE_FUNCTION_APP_NAME string = api.outputs.name
+output SERVICE_API_NAME string = api.outputs.name
+output AZURE_FUNCTION_APP_URL string = 'https://${api.outputs.defaultHostName}'
+output WEBHOOK_BASE_URL string = webhookBaseUrl
+output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
+output AZURE_KEY_VAULT_URI string = keyVault.outputs.uri
+output AZURE_USER_ASSIGNED_IDENTITY_CLIENT_ID string = identity.properties.clientId
+output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.appInsightsName
