@@ -27,3 +27,22 @@ class FakeSubscriptionDirectory:
     async def get_many(self, subscription_ids: Collection[str]) -> Mapping[str, SubscriptionInfo]:
         self.lookups += 1
         return {i: self.subs[i] for i in subscription_ids if i in self.subs}
+
+
+class StaticMailboxDirectory:
+    """In-memory ``core.ports.MailboxDirectory``."""
+
+    def __init__(self, mailboxes=(), org=None) -> None:  # type: ignore[no-untyped-def]
+        from core.domain.model import OrgEmailSettings
+
+        self.mailboxes = {m.address.lower(): m for m in mailboxes}
+        self.org = org or OrgEmailSettings()
+
+    async def get_mailbox(self, address: str):  # type: ignore[no-untyped-def]
+        return self.mailboxes.get(address.lower())
+
+    async def list_mailboxes(self):  # type: ignore[no-untyped-def]
+        return list(self.mailboxes.values())
+
+    async def get_org_settings(self):  # type: ignore[no-untyped-def]
+        return self.org

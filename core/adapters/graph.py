@@ -1,0 +1,480 @@
+"""Microsoft Graph mail adapter over msgraph-sdk (kiota request adapter), returning plain JSON.
+
+Why raw JSON: the functional core decides on plain data (``core.domain.normalize`` reads Graph's
+JSON shape), so we use the SDK's request builders, authentication and transport, and take the
+native response (``NativeResponseHandler``) instead of kiota models.
+
+Retries: the SDK's RetryHandler also re-sends POSTs (a retried ``send`` can send twice), so every
+request here switches it off and this adapter decides: idempotent requests (GET, PATCH, DELETE) are
+retried in-process only for short waits (``Retry-After`` <= ``max_inline_wait``); anything longer
+raises ``GraphThrottled`` carrying ``retry_after`` so the caller re-enqueues with a visibility
+delay instead of blocking a worker. POSTs are never retried here.
+
+Concurrency: Outlook allows 4 concurrent requests per app per mailbox; a per-mailbox semaphore keeps
+this instance inside that limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+if TYPE_CHECKING:  # msgraph is heavy (~1.5 s to import): only imported when a client is built
+    import httpx
+    from kiota_abstractions.authentication import AccessTokenProvider
+    from kiota_abstractions.request_information import RequestInformation
+
+log = logging.getLogger("emailrouter.graph")
+
+__all__ = [
+    "MESSAGE_SELECT",
+    "DeltaPage",
+    "GraphAccessDenied",
+    "GraphError",
+    "GraphMailClient",
+    "GraphNotFound",
+    "GraphSyncStateNotFound",
+    "GraphThrottled",
+    "GraphTransient",
+]
+
+# Everything the processor reads, fetched once per message (reference/graph.md §6).
+MESSAGE_SELECT: tuple[str, ...] = (
+    "id", "internetMessageId", "internetMessageHeaders", "conversationId", "conversationIndex", "subject",
+    "body", "bodyPreview", "from", "sender", "toRecipients", "ccRecipients", "bccRecipients", "replyTo",
+    "receivedDateTime", "sentDateTime", "createdDateTime", "lastModifiedDateTime", "hasAttachments",
+    "importance", "isDraft", "isRead", "parentFolderId", "categories", "changeKey",
+)
+DELTA_SELECT: tuple[str, ...] = ("id", "internetMessageId", "receivedDateTime", "isDraft", "parentFolderId")
+
+
+class GraphError(Exception):
+    def __init__(self, status: int, code: str, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(f"Graph {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def transient(self) -> bool:
+        return False
+
+
+class GraphThrottled(GraphError):
+    @property
+    def transient(self) -> bool:
+        return True
+
+
+class GraphTransient(GraphError):
+    @property
+    def transient(self) -> bool:
+        return True
+
+
+class GraphNotFound(GraphError):
+    pass
+
+
+class GraphAccessDenied(GraphError):
+    pass
+
+
+class GraphSyncStateNotFound(GraphError):
+    """The delta token expired or is unknown (410 syncStateNotFound): start a new round."""
+
+
+def _error_from(status: int, body: bytes, headers: Mapping[str, str]) -> GraphError:
+    code, message = "unknown", ""
+    try:
+        err = json.loads(body or b"{}").get("error", {})
+        code = str(err.get("code") or code)
+        message = str(err.get("message") or "")[:500]
+    except (ValueError, AttributeError):
+        message = body[:200].decode("utf-8", "replace")
+    retry_after: float | None = None
+    raw_retry = headers.get("retry-after")
+    if raw_retry:
+        try:
+            retry_after = max(0.0, float(raw_retry))
+        except ValueError:
+            retry_after = None
+    if status == 429 or code in ("ErrorSubmissionQuotaExceeded", "ApplicationThrottled", "MailboxConcurrency"):
+        return GraphThrottled(status, code, message, retry_after=retry_after if retry_after is not None else 5.0)
+    if status in (500, 502, 503, 504) or code in ("ErrorServerBusy", "ServiceNotAvailable"):
+        return GraphTransient(status, code, message, retry_after=retry_after)
+    if status == 410 or code in ("syncStateNotFound", "SyncStateNotFound", "resyncRequired"):
+        return GraphSyncStateNotFound(status, code, message)
+    if status == 404 or code in ("ErrorItemNotFound", "ResourceNotFound"):
+        return GraphNotFound(status, code, message)
+    if status in (401, 403):
+        return GraphAccessDenied(status, code, message)
+    return GraphError(status, code, message, retry_after=retry_after)
+
+
+@dataclass
+class DeltaPage:
+    messages: list[dict[str, Any]]
+    removed: list[str]
+    next_link: str | None
+    delta_link: str | None
+
+
+@dataclass
+class _Stats:
+    requests: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+class GraphMailClient:
+    """The Graph calls the router makes, as plain JSON in and out."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token_provider: AccessTokenProvider,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        per_mailbox_concurrency: int = 4,
+        max_inline_wait: float = 2.0,
+        max_inline_retries: int = 2,
+        timeout: float = 60.0,
+    ) -> None:
+        import httpx as _httpx
+        from kiota_abstractions.authentication import BaseBearerTokenAuthenticationProvider
+        from msgraph import GraphRequestAdapter, GraphServiceClient
+        from msgraph_core import GraphClientFactory
+
+        client = http_client or _httpx.AsyncClient(timeout=_httpx.Timeout(timeout, connect=15.0))
+        client = GraphClientFactory.create_with_default_middleware(client=client)
+        self._adapter = GraphRequestAdapter(BaseBearerTokenAuthenticationProvider(token_provider), client=client)
+        self._adapter.base_url = base_url.rstrip("/")
+        self._client = GraphServiceClient(request_adapter=self._adapter)
+        self._base_url = base_url.rstrip("/")
+        self._per_mailbox = per_mailbox_concurrency
+        self._locks: dict[str, asyncio.Semaphore] = {}
+        self._max_inline_wait = max_inline_wait
+        self._max_inline_retries = max_inline_retries
+        self.stats = _Stats()
+
+    @property
+    def sdk(self) -> Any:
+        """The underlying GraphServiceClient (for request builders)."""
+        return self._client
+
+    def _mailbox_lock(self, mailbox: str) -> asyncio.Semaphore:
+        key = mailbox.lower()
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Semaphore(self._per_mailbox)
+        return lock
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def _prepare(self, ri: RequestInformation, headers: Mapping[str, str] | None) -> RequestInformation:
+        from kiota_abstractions.native_response_handler import NativeResponseHandler
+        from kiota_http.middleware.options import ResponseHandlerOption, RetryHandlerOption
+
+        ri.add_request_options([
+            ResponseHandlerOption(NativeResponseHandler()),
+            RetryHandlerOption(max_retries=0, should_retry=False),
+        ])
+        for name, value in (headers or {}).items():
+            ri.headers.try_add(name, value)
+        return ri
+
+    async def _send(
+        self,
+        kind: str,
+        mailbox: str | None,
+        build: Any,
+        *,
+        idempotent: bool,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        attempt = 0
+        while True:
+            ri = self._prepare(build(), headers)
+            lock = self._mailbox_lock(mailbox) if mailbox else None
+            self.stats.requests += 1
+            self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
+            try:
+                if lock is not None:
+                    async with lock:
+                        response = await self._adapter.send_primitive_async(ri, "bytes", {})
+                else:
+                    response = await self._adapter.send_primitive_async(ri, "bytes", {})
+            except Exception as exc:  # connection errors, timeouts: transient by nature
+                if _is_transport_error(exc):
+                    err: GraphError = GraphTransient(0, exc.__class__.__name__, "transport error")
+                else:
+                    raise
+            else:
+                status = response.status_code
+                body = response.content
+                hdrs = {k.lower(): v for k, v in response.headers.items()}
+                if status < 400:
+                    return status, body, hdrs
+                err = _error_from(status, body, hdrs)
+            wait = err.retry_after if err.retry_after is not None else 0.5 * (attempt + 1)
+            if idempotent and err.transient and attempt < self._max_inline_retries and wait <= self._max_inline_wait:
+                attempt += 1
+                log.info("graph %s transient %s (%s); retry %d in %.1fs", kind, err.status, err.code, attempt, wait)
+                await asyncio.sleep(wait)
+                continue
+            raise err
+
+    def _raw(self, method: str, url: str, body: Any = None) -> Any:
+        from kiota_abstractions.method import Method
+        from kiota_abstractions.request_information import RequestInformation
+
+        def build() -> RequestInformation:
+            ri = RequestInformation()
+            ri.http_method = Method[method]
+            ri.url = url if url.startswith("http") else f"{self._base_url}{url}"
+            ri.headers.try_add("Accept", "application/json")
+            if body is not None:
+                ri.set_stream_content(json.dumps(body).encode(), "application/json")
+            return ri
+
+        return build
+
+    @staticmethod
+    def _json(body: bytes) -> dict[str, Any]:
+        return json.loads(body) if body else {}
+
+    def _user(self, mailbox: str) -> Any:
+        return self._client.users.by_user_id(mailbox)
+
+    # -- messages ------------------------------------------------------------------------------
+
+    async def get_message(self, mailbox: str, message_id: str, *, with_attachments: bool = True) -> dict[str, Any]:
+        """One GET: the fields the processor needs, headers included, attachments expanded."""
+        query = "$select=" + ",".join(MESSAGE_SELECT)
+        if with_attachments:
+            query += "&$expand=attachments"
+        url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}?{query}"
+        _, body, _ = await self._send(
+            "get_message", mailbox, self._raw("GET", url), idempotent=True,
+            headers={"Prefer": 'IdType="ImmutableId", outlook.body-content-type="html"'},
+        )
+        return self._json(body)
+
+    async def get_item_attachment(self, mailbox: str, message_id: str, attachment_id: str) -> dict[str, Any]:
+        """An item attachment with the attached message (forward-as-attachment wrappers)."""
+        url = (f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}/attachments/"
+               f"{quote(attachment_id, safe='')}?$expand=microsoft.graph.itemAttachment/item")
+        _, body, _ = await self._send("get_attachment", mailbox, self._raw("GET", url), idempotent=True,
+                                      headers={"Prefer": 'IdType="ImmutableId"'})
+        return self._json(body)
+
+    async def get_mime(self, mailbox: str, message_id: str) -> bytes:
+        url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}/$value"
+        _, body, _ = await self._send("get_mime", mailbox, self._raw("GET", url), idempotent=True)
+        return body
+
+    async def set_categories(self, mailbox: str, message_id: str, categories: Sequence[str]) -> None:
+        url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}"
+        await self._send("patch_message", mailbox, self._raw("PATCH", url, {"categories": list(categories)}),
+                         idempotent=True)
+
+    async def delete_message(self, mailbox: str, message_id: str) -> None:
+        url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}"
+        try:
+            await self._send("delete_message", mailbox, self._raw("DELETE", url), idempotent=True)
+        except GraphNotFound:
+            pass  # already gone: deleting is idempotent for us
+
+    async def find_messages_by_internet_id(
+        self, mailbox: str, internet_message_id: str, *, folder: str | None = None
+    ) -> list[dict[str, Any]]:
+        escaped = internet_message_id.replace("'", "''")
+        base = f"/users/{quote(mailbox)}" + (f"/mailFolders/{quote(folder)}" if folder else "")
+        url = (f"{base}/messages?$filter=internetMessageId eq '{quote(escaped, safe='')}'"
+               f"&$select=id,internetMessageId,isDraft,parentFolderId,sentDateTime&$top=10")
+        _, body, _ = await self._send("find_message", mailbox, self._raw("GET", url), idempotent=True,
+                                      headers={"Prefer": 'IdType="ImmutableId"'})
+        return list(self._json(body).get("value", []))
+
+    async def list_messages(
+        self, mailbox: str, folder: str, *, received_after: datetime | None = None, page_size: int = 50
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Messages in a folder, newest first, optionally received after a date (backfill)."""
+        url = (f"/users/{quote(mailbox)}/mailFolders/{quote(folder)}/messages"
+               f"?$select=id,receivedDateTime&$top={page_size}")
+        if received_after is not None:
+            stamp = received_after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            url += "&$filter=" + quote(f"receivedDateTime ge {stamp}", safe="")
+        next_url: str | None = url
+        while next_url:
+            _, body, _ = await self._send("list_messages", mailbox, self._raw("GET", next_url), idempotent=True,
+                                          headers={"Prefer": 'IdType="ImmutableId"'})
+            page = self._json(body)
+            for message in page.get("value", []):
+                yield message
+            next_url = page.get("@odata.nextLink")
+
+    # -- delta ---------------------------------------------------------------------------------
+
+    async def delta_page(
+        self, mailbox: str, folder: str, link: str | None, *, received_after: datetime | None = None,
+        page_size: int = 100,
+    ) -> DeltaPage:
+        """One page of a delta round: from ``link`` (next/delta link) or a new round for the folder."""
+        if link:
+            url = link
+        else:
+            url = f"/users/{quote(mailbox)}/mailFolders/{quote(folder)}/messages/delta?$select=" + ",".join(
+                DELTA_SELECT)
+            if received_after is not None:
+                stamp = received_after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                url += "&$filter=" + quote(f"receivedDateTime ge {stamp}", safe="")
+        _, body, _ = await self._send(
+            "delta", mailbox, self._raw("GET", url), idempotent=True,
+            headers={"Prefer": f'IdType="ImmutableId", odata.maxpagesize={page_size}'},
+        )
+        page = self._json(body)
+        messages, removed = [], []
+        for item in page.get("value", []):
+            if "@removed" in item:
+                removed.append(str(item.get("id", "")))
+            else:
+                messages.append(item)
+        return DeltaPage(messages, removed, page.get("@odata.nextLink"), page.get("@odata.deltaLink"))
+
+    # -- subscriptions -------------------------------------------------------------------------
+
+    async def create_subscription(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        _, resp, _ = await self._send("create_subscription", None, self._raw("POST", "/subscriptions", dict(body)),
+                                      idempotent=False)
+        return self._json(resp)
+
+    async def renew_subscription(self, subscription_id: str, expires: datetime) -> dict[str, Any]:
+        body = {"expirationDateTime": expires.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+        _, resp, _ = await self._send(
+            "renew_subscription", None, self._raw("PATCH", f"/subscriptions/{quote(subscription_id)}", body),
+            idempotent=True)
+        return self._json(resp)
+
+    async def reauthorize_subscription(self, subscription_id: str) -> None:
+        await self._send("reauthorize_subscription", None,
+                         self._raw("POST", f"/subscriptions/{quote(subscription_id)}/reauthorize"), idempotent=True)
+
+    async def delete_subscription(self, subscription_id: str) -> None:
+        try:
+            await self._send("delete_subscription", None,
+                             self._raw("DELETE", f"/subscriptions/{quote(subscription_id)}"), idempotent=True)
+        except GraphNotFound:
+            pass
+
+    async def list_subscriptions(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        next_url: str | None = "/subscriptions"
+        while next_url:
+            _, body, _ = await self._send("list_subscriptions", None, self._raw("GET", next_url), idempotent=True)
+            page = self._json(body)
+            out.extend(page.get("value", []))
+            next_url = page.get("@odata.nextLink")
+        return out
+
+    async def batch(self, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """JSON $batch (<= 20 requests); returns the responses ordered like the requests."""
+        if len(requests) > 20:
+            raise ValueError("a Graph JSON batch holds at most 20 requests")
+        _, body, _ = await self._send("batch", None, self._raw("POST", "/$batch", {"requests": list(requests)}),
+                                      idempotent=False)
+        responses = {str(r.get("id")): r for r in self._json(body).get("responses", [])}
+        return [responses.get(str(r["id"]), {"id": r["id"], "status": 0}) for r in requests]
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def create_draft(self, mailbox: str, message: Mapping[str, Any]) -> dict[str, Any]:
+        """POST a draft (never retried here: a retry could create a second draft)."""
+        _, body, _ = await self._send(
+            "create_draft", mailbox, self._raw("POST", f"/users/{quote(mailbox)}/messages", dict(message)),
+            idempotent=False, headers={"Prefer": 'IdType="ImmutableId"'},
+        )
+        return self._json(body)
+
+    async def add_attachment(self, mailbox: str, message_id: str, attachment: Mapping[str, Any]) -> dict[str, Any]:
+        url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}/attachments"
+        _, body, _ = await self._send("add_attachment", mailbox, self._raw("POST", url, dict(attachment)),
+                                      idempotent=False)
+        return self._json(body)
+
+    async def upload_large_attachment(
+        self, mailbox: str, message_id: str, *, name: str, content_type: str, data: bytes,
+        chunk_size: int = 4 * 1024 * 1024,
+    ) -> None:
+        """Attachments of 3-150 MB through an upload session (reference/graph.md §6.1)."""
+        url = (f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}/attachments/"
+               "createUploadSession")
+        session_body = {"AttachmentItem": {"attachmentType": "file", "name": name, "size": len(data),
+                                           "contentType": content_type}}
+        _, body, _ = await self._send("upload_session", mailbox, self._raw("POST", url, session_body),
+                                      idempotent=False)
+        upload_url = self._json(body)["uploadUrl"]
+        import httpx as _httpx
+
+        # The upload URL is pre-authenticated: no bearer token may be sent to it (documented).
+        async with _httpx.AsyncClient(timeout=120) as raw:
+            start = 0
+            while start < len(data):
+                chunk = data[start:start + chunk_size]
+                end = start + len(chunk) - 1
+                resp = await raw.put(upload_url, content=chunk, headers={
+                    "Content-Range": f"bytes {start}-{end}/{len(data)}", "Content-Length": str(len(chunk))})
+                if resp.status_code >= 400:
+                    raise _error_from(resp.status_code, resp.content, {k.lower(): v for k, v in resp.headers.items()})
+                start = end + 1
+
+    async def send_draft(self, mailbox: str, draft_id: str) -> None:
+        url = f"/users/{quote(mailbox)}/messages/{quote(draft_id, safe='')}/send"
+        await self._send("send", mailbox, self._raw("POST", url), idempotent=False)
+
+    async def send_mail(self, mailbox: str, message: Mapping[str, Any], *, save_to_sent_items: bool = True) -> None:
+        body = {"message": dict(message), "saveToSentItems": save_to_sent_items}
+        await self._send("send_mail", mailbox, self._raw("POST", f"/users/{quote(mailbox)}/sendMail", body),
+                         idempotent=False)
+
+    # -- directory and rules -------------------------------------------------------------------
+
+    async def get_user(self, mailbox: str) -> dict[str, Any]:
+        url = f"/users/{quote(mailbox)}?$select=id,userPrincipalName,mail,displayName"
+        _, body, _ = await self._send("get_user", mailbox, self._raw("GET", url), idempotent=True)
+        return self._json(body)
+
+    async def list_inbox_rules(self, mailbox: str) -> list[dict[str, Any]]:
+        url = f"/users/{quote(mailbox)}/mailFolders/inbox/messageRules"
+        _, body, _ = await self._send("list_rules", mailbox, self._raw("GET", url), idempotent=True)
+        return list(self._json(body).get("value", []))
+
+    async def create_inbox_rule(self, mailbox: str, rule: Mapping[str, Any]) -> dict[str, Any]:
+        url = f"/users/{quote(mailbox)}/mailFolders/inbox/messageRules"
+        _, body, _ = await self._send("create_rule", mailbox, self._raw("POST", url, dict(rule)), idempotent=False)
+        return self._json(body)
+
+    async def delete_inbox_rule(self, mailbox: str, rule_id: str) -> None:
+        url = f"/users/{quote(mailbox)}/mailFolders/inbox/messageRules/{quote(rule_id, safe='')}"
+        try:
+            await self._send("delete_rule", mailbox, self._raw("DELETE", url), idempotent=True)
+        except GraphNotFound:
+            pass
+
+    async def close(self) -> None:
+        http = getattr(self._adapter, "_http_client", None)
+        if http is not None:
+            await http.aclose()
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    import httpx as _httpx
+
+    return isinstance(exc, _httpx.TransportError | asyncio.TimeoutError)

@@ -1,0 +1,108 @@
+"""Composition root: builds the real adapters from app settings, lazily, once per process.
+
+Triggers call ``get_container()`` inside the function body (never at import). Each component is
+built on first use, so a function that only needs storage never builds a Graph client (msgraph-sdk
+costs ~1.5 s to import) and a missing Dataverse setting only fails the functions that need it, with
+the setting's name. Tests call ``set_container()`` with fakes, or build a Container over emulators.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from core.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    from core.adapters.dataverse import DataverseClient
+    from core.adapters.graph import GraphMailClient
+    from core.adapters.state import SubscriptionTable
+    from core.adapters.storage import StorageAccount
+
+__all__ = ["Container", "StorageWorkQueue", "get_container", "set_container"]
+
+
+class StorageWorkQueue:
+    """``core.ports.WorkQueue`` over Azure Storage queues (base64, as the Functions host reads them)."""
+
+    def __init__(self, account: StorageAccount) -> None:
+        self._account = account
+        self._senders: dict[str, object] = {}
+
+    def _sender(self, queue: str):  # type: ignore[no-untyped-def]
+        sender = self._senders.get(queue)
+        if sender is None:
+            sender = self._senders[queue] = self._account.queue_sender(queue)
+        return sender
+
+    async def send_many(self, queue: str, messages: Sequence[str], *, delay_seconds: int = 0) -> None:
+        await self._sender(queue).send_many(list(messages), visibility_delay=delay_seconds or None)
+
+
+class Container:
+    """The wired application: settings plus lazily-built adapters."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+
+    @cached_property
+    def storage(self) -> StorageAccount:
+        from core.adapters.storage import StorageAccount
+
+        return StorageAccount.from_settings(self.settings)
+
+    @cached_property
+    def work_queue(self) -> StorageWorkQueue:
+        return StorageWorkQueue(self.storage)
+
+    @cached_property
+    def subscription_directory(self) -> SubscriptionTable:
+        from core.adapters.state import SubscriptionTable
+
+        return SubscriptionTable(self.storage)
+
+    @cached_property
+    def graph(self) -> GraphMailClient:
+        from core.adapters.auth import MsalAccessTokenProvider, graph_token_provider
+        from core.adapters.graph import GraphMailClient
+
+        s = self.settings
+        provider = MsalAccessTokenProvider(graph_token_provider(s), allowed_hosts=[_host(s.graph_base_url)])
+        return GraphMailClient(s.graph_base_url, provider)
+
+    @cached_property
+    def dataverse(self) -> DataverseClient:
+        from core.adapters.auth import dataverse_token_provider
+        from core.adapters.dataverse import DataverseClient
+
+        s = self.settings
+        tokens = dataverse_token_provider(s)
+        return DataverseClient(s.dataverse_api_base, tokens.get_token_async)
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
+
+
+_lock = threading.Lock()
+_container: Container | None = None
+
+
+def get_container() -> Container:
+    global _container
+    if _container is None:
+        with _lock:
+            if _container is None:
+                _container = Container()
+    return _container
+
+
+def set_container(container: Container | None) -> None:
+    """Replace the process container (tests, the local host after settings changes)."""
+    global _container
+    with _lock:
+        _container = container
