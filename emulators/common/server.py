@@ -48,6 +48,9 @@ class RunningServer:
         return f"{self.scheme}://{self.host}:{self.port}"
 
     def stop(self, timeout: float = 10.0) -> None:
+        # force_exit: don't wait for idle keep-alive connections (msal's requests pool keeps one open),
+        # which would otherwise hold the stop for the whole join timeout.
+        self.server.force_exit = True
         self.server.should_exit = True
         self.thread.join(timeout)
 
