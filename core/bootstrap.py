@@ -65,12 +65,11 @@ class Container:
 
     @cached_property
     def graph(self) -> GraphMailClient:
-        from core.adapters.auth import MsalAccessTokenProvider, graph_token_provider
+        from core.adapters.auth import graph_access_token_provider
         from core.adapters.graph import GraphMailClient
 
         s = self.settings
-        provider = MsalAccessTokenProvider(graph_token_provider(s), allowed_hosts=[_host(s.graph_base_url)])
-        return GraphMailClient(s.graph_base_url, provider)
+        return GraphMailClient(s.graph_base_url, graph_access_token_provider(s))
 
     @cached_property
     def dataverse(self) -> DataverseClient:
@@ -80,12 +79,6 @@ class Container:
         s = self.settings
         tokens = dataverse_token_provider(s)
         return DataverseClient(s.dataverse_api_base, tokens.get_token_async)
-
-
-def _host(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    return urlsplit(url).hostname or ""
 
 
 _lock = threading.Lock()
