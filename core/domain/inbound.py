@@ -1,0 +1,576 @@
+"""``plan_inbound``: one normalised message + everything looked up for it -> a plan (Skip or TrackEmail).
+
+The service does: normalise -> :func:`inbound_lookups` (what to query: addresses, correlation keys - one query per
+table) -> query -> :func:`plan_inbound` -> apply the plan (:func:`plan_email_row` & co. give the Dataverse bodies).
+Each step appends a :class:`Decision` so an admin can ask later why a message was or was not tracked (issue 5
+"decision record").
+
+Step order (docs/tracking-rules.md): mailbox gates -> forward unwrap (sinks) -> skip rules -> direction -> parties
+-> correlation -> tracking filter / folder -> owner -> regarding -> body and attachments -> auto-create contact.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Final, Literal
+
+from core.domain.correlation import (
+    Correlation,
+    CorrelationKeys,
+    CorrelationLookup,
+    CorrelationMethod,
+    conversation_index_key,
+    correlate,
+    correlation_keys,
+)
+from core.domain.filtering import decide_tracking
+from core.domain.forward import NotUnwrapped, Unwrapped, unwrap_forwarded
+from core.domain.identity import activity_id_for, attachment_id_for, canonical_message_id, contact_id_for
+from core.domain.model import (
+    ApprovalStatus,
+    CrmRecordRef,
+    CrmTable,
+    FolderKind,
+    InboundMethod,
+    MailboxConfig,
+    MailboxKind,
+    MailMessage,
+    OrgEmailSettings,
+)
+from core.domain.owner import choose_owner
+from core.domain.parties import (
+    Direction,
+    PartyDirectory,
+    ResolvedParties,
+    ResolvedParty,
+    addresses_to_look_up,
+    party_addresses,
+    resolve_parties,
+)
+from core.domain.sanitize import sanitize_html, text_to_html
+from core.domain.skip import first_skip_reason
+
+__all__ = [
+    "EMAIL_SUBJECT_MAX",
+    "MESSAGEID_MAX",
+    "Decision",
+    "InboundContext",
+    "InboundLookups",
+    "InboundPlan",
+    "NewContact",
+    "OmittedAttachment",
+    "PlannedAttachment",
+    "Skip",
+    "TrackEmail",
+    "decision_record",
+    "explain",
+    "inbound_lookups",
+    "plan_attachment_rows",
+    "plan_contact_row",
+    "plan_email_row",
+    "plan_inbound",
+    "plan_state_patch",
+]
+
+EMAIL_SUBJECT_MAX: Final = 800  # email.subject String 800 (dv-ref §2.1)
+MESSAGEID_MAX: Final = 320  # email.messageid String 320 (dv-ref §2.1)
+ADDRESSUSED_MAX: Final = 320  # activityparty.addressused String 320 (dv-ref §2.2)
+
+# State/status pairs (dv-ref §2.4): Received {1,4} for incoming mail, Sent {1,3} for mail from Sent Items.
+RECEIVED: Final = (1, 4)
+SENT: Final = (1, 3)
+
+# Navigation property names (dv-ref §2.2-§2.3). parentactivityid / receivingmailboxid / acceptingentityid_*:
+# NOT VERIFIED on a live org (community code uses "parentactivityid@odata.bind"; acceptingentityid is polymorphic
+# queue/systemuser, hence the suffixed navs).
+NAV_OWNER: Final = "ownerid"
+NAV_PARENT: Final = "parentactivityid"
+NAV_RECEIVING_MAILBOX: Final = "receivingmailboxid"
+NAV_PARTIES: Final = "email_activity_parties"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    step: str
+    outcome: str
+    why: str
+
+
+@dataclass(frozen=True)
+class InboundContext:
+    """Everything the planner needs besides the message; all plain data, ``now`` passed in (no clock reads)."""
+
+    mailbox: MailboxConfig  # the mailbox the message was seen in (a user's, a queue's, or a forward sink)
+    org: OrgEmailSettings
+    now: datetime
+    directory: PartyDirectory = field(default_factory=dict)
+    correlation: CorrelationLookup = field(default_factory=CorrelationLookup.empty)
+    forward_users: Mapping[str, MailboxConfig] = field(default_factory=dict)
+    known_mailboxes: Sequence[MailboxConfig] = ()
+
+    def mailboxes_by_owner(self) -> dict[CrmRecordRef, MailboxConfig]:
+        return {m.owner: m for m in self.known_mailboxes if m.owner is not None}
+
+    def queue_addresses(self) -> frozenset[str]:
+        return frozenset(m.address for m in self.known_mailboxes if m.kind is MailboxKind.QUEUE)
+
+
+@dataclass(frozen=True, slots=True)
+class InboundLookups:
+    """What the service must query before planning: ``message`` is the message that will be tracked (the unwrapped
+    original for a sink), ``addresses`` go to one query per party table, ``keys`` to the correlation lookup."""
+
+    message: MailMessage | None
+    addresses: frozenset[str]
+    keys: CorrelationKeys
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedAttachment:
+    attachment_id: uuid.UUID
+    filename: str
+    mimetype: str
+    content: bytes
+    content_id: str | None
+    is_inline: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OmittedAttachment:
+    filename: str
+    size: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewContact:
+    """A contact to create for an unknown sender (crm-ref §8 "Automatically create records")."""
+
+    contact_id: uuid.UUID
+    email: str
+    first_name: str
+    last_name: str
+    owner: CrmRecordRef | None
+
+
+@dataclass(frozen=True)
+class Skip:
+    stage: Literal["mailbox", "unwrap", "skip_rule", "filter"]
+    code: str
+    why: str
+    decisions: tuple[Decision, ...]
+    wrapper_graph_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TrackEmail:
+    activity_id: uuid.UUID
+    message_id: str
+    graph_id: str
+    mailbox_address: str
+    receiving_mailbox_id: uuid.UUID | None
+    direction: Direction
+    subject: str
+    description: str
+    parties: ResolvedParties
+    regarding: CrmRecordRef | None
+    owner: CrmRecordRef | None
+    accepting_entity: CrmRecordRef | None
+    parent_activity_id: uuid.UUID | None
+    correlation_method: CorrelationMethod
+    tracking_token: str | None
+    actual_end: datetime
+    sent_on: datetime | None
+    conversation_index: str | None
+    in_reply_to: str | None
+    state_code: int
+    status_code: int
+    priority_code: int
+    attachments: tuple[PlannedAttachment, ...]
+    omitted_attachments: tuple[OmittedAttachment, ...]
+    new_contact: NewContact | None
+    notifications: int  # email.notifications: 0 None, 1 attachments not all saved (dv-ref §2.1)
+    is_duplicate_sender_unresolved: bool
+    wrapper_graph_id: str | None
+    delete_wrapper: bool
+    decisions: tuple[Decision, ...]
+
+
+InboundPlan = Skip | TrackEmail
+
+
+# ------------------------------------------------------------------------------------------------ lookups
+
+
+def _unwrap(message: MailMessage, context: InboundContext) -> Unwrapped | NotUnwrapped | None:
+    if context.mailbox.kind is not MailboxKind.FORWARD_SINK:
+        return None
+    return unwrap_forwarded(message, context.mailbox, context.forward_users, trust=context.org.wrapper_trust)
+
+
+def inbound_lookups(message: MailMessage, context: InboundContext) -> InboundLookups:
+    """The queries to run before :func:`plan_inbound` (directory and correlation fields of ``context`` unused)."""
+    unwrapped = _unwrap(message, context)
+    if isinstance(unwrapped, NotUnwrapped):
+        return InboundLookups(None, frozenset(), CorrelationKeys())
+    target = unwrapped.original if isinstance(unwrapped, Unwrapped) else message
+    return InboundLookups(target, frozenset(addresses_to_look_up(target)), correlation_keys(target, context.org))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _mailbox_gate(mailbox: MailboxConfig) -> tuple[str, str] | None:
+    """Reasons a mailbox's own mail is not processed at all (crm-ref §2.1-§2.3)."""
+    if not mailbox.enabled_for_incoming:
+        return "disabled", f"{mailbox.address} is not enabled for incoming email"
+    if mailbox.kind is MailboxKind.FORWARD_SINK:
+        return None
+    method = mailbox.inbound_method
+    if method is InboundMethod.NONE:
+        return "inbound_none", "incoming method is None"
+    if method is InboundMethod.OUTLOOK:
+        return "inbound_outlook", "incoming method is Outlook: the Outlook client tracks this user's mail"
+    if method is InboundMethod.FORWARD:
+        return "inbound_forward", "incoming method is Forward Mailbox: mail is tracked through the sink"
+    return None
+
+
+def _approval_gate(mailbox: MailboxConfig, org: OrgEmailSettings) -> tuple[str, str] | None:
+    required = (org.require_approval_for_queue_email if mailbox.kind is MailboxKind.QUEUE
+                else org.require_approval_for_user_email)
+    if required and mailbox.approval is not ApprovalStatus.APPROVED:
+        return "not_approved", f"email address {mailbox.address} is not approved ({mailbox.approval.name})"
+    return None
+
+
+def _base64_size(size: int) -> int:
+    # maxuploadfilesize applies to the base64 size (dv-ref §3).
+    return 4 * math.ceil(size / 3)
+
+
+def _human_size(size: int) -> str:
+    return f"{size / 1_048_576:.1f} MB" if size >= 1_048_576 else f"{math.ceil(size / 1024)} KB"
+
+
+def _plan_attachments(message: MailMessage, activity_id: uuid.UUID, org: OrgEmailSettings
+                      ) -> tuple[tuple[PlannedAttachment, ...], tuple[OmittedAttachment, ...]]:
+    kept: list[PlannedAttachment] = []
+    omitted: list[OmittedAttachment] = []
+    for index, attachment in enumerate(message.attachments):
+        if attachment.content is None:
+            what = "attached Outlook item" if attachment.is_item else "content not available"
+            omitted.append(OmittedAttachment(attachment.name, attachment.size, f"{what}, not saved"))
+            continue
+        size = len(attachment.content)
+        if _base64_size(size) > org.max_attachment_bytes:
+            omitted.append(OmittedAttachment(
+                attachment.name, size,
+                f"larger than the organisation's attachment limit of {_human_size(org.max_attachment_bytes)}"))
+            continue
+        kept.append(PlannedAttachment(
+            attachment_id=attachment_id_for(activity_id, index, attachment.name),
+            filename=attachment.name[:255],
+            mimetype=attachment.content_type[:256],
+            content=attachment.content,
+            content_id=attachment.content_id,
+            is_inline=attachment.is_inline,
+        ))
+    return tuple(kept), tuple(omitted)
+
+
+def _description(message: MailMessage, omitted: Sequence[OmittedAttachment]) -> str:
+    if message.body_html is not None:
+        body = sanitize_html(message.body_html)
+    else:
+        body = text_to_html(message.body_text or "")
+    if omitted:
+        notes = "".join(
+            f"<li>{html.escape(o.filename)} ({_human_size(o.size)}): {html.escape(o.reason)}</li>" for o in omitted)
+        body += f"<hr><p>Email Router: attachments not saved in CRM:</p><ul>{notes}</ul>"
+    return body
+
+
+def _split_name(display: str, address: str) -> tuple[str, str]:
+    display = " ".join(display.replace('"', "").split())
+    if "," in display:  # "Last, First"
+        last, _, first = display.partition(",")
+        return first.strip()[:50], last.strip()[:50] or address
+    if " " in display:
+        first, _, last = display.rpartition(" ")
+        return first[:50], last[:50]
+    return "", (display or address.partition("@")[0])[:50]
+
+
+def _new_contact(parties: ResolvedParties, mailbox: MailboxConfig, direction: Direction,
+                 org: OrgEmailSettings, owner: CrmRecordRef | None) -> NewContact | None:
+    sender = parties.sender
+    if (not mailbox.auto_create_contacts or mailbox.kind is not MailboxKind.USER
+            or direction is not Direction.INCOMING or sender is None or sender.record is not None
+            or sender.ambiguous or org.is_internal(sender.address.address)):
+        return None
+    first, last = _split_name(sender.address.name, sender.address.address)
+    return NewContact(contact_id_for(sender.address.address), sender.address.address, first, last, owner)
+
+
+def _bind_sender_to(parties: ResolvedParties, contact: NewContact) -> ResolvedParties:
+    ref = CrmRecordRef(CrmTable.CONTACT, contact.contact_id)
+    return ResolvedParties(tuple(
+        replace(p, record=ref, owner=contact.owner)
+        if p.record is None and p.address.address == contact.email and not p.ambiguous else p
+        for p in parties.parties))
+
+
+# ------------------------------------------------------------------------------------------------ the planner
+
+
+def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
+    org = context.org
+    decisions: list[Decision] = []
+
+    def skip(stage: Literal["mailbox", "unwrap", "skip_rule", "filter"], code: str, why: str,
+             wrapper_graph_id: str | None = None) -> Skip:
+        decisions.append(Decision(stage, f"skip:{code}", why))
+        return Skip(stage, code, why, tuple(decisions), wrapper_graph_id)
+
+    gate = _mailbox_gate(context.mailbox)
+    if gate is not None:
+        return skip("mailbox", *gate)
+    decisions.append(Decision("mailbox", "ok", f"{context.mailbox.kind.value} mailbox {context.mailbox.address}"))
+
+    tracking_mailbox = context.mailbox
+    wrapper_graph_id: str | None = None
+    unwrapped = _unwrap(message, context)
+    if isinstance(unwrapped, NotUnwrapped):
+        return skip("unwrap", unwrapped.code.value, unwrapped.why, message.graph_id)
+    if isinstance(unwrapped, Unwrapped):
+        message, tracking_mailbox, wrapper_graph_id = (unwrapped.original, unwrapped.tracking_mailbox,
+                                                       unwrapped.wrapper_graph_id)
+        decisions.append(Decision("unwrap", "ok", f"forwarded by {tracking_mailbox.address}; tracked for them"))
+    approval = _approval_gate(tracking_mailbox, org)
+    if approval is not None:
+        return skip("mailbox", *approval, wrapper_graph_id=wrapper_graph_id)
+
+    reason = first_skip_reason(message, tracking_mailbox, org, queue_addresses=context.queue_addresses())
+    if reason is not None:
+        return skip("skip_rule", reason.code.value, reason.why, wrapper_graph_id)
+    decisions.append(Decision("skip_rule", "none", "no skip rule matched"))
+    internet_message_id = message.internet_message_id or ""  # non-empty: the NO_MESSAGE_ID skip rule ran
+
+    direction = Direction.OUTGOING if message.folder.kind is FolderKind.SENT_ITEMS else Direction.INCOMING
+    decisions.append(Decision("direction", direction.value,
+                              "tracked from the user's Sent Items" if direction is Direction.OUTGOING
+                              else "received mail"))
+
+    parties = resolve_parties(party_addresses(message, direction), context.directory, org,
+                              tracking_user=tracking_mailbox.owner)
+    decisions.append(Decision("parties", f"{len(parties.parties)} parties, {len(parties.unresolved)} unresolved",
+                              "sender: " + (_describe(parties.sender) if parties.sender else "none")))
+
+    correlation: Correlation = correlate(message, context.correlation, org)
+    decisions.append(Decision("correlation", correlation.method.value,
+                              f"matched {correlation.key} -> email {correlation.matched.activity_id}"
+                              if correlation.matched else "no known conversation"))
+
+    tracking = decide_tracking(message, tracking_mailbox, parties=parties, correlation=correlation,
+                               direction=direction, org=org, mailboxes_by_owner=context.mailboxes_by_owner())
+    for evaluation in tracking.evaluations:
+        decisions.append(Decision("filter", "accept" if evaluation.accepted else "reject",
+                                  f"{evaluation.entity.table} {evaluation.entity.id}: {evaluation.why}"))
+    if not tracking.tracked:
+        return skip("filter", "not_accepted", tracking.why, wrapper_graph_id)
+    decisions.append(Decision("filter", f"tracked:{tracking.via}", tracking.why))
+
+    owner = choose_owner(tracking_mailbox, parties=parties, correlation=correlation, org=org)
+    decisions.append(Decision("owner", str(owner.owner.id) if owner.owner else "application user", owner.rule))
+
+    regarding = tracking.folder_regarding or correlation.regarding
+    decisions.append(Decision(
+        "regarding", f"{regarding.table} {regarding.id}" if regarding else "none",
+        "folder mapping" if tracking.folder_regarding else
+        ("copied from the correlated email (crm-ref §6.1)" if regarding else "no folder mapping or correlation")))
+
+    activity_id = activity_id_for(internet_message_id)
+    attachments, omitted = _plan_attachments(message, activity_id, org)
+    for item in omitted:
+        decisions.append(Decision("attachments", "omitted", f"{item.filename}: {item.reason}"))
+
+    new_contact = _new_contact(parties, tracking_mailbox, direction, org, owner.owner)
+    if new_contact is not None:
+        parties = _bind_sender_to(parties, new_contact)
+        decisions.append(Decision("auto_create", "contact", f"unknown sender {new_contact.email}"))
+
+    message_id = canonical_message_id(internet_message_id)
+    if len(message_id) > MESSAGEID_MAX:
+        decisions.append(Decision("messageid", "truncated", f"Message-ID longer than {MESSAGEID_MAX} characters"))
+    state = SENT if direction is Direction.OUTGOING else RECEIVED
+    actual_end = ((message.sent_at if direction is Direction.OUTGOING else message.received_at)
+                  or message.received_at or message.sent_at or context.now)
+    for note in message.truncations:
+        decisions.append(Decision("normalize", "truncated", note))
+
+    return TrackEmail(
+        activity_id=activity_id,
+        message_id=message_id[:MESSAGEID_MAX],
+        graph_id=message.graph_id,
+        mailbox_address=tracking_mailbox.address,
+        receiving_mailbox_id=(context.mailbox.mailbox_id if context.mailbox.kind is not MailboxKind.FORWARD_SINK
+                              else tracking_mailbox.mailbox_id),
+        direction=direction,
+        subject=message.subject[:EMAIL_SUBJECT_MAX],
+        description=_description(message, omitted),
+        parties=parties,
+        regarding=regarding,
+        owner=owner.owner,
+        accepting_entity=tracking.accepting_entity,
+        parent_activity_id=correlation.parent_activity_id,
+        correlation_method=correlation.method,
+        tracking_token=correlation.tracking_token,
+        actual_end=actual_end,
+        sent_on=message.sent_at,
+        conversation_index=conversation_index_key(message.conversation_index) if message.conversation_index else None,
+        in_reply_to=canonical_message_id(message.in_reply_to)[:MESSAGEID_MAX] if message.in_reply_to else None,
+        state_code=state[0],
+        status_code=state[1],
+        priority_code=message.importance.crm_priority,
+        attachments=attachments,
+        omitted_attachments=omitted,
+        new_contact=new_contact,
+        notifications=1 if omitted else 0,
+        is_duplicate_sender_unresolved=parties.sender_is_duplicate_unresolved,
+        wrapper_graph_id=wrapper_graph_id,
+        delete_wrapper=wrapper_graph_id is not None and context.mailbox.delete_after_processing,
+        decisions=tuple(decisions),
+    )
+
+
+def _describe(party: ResolvedParty | None) -> str:
+    if party is None:
+        return "none"
+    if party.record is None:
+        return f"{party.address.address} unresolved" + (" (several matches)" if party.ambiguous else "")
+    return f"{party.address.address} -> {party.record.table} {party.record.id}"
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _party_row(party: ResolvedParty) -> dict[str, Any]:
+    row: dict[str, Any] = {"participationtypemask": int(party.mask),
+                           "addressused": party.address.address[:ADDRESSUSED_MAX]}
+    if party.record is not None:
+        row[f"partyid_{party.record.table}@odata.bind"] = party.record.bind_path
+    return row
+
+
+def plan_email_row(plan: TrackEmail, *, include_read_only_columns: bool = False) -> dict[str, Any]:
+    """The ``POST /emails`` body (dv-ref §2.5): client-set ``activityid``, deep-inserted parties, binds.
+
+    Created Open/Draft; the state change to Received/Sent is a separate PATCH (:func:`plan_state_patch`) because
+    state/status in the create POST is NOT VERIFIED (dv-ref §2.4). ``conversationindex``, ``inreplyto`` and
+    ``senton`` are read-only in the reference (dv-ref §2.1): only sent when ``include_read_only_columns``
+    (an org/emulator that accepts them); ``correlationmethod`` is system-only and never sent.
+    """
+    row: dict[str, Any] = {
+        "activityid": str(plan.activity_id),
+        "subject": plan.subject,
+        "description": plan.description,
+        "directioncode": plan.direction.directioncode,
+        "messageid": plan.message_id,
+        "actualend": _iso(plan.actual_end),
+        "prioritycode": plan.priority_code,
+        NAV_PARTIES: [_party_row(p) for p in plan.parties.parties],
+    }
+    if plan.tracking_token:
+        row["trackingtoken"] = plan.tracking_token
+    if plan.notifications:
+        row["notifications"] = plan.notifications
+    if plan.is_duplicate_sender_unresolved:
+        row["isduplicatesenderunresolved"] = True
+    if plan.regarding is not None:
+        row[f"regardingobjectid_{plan.regarding.table}_email@odata.bind"] = plan.regarding.bind_path
+    if plan.owner is not None:
+        row[f"{NAV_OWNER}@odata.bind"] = plan.owner.bind_path
+    if plan.parent_activity_id is not None:
+        row[f"{NAV_PARENT}@odata.bind"] = f"/emails({plan.parent_activity_id})"
+    if plan.receiving_mailbox_id is not None:
+        row[f"{NAV_RECEIVING_MAILBOX}@odata.bind"] = f"/mailboxes({plan.receiving_mailbox_id})"
+    if plan.accepting_entity is not None and plan.accepting_entity.table in (CrmTable.SYSTEMUSER, CrmTable.QUEUE):
+        row[f"acceptingentityid_{plan.accepting_entity.table}@odata.bind"] = plan.accepting_entity.bind_path
+    if include_read_only_columns:
+        if plan.conversation_index:
+            row["conversationindex"] = plan.conversation_index
+        if plan.in_reply_to:
+            row["inreplyto"] = plan.in_reply_to
+        if plan.sent_on is not None:
+            row["senton"] = _iso(plan.sent_on)
+    return row
+
+
+def plan_state_patch(plan: TrackEmail) -> dict[str, int]:
+    """``PATCH /emails(<id>)`` after the create: Received {1,4} or Sent {1,3} (dv-ref §2.4)."""
+    return {"statecode": plan.state_code, "statuscode": plan.status_code}
+
+
+def plan_attachment_rows(plan: TrackEmail) -> list[dict[str, Any]]:
+    """``POST /activitymimeattachments`` bodies (dv-ref §3), each with a deterministic id; created before the
+    state change (completed email is read-only)."""
+    rows: list[dict[str, Any]] = []
+    for attachment in plan.attachments:
+        row: dict[str, Any] = {
+            "activitymimeattachmentid": str(attachment.attachment_id),
+            "objectid_email@odata.bind": f"/emails({plan.activity_id})",
+            "objecttypecode": "email",
+            "filename": attachment.filename,
+            "mimetype": attachment.mimetype,
+            "body": base64.b64encode(attachment.content).decode("ascii"),
+        }
+        if attachment.content_id:
+            row["attachmentcontentid"] = attachment.content_id[:250]
+        rows.append(row)
+    return rows
+
+
+def plan_contact_row(plan: TrackEmail) -> dict[str, Any] | None:
+    contact = plan.new_contact
+    if contact is None:
+        return None
+    row: dict[str, Any] = {"contactid": str(contact.contact_id), "emailaddress1": contact.email,
+                           "lastname": contact.last_name}
+    if contact.first_name:
+        row["firstname"] = contact.first_name
+    if contact.owner is not None:
+        row[f"{NAV_OWNER}@odata.bind"] = contact.owner.bind_path
+    return row
+
+
+def decision_record(message: MailMessage, plan: InboundPlan) -> dict[str, Any]:
+    """A JSON-able record for the decisions table (issue 5: "message id, mailbox, each decision and why")."""
+    record: dict[str, Any] = {
+        "internetMessageId": message.internet_message_id,
+        "mailbox": message.mailbox,
+        "graphId": message.graph_id,
+        "outcome": "tracked" if isinstance(plan, TrackEmail) else f"skipped:{plan.stage}:{plan.code}",
+        "decisions": [{"step": d.step, "outcome": d.outcome, "why": d.why} for d in plan.decisions],
+    }
+    if isinstance(plan, TrackEmail):
+        record["activityId"] = str(plan.activity_id)
+    return record
+
+
+def explain(plan: InboundPlan) -> str:
+    """The decision trail as text, one step per line (admin CLI ``explain``)."""
+    head = (f"TRACKED as email {plan.activity_id}" if isinstance(plan, TrackEmail)
+            else f"NOT TRACKED ({plan.stage}: {plan.code}) - {plan.why}")
+    lines = [head] + [f"  {d.step:<12} {d.outcome:<24} {d.why}" for d in plan.decisions]
+    return "\n".join(lines)
