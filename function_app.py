@@ -6,7 +6,8 @@ host index no functions at all (azure-functions-python-worker#1338).
 
 import azure.functions as func
 
-from functions import health
+from functions import graph_webhooks, health
 
 app = func.FunctionApp()
 app.register_functions(health.bp)
+app.register_functions(graph_webhooks.bp)
