@@ -1,0 +1,287 @@
+"""The OData query subset Graph mail supports: $filter, $select, $expand, $orderby, Prefer.
+
+``$filter`` is parsed into a small AST once and evaluated against Graph-shaped dicts. Operators and
+property names are case-insensitive (Graph accepts ``hasAttachments eq true AND importance eq 'High'``),
+string comparisons are case-insensitive as in Exchange, and a literal that looks like a date-time is
+compared as a date-time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .util import GraphError, parse_dt
+
+__all__ = ["Prefer", "compile_filter", "parse_expand", "parse_orderby", "parse_prefer", "split_top_level"]
+
+_TOKEN = re.compile(
+    r"\s*(?:(?P<str>'(?:[^']|'')*')|(?P<lp>\()|(?P<rp>\))|(?P<comma>,)"
+    r"|(?P<dt>\d{4}-\d{2}-\d{2}(?:T[0-9:.]+(?:Z|[+-]\d{2}:\d{2})?)?)"
+    r"|(?P<num>-?\d+(?:\.\d+)?)|(?P<name>[A-Za-z_@$][\w./@$:-]*))"
+)
+_COMPARE = {"eq", "ne", "gt", "ge", "lt", "le"}
+_FUNCS = {"contains", "startswith", "endswith"}
+
+Node = Callable[[Mapping[str, Any]], Any]
+
+
+def _bad(detail: str) -> GraphError:
+    return GraphError(400, "ErrorInvalidUrlQueryFilter",
+                      f"The query filter contains one or more invalid nodes. {detail}")
+
+
+def _tokenize(text: str) -> list[tuple[str, str]]:
+    tokens: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise _bad(f"Unexpected character at {pos}.")
+        kind = m.lastgroup or ""
+        tokens.append((kind, m.group(kind)))
+        pos = m.end()
+    return tokens
+
+
+def lookup(obj: Mapping[str, Any], path: str) -> Any:
+    """``from/emailAddress/address`` against a dict, property names case-insensitive."""
+    current: Any = obj
+    for part in path.split("/"):
+        if not isinstance(current, Mapping):
+            return None
+        if part in current:
+            current = current[part]
+            continue
+        lowered = part.lower()
+        current = next((v for k, v in current.items() if k.lower() == lowered), None)
+    return current
+
+
+def _coerce_pair(a: Any, b: Any) -> tuple[Any, Any]:
+    if isinstance(a, datetime) or isinstance(b, datetime):
+        try:
+            a = a if isinstance(a, datetime) else parse_dt(str(a))
+            b = b if isinstance(b, datetime) else parse_dt(str(b))
+        except ValueError:
+            return str(a), str(b)
+        return a, b
+    if isinstance(a, str) and isinstance(b, str):
+        return a.casefold(), b.casefold()
+    return a, b
+
+
+def _compare(op: str, a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return (a is None and b is None) if op == "eq" else (a is not b) if op == "ne" else False
+    a, b = _coerce_pair(a, b)
+    try:
+        if op == "eq":
+            return bool(a == b)
+        if op == "ne":
+            return bool(a != b)
+        if op == "gt":
+            return bool(a > b)
+        if op == "ge":
+            return bool(a >= b)
+        if op == "lt":
+            return bool(a < b)
+        return bool(a <= b)
+    except TypeError:
+        return False
+
+
+class _Parser:
+    def __init__(self, tokens: list[tuple[str, str]]) -> None:
+        self.tokens = tokens
+        self.i = 0
+
+    def peek(self) -> tuple[str, str] | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def take(self) -> tuple[str, str]:
+        tok = self.peek()
+        if tok is None:
+            raise _bad("Unexpected end of expression.")
+        self.i += 1
+        return tok
+
+    def keyword(self, word: str) -> bool:
+        tok = self.peek()
+        if tok and tok[0] == "name" and tok[1].lower() == word:
+            self.i += 1
+            return True
+        return False
+
+    def parse(self) -> Node:
+        node = self.or_expr()
+        if self.peek() is not None:
+            raise _bad(f"Unexpected token {self.peek()[1]!r}.")  # type: ignore[index]
+        return node
+
+    def or_expr(self) -> Node:
+        node = self.and_expr()
+        while self.keyword("or"):
+            left, right = node, self.and_expr()
+            node = (lambda lf, rf: lambda o: bool(lf(o)) or bool(rf(o)))(left, right)
+        return node
+
+    def and_expr(self) -> Node:
+        node = self.not_expr()
+        while self.keyword("and"):
+            left, right = node, self.not_expr()
+            node = (lambda lf, rf: lambda o: bool(lf(o)) and bool(rf(o)))(left, right)
+        return node
+
+    def not_expr(self) -> Node:
+        if self.keyword("not"):
+            inner = self.not_expr()
+            return lambda o: not inner(o)
+        return self.comparison()
+
+    def comparison(self) -> Node:
+        left = self.operand()
+        tok = self.peek()
+        if tok and tok[0] == "name" and tok[1].lower() in _COMPARE:
+            self.i += 1
+            op = tok[1].lower()
+            right = self.operand()
+            return lambda o: _compare(op, left(o), right(o))
+        return left
+
+    def operand(self) -> Node:
+        kind, text = self.take()
+        if kind == "lp":
+            node = self.or_expr()
+            if self.take()[0] != "rp":
+                raise _bad("Missing ')'.")
+            return node
+        if kind == "str":
+            value = text[1:-1].replace("''", "'")
+            return lambda o: value
+        if kind == "dt":
+            try:
+                dt_value = parse_dt(text)
+            except ValueError:
+                raise _bad(f"Invalid date-time {text!r}.") from None
+            return lambda o: dt_value
+        if kind == "num":
+            num: float | int = float(text) if "." in text else int(text)
+            return lambda o: num
+        if kind == "name":
+            low = text.lower()
+            if low == "true":
+                return lambda o: True
+            if low == "false":
+                return lambda o: False
+            if low == "null":
+                return lambda o: None
+            nxt = self.peek()
+            if low in _FUNCS and nxt and nxt[0] == "lp":
+                self.i += 1
+                first = self.or_expr()
+                if self.take()[0] != "comma":
+                    raise _bad(f"{text} needs two arguments.")
+                second = self.or_expr()
+                if self.take()[0] != "rp":
+                    raise _bad("Missing ')'.")
+
+                def func(o: Mapping[str, Any], f: str = low, a: Node = first, b: Node = second) -> bool:
+                    x, y = a(o), b(o)
+                    if not isinstance(x, str) or not isinstance(y, str):
+                        return False
+                    x, y = x.casefold(), y.casefold()
+                    return y in x if f == "contains" else x.startswith(y) if f == "startswith" else x.endswith(y)
+
+                return func
+            return lambda o: lookup(o, text)
+        raise _bad(f"Unexpected token {text!r}.")
+
+
+def compile_filter(text: str) -> Node:
+    return _Parser(_tokenize(text)).parse()
+
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside parentheses and quotes (``$expand=a($filter=x eq 'a,b'),b``)."""
+    parts: list[str] = []
+    depth, quoted, start = 0, False, 0
+    for i, ch in enumerate(text):
+        if ch == "'":
+            quoted = not quoted
+        elif not quoted and ch == "(":
+            depth += 1
+        elif not quoted and ch == ")":
+            depth -= 1
+        elif not quoted and depth == 0 and ch == sep:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return [p for p in parts if p]
+
+
+_EXPAND_ITEM = re.compile(r"^(?P<name>[^()]+?)\s*(?:\((?P<opts>.*)\))?$", re.S)
+
+
+def parse_expand(text: str | None) -> dict[str, dict[str, str]]:
+    """``attachments,singleValueExtendedProperties($filter=...)`` -> {lower name: {option: value}}."""
+    result: dict[str, dict[str, str]] = {}
+    if not text:
+        return result
+    for item in split_top_level(text):
+        m = _EXPAND_ITEM.match(item)
+        if not m:
+            raise GraphError(400, "BadRequest", f"Invalid $expand item {item!r}.")
+        opts: dict[str, str] = {}
+        for opt in split_top_level(m.group("opts") or "", ";"):
+            key, _, value = opt.partition("=")
+            opts[key.strip().lower()] = value.strip()
+        result[m.group("name").strip().lower()] = opts
+    return result
+
+
+def parse_orderby(text: str | None) -> list[tuple[str, bool]]:
+    """``receivedDateTime desc,subject`` -> [(path, descending)]."""
+    order: list[tuple[str, bool]] = []
+    for part in split_top_level(text or ""):
+        bits = part.split()
+        if not bits or len(bits) > 2 or (len(bits) == 2 and bits[1].lower() not in ("asc", "desc")):
+            raise GraphError(400, "BadRequest", f"Invalid $orderby clause {part!r}.")
+        order.append((bits[0], len(bits) == 2 and bits[1].lower() == "desc"))
+    return order
+
+
+@dataclass(frozen=True)
+class Prefer:
+    immutable_id: bool = False
+    max_page_size: int | None = None
+    body_content_type: str | None = None  # "text" | "html"
+
+
+_PREF = re.compile(r'\s*([\w.-]+)\s*(?:=\s*("[^"]*"|[^,;\s]*))?')
+
+
+def parse_prefer(values: list[str]) -> Prefer:
+    """All ``Prefer`` headers (SDKs merge them with commas; several headers are allowed too)."""
+    immutable, page, body_type = False, None, None
+    for value in values:
+        for part in value.split(","):
+            m = _PREF.match(part)
+            if not m:
+                continue
+            name, raw = m.group(1).lower(), (m.group(2) or "").strip('"')
+            if name == "idtype":
+                immutable = raw.lower() == "immutableid"
+            elif name == "odata.maxpagesize":
+                try:
+                    page = max(1, int(raw))
+                except ValueError:
+                    pass
+            elif name == "outlook.body-content-type" and raw.lower() in ("text", "html"):
+                body_type = raw.lower()
+    return Prefer(immutable, page, body_type)
