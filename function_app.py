@@ -6,8 +6,9 @@ host index no functions at all (azure-functions-python-worker#1338).
 
 import azure.functions as func
 
-from functions import graph_webhooks, health
+from functions import graph_webhooks, health, settings_functions
 
 app = func.FunctionApp()
 app.register_functions(health.bp)
 app.register_functions(graph_webhooks.bp)
+app.register_functions(settings_functions.bp)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from core.adapters.graph import GraphMailClient
     from core.adapters.state import SubscriptionTable
     from core.adapters.storage import StorageAccount
+    from core.settings import TableMailboxDirectory
 
 __all__ = ["Container", "StorageWorkQueue", "get_container", "set_container"]
 
@@ -62,6 +63,12 @@ class Container:
         from core.adapters.state import SubscriptionTable
 
         return SubscriptionTable(self.storage)
+
+    @cached_property
+    def mailbox_directory(self) -> TableMailboxDirectory:
+        from core.settings import TableMailboxDirectory
+
+        return TableMailboxDirectory.from_account(self.storage)
 
     @cached_property
     def graph(self) -> GraphMailClient:

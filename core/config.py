@@ -104,6 +104,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("DELTA_CATCHUP_SCHEDULE", "0 */5 * * * *", "When delta catch-up rounds run."),
     Setting("OUTBOUND_SCAN_SCHEDULE", "*/15 * * * * *", "When CRM is scanned for Pending Send emails."),
     Setting("CRM_SYNC_SCHEDULE", "0 */15 * * * *", "When delivery methods are synced from CRM."),
+    Setting("MAILBOX_HEALTH_SCHEDULE", "0 */5 * * * *",
+            "How often mailboxes due for a health probe are looked at (each mailbox backs off on its own)."),
     # Logging
     Setting("LOG_LEVEL", "INFO", "Log level of the router's own loggers."),
 )

@@ -118,6 +118,9 @@ param outboundScanSchedule string = '*/15 * * * * *'
 @description('NCRONTAB: sync delivery methods from CRM (CRM_SYNC_SCHEDULE).')
 param crmSyncSchedule string = '0 */15 * * * *'
 
+@description('NCRONTAB: mailbox health probe sweep (MAILBOX_HEALTH_SCHEDULE).')
+param mailboxHealthSchedule string = '0 */5 * * * *'
+
 @allowed([
   'DEBUG'
   'INFO'
@@ -269,6 +272,7 @@ module appSettings 'app/appsettings.bicep' = {
     deltaCatchupSchedule: deltaCatchupSchedule
     outboundScanSchedule: outboundScanSchedule
     crmSyncSchedule: crmSyncSchedule
+    mailboxHealthSchedule: mailboxHealthSchedule
     logLevel: logLevel
   }
   // Key Vault references and identity-based storage resolve only once the roles exist.

@@ -308,7 +308,7 @@ class MailService:
             else:
                 external.append(rcpt)
         if local:
-            self.deliver_inbound(sender, local, raw, hop=hop)
+            self.deliver_inbound(sender, local, raw, hop=hop, internal=True)
         if external:
             self._to_outbox(sender, external, raw, data, message_id)
         if unknown:
@@ -372,8 +372,13 @@ class MailService:
         data["bodyPreview"] = body_preview(data["body"])
         return data
 
-    def deliver_inbound(self, envelope_from: str, rcpts: list[str], raw: bytes, *, hop: int = 0) -> list[MessageRow]:
-        """SMTP and /_emulator/deliver: one Inbox copy per local recipient, then that mailbox's rules."""
+    def deliver_inbound(self, envelope_from: str, rcpts: list[str], raw: bytes, *, hop: int = 0,
+                        internal: bool = False) -> list[MessageRow]:
+        """SMTP and /_emulator/deliver: one Inbox copy per local recipient, then that mailbox's rules.
+
+        ``internal`` = submitted by a mailbox of this tenant (send, rule forwards) rather than received
+        anonymously over SMTP; Exchange records that as X-MS-Exchange-Organization-AuthAs.
+        """
         from . import mime
 
         parsed = mime.parse_message(raw)  # MimeRejected propagates: the SMTP listener answers 5xx
@@ -384,7 +389,7 @@ class MailService:
             if user is None or user.id in seen:
                 continue
             seen.add(user.id)
-            row = self._store_inbound(user, parsed, raw, envelope_from)
+            row = self._store_inbound(user, parsed, raw, envelope_from, internal=internal)
             delivered.append(row)
             try:
                 self._apply_rules(user, row, hop)
@@ -392,15 +397,21 @@ class MailService:
                 log.exception("inbox rules of %s failed", user.upn)
         return delivered
 
-    def _store_inbound(self, user: User, parsed: Mapping[str, Any], raw: bytes, envelope_from: str) -> MessageRow:
+    def _store_inbound(self, user: User, parsed: Mapping[str, Any], raw: bytes, envelope_from: str, *,
+                       internal: bool = False) -> MessageRow:
         inbox = self.store.folder(user.id, "inbox")
         assert inbox is not None
         when = now_utc()
         received = (f"from {envelope_from.rsplit('@', 1)[-1] or 'unknown'} by graph-emulator.{self._domain()} "
                     f"with ESMTP; {when.strftime('%a, %d %b %Y %H:%M:%S +0000')}")
         data = self._data_from_parsed(parsed)
-        data["internetMessageHeaders"] = [{"name": "Received", "value": received},
-                                          *(data.get("internetMessageHeaders") or [])]
+        # Exchange's header firewall: organization headers arriving from outside are removed, and transport
+        # stamps how the message was authenticated (Internal for the tenant's own submissions).
+        kept = [h for h in data.get("internetMessageHeaders") or []
+                if not str(h.get("name", "")).lower().startswith("x-ms-exchange-organization-")]
+        auth = [{"name": "X-MS-Exchange-Organization-AuthAs", "value": "Internal" if internal else "Anonymous"},
+                {"name": "X-MS-Exchange-Organization-AuthSource", "value": f"graph-emulator.{self._domain()}"}]
+        data["internetMessageHeaders"] = [{"name": "Received", "value": received}, *auth, *kept]
         if not data.get("internetMessageId"):
             data["internetMessageId"] = self.new_internet_message_id()
         stamp = format_dt(when)
@@ -508,7 +519,7 @@ class MailService:
                     local = [t for t in targets if self.store.user_by_address(t) is not None]
                     external = [t for t in targets if t not in local and not self.is_local_domain(t)]
                     if local:
-                        self.deliver_inbound(user.mail, local, raw, hop=hop + 1)
+                        self.deliver_inbound(user.mail, local, raw, hop=hop + 1, internal=True)
                     if external:
                         self._to_outbox(user.mail, external, raw, row.data, str(row.data.get("internetMessageId")))
         changes: dict[str, Any] = {}

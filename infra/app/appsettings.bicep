@@ -46,6 +46,7 @@ param subscriptionReconcileSchedule string = '0 */15 * * * *'
 param deltaCatchupSchedule string = '0 */5 * * * *'
 param outboundScanSchedule string = '*/15 * * * * *'
 param crmSyncSchedule string = '0 */15 * * * *'
+param mailboxHealthSchedule string = '0 */5 * * * *'
 param logLevel string = 'INFO'
 
 // Versionless references: the app follows the latest secret version after a rotation.
@@ -100,6 +101,7 @@ var routerSettings = {
   DELTA_CATCHUP_SCHEDULE: deltaCatchupSchedule
   OUTBOUND_SCAN_SCHEDULE: outboundScanSchedule
   CRM_SYNC_SCHEDULE: crmSyncSchedule
+  MAILBOX_HEALTH_SCHEDULE: mailboxHealthSchedule
   LOG_LEVEL: logLevel
 }
 

@@ -1,0 +1,101 @@
+"""Where the CLI gets its app settings (same names as the Function App), lowest to highest precedence:
+
+1. ``.local/stack.json`` of a running local stack (found in the current directory or a parent): storage, identity,
+   Graph, Dataverse endpoints and the demo credentials; its CA bundle is trusted (``REQUESTS_CA_BUNDLE`` and
+   ``SSL_CERT_FILE``; the bundle holds the system CAs too).
+2. ``--settings FILE``, else ``./local.settings.json``: its ``Values`` (as Core Tools reads them).
+3. The environment (as Core Tools: the environment beats ``local.settings.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from core.config import SETTINGS
+
+__all__ = ["ConfigSourceError", "find_stack_file", "load_values", "stack_values"]
+
+_CA_VARS = ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+_NAMES = frozenset(s.name for s in SETTINGS) | frozenset(_CA_VARS)
+
+
+class ConfigSourceError(RuntimeError):
+    pass
+
+
+def find_stack_file(start: Path) -> Path | None:
+    for folder in (start, *start.parents):
+        candidate = folder / ".local" / "stack.json"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def stack_values(doc: Mapping[str, Any]) -> dict[str, str]:
+    """App settings from a running stack's ``stack.json`` (pure)."""
+    if not doc.get("running"):
+        return {}
+    storage, identity, app = doc.get("storage") or {}, doc.get("identity") or {}, doc.get("app") or {}
+    graph, dataverse = doc.get("graph") or {}, doc.get("dataverse") or {}
+    pairs = {
+        "AzureWebJobsStorage": storage.get("connection_string"),
+        "GRAPH_TENANT_ID": identity.get("tenant_id"),
+        "GRAPH_AUTHORITY_HOST": identity.get("url"),
+        "GRAPH_CLIENT_ID": app.get("client_id"),
+        "GRAPH_CLIENT_SECRET": app.get("client_secret"),
+        "GRAPH_BASE_URL": graph.get("base_url"),
+        "DATAVERSE_URL": dataverse.get("url"),
+        "REQUESTS_CA_BUNDLE": doc.get("ca_bundle"),
+        "SSL_CERT_FILE": doc.get("ca_bundle"),
+    }
+    functions = doc.get("functions") or {}
+    if functions.get("base_url"):
+        pairs["WEBHOOK_BASE_URL"] = functions["base_url"]
+    return {k: str(v) for k, v in pairs.items() if v}
+
+
+def _file_values(path: Path) -> dict[str, str]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigSourceError(f"cannot read settings file {path}: {exc}") from exc
+    values = doc.get("Values") if isinstance(doc, dict) else None
+    if not isinstance(values, dict):
+        raise ConfigSourceError(f"{path} has no \"Values\" object")
+    return {str(k): str(v) for k, v in values.items() if v is not None}
+
+
+def load_values(
+    settings_file: Path | None, cwd: Path, environ: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(values, source per name). Raises :class:`ConfigSourceError` for an unreadable explicit file."""
+    values: dict[str, str] = {}
+    sources: dict[str, str] = {}
+
+    def layer(new: Mapping[str, str], source: str) -> None:
+        for name, value in new.items():
+            if value != "":
+                values[name] = value
+                sources[name] = source
+
+    stack_file = find_stack_file(cwd)
+    if stack_file is not None:
+        try:
+            layer(stack_values(json.loads(stack_file.read_text(encoding="utf-8"))), str(stack_file))
+        except (OSError, ValueError):
+            pass  # a stale or half-written stack file is not a reason to fail
+    file = settings_file or (cwd / "local.settings.json")
+    if settings_file is not None or file.is_file():
+        layer(_file_values(file), str(file))
+    layer({k: v for k, v in environ.items() if k in _NAMES}, "environment")
+    # A machine-wide CA bundle in the environment must not shadow the stack's bundle (a superset: system CAs + the
+    # local CA) while the stack's endpoints are the ones in use.
+    if stack_file is not None and any(sources.get(n) == str(stack_file) for n in ("GRAPH_BASE_URL", "DATAVERSE_URL")):
+        bundle = stack_values(json.loads(stack_file.read_text(encoding="utf-8"))).get("SSL_CERT_FILE")
+        if bundle:
+            for name in _CA_VARS:
+                values[name], sources[name] = bundle, str(stack_file)
+    return values, sources

@@ -1,0 +1,519 @@
+"""Mailbox health: SSS's "Test & Enable", done so that nothing ever silently stops.
+
+Per mailbox the probe checks what the router needs for that mailbox's methods:
+
+* ``graph_read`` (inbound individual, forward sinks): list one message of the Inbox.
+* ``forward_rule`` (forward users): the user's Inbox has a rule forwarding as attachment to their sink.
+* ``graph_send`` (outbound = router): the Graph token carries the ``Mail.Send`` application role **and** a draft can
+  be created and deleted in the mailbox (proves the mailbox is inside the app's access-policy scope and writable).
+  Nothing is sent: SSS sends a test mail to the user, which clutters mailboxes; Graph has no "may I send" query, and
+  an application access policy scopes all Mail.* roles of the app alike, so role + mailbox scope is the check.
+* ``subscription`` (inbound individual, sinks): a subscription row for the mailbox exists and has not expired.
+* ``crm_owner``: the CRM user/queue (or the sink's mailbox record) exists, is enabled, and is approved when the org
+  requires approval (crm-ref §2.3).
+
+Results go to the MailboxStatus table (row per mailbox) and back to the CRM ``mailbox`` record
+(``incomingemailstatus``/``outgoingemailstatus``/``mailboxstatus`` 1 Success / 2 Failure / 0 Not Run,
+``lastsyncerror*``, ``transientfailurecount``, ``testmailboxaccesscompletedon``, ``lastsuccessfulsynccompletedon``).
+Failing mailboxes are re-probed with exponential back-off (``HealthProbeIntervalMinutes`` doubling up to
+``HealthMaxBackoffMinutes``) and never disabled: they recover by themselves. Every state change (ok <-> failing)
+raises an alert: a WARNING log, ``LastAlert`` on the status row, and — when ``AlertSender`` and ``AlertRecipients``
+are set — an email sent with Graph ``sendMail`` from the alert sender (not through CRM, so alerts still go out
+when Dataverse is the thing that is down).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Protocol
+
+from core.domain.model import (
+    ApprovalStatus,
+    InboundMethod,
+    MailboxConfig,
+    MailboxKind,
+    OrgEmailSettings,
+    OutboundMethod,
+)
+
+from .rows import MAILBOX_PARTITION, RouterSettings, format_value, parse_datetime, row_key
+from .store import RowStore
+
+__all__ = [
+    "CheckResult",
+    "Health",
+    "MailboxHealthService",
+    "ProbeOutcome",
+    "ProbeState",
+    "backoff",
+    "checks_for",
+    "crm_mailbox_update",
+    "health_service_for",
+    "next_state",
+    "token_roles",
+]
+
+_log = logging.getLogger("emailrouter.health")
+
+PROBE_SUBJECT = "Email Router permission probe (deleted automatically)"
+
+
+class Health(StrEnum):
+    UNKNOWN = "unknown"
+    OK = "ok"
+    FAILING = "failing"
+    NOT_APPLICABLE = "n/a"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    code: int = 0  # HTTP status of the failing call (lastsyncerrorcode), 0 if none
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail, "code": self.code}
+
+
+@dataclass(frozen=True)
+class ProbeState:
+    health: Health = Health.UNKNOWN
+    failures: int = 0
+    next_probe: datetime | None = None
+    last_change: datetime | None = None
+    last_ok: datetime | None = None
+
+    @staticmethod
+    def from_row(row: Mapping[str, Any] | None) -> ProbeState:
+        if not row:
+            return ProbeState()
+
+        def when(name: str) -> datetime | None:
+            value = row.get(name)
+            try:
+                return parse_datetime(value) if value else None
+            except ValueError:
+                return None
+
+        try:
+            health = Health(str(row.get("Health") or "unknown"))
+        except ValueError:
+            health = Health.UNKNOWN
+        return ProbeState(health, int(row.get("Failures") or 0), when("NextProbeOn"), when("LastChangeOn"),
+                          when("LastOkOn"))
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    address: str
+    health: Health
+    incoming: Health
+    outgoing: Health
+    checks: tuple[CheckResult, ...]
+    state: ProbeState
+    alert: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "health": self.health.value, "incoming": self.incoming.value,
+                "outgoing": self.outgoing.value, "checks": [c.to_json() for c in self.checks],
+                "failures": self.state.failures,
+                "next_probe": format_value(self.state.next_probe) if self.state.next_probe else None,
+                "alert": self.alert}
+
+
+# ------------------------------------------------------------------------------------------------ pure core
+
+
+def checks_for(mailbox: MailboxConfig) -> dict[str, tuple[str, ...]]:
+    """Which checks decide the incoming and outgoing status of this mailbox (empty = not the router's job)."""
+    incoming: tuple[str, ...] = ()
+    outgoing: tuple[str, ...] = ()
+    if mailbox.kind is MailboxKind.FORWARD_SINK or mailbox.inbound_method is InboundMethod.INDIVIDUAL:
+        incoming = ("graph_read", "subscription", "crm_owner")
+    elif mailbox.inbound_method is InboundMethod.FORWARD:
+        incoming = ("forward_rule", "crm_owner")
+    if mailbox.outbound_method is OutboundMethod.ROUTER and mailbox.kind is not MailboxKind.FORWARD_SINK:
+        outgoing = ("graph_send", "crm_owner")
+    if not mailbox.enabled_for_incoming:
+        incoming = ()
+    if not mailbox.enabled_for_outgoing:
+        outgoing = ()
+    return {"incoming": incoming, "outgoing": outgoing}
+
+
+def backoff(failures: int, base: timedelta, cap: timedelta) -> timedelta:
+    """Delay before re-probing after ``failures`` consecutive failures: base, 2·base, 4·base, ... capped."""
+    if failures <= 0:
+        return base
+    return min(cap, base * (2 ** min(failures - 1, 30)))
+
+
+def _side(results: Mapping[str, CheckResult], names: Sequence[str]) -> Health:
+    if not names:
+        return Health.NOT_APPLICABLE
+    return Health.OK if all(results[n].ok for n in names if n in results) else Health.FAILING
+
+
+def next_state(
+    previous: ProbeState, mailbox: MailboxConfig, results: Sequence[CheckResult], now: datetime, router: RouterSettings
+) -> tuple[ProbeState, Health, Health, str | None]:
+    """New state, incoming and outgoing health, and the alert text when the overall health changed.
+
+    ``unknown -> ok`` is the first baseline, not an alert (a fresh deployment must not mail the admin once per
+    mailbox); ``unknown -> failing``, ``ok -> failing`` and ``failing -> ok`` are alerts.
+    """
+    by_name = {r.name: r for r in results}
+    needed = checks_for(mailbox)
+    incoming, outgoing = _side(by_name, needed["incoming"]), _side(by_name, needed["outgoing"])
+    sides = [h for h in (incoming, outgoing) if h is not Health.NOT_APPLICABLE]
+    health = (Health.NOT_APPLICABLE if not sides
+              else Health.FAILING if Health.FAILING in sides else Health.OK)
+    base = timedelta(minutes=router.health_probe_interval_minutes)
+    cap = timedelta(minutes=router.health_max_backoff_minutes)
+    failures = previous.failures + 1 if health is Health.FAILING else 0
+    delay = backoff(failures, base, cap) if health is Health.FAILING else base
+    changed = health is not previous.health
+    alert: str | None = None
+    if changed and not (previous.health is Health.UNKNOWN and health in (Health.OK, Health.NOT_APPLICABLE)):
+        failing = [f"{r.name}: {r.detail}" for r in results if not r.ok]
+        if health is Health.FAILING:
+            alert = f"{mailbox.address} is failing ({'; '.join(failing)}); re-probed automatically with back-off"
+        else:
+            alert = f"{mailbox.address} changed from {previous.health.value} to {health.value}"
+    state = ProbeState(
+        health=health, failures=failures, next_probe=now + delay,
+        last_change=now if changed else previous.last_change,
+        last_ok=now if health is Health.OK else previous.last_ok,
+    )
+    return state, incoming, outgoing, alert
+
+
+_CRM_STATUS = {Health.OK: 1, Health.FAILING: 2, Health.NOT_APPLICABLE: 0, Health.UNKNOWN: 0}
+
+
+def crm_mailbox_update(outcome: ProbeOutcome, now: datetime) -> dict[str, Any]:
+    """The CRM ``mailbox`` columns for an outcome (crm-ref §2.1: 0 Not Run, 1 Success, 2 Failure)."""
+    stamp = format_value(now)
+    body: dict[str, Any] = {
+        "incomingemailstatus": _CRM_STATUS[outcome.incoming],
+        "outgoingemailstatus": _CRM_STATUS[outcome.outgoing],
+        "mailboxstatus": _CRM_STATUS[outcome.health],
+        "testmailboxaccesscompletedon": stamp,
+        "transientfailurecount": outcome.state.failures,
+    }
+    failing = [c for c in outcome.checks if not c.ok]
+    if outcome.health is Health.FAILING and failing:
+        body["lastsyncerror"] = ("Email Router: " + "; ".join(f"{c.name}: {c.detail}" for c in failing))[:4000]
+        body["lastsyncerrorcode"] = failing[0].code
+        body["lastsyncerroroccurredon"] = stamp
+    elif outcome.health is Health.OK:
+        body["lastsyncerror"] = ""
+        body["lastsyncerrorcode"] = 0
+        body["lastsuccessfulsynccompletedon"] = stamp
+    return body
+
+
+def token_roles(token: str) -> frozenset[str]:
+    """The ``roles`` claim of our own access token (read, not verified: the token came from our identity provider
+    and only tells us what we were granted)."""
+    import jwt
+
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return frozenset()
+    roles = claims.get("roles") or []
+    return frozenset(str(r) for r in roles) if isinstance(roles, list) else frozenset()
+
+
+# ------------------------------------------------------------------------------------------------ ports
+
+
+class GraphProbe(Protocol):
+    """The Graph calls the probe makes (``core.adapters.graph.GraphMailClient`` fits)."""
+
+    def list_messages(self, mailbox: str, folder: str, *, received_after: datetime | None = None,
+                      page_size: int = 50) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def create_draft(self, mailbox: str, message: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def delete_message(self, mailbox: str, message_id: str) -> None: ...
+
+    async def list_inbox_rules(self, mailbox: str) -> list[dict[str, Any]]: ...
+
+    async def send_mail(self, mailbox: str, message: Mapping[str, Any], *, save_to_sent_items: bool = True) -> None:
+        ...
+
+
+class CrmProbe(Protocol):
+    """``core.adapters.dataverse.DataverseClient`` fits."""
+
+    async def get(self, entity_set: str, record_id: Any, *, select: Sequence[str] | None = None) -> dict[str, Any]:
+        ...
+
+    async def update(self, entity_set: str, record_id: Any, body: Mapping[str, Any]) -> str | None: ...
+
+
+class SubscriptionLister(Protocol):
+    def list(self) -> AsyncIterator[Any]: ...  # SubscriptionRecord: .mailbox, .expires
+
+
+class SettingsSource(Protocol):
+    async def list_mailboxes(self) -> Sequence[MailboxConfig]: ...
+
+    async def get_mailbox(self, address: str) -> MailboxConfig | None: ...
+
+    async def get_org_settings(self) -> OrgEmailSettings: ...
+
+    async def get_router_settings(self) -> RouterSettings: ...
+
+
+# ------------------------------------------------------------------------------------------------ shell
+
+
+@dataclass
+class _Context:
+    org: OrgEmailSettings
+    router: RouterSettings
+    subscriptions: dict[str, list[Any]] = field(default_factory=dict)
+    roles: frozenset[str] | None = None
+
+
+class MailboxHealthService:
+    """Probe due mailboxes (timer) or one on demand (``emailrouter mailbox test``)."""
+
+    def __init__(
+        self,
+        settings: SettingsSource,
+        graph: GraphProbe,
+        crm: CrmProbe,
+        subscriptions: SubscriptionLister,
+        status: RowStore,
+        *,
+        roles: Callable[[], Awaitable[frozenset[str]]] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._settings = settings
+        self._graph = graph
+        self._crm = crm
+        self._subscriptions = subscriptions
+        self._status = status
+        self._roles = roles
+        self._clock = clock
+
+    async def _context(self) -> _Context:
+        ctx = _Context(await self._settings.get_org_settings(), await self._settings.get_router_settings())
+        async for record in self._subscriptions.list():
+            ctx.subscriptions.setdefault(str(record.mailbox).lower(), []).append(record)
+        if self._roles is not None:
+            try:
+                ctx.roles = await self._roles()
+            except Exception as exc:  # no token at all: every send check fails with this reason
+                _log.warning("health: cannot read the app's Graph roles (%s)", type(exc).__name__)
+                ctx.roles = frozenset()
+        return ctx
+
+    async def probe_due(self) -> list[ProbeOutcome]:
+        """Probe every mailbox whose next probe time has come (new ones at once). Never raises for one mailbox."""
+        now = self._clock()
+        ctx = await self._context()
+        states = {str(r.get("RowKey")): r async for r in self._status.list_partition(MAILBOX_PARTITION)}
+        outcomes: list[ProbeOutcome] = []
+        for mailbox in await self._settings.list_mailboxes():
+            state = ProbeState.from_row(states.get(row_key(mailbox.address)))
+            if state.next_probe is not None and state.next_probe > now:
+                continue
+            if not any(checks_for(mailbox).values()) and state.health is Health.NOT_APPLICABLE:
+                continue
+            try:
+                outcomes.append(await self._probe(mailbox, state, ctx))
+            except Exception:
+                _log.exception("health probe of %s crashed; retried next round", mailbox.address)
+        return outcomes
+
+    async def probe(self, address: str) -> ProbeOutcome:
+        """Probe one mailbox now, whatever its schedule."""
+        mailbox = await self._settings.get_mailbox(address)
+        if mailbox is None:
+            raise KeyError(f"no mailbox {address!r} in the settings table")
+        try:
+            row: Mapping[str, Any] | None = await self._status.get(MAILBOX_PARTITION, row_key(mailbox.address))
+        except KeyError:  # EntityNotFoundError is a KeyError
+            row = None
+        return await self._probe(mailbox, ProbeState.from_row(row), await self._context())
+
+    async def _probe(self, mailbox: MailboxConfig, previous: ProbeState, ctx: _Context) -> ProbeOutcome:
+        now = self._clock()
+        needed = {n for names in checks_for(mailbox).values() for n in names}
+        results: list[CheckResult] = []
+        for name in ("crm_owner", "graph_read", "forward_rule", "graph_send", "subscription"):
+            if name in needed:
+                results.append(await getattr(self, f"_check_{name}")(mailbox, ctx, now))
+        state, incoming, outgoing, alert = next_state(previous, mailbox, results, now, ctx.router)
+        outcome = ProbeOutcome(mailbox.address, state.health, incoming, outgoing, tuple(results), state, alert)
+        await self._record(mailbox, outcome, previous, now, ctx)
+        return outcome
+
+    # -- checks ----------------------------------------------------------------------------------------
+
+    async def _check_graph_read(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
+        try:
+            async for _ in self._graph.list_messages(mailbox.address, "inbox", page_size=1):
+                break
+        except Exception as exc:
+            return _graph_failure("graph_read", "cannot read the Inbox", exc)
+        return CheckResult("graph_read", True, "Inbox readable")
+
+    async def _check_forward_rule(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
+        sink = mailbox.forward_sink_address
+        if not sink:
+            return CheckResult("forward_rule", False, "no ForwardSink configured for this forward user")
+        try:
+            rules = await self._graph.list_inbox_rules(mailbox.address)
+        except Exception as exc:
+            return _graph_failure("forward_rule", "cannot read inbox rules", exc)
+        for rule in rules:
+            targets = ((rule.get("actions") or {}).get("forwardAsAttachmentTo") or [])
+            if rule.get("isEnabled", True) and any(
+                    str((t.get("emailAddress") or {}).get("address", "")).lower() == sink for t in targets):
+                return CheckResult("forward_rule", True, f"rule {rule.get('displayName')!r} forwards to {sink}")
+        return CheckResult("forward_rule", False,
+                           f"no enabled inbox rule forwards as attachment to {sink} (emailrouter forward-rules deploy)")
+
+    async def _check_graph_send(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
+        if ctx.roles is not None and "Mail.Send" not in ctx.roles:
+            return CheckResult("graph_send", False, "the app's token has no Mail.Send application role", 403)
+        try:
+            draft = await self._graph.create_draft(mailbox.address, {"subject": PROBE_SUBJECT,
+                                                                     "body": {"contentType": "text", "content": ""}})
+        except Exception as exc:
+            return _graph_failure("graph_send", "cannot create a draft (mailbox outside the app's scope?)", exc)
+        try:
+            await self._graph.delete_message(mailbox.address, str(draft.get("id", "")))
+        except Exception as exc:
+            return _graph_failure("graph_send", "draft created but could not be deleted", exc)
+        return CheckResult("graph_send", True, "Mail.Send granted; draft created and deleted")
+
+    async def _check_subscription(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
+        records = ctx.subscriptions.get(mailbox.address, [])
+        live = [r for r in records if _aware(r.expires) > now]
+        if live:
+            latest = max(_aware(r.expires) for r in live)
+            return CheckResult("subscription", True, f"{len(live)} subscription(s), expires {format_value(latest)}")
+        if records:
+            return CheckResult("subscription", False, "subscription expired (reconcile renews it)")
+        return CheckResult("subscription", False, "no Graph subscription yet (created at the next reconcile)")
+
+    async def _check_crm_owner(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
+        from core.adapters.dataverse import NotFoundError
+
+        try:
+            if mailbox.kind is MailboxKind.FORWARD_SINK:
+                if mailbox.mailbox_id is None:
+                    return CheckResult("crm_owner", True, "sink configured only in the settings table")
+                row = await self._crm.get("mailboxes", mailbox.mailbox_id, select=["statecode"])
+                ok = row.get("statecode") in (None, 0)
+                return CheckResult("crm_owner", ok, "sink mailbox record active" if ok else "sink mailbox inactive")
+            assert mailbox.owner is not None
+            if mailbox.kind is MailboxKind.QUEUE:
+                row = await self._crm.get("queues", mailbox.owner.id, select=["statecode", "emailrouteraccessapproval"])
+                active = row.get("statecode") in (None, 0)
+                required = ctx.org.require_approval_for_queue_email
+            else:
+                row = await self._crm.get("systemusers", mailbox.owner.id,
+                                          select=["isdisabled", "emailrouteraccessapproval"])
+                active = not row.get("isdisabled")
+                required = ctx.org.require_approval_for_user_email
+        except NotFoundError:
+            return CheckResult("crm_owner", False, f"the CRM {mailbox.kind.value} no longer exists", 404)
+        except Exception as exc:
+            return CheckResult("crm_owner", False, f"CRM not reachable ({type(exc).__name__})",
+                               int(getattr(exc, "status", 0) or 0))
+        if not active:
+            return CheckResult("crm_owner", False, f"the CRM {mailbox.kind.value} is disabled")
+        approval = row.get("emailrouteraccessapproval")
+        if required and approval != ApprovalStatus.APPROVED:
+            label = ApprovalStatus(approval).name.lower() if approval in (0, 1, 2, 3) else str(approval)
+            return CheckResult("crm_owner", False, f"email address not approved ({label}) and the org requires "
+                                                   "approval")
+        return CheckResult("crm_owner", True, "CRM record active" + (" and approved" if required else ""))
+
+    # -- recording -------------------------------------------------------------------------------------
+
+    async def _record(self, mailbox: MailboxConfig, outcome: ProbeOutcome, previous: ProbeState, now: datetime,
+                      ctx: _Context) -> None:
+        failing = [c for c in outcome.checks if not c.ok]
+        row: dict[str, Any] = {
+            "PartitionKey": MAILBOX_PARTITION, "RowKey": row_key(mailbox.address), "Address": mailbox.address,
+            "Health": outcome.health.value, "Incoming": outcome.incoming.value, "Outgoing": outcome.outgoing.value,
+            "Checks": json.dumps([c.to_json() for c in outcome.checks]), "Failures": outcome.state.failures,
+            "LastProbeOn": format_value(now),
+            "NextProbeOn": format_value(outcome.state.next_probe) if outcome.state.next_probe else "",
+            "LastChangeOn": format_value(outcome.state.last_change) if outcome.state.last_change else "",
+            "LastOkOn": format_value(outcome.state.last_ok) if outcome.state.last_ok else "",
+            "LastError": "; ".join(f"{c.name}: {c.detail}" for c in failing)[:4000],
+        }
+        if outcome.alert:
+            row["LastAlert"] = f"{format_value(now)} {outcome.alert}"
+            _log.warning("mailbox health: %s", outcome.alert)
+            await self._notify(outcome.alert, ctx.router)
+        await self._status.upsert(row, mode="merge")
+        if mailbox.mailbox_id is not None and (outcome.alert or outcome.health is Health.FAILING
+                                               or outcome.health is not previous.health):
+            # Written on changes and while failing (failure count moves); a steady healthy mailbox costs no CRM call.
+            try:
+                await self._crm.update("mailboxes", mailbox.mailbox_id, crm_mailbox_update(outcome, now))
+            except Exception as exc:
+                _log.warning("health: could not write status to CRM mailbox of %s (%s)", mailbox.address,
+                             type(exc).__name__)
+
+    async def _notify(self, text: str, router: RouterSettings) -> None:
+        if not router.alert_sender or not router.alert_recipients:
+            return
+        message = {
+            "subject": f"Email Router alert: {text[:120]}",
+            "body": {"contentType": "text", "content": text},
+            "toRecipients": [{"emailAddress": {"address": a}} for a in router.alert_recipients],
+        }
+        try:
+            await self._graph.send_mail(router.alert_sender, message, save_to_sent_items=False)
+        except Exception as exc:
+            _log.warning("health: alert email from %s failed (%s)", router.alert_sender, type(exc).__name__)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _graph_failure(name: str, what: str, exc: Exception) -> CheckResult:
+    status = int(getattr(exc, "status", 0) or 0)
+    code = str(getattr(exc, "code", "") or type(exc).__name__)
+    if status == 403:
+        what += " — access denied (application access policy or missing permission)"
+    return CheckResult(name, False, f"{what} [{status or '-'} {code}]", status)
+
+
+# ------------------------------------------------------------------------------------------------ wiring
+
+
+def health_service_for(container: Any) -> MailboxHealthService:
+    """The health service over the container's adapters (Graph roles read from our own token)."""
+    from core.adapters.auth import graph_token_provider
+    from core.names import MAILBOX_STATUS_TABLE
+
+    from .store import TableMailboxDirectory
+
+    tokens = graph_token_provider(container.settings)
+
+    async def roles() -> frozenset[str]:
+        return token_roles(await tokens.get_token_async())
+
+    directory = getattr(container, "mailbox_directory", None) or TableMailboxDirectory.from_account(container.storage)
+    return MailboxHealthService(directory, container.graph, container.dataverse, container.subscription_directory,
+                                container.storage.table(MAILBOX_STATUS_TABLE), roles=roles)
