@@ -6,9 +6,11 @@ host index no functions at all (azure-functions-python-worker#1338).
 
 import azure.functions as func
 
-from functions import graph_webhooks, health, settings_functions
+from functions import graph_webhooks, health, inbound_functions, outbound_functions, settings_functions
 
 app = func.FunctionApp()
 app.register_functions(health.bp)
 app.register_functions(graph_webhooks.bp)
 app.register_functions(settings_functions.bp)
+app.register_functions(inbound_functions.bp)
+app.register_functions(outbound_functions.bp)

@@ -106,6 +106,26 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("CRM_SYNC_SCHEDULE", "0 */15 * * * *", "When delivery methods are synced from CRM."),
     Setting("MAILBOX_HEALTH_SCHEDULE", "0 */5 * * * *",
             "How often mailboxes due for a health probe are looked at (each mailbox backs off on its own)."),
+    # Pipelines (engineering knobs; admin-facing behaviour lives in the OrgSettings table)
+    Setting("CRM_PARTY_CACHE_SECONDS", "120", "How long resolved sender/recipient lookups are cached per instance."),
+    Setting("INBOUND_MAX_ATTEMPTS", "20",
+            "Transient failures of one inbound message before it is recorded as failed and poisoned."),
+    Setting("INBOUND_MAX_RETRY_DELAY_SECONDS", "900", "Longest visibility delay when an inbound item is retried."),
+    Setting("SUBSCRIPTION_LIFETIME_MINUTES", "4200",
+            "Requested Graph subscription lifetime (<= 4230 is safe everywhere, reference/graph.md §1.4)."),
+    Setting("SUBSCRIPTION_RENEW_BEFORE_MINUTES", "1440", "Renew subscriptions expiring within this many minutes."),
+    Setting("OUTBOUND_PER_SENDER_CAP", "20", "Emails per sender enqueued per scan (fairness across senders)."),
+    Setting("OUTBOUND_SCAN_MAX_ROWS", "50000", "Most Pending Send rows one scan reads."),
+    Setting("OUTBOUND_LEASE_SECONDS", "300", "How long a worker holds an outbound email before another may take over."),
+    Setting("OUTBOUND_REQUEUE_AFTER_SECONDS", "300",
+            "An email still Pending Send this long after it was enqueued is enqueued again."),
+    Setting("OUTBOUND_RETRY_BASE_SECONDS", "30", "First back-off after a transient send failure (doubles)."),
+    Setting("OUTBOUND_RETRY_MAX_SECONDS", "3600", "Longest back-off between send attempts."),
+    Setting("OUTBOUND_SEND_SETTLE_SECONDS", "60",
+            "After a crash, wait this long before re-sending a draft whose send may have been accepted."),
+    Setting("OUTBOUND_RECORD_VIA_REOPEN", "true",
+            "Write messageid by briefly re-opening the email before marking it Sent (NOT VERIFIED on real "
+            "Dataverse; false = messageid stays in the router's ledger only)."),
     # Logging
     Setting("LOG_LEVEL", "INFO", "Log level of the router's own loggers."),
 )

@@ -1,6 +1,7 @@
 import pytest
 
 from core.config import SETTINGS, MissingSettingError, Settings
+from tests.function_index import indexed_functions
 
 
 def test_missing_required_setting_names_it() -> None:
@@ -51,5 +52,5 @@ def test_import_function_app_reads_no_config(monkeypatch: pytest.MonkeyPatch) ->
             sys.modules.pop(name)
     monkeypatch.delenv("GRAPH_TENANT_ID", raising=False)
     mod = importlib.import_module("function_app")
-    names = [f.get_function_name() for f in mod.app.get_functions()]
+    names = list(indexed_functions(mod.app))
     assert "health" in names

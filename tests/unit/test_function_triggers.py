@@ -13,6 +13,7 @@ from core.config import Settings
 from core.names import INBOUND_QUEUE
 from core.notifications import SubscriptionInfo
 from tests.fakes import FakeSubscriptionDirectory, FakeWorkQueue
+from tests.function_index import indexed_functions
 
 TENANT = "c0ffee00-0000-4000-8000-000000000001"
 SUB = SubscriptionInfo(id="s1", mailbox="a@contoso.example", folder="inbox", client_state="k" * 48,
@@ -37,7 +38,7 @@ def container() -> Iterator[FakeContainer]:
 def _functions() -> dict[str, object]:
     import function_app
 
-    return {f.get_function_name(): f for f in function_app.app.get_functions()}
+    return indexed_functions(function_app.app)
 
 
 FUNCS = _functions()

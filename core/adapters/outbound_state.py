@@ -1,0 +1,175 @@
+"""Table-backed outbound state: the ledger (``OutboundLedger``) and the per-mailbox outbound status.
+
+Ledger table ``<prefix>Outbound`` (``core.names.OUTBOUND_TABLE``):
+
+* one entity per CRM email: PartitionKey = activity id, RowKey = ``state``; the phase reached, attempts,
+  lease owner/expiry, draft id + internetMessageId, last error. Written only ETag-conditionally
+  (``insert`` / ``update(etag)``): that is what makes the lease safe between workers.
+* the active index: PartitionKey = ``active``, RowKey = activity id; one small entity per email the pipeline
+  is working on (enqueued, retry due time). One partition query gives the scan its de-duplication set and the
+  reaper its sweep list; entries are removed when the email is Sent or Failed.
+
+Mailbox status table ``<prefix>MailboxStatus``: PartitionKey = mailbox address (``encode_key``), RowKey =
+``outbound``; last error (reason, time, email id) and last success — what the admin CLI shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Final
+
+from core.names import MAILBOX_STATUS_TABLE, OUTBOUND_TABLE
+from core.services.outbound import ActiveMarker, LedgerConflict, LedgerEntry, Phase
+
+from .storage import (
+    EntityAlreadyExistsError,
+    EntityNotFoundError,
+    EtagMismatchError,
+    StorageAccount,
+    TableStore,
+    encode_key,
+)
+
+__all__ = ["TableMailboxOutboundStatus", "TableOutboundLedger", "entry_from_entity", "entry_to_entity"]
+
+STATE_ROW: Final = "state"
+ACTIVE_PARTITION: Final = "active"
+OUTBOUND_STATUS_ROW: Final = "outbound"
+_MAX_TEXT: Final = 4000  # error texts are bounded; Table properties allow 32 K characters
+
+
+def _put_time(entity: dict[str, Any], name: str, value: datetime | None) -> None:
+    # Absent rather than null: with a replace-mode update an absent property is removed, which is the point.
+    if value is not None:
+        entity[name] = value
+
+
+def _time(entity: Mapping[str, Any], name: str) -> datetime | None:
+    value = entity.get(name)
+    return value if isinstance(value, datetime) else None
+
+
+def entry_to_entity(entry: LedgerEntry) -> dict[str, Any]:
+    entity: dict[str, Any] = {
+        "PartitionKey": entry.email_id, "RowKey": STATE_ROW, "Phase": entry.phase.value,
+        "SenderMailbox": entry.sender_mailbox, "Attempts": entry.attempts, "Owner": entry.owner,
+        "DraftId": entry.draft_id, "InternetMessageId": entry.internet_message_id,
+        "DraftComplete": entry.draft_complete, "LastError": entry.last_error[:_MAX_TEXT],
+        "LastErrorCode": entry.last_error_code[:200],
+    }
+    _put_time(entity, "LeaseUntil", entry.lease_until)
+    _put_time(entity, "ClaimedAt", entry.claimed_at)
+    _put_time(entity, "SendAttemptedAt", entry.send_attempted_at)
+    _put_time(entity, "NotBefore", entry.not_before)
+    _put_time(entity, "UpdatedAt", entry.updated_at)
+    return entity
+
+
+def entry_from_entity(entity: Mapping[str, Any]) -> LedgerEntry:
+    try:
+        phase = Phase(str(entity.get("Phase", "")))
+    except ValueError:
+        phase = Phase.RETRY  # unknown (newer writer?): treat as "decide again", never as sent
+    return LedgerEntry(
+        email_id=str(entity["PartitionKey"]),
+        sender_mailbox=str(entity.get("SenderMailbox", "")),
+        phase=phase,
+        attempts=int(entity.get("Attempts", 0) or 0),
+        owner=str(entity.get("Owner", "")),
+        lease_until=_time(entity, "LeaseUntil"),
+        claimed_at=_time(entity, "ClaimedAt"),
+        draft_id=str(entity.get("DraftId", "")),
+        internet_message_id=str(entity.get("InternetMessageId", "")),
+        draft_complete=bool(entity.get("DraftComplete", False)),
+        send_attempted_at=_time(entity, "SendAttemptedAt"),
+        not_before=_time(entity, "NotBefore"),
+        last_error=str(entity.get("LastError", "")),
+        last_error_code=str(entity.get("LastErrorCode", "")),
+        updated_at=_time(entity, "UpdatedAt"),
+    )
+
+
+class TableOutboundLedger:
+    """``core.services.outbound.OutboundLedger`` over Azure Tables."""
+
+    def __init__(self, account: StorageAccount | None = None, *, table: TableStore | None = None) -> None:
+        if table is None:
+            if account is None:
+                raise ValueError("give a storage account or a table")
+            table = account.table(OUTBOUND_TABLE)
+        self._table = table
+
+    async def get(self, email_id: str) -> tuple[LedgerEntry, str] | None:
+        try:
+            entity = await self._table.get(email_id, STATE_ROW)
+        except EntityNotFoundError:
+            return None
+        return entry_from_entity(entity), str(entity.etag or "")
+
+    async def put(self, entry: LedgerEntry, *, etag: str | None) -> str:
+        entity = entry_to_entity(entry)
+        try:
+            if etag is None:
+                return await self._table.insert(entity)
+            return await self._table.update(entity, etag=etag, mode="replace")
+        except (EntityAlreadyExistsError, EtagMismatchError, EntityNotFoundError) as exc:
+            raise LedgerConflict(str(exc)) from exc
+
+    async def mark_active(self, marker: ActiveMarker) -> None:
+        entity: dict[str, Any] = {"PartitionKey": ACTIVE_PARTITION, "RowKey": marker.email_id,
+                                  "SenderMailbox": marker.sender_mailbox}
+        _put_time(entity, "EnqueuedAt", marker.enqueued_at)
+        _put_time(entity, "NotBefore", marker.not_before)
+        _put_time(entity, "UpdatedAt", marker.updated_at)
+        await self._table.upsert(entity, mode="replace")
+
+    async def list_active(self) -> Sequence[ActiveMarker]:
+        return [ActiveMarker(email_id=str(e["RowKey"]), sender_mailbox=str(e.get("SenderMailbox", "")),
+                             enqueued_at=_time(e, "EnqueuedAt"), not_before=_time(e, "NotBefore"),
+                             updated_at=_time(e, "UpdatedAt"))
+                async for e in self._table.list_partition(ACTIVE_PARTITION)]
+
+    async def clear_active(self, email_id: str) -> None:
+        await self._table.delete(ACTIVE_PARTITION, email_id)
+
+    async def list_failed(self, *, limit: int = 1000) -> list[LedgerEntry]:
+        """Failed emails with their reasons, for the admin CLI."""
+        out: list[LedgerEntry] = []
+        async for entity in self._table.query("RowKey eq @row and Phase eq @phase",
+                                              parameters={"row": STATE_ROW, "phase": Phase.FAILED.value}):
+            out.append(entry_from_entity(entity))
+            if len(out) >= limit:
+                break
+        return out
+
+
+class TableMailboxOutboundStatus:
+    """``core.services.outbound.OutboundStatusSink`` over the MailboxStatus table (merge: other pipelines keep
+    their own rows and columns)."""
+
+    def __init__(self, account: StorageAccount | None = None, *, table: TableStore | None = None) -> None:
+        if table is None:
+            if account is None:
+                raise ValueError("give a storage account or a table")
+            table = account.table(MAILBOX_STATUS_TABLE)
+        self._table = table
+
+    async def record_failure(self, mailbox: str, email_id: str, reason: str, at: datetime) -> None:
+        await self._table.upsert({
+            "PartitionKey": encode_key(mailbox.lower()), "RowKey": OUTBOUND_STATUS_ROW, "Mailbox": mailbox.lower(),
+            "LastOutboundError": reason[:_MAX_TEXT], "LastOutboundErrorAt": at,
+            "LastOutboundErrorEmailId": email_id,
+        }, mode="merge")
+
+    async def record_sent(self, mailbox: str, email_id: str, at: datetime) -> None:
+        await self._table.upsert({
+            "PartitionKey": encode_key(mailbox.lower()), "RowKey": OUTBOUND_STATUS_ROW, "Mailbox": mailbox.lower(),
+            "LastOutboundSentAt": at, "LastOutboundSentEmailId": email_id,
+        }, mode="merge")
+
+    async def get(self, mailbox: str) -> dict[str, Any] | None:
+        try:
+            return dict(await self._table.get(encode_key(mailbox.lower()), OUTBOUND_STATUS_ROW))
+        except EntityNotFoundError:
+            return None

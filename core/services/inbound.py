@@ -1,0 +1,525 @@
+"""Inbound processor: one work item (mailbox + Graph message id) -> at most one CRM email, exactly once.
+
+Imperative shell around ``core.domain.inbound``: ledger check -> fetch once -> normalise -> (forward unwrap: item
+attachment fetched when Graph did not expand it) -> look up parties and correlation keys (one coalesced Dataverse
+request, short-TTL caches) -> ``plan_inbound`` (pure) -> write (one change set, deterministic activityid) ->
+category / delete the forward wrapper -> ledger + decision record.
+
+Failure handling (issue 5):
+
+* transient (Graph 429/5xx, Dataverse 429/5xx, expired token, timeouts): the item is re-enqueued with a visibility
+  delay (``Retry-After``, bounded) and the invocation ends successfully, so no worker sleeps and the host's dequeue
+  count is not burned. The attempt count lives in the processed ledger (the work item has no counter field); after
+  ``max_attempts`` the failure is treated as permanent.
+* permanent (403 no access, 404 message gone, 400 bad data, unusable message): recorded in the decision log, the
+  ledger (so it is not retried by redelivered notifications) and the mailbox status; the Outlook message gets the
+  "undeliverable" category where possible.
+* anything else (a bug, storage down) is raised: the Functions host retries up to ``maxDequeueCount`` and then
+  moves the message to ``inbound-mail-poison``. On the last attempt the reason is written to the PoisonLog table
+  first (the host does not tell the poison queue why).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from core.adapters.dataverse import DataverseError
+from core.adapters.graph import GraphAccessDenied, GraphError, GraphNotFound
+from core.domain.inbound import (
+    InboundContext,
+    InboundPlan,
+    Skip,
+    TrackEmail,
+    decision_record,
+    inbound_lookups,
+    plan_inbound,
+)
+from core.domain.model import FolderKind, InboundMethod, MailboxConfig, MailMessage, OrgEmailSettings
+from core.domain.normalize import InvalidMessage, normalize_graph_message
+from core.names import INBOUND_QUEUE
+from core.ports import MailboxDirectory, WorkQueue
+from core.services.inbound_crm import (
+    AttachmentRejected,
+    CrmLookup,
+    InboundCrmGateway,
+    StaleReference,
+    WriteOutcome,
+)
+from core.work_items import InboundItem, InvalidWorkItem
+
+if TYPE_CHECKING:
+    from core.bootstrap import Container
+
+__all__ = [
+    "MAX_DEQUEUE_COUNT",
+    "DecisionLog",
+    "InboundOptions",
+    "InboundProcessor",
+    "LedgerEntry",
+    "LedgerOutcome",
+    "MailGateway",
+    "MailboxStatusLog",
+    "PoisonLog",
+    "ProcessResult",
+    "ProcessedLedger",
+    "describe_error",
+    "folder_kind_of",
+    "is_transient",
+    "processor_for",
+]
+
+log = logging.getLogger("emailrouter.inbound")
+
+# host.json extensions.queues.maxDequeueCount (a test pins the two together): on this attempt the host gives up.
+MAX_DEQUEUE_COUNT: Final = 5
+
+_WELL_KNOWN_FOLDERS: Final[Mapping[str, FolderKind]] = {
+    "inbox": FolderKind.INBOX,
+    "sentitems": FolderKind.SENT_ITEMS,
+    "junkemail": FolderKind.JUNK,
+    "drafts": FolderKind.DRAFTS,
+}
+
+
+# ------------------------------------------------------------------------------------------------ ports
+
+
+class LedgerOutcome(StrEnum):
+    TRACKED = "tracked"
+    ALREADY_TRACKED = "already_tracked"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    GONE = "gone"
+    RETRYING = "retrying"
+
+    @property
+    def terminal(self) -> bool:
+        return self is not LedgerOutcome.RETRYING
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What happened to one (mailbox, Graph message id)."""
+
+    mailbox: str
+    graph_id: str
+    outcome: LedgerOutcome
+    activity_id: str = ""
+    internet_message_id: str = ""
+    attempts: int = 0
+    reason: str = ""
+    at: datetime | None = None
+
+
+class ProcessedLedger(Protocol):
+    async def get(self, mailbox: str, graph_id: str) -> LedgerEntry | None: ...
+
+    async def put(self, entry: LedgerEntry) -> None: ...
+
+
+class DecisionLog(Protocol):
+    """Decision records for ``emailrouter explain`` (one per mailbox + message, latest wins)."""
+
+    async def record(self, mailbox: str, graph_id: str, record: Mapping[str, Any]) -> None: ...
+
+
+class MailboxStatusLog(Protocol):
+    async def record_failure(self, mailbox: str, *, code: str, reason: str, permanent: bool) -> None: ...
+
+
+class PoisonLog(Protocol):
+    async def record(self, *, queue: str, message: str, dequeue_count: int, reason: str) -> None: ...
+
+
+class MailGateway(Protocol):
+    """The Graph calls the processor makes (``core.adapters.graph.GraphMailClient`` implements them)."""
+
+    async def get_message(self, mailbox: str, message_id: str, *, with_attachments: bool = True
+                          ) -> dict[str, Any]: ...
+
+    async def get_item_attachment(self, mailbox: str, message_id: str, attachment_id: str) -> dict[str, Any]: ...
+
+    async def set_categories(self, mailbox: str, message_id: str, categories: Sequence[str]) -> None: ...
+
+    async def delete_message(self, mailbox: str, message_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class InboundOptions:
+    tracked_category: str = ""  # "" = do not tag tracked messages (saves one Graph call per tracked email)
+    undeliverable_category: str = "Undeliverable"  # "" = never tag failures
+    max_attempts: int = 20  # transient failures of one message before it counts as permanent
+    min_retry_delay: int = 5  # seconds
+    max_retry_delay: int = 900  # seconds: Retry-After values beyond this are capped
+    mailbox_cache_seconds: float = 30.0  # how long the list of mailboxes (forward users, queues) is reused
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    outcome: str  # tracked | already_tracked | duplicate_item | skipped:<stage>:<code> | retry | failed:<code> | gone
+    activity_id: str = ""
+    retry_in: int | None = None
+    graph_calls: int = 0
+    crm_requests: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def folder_kind_of(folder: str) -> FolderKind:
+    """A work item's folder (well-known name or folder id) -> the folder kind the rules need."""
+    return _WELL_KNOWN_FOLDERS.get(folder.strip().lower(), FolderKind.OTHER) if folder else FolderKind.INBOX
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying later: throttling, 5xx, timeouts, an expired token (401)."""
+    if isinstance(exc, GraphError):
+        return exc.transient or exc.status == 401
+    if isinstance(exc, DataverseError):
+        return bool(exc.retryable)
+    return False
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    value = getattr(exc, "retry_after", None)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def describe_error(exc: BaseException) -> str:
+    # Class, status and code only: error messages can quote addresses or subjects (never logged above DEBUG).
+    status = getattr(exc, "status", "")
+    code = getattr(exc, "code", "")
+    return " ".join(str(p) for p in (exc.__class__.__name__, status, code) if p != "")
+
+
+class _MailboxSnapshot:
+    """Mailboxes list (for forward users, queue addresses, owners) reused for a few seconds across messages."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float]) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._expires = 0.0
+        self._value: tuple[MailboxConfig, ...] = ()
+
+    async def get(self, directory: MailboxDirectory) -> tuple[MailboxConfig, ...]:
+        if self._clock() >= self._expires:
+            self._value = tuple(await directory.list_mailboxes())
+            self._expires = self._clock() + self._ttl
+        return self._value
+
+
+@dataclass
+class _Counters:
+    graph: int = 0
+    crm: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ the processor
+
+
+@dataclass
+class InboundProcessor:
+    mail: MailGateway
+    crm: InboundCrmGateway
+    mailboxes: MailboxDirectory
+    ledger: ProcessedLedger
+    decisions: DecisionLog
+    status: MailboxStatusLog
+    poison: PoisonLog
+    queue: WorkQueue
+    options: InboundOptions = field(default_factory=InboundOptions)
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    monotonic: Callable[[], float] = time.monotonic
+    _snapshot: _MailboxSnapshot | None = field(default=None, init=False, repr=False)
+
+    # -- entry points ---------------------------------------------------------------------------------------
+
+    async def handle_message(self, raw: str, *, dequeue_count: int = 1,
+                             max_dequeue_count: int = MAX_DEQUEUE_COUNT) -> ProcessResult:
+        """The queue trigger's body: parse, process, and on the host's last attempt record why it is poisoned."""
+        try:
+            item = InboundItem.from_json(raw)
+            return await self.process(item)
+        except Exception as exc:
+            if dequeue_count >= max_dequeue_count:
+                reason = f"invalid work item: {exc}" if isinstance(exc, InvalidWorkItem) else describe_error(exc)
+                log.error("inbound item fails on its last attempt (%d); moving to poison: %s", dequeue_count, reason)
+                await self.poison.record(queue=INBOUND_QUEUE, message=raw, dequeue_count=dequeue_count,
+                                         reason=reason)
+            raise
+
+    async def process(self, item: InboundItem) -> ProcessResult:
+        entry = await self.ledger.get(item.mailbox, item.message_id)
+        if entry is not None and entry.outcome.terminal:
+            # Redelivered/duplicated notification, or delta re-reporting a message: no refetch.
+            return ProcessResult("duplicate_item", activity_id=entry.activity_id)
+        attempts = entry.attempts if entry is not None else 0
+        counters = _Counters()
+        try:
+            return await self._process(item, counters)
+        except Exception as exc:
+            if is_transient(exc):
+                return await self._retry_later(item, attempts + 1, exc, counters)
+            raise
+
+    # -- the pipeline ---------------------------------------------------------------------------------------
+
+    async def _process(self, item: InboundItem, counters: _Counters) -> ProcessResult:
+        mailbox = await self.mailboxes.get_mailbox(item.mailbox)
+        if mailbox is None:
+            reason = f"{item.mailbox} is not a configured mailbox"
+            return await self._skip_unfetched(item, "mailbox:unknown", reason)
+        org = await self.mailboxes.get_org_settings()
+
+        try:
+            data = await self._fetch(item, counters)
+        except GraphNotFound:
+            return await self._terminal(item, LedgerOutcome.GONE, "gone", "the message no longer exists in the "
+                                        "mailbox (deleted or moved before it was processed)", record_status=False)
+        except GraphAccessDenied as exc:
+            if exc.status == 401:
+                raise
+            return await self._permanent(item, None, "access_denied", describe_error(exc))
+
+        try:
+            message = normalize_graph_message(mailbox.address, data, folder_kind_of(item.folder),
+                                              item.folder if folder_kind_of(item.folder) is FolderKind.OTHER else "")
+        except InvalidMessage as exc:
+            return await self._permanent(item, None, "invalid_message", exc.reason, tag=(mailbox.address, []))
+
+        known = await self._known_mailboxes()
+        if item.source == "backfill":
+            # An explicit history import: the admin chose the start date, so "process email received after" does
+            # not apply (the backfill lists only mail received after its own `since`).
+            mailbox = replace(mailbox, process_email_received_after=None)
+            known = tuple(replace(m, process_email_received_after=None) for m in known)
+        context = InboundContext(
+            mailbox=mailbox, org=org, now=self.clock(), known_mailboxes=known,
+            forward_users={m.address: m for m in known if m.inbound_method is InboundMethod.FORWARD},
+        )
+        return await self._plan_and_write(item, message, context, org, counters)
+
+    async def _fetch(self, item: InboundItem, counters: _Counters) -> dict[str, Any]:
+        counters.graph += 1
+        data = await self.mail.get_message(item.mailbox, item.message_id)
+        # A forward wrapper's original is an item attachment. `$expand=attachments` does not always include the
+        # attached item itself: fetch it (one call per item attachment, forward sinks only).
+        attachments = data.get("attachments")
+        if isinstance(attachments, list):
+            expanded: list[Any] = []
+            for attachment in attachments:
+                if (isinstance(attachment, dict)
+                        and str(attachment.get("@odata.type", "")).lower() == "#microsoft.graph.itemattachment"
+                        and not attachment.get("item") and attachment.get("id")):
+                    counters.graph += 1
+                    attachment = await self.mail.get_item_attachment(item.mailbox, item.message_id,
+                                                                     str(attachment["id"]))
+                expanded.append(attachment)
+            data = {**data, "attachments": expanded}
+        return data
+
+    async def _known_mailboxes(self) -> tuple[MailboxConfig, ...]:
+        if self._snapshot is None:
+            self._snapshot = _MailboxSnapshot(self.options.mailbox_cache_seconds, self.monotonic)
+        return await self._snapshot.get(self.mailboxes)
+
+    async def _lookup(self, message: MailMessage, context: InboundContext, counters: _Counters
+                      ) -> tuple[InboundContext, CrmLookup | None]:
+        lookups = inbound_lookups(message, context)
+        if lookups.message is None:  # not unwrappable: the planner reports why, nothing to look up
+            return context, None
+        found = await self.crm.lookup(lookups.addresses, lookups.keys)
+        counters.crm += found.requests
+        return replace(context, directory=found.directory, correlation=found.correlation), found
+
+    async def _plan_and_write(self, item: InboundItem, message: MailMessage, context: InboundContext,
+                              org: OrgEmailSettings, counters: _Counters) -> ProcessResult:
+        stale_retries = 1
+        while True:
+            context, _ = await self._lookup(message, context, counters)
+            plan = plan_inbound(message, context)
+            if isinstance(plan, Skip):
+                await self._record(item, message, plan, LedgerOutcome.SKIPPED)
+                return ProcessResult(f"skipped:{plan.stage}:{plan.code}", graph_calls=counters.graph,
+                                     crm_requests=counters.crm)
+            try:
+                counters.crm += 1
+                written = await self.crm.write(plan)
+            except AttachmentRejected as exc:
+                # The org's limit is lower than configured: leave that attachment (and larger ones) out, with a
+                # note on the email, instead of failing the email (issue 5 "Write").
+                limit = 4 * ((exc.size + 2) // 3) - 1
+                if limit >= org.max_attachment_bytes:
+                    raise
+                org = replace(org, max_attachment_bytes=limit)
+                context = replace(context, org=org)
+                continue
+            except StaleReference:
+                if stale_retries <= 0:
+                    return await self._permanent(item, message, "stale_reference",
+                                                 "a record the email refers to no longer exists in CRM",
+                                                 tag=self._tag_target(message, plan))
+                stale_retries -= 1
+                continue
+            except DataverseError as exc:
+                if is_transient(exc):
+                    raise
+                return await self._permanent(item, message, "crm_rejected", describe_error(exc),
+                                             tag=self._tag_target(message, plan))
+            break
+
+        outcome = LedgerOutcome.TRACKED if written is WriteOutcome.CREATED else LedgerOutcome.ALREADY_TRACKED
+        await self._after_write(item, message, plan, counters)
+        await self._record(item, message, plan, outcome, note=(
+            None if outcome is LedgerOutcome.TRACKED else
+            "an email with this Message-ID is already in CRM (redelivery, or tracked from another mailbox first): "
+            "kept as it is"))
+        return ProcessResult(outcome.value, activity_id=str(plan.activity_id), graph_calls=counters.graph,
+                             crm_requests=counters.crm)
+
+    @staticmethod
+    def _tag_target(message: MailMessage, plan: InboundPlan) -> tuple[str, list[str]] | None:
+        # For a forward sink, the wrapper is the Outlook item we can tag (the original is only an attachment).
+        return (message.mailbox, list(message.categories)) if isinstance(plan, TrackEmail) else None
+
+    async def _after_write(self, item: InboundItem, message: MailMessage, plan: TrackEmail,
+                           counters: _Counters) -> None:
+        """Category and wrapper deletion: best effort, never undoes or fails a written email."""
+        if plan.delete_wrapper and plan.wrapper_graph_id:
+            try:
+                counters.graph += 1
+                await self.mail.delete_message(item.mailbox, plan.wrapper_graph_id)
+            except GraphError as exc:
+                log.warning("forward wrapper not deleted (%s); it stays in the sink", describe_error(exc))
+            return
+        category = self.options.tracked_category
+        if not category or category in message.categories:
+            return
+        try:
+            counters.graph += 1
+            await self.mail.set_categories(item.mailbox, item.message_id, [*message.categories, category])
+        except GraphError as exc:
+            log.warning("tracked category not set (%s)", describe_error(exc))
+
+    # -- outcomes ---------------------------------------------------------------------------------------------
+
+    async def _record(self, item: InboundItem, message: MailMessage, plan: InboundPlan, outcome: LedgerOutcome,
+                      *, note: str | None = None) -> None:
+        record = decision_record(message, plan)
+        record["source"] = item.source
+        if note:
+            record["note"] = note
+            record["outcome"] = outcome.value
+        await self.decisions.record(item.mailbox, item.message_id, record)
+        await self.ledger.put(LedgerEntry(
+            item.mailbox, item.message_id, outcome,
+            activity_id=str(plan.activity_id) if isinstance(plan, TrackEmail) else "",
+            internet_message_id=message.internet_message_id or "",
+            reason=record["outcome"], at=self.clock()))
+
+    async def _skip_unfetched(self, item: InboundItem, code: str, reason: str) -> ProcessResult:
+        await self.decisions.record(item.mailbox, item.message_id, {
+            "mailbox": item.mailbox, "graphId": item.message_id, "source": item.source,
+            "outcome": f"skipped:{code}", "decisions": [{"step": "mailbox", "outcome": f"skip:{code}",
+                                                         "why": reason}]})
+        await self.ledger.put(LedgerEntry(item.mailbox, item.message_id, LedgerOutcome.SKIPPED, reason=reason,
+                                          at=self.clock()))
+        return ProcessResult(f"skipped:{code}")
+
+    async def _terminal(self, item: InboundItem, outcome: LedgerOutcome, code: str, reason: str, *,
+                        record_status: bool, message: MailMessage | None = None) -> ProcessResult:
+        await self.decisions.record(item.mailbox, item.message_id, {
+            "mailbox": item.mailbox, "graphId": item.message_id, "source": item.source,
+            "internetMessageId": message.internet_message_id if message else None,
+            "outcome": f"{outcome.value}:{code}",
+            "decisions": [{"step": "processing", "outcome": code, "why": reason}]})
+        await self.ledger.put(LedgerEntry(
+            item.mailbox, item.message_id, outcome, reason=f"{code}: {reason}"[:1024],
+            internet_message_id=(message.internet_message_id or "") if message else "", at=self.clock()))
+        if record_status:
+            await self.status.record_failure(item.mailbox, code=code, reason=reason, permanent=True)
+        prefix = "gone" if outcome is LedgerOutcome.GONE else f"failed:{code}"
+        return ProcessResult(prefix)
+
+    async def _permanent(self, item: InboundItem, message: MailMessage | None, code: str, reason: str, *,
+                         tag: tuple[str, list[str]] | None = None) -> ProcessResult:
+        log.warning("inbound message failed permanently in %s: %s (%s)", item.mailbox, code, reason)
+        result = await self._terminal(item, LedgerOutcome.FAILED, code, reason, record_status=True, message=message)
+        category = self.options.undeliverable_category
+        if tag is not None and category and category not in tag[1]:
+            try:
+                await self.mail.set_categories(item.mailbox, item.message_id, [*tag[1], category])
+            except GraphError as exc:
+                log.info("undeliverable category not set (%s)", describe_error(exc))
+        return result
+
+    async def _retry_later(self, item: InboundItem, attempts: int, exc: BaseException,
+                           counters: _Counters) -> ProcessResult:
+        if attempts > self.options.max_attempts:
+            return await self._permanent(item, None, "retries_exhausted",
+                                         f"still failing after {attempts - 1} attempts: {describe_error(exc)}",
+                                         tag=None)
+        wanted = _retry_after(exc)
+        if wanted is None:  # exponential backoff with jitter when the service gave no Retry-After
+            wanted = min(self.options.max_retry_delay, self.options.min_retry_delay * 2 ** min(attempts - 1, 10))
+            wanted *= 0.5 + random.random() / 2
+        delay = int(min(self.options.max_retry_delay, max(self.options.min_retry_delay, wanted)))
+        log.info("inbound item for %s hit %s; retry %d in %d s", item.mailbox, describe_error(exc), attempts, delay)
+        await self.ledger.put(LedgerEntry(item.mailbox, item.message_id, LedgerOutcome.RETRYING, attempts=attempts,
+                                          reason=describe_error(exc), at=self.clock()))
+        await self.queue.send_many(INBOUND_QUEUE, [item.to_json()], delay_seconds=delay)
+        return ProcessResult("retry", retry_in=delay, graph_calls=counters.graph, crm_requests=counters.crm)
+
+
+# ------------------------------------------------------------------------------------------------ wiring
+
+
+def _setting(container: Container, name: str, default: str) -> str:
+    """A setting the lead registers in core.config (listed in docs/inbound.md); its default until then."""
+    try:
+        return container.settings.raw(name) or default
+    except KeyError:
+        return default
+
+
+def options_from_settings(container: Container) -> InboundOptions:
+    return InboundOptions(
+        tracked_category=_setting(container, "INBOUND_TRACKED_CATEGORY", ""),
+        undeliverable_category=_setting(container, "INBOUND_UNDELIVERABLE_CATEGORY", "Undeliverable"),
+        max_attempts=int(_setting(container, "INBOUND_MAX_ATTEMPTS", "20")),
+        max_retry_delay=int(_setting(container, "INBOUND_MAX_RETRY_DELAY_SECONDS", "900")),
+    )
+
+
+_PROCESSORS: weakref.WeakKeyDictionary[Any, InboundProcessor] = weakref.WeakKeyDictionary()
+
+
+def processor_for(container: Container) -> InboundProcessor:
+    """The process-wide processor for a container (its caches live as long as the container)."""
+    processor = _PROCESSORS.get(container)
+    if processor is None:
+        from core.adapters.inbound_state import InboundState
+        from core.services.inbound_crm import DataverseInboundCrm
+
+        state = InboundState.for_container(container)
+        processor = InboundProcessor(
+            mail=container.graph,
+            crm=DataverseInboundCrm(
+                container.dataverse,
+                party_ttl=float(_setting(container, "CRM_PARTY_CACHE_SECONDS", "120")),
+            ),
+            mailboxes=container.mailbox_directory,  # type: ignore[attr-defined]  # added by the settings issue
+            ledger=state.ledger, decisions=state.decisions, status=state.status, poison=state.poison,
+            queue=container.work_queue, options=options_from_settings(container),
+        )
+        _PROCESSORS[container] = processor
+    return processor
+

@@ -1,0 +1,460 @@
+"""The inbound pipeline end to end over the emulators + Azurite, with the real adapters and services.
+
+Mail comes in over SMTP; Graph POSTs real change notifications to a loopback receiver; their bodies go through the
+webhook service onto the Azurite queue; the test drains the queue through the processor (as the queue trigger
+does) and asserts on the Dataverse emulator's store. Calls per tracked email are counted from the emulators'
+request logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("emulators.graph.testing", reason="Graph emulator package not present")
+pytest.importorskip("emulators.dataverse.testing", reason="Dataverse emulator package not present")
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from core.adapters.storage import QueueBrowser
+from core.bootstrap import Container
+from core.config import Settings
+from core.domain.identity import activity_id_for
+from core.domain.model import (
+    CrmRecordRef,
+    CrmTable,
+    InboundMethod,
+    MailboxConfig,
+    MailboxKind,
+    OrgEmailSettings,
+    TrackingFilter,
+    WrapperTrustPolicy,
+)
+from core.names import INBOUND_QUEUE, MAILBOX_SYNC_QUEUE
+from core.services.delta import delta_service_for
+from core.services.inbound import processor_for
+from core.services.subscriptions import service_for
+from core.services.webhook import handle_change_notifications, handle_lifecycle_notifications
+from core.work_items import MailboxSyncItem
+from emulators.common import demo
+from emulators.common.server import RunningServer, start_in_thread
+from emulators.common.tls import TlsMaterial, client_env, ensure_tls
+from emulators.dataverse.seed import demo_seed as dataverse_demo_seed
+from emulators.dataverse.seed import demo_user_id
+from emulators.dataverse.testing import RunningDataverse, start_dataverse
+from emulators.graph.seed import default_seed as graph_demo_seed
+from emulators.graph.testing import RunningGraph, start_graph
+from emulators.identity.testing import start_identity
+from local.azurite import Azurite
+from tests.fakes import StaticMailboxDirectory
+
+pytestmark = pytest.mark.integration
+
+DOMAIN = demo.TENANT_DOMAIN
+ERIN_ID = "c0ffee00-0000-4000-8000-00000000e210"
+KEY = "test-function-key"
+
+
+def ref(local: str) -> CrmRecordRef:
+    return CrmRecordRef(CrmTable.SYSTEMUSER, uuid.UUID(demo_user_id(local)))
+
+
+ERIN = CrmRecordRef(CrmTable.SYSTEMUSER, uuid.UUID(ERIN_ID))
+SINK = f"crm-sink@{DOMAIN}"
+
+
+def mailboxes() -> list[MailboxConfig]:
+    def user(local: str, method: InboundMethod, owner: CrmRecordRef | None = None, **kw: Any) -> MailboxConfig:
+        return MailboxConfig(f"{local}@{DOMAIN}", MailboxKind.USER, owner=owner or ref(local),
+                             inbound_method=method, tracking_filter=TrackingFilter.ALL, **kw)
+
+    return [
+        user("alice", InboundMethod.INDIVIDUAL),
+        user("erin", InboundMethod.INDIVIDUAL, ERIN),
+        user("bob", InboundMethod.FORWARD, forward_sink_address=SINK),
+        user("carol", InboundMethod.OUTLOOK),
+        user("dave", InboundMethod.NONE),
+        MailboxConfig(SINK, MailboxKind.FORWARD_SINK, delete_after_processing=True),
+    ]
+
+
+ORG = OrgEmailSettings(
+    internal_domains=frozenset({DOMAIN}),
+    # The Graph emulator does not stamp X-MS-Exchange-Organization-AuthAs (an Exchange transport header).
+    wrapper_trust=WrapperTrustPolicy(require_internal_auth=False),
+    max_attachment_bytes=5_242_880,
+)
+
+
+# ------------------------------------------------------------------------------------------------ receiver
+
+
+@dataclass
+class Receiver:
+    """Our webhook's stand-in: answers Graph's validation handshake, keeps every POST body for the test to feed
+    through the real webhook service (which needs the test's event loop and storage clients)."""
+
+    server: RunningServer | None = None
+    bodies: list[tuple[str, bytes]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None
+        return self.server.url
+
+    def take(self) -> list[tuple[str, bytes]]:
+        with self.lock:
+            out, self.bodies = self.bodies, []
+        return out
+
+
+def start_receiver() -> Receiver:
+    receiver = Receiver()
+
+    async def endpoint(request: Request) -> Response:
+        token = request.query_params.get("validationToken")
+        if token is not None:
+            return PlainTextResponse(token)
+        if request.query_params.get("code") != KEY:
+            return Response(status_code=401)
+        with receiver.lock:
+            receiver.bodies.append((request.url.path, await request.body()))
+        return Response(status_code=202)
+
+    app = Starlette(routes=[Route("/graph/notifications", endpoint, methods=["POST"]),
+                            Route("/graph/lifecycle", endpoint, methods=["POST"])])
+    receiver.server = start_in_thread(app)
+    return receiver
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@dataclass
+class Env:
+    tls: TlsMaterial
+    identity: RunningServer
+    graph: RunningGraph
+    dataverse: RunningDataverse
+    receiver: Receiver
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tls = ensure_tls(tmp_path_factory.mktemp("tls"))
+    graph_seed = graph_demo_seed()
+    graph_seed.setdefault("users", []).append({"id": "c0ffee00-0000-4000-8000-000000000120",
+                                               "userPrincipalName": f"erin@{DOMAIN}", "displayName": "Erin"})
+    dv_seed = dataverse_demo_seed()
+    dv_seed["systemusers"].append({"systemuserid": ERIN_ID, "firstname": "Erin", "lastname": "Evans",
+                                   "internalemailaddress": f"erin@{DOMAIN}", "incomingemaildeliverymethod": 2,
+                                   "outgoingemaildeliverymethod": 2, "emailrouteraccessapproval": 1})
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in client_env(tls).items():
+            mp.setenv(name, value)
+        identity = start_identity(tls.ca_cert.parent)
+        graph = start_graph(tls.ca_cert.parent, identity.url, seed=graph_seed, missed_after_s=0.5)
+        dataverse = start_dataverse(tls.ca_cert.parent, identity.url, seed=dv_seed)
+        receiver = start_receiver()
+        try:
+            yield Env(tls, identity, graph, dataverse, receiver)
+        finally:
+            receiver.server.stop()  # type: ignore[union-attr]
+            dataverse.stop()
+            graph.stop()
+            identity.stop()
+
+
+class Pipeline:
+    def __init__(self, env: Env, container: Container) -> None:
+        self.env = env
+        self.c = container
+        self.http = httpx.AsyncClient(verify=str(env.tls.bundle), timeout=30)
+
+    # -- emulator helpers ---------------------------------------------------------------------------------
+
+    async def emu(self, which: str, method: str, path: str, body: Any = None) -> Any:
+        base = self.env.graph.url if which == "graph" else self.env.dataverse.url
+        response = await self.http.request(method, f"{base}/_emulator/{path}", json=body)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    async def clear_logs(self) -> None:
+        await self.emu("graph", "DELETE", "requests")
+        await self.emu("dataverse", "DELETE", "requests")
+
+    async def pipeline_calls(self) -> tuple[int, int]:
+        """Graph and Dataverse requests since ``clear_logs`` made by the pipeline (the processor uses only
+        ``$batch`` against Dataverse; the test's own reads are plain GETs and are left out)."""
+        g = await self.emu("graph", "GET", "requests")
+        d = await self.emu("dataverse", "GET", "requests")
+        return len(g["value"]), sum(1 for r in d["value"] if "$batch" in r["path"])
+
+    def smtp(self, sender: str, to: list[str], subject: str, *, body: str = "Hello from outside",
+             attachment: bytes | None = None, headers: dict[str, str] | None = None) -> str:
+        msg = EmailMessage()
+        mid = f"<{uuid.uuid4().hex}@fabrikam.example>"
+        msg["From"], msg["To"], msg["Subject"], msg["Message-ID"] = sender, ", ".join(to), subject, mid
+        for name, value in (headers or {}).items():
+            msg[name] = value
+        msg.set_content(body)
+        if attachment is not None:
+            msg.add_attachment(attachment, maintype="application", subtype="octet-stream", filename="big.bin")
+        port = self.env.graph.smtp_port
+        assert port is not None
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.send_message(msg)
+        return mid
+
+    # -- the pipeline -------------------------------------------------------------------------------------
+
+    async def subscribe(self) -> dict[str, Any]:
+        report = await service_for(self.c).reconcile()
+        return report.as_dict()
+
+    async def pump_webhooks(self) -> None:
+        for path, body in self.env.receiver.take():
+            handler = handle_lifecycle_notifications if path.endswith("lifecycle") else handle_change_notifications
+            result = await handler(body, directory=self.c.subscription_directory, queue=self.c.work_queue,
+                                   tenant_id=demo.TENANT_ID, max_bytes=1_048_576)
+            assert result.status == 202, result
+
+    async def drain(self, done: Callable[[], Awaitable[bool]], *, within: float = 60.0) -> None:
+        """Run the pipeline (webhook -> queue -> processor / mailbox sync) until ``done()`` or the deadline."""
+        processor = processor_for(self.c)
+        inbound = QueueBrowser(self.c.storage, INBOUND_QUEUE)
+        sync = QueueBrowser(self.c.storage, MAILBOX_SYNC_QUEUE)
+        deadline = time.monotonic() + within
+        quiet_rounds = 0
+        while time.monotonic() < deadline:
+            await self.pump_webhooks()
+            items = await inbound.receive(32, visibility_timeout=5)
+            syncs = await sync.receive(8, visibility_timeout=5)
+            for s in syncs:
+                await delta_service_for(self.c).handle_sync_item(MailboxSyncItem.from_json(s.content))
+                await sync.delete(s)
+
+            async def run(item: Any) -> None:
+                await processor.handle_message(item.content, dequeue_count=item.dequeue_count or 1)
+                await inbound.delete(item)
+
+            await asyncio.gather(*(run(i) for i in items))
+            if not items and not syncs:
+                quiet_rounds += 1
+                if quiet_rounds >= 3 and await done():  # nothing in flight for a moment, and the goal is met
+                    return
+            else:
+                quiet_rounds = 0
+            await asyncio.sleep(0.2)
+        raise AssertionError("pipeline did not settle before the deadline")
+
+
+@pytest.fixture
+async def pipeline(env: Env, azurite: Azurite) -> AsyncIterator[Pipeline]:
+    settings = Settings({
+        "AzureWebJobsStorage": azurite.connection_string,
+        "TABLE_PREFIX": f"t{uuid.uuid4().hex[:10]}",
+        "GRAPH_TENANT_ID": demo.TENANT_ID, "GRAPH_CLIENT_ID": demo.APP_CLIENT_ID,
+        "GRAPH_CLIENT_SECRET": demo.APP_CLIENT_SECRET, "GRAPH_AUTHORITY_HOST": env.identity.url,
+        "GRAPH_BASE_URL": env.graph.base_url, "DATAVERSE_URL": env.dataverse.url,
+        "WEBHOOK_BASE_URL": env.receiver.base_url, "WEBHOOK_FUNCTION_KEY": KEY,
+    })
+    container = Container(settings)
+    container.mailbox_directory = StaticMailboxDirectory(mailboxes(), ORG)  # type: ignore[attr-defined]
+    p = Pipeline(env, container)
+    await p.emu("graph", "POST", "reset")
+    await p.emu("dataverse", "POST", "reset")
+    env.receiver.take()
+    for queue in (INBOUND_QUEUE, MAILBOX_SYNC_QUEUE):
+        browser = QueueBrowser(container.storage, queue)
+        for _ in range(20):
+            left = await browser.receive(32, visibility_timeout=1)
+            if not left:
+                break
+            for item in left:
+                await browser.delete(item)
+    try:
+        yield p
+    finally:
+        await p.http.aclose()
+        await container.graph.close()
+        await container.dataverse.close()
+        await container.storage.close()
+
+
+async def dv_get(p: Pipeline, path: str) -> Any:
+    response = await p.c.dataverse._request("GET", path, idempotent=True)
+    return response.json()
+
+
+async def email_rows(p: Pipeline) -> list[dict[str, Any]]:
+    data = await dv_get(p, "emails?$select=activityid,subject,messageid,statecode,statuscode,_ownerid_value,"
+                           "notifications,description&$expand=email_activity_parties($select=participationtypemask,"
+                           "addressused,_partyid_value),email_activity_mime_attachment($select=filename)")
+    return list(data["value"])
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+async def test_smtp_to_individual_mailbox_becomes_one_crm_email_and_calls_are_counted(pipeline: Pipeline) -> None:
+    p = pipeline
+    report = await p.subscribe()
+    assert report["created"] == 3 and not report["failed"]  # alice, erin, crm-sink inboxes
+    await p.clear_logs()
+
+    n = 6
+    ids = [p.smtp("fiona@fabrikam.example", [f"alice@{DOMAIN}"], f"Order {i}") for i in range(n)]
+
+    async def all_there() -> bool:
+        return len(await email_rows(p)) >= n
+
+    await p.drain(all_there)
+    rows = await email_rows(p)
+    assert sorted(r["activityid"] for r in rows) == sorted(str(activity_id_for(m)) for m in ids)
+    for row in rows:
+        assert (row["statecode"], row["statuscode"]) == (1, 4)
+        assert row["_ownerid_value"] == demo_user_id("alice")
+        assert sorted(pt["participationtypemask"] for pt in row["email_activity_parties"]) == [1, 2]
+    graph_calls, dv_calls = await p.pipeline_calls()
+    print(f"\ncalls per tracked email: graph={graph_calls / n:.2f} dataverse={dv_calls / n:.2f}")
+    assert graph_calls / n <= 1.2
+    assert dv_calls / n <= 2.0
+
+
+async def rows_for(p: Pipeline, mid: str) -> list[dict[str, Any]]:
+    return [r for r in await email_rows(p) if r["activityid"] == str(activity_id_for(mid))]
+
+
+def has_row(p: Pipeline, mid: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return bool(await rows_for(p, mid))
+    return check
+
+
+async def test_forward_mailbox_user_is_tracked_for_that_user_and_the_wrapper_deleted(pipeline: Pipeline) -> None:
+    p = pipeline
+    await p.c.graph.create_inbox_rule(f"bob@{DOMAIN}", {
+        "displayName": "to CRM", "sequence": 1, "isEnabled": True, "conditions": {},
+        "actions": {"forwardAsAttachmentTo": [{"emailAddress": {"address": SINK}}]}})
+    await p.subscribe()
+    mid = p.smtp("gus@example.org", [f"bob@{DOMAIN}"], "Quote request")
+
+    await p.drain(has_row(p, mid))
+
+    (row,) = await rows_for(p, mid)
+    assert row["_ownerid_value"] == demo_user_id("bob")
+    parties = {(pt["participationtypemask"], pt["_partyid_value"]) for pt in row["email_activity_parties"]}
+    assert (1, "c0ffee00-0000-4000-8000-00000000c002") in parties  # Gus, resolved by his first address
+    sink_items = [m async for m in p.c.graph.list_messages(SINK, "inbox")]
+    assert sink_items == []  # the wrapper was deleted after processing
+
+
+async def test_outlook_and_none_users_get_no_row_with_the_reason_recorded(pipeline: Pipeline) -> None:
+    from core.adapters.inbound_state import InboundState
+    from core.work_items import InboundItem
+
+    p = pipeline
+    await p.subscribe()
+    mids = {who: p.smtp("fiona@fabrikam.example", [f"{who}@{DOMAIN}"], f"For {who}") for who in ("carol", "dave")}
+    # Nobody subscribes to these mailboxes; a stale notification (method changed a minute ago) is simulated.
+    for who in mids:
+        async for message in p.c.graph.list_messages(f"{who}@{DOMAIN}", "inbox"):
+            await p.c.work_queue.send_many(INBOUND_QUEUE, [
+                InboundItem(f"{who}@{DOMAIN}", message["id"], "notification", folder="inbox").to_json()])
+            graph_id = message["id"]
+        async def recorded(who: str = who, graph_id: str = graph_id) -> bool:
+            return await InboundState.for_container(p.c).decisions.get(f"{who}@{DOMAIN}", graph_id) is not None
+
+        await p.drain(recorded)
+        record = await InboundState.for_container(p.c).decisions.get(f"{who}@{DOMAIN}", graph_id)
+        assert record is not None
+        expected = "inbound_outlook" if who == "carol" else "inbound_none"
+        assert record["outcome"] == f"skipped:mailbox:{expected}"
+    assert not [r for r in await email_rows(p) if r["activityid"] in {str(activity_id_for(m)) for m in mids.values()}]
+
+
+async def test_message_to_two_tracked_users_is_one_email_with_both_parties(pipeline: Pipeline) -> None:
+    p = pipeline
+    await p.subscribe()
+    mid = p.smtp("lena@prospect.example", [f"alice@{DOMAIN}", f"erin@{DOMAIN}"], "Hello both")
+
+    async def both_processed() -> bool:
+        state_rows = await rows_for(p, mid)
+        from core.adapters.inbound_state import InboundState
+        decisions = await InboundState.for_container(p.c).decisions.find_by_internet_message_id(mid)
+        return bool(state_rows) and len(decisions) == 2
+
+    await p.drain(both_processed)
+    (row,) = await rows_for(p, mid)
+    recipients = {pt["_partyid_value"] for pt in row["email_activity_parties"] if pt["participationtypemask"] == 2}
+    assert recipients == {demo_user_id("alice"), ERIN_ID}
+
+
+async def test_redelivered_and_duplicated_notifications_still_make_one_email(pipeline: Pipeline) -> None:
+    p = pipeline
+    await p.subscribe()
+    await p.emu("graph", "POST", "notification-faults", {"action": "duplicate", "probability": 1.0, "count": 5})
+    mid = p.smtp("fiona@fabrikam.example", [f"alice@{DOMAIN}"], "Twice")
+    for _ in range(300):  # bounded wait for the first POST (polled, no timing assertion)
+        if p.env.receiver.bodies:
+            break
+        await asyncio.sleep(0.1)
+    bodies = list(p.env.receiver.bodies)
+    p.env.receiver.bodies.extend(bodies)  # and Graph redelivers the same POST once more
+
+    await p.drain(has_row(p, mid))
+    assert len(await rows_for(p, mid)) == 1
+
+
+async def test_dropped_notification_is_recovered_by_delta(pipeline: Pipeline) -> None:
+    p = pipeline
+    await p.subscribe()
+    await p.emu("graph", "POST", "notification-faults", {"action": "drop", "probability": 1.0, "count": 1})
+    mid = p.smtp("fiona@fabrikam.example", [f"alice@{DOMAIN}"], "Lost notification")
+    # The emulator follows a dropped notification with a `missed` lifecycle event -> mailbox sync -> delta.
+    await p.drain(has_row(p, mid), within=60)
+    assert len(await rows_for(p, mid)) == 1
+
+
+async def test_attachment_over_the_org_limit_is_left_out_with_a_note(pipeline: Pipeline) -> None:
+    p = pipeline
+    await p.emu("dataverse", "POST", "seed", {"organization": {"settings": {"maxuploadfilesize": 100_000}}})
+    await p.subscribe()
+    mid = p.smtp("fiona@fabrikam.example", [f"alice@{DOMAIN}"], "Big file", attachment=b"x" * 200_000)
+
+    await p.drain(has_row(p, mid))
+    (row,) = await rows_for(p, mid)
+    assert row["email_activity_mime_attachment"] == []
+    assert row["notifications"] == 1 and "big.bin" in row["description"]
+
+
+async def test_graph_and_dataverse_throttling_is_survived(pipeline: Pipeline) -> None:
+    p = pipeline
+    await p.subscribe()
+    await p.emu("graph", "POST", "faults", {"method": "GET", "path": "/messages/", "status": 429,
+                                            "retry_after": 3, "count": 2})
+    await p.emu("dataverse", "POST", "faults", {"method": "POST", "path": "\\$batch", "status": 429,
+                                                "retry_after": 1, "count": 3})
+    mid = p.smtp("fiona@fabrikam.example", [f"alice@{DOMAIN}"], "Busy day")
+
+    await p.drain(has_row(p, mid), within=90)
+    assert len(await rows_for(p, mid)) == 1
+    graph_log = (await p.emu("graph", "GET", "requests"))["value"]
+    dataverse_log = (await p.emu("dataverse", "GET", "requests"))["value"]
+    assert sum(1 for r in graph_log if r["status"] == 429) == 2  # the faults really fired
+    assert sum(1 for r in dataverse_log if r["status"] == 429) == 3

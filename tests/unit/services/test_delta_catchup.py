@@ -1,0 +1,177 @@
+"""Delta catch-up, lifecycle handling and backfill over fakes of our ports."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from core.adapters.graph import DeltaPage, GraphSyncStateNotFound
+from core.domain.model import CrmRecordRef, CrmTable, InboundMethod, MailboxConfig, MailboxKind
+from core.names import INBOUND_QUEUE, MAILBOX_SYNC_QUEUE
+from core.services.delta import LATE_ARRIVAL_SLACK, DeltaCursor, DeltaService
+from core.work_items import InboundItem, MailboxSyncItem
+from tests.fakes import FakeWorkQueue, StaticMailboxDirectory
+
+NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+
+
+def mbx(address: str, **kw: Any) -> MailboxConfig:
+    return MailboxConfig(address, MailboxKind.USER, owner=CrmRecordRef(CrmTable.SYSTEMUSER, uuid.UUID(int=1)),
+                         inbound_method=kw.pop("inbound_method", InboundMethod.INDIVIDUAL), **kw)
+
+
+def msg(gid: str, received: datetime, **kw: Any) -> dict[str, Any]:
+    return {"id": gid, "receivedDateTime": received.strftime("%Y-%m-%dT%H:%M:%SZ"), **kw}
+
+
+class FakeDeltaGraph:
+    """Pages by link: link None -> first page of a new round (records the filter), then the scripted pages."""
+
+    def __init__(self) -> None:
+        self.rounds: list[list[DeltaPage]] = []
+        self.links: dict[str, DeltaPage] = {}
+        self.started: list[datetime | None] = []
+        self.expired: set[str] = set()
+        self.listing: dict[str, list[dict[str, Any]]] = {}
+
+    async def delta_page(self, mailbox: str, folder: str, link: str | None, *,
+                         received_after: datetime | None = None, page_size: int = 100) -> DeltaPage:
+        if link is None:
+            self.started.append(received_after)
+            return self.rounds.pop(0)[0] if self.rounds else DeltaPage([], [], None, f"delta-{len(self.started)}")
+        if link in self.expired:
+            raise GraphSyncStateNotFound(410, "syncStateNotFound", "expired")
+        return self.links.get(link, DeltaPage([], [], None, link))
+
+    async def list_messages(self, mailbox: str, folder: str, *, received_after: datetime | None = None,
+                            page_size: int = 50) -> AsyncIterator[dict[str, Any]]:
+        for m in self.listing.get(folder, []):
+            yield m
+
+
+class FakeState:
+    def __init__(self) -> None:
+        self.cursors: dict[tuple[str, str], DeltaCursor] = {}
+
+    async def get(self, mailbox: str, folder: str) -> DeltaCursor | None:
+        return self.cursors.get((mailbox, folder))
+
+    async def put(self, cursor: DeltaCursor) -> None:
+        self.cursors[(cursor.mailbox, cursor.folder)] = cursor
+
+
+def enqueued(queue: FakeWorkQueue) -> list[str]:
+    return [InboundItem.from_json(m).message_id for m in queue.messages[INBOUND_QUEUE]]
+
+
+async def test_first_round_of_a_new_mailbox_starts_now_and_follows_pages() -> None:
+    graph, state, queue = FakeDeltaGraph(), FakeState(), FakeWorkQueue()
+    graph.rounds.append([DeltaPage([msg("a", NOW), msg("d", NOW, isDraft=True)], [], "next-1", None)])
+    graph.links["next-1"] = DeltaPage([msg("b", NOW + timedelta(minutes=1))], ["gone"], None, "delta-1")
+    svc = DeltaService(graph, state, queue, StaticMailboxDirectory([mbx("a@x.com")]), clock=lambda: NOW)
+
+    (report,) = await svc.sync_mailbox("a@x.com")
+
+    assert graph.started == [NOW]  # no history import: only mail from now on
+    assert enqueued(queue) == ["a", "b"] and report.pages == 2
+    items = [InboundItem.from_json(m) for m in queue.messages[INBOUND_QUEUE]]
+    assert {(i.source, i.folder) for i in items} == {("delta", "inbox")}
+    cursor = state.cursors[("a@x.com", "inbox")]
+    assert cursor.link == "delta-1" and cursor.high_water == NOW + timedelta(minutes=1)
+
+
+async def test_first_round_starts_at_the_process_from_date_and_ignores_older_changes() -> None:
+    graph, state, queue = FakeDeltaGraph(), FakeState(), FakeWorkQueue()
+    start = NOW - timedelta(days=3)
+    graph.rounds.append([DeltaPage([msg("old", start - timedelta(days=1)), msg("new", NOW)], [], None, "d")])
+    svc = DeltaService(graph, state, queue,
+                       StaticMailboxDirectory([mbx("a@x.com", process_email_received_after=start)]),
+                       clock=lambda: NOW)
+    await svc.sync_mailbox("a@x.com")
+    assert graph.started == [start] and enqueued(queue) == ["new"]
+
+
+async def test_next_round_uses_the_saved_delta_link() -> None:
+    graph, state, queue = FakeDeltaGraph(), FakeState(), FakeWorkQueue()
+    state.cursors[("a@x.com", "inbox")] = DeltaCursor("a@x.com", "inbox", "delta-7", NOW, NOW)
+    graph.links["delta-7"] = DeltaPage([msg("c", NOW + timedelta(seconds=5))], [], None, "delta-8")
+    svc = DeltaService(graph, state, queue, StaticMailboxDirectory([mbx("a@x.com")]), clock=lambda: NOW)
+    await svc.sync_mailbox("a@x.com")
+    assert graph.started == [] and enqueued(queue) == ["c"]
+    assert state.cursors[("a@x.com", "inbox")].link == "delta-8"
+
+
+async def test_expired_sync_state_restarts_from_the_high_water_mark() -> None:
+    graph, state, queue = FakeDeltaGraph(), FakeState(), FakeWorkQueue()
+    mark = NOW - timedelta(hours=5)
+    state.cursors[("a@x.com", "inbox")] = DeltaCursor("a@x.com", "inbox", "stale", mark, NOW - timedelta(days=9))
+    graph.expired.add("stale")
+    graph.rounds.append([DeltaPage([msg("late", mark)], [], None, "fresh")])
+    svc = DeltaService(graph, state, queue, StaticMailboxDirectory([mbx("a@x.com")]), clock=lambda: NOW)
+
+    (report,) = await svc.sync_mailbox("a@x.com")
+
+    assert report.restarted
+    assert graph.started == [mark - LATE_ARRIVAL_SLACK]
+    assert enqueued(queue) == ["late"] and state.cursors[("a@x.com", "inbox")].link == "fresh"
+
+
+async def test_sent_items_round_only_when_tracked() -> None:
+    graph, state, queue = FakeDeltaGraph(), FakeState(), FakeWorkQueue()
+    svc = DeltaService(graph, state, queue, StaticMailboxDirectory([mbx("a@x.com", track_sent_items=True)]),
+                       clock=lambda: NOW)
+    reports = await svc.sync_mailbox("a@x.com")
+    assert [r.folder for r in reports] == ["inbox", "sentitems"]
+
+
+async def test_timer_fans_out_one_sync_item_per_watched_mailbox() -> None:
+    queue = FakeWorkQueue()
+    directory = StaticMailboxDirectory([mbx("a@x.com"), mbx("b@x.com", inbound_method=InboundMethod.OUTLOOK),
+                                        MailboxConfig("sink@x.com", MailboxKind.FORWARD_SINK)])
+    svc = DeltaService(FakeDeltaGraph(), FakeState(), queue, directory, clock=lambda: NOW)
+    assert await svc.fan_out() == 2
+    items = [MailboxSyncItem.from_json(m) for m in queue.messages[MAILBOX_SYNC_QUEUE]]
+    assert sorted(i.mailbox for i in items) == ["a@x.com", "sink@x.com"] and {i.reason for i in items} == {"timer"}
+
+
+class FakeSubscriptions:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    async def recreate(self, mailbox: str, subscription_id: str = "") -> None:
+        self.calls.append(("recreate", mailbox, subscription_id))
+
+    async def reauthorize(self, mailbox: str, subscription_id: str) -> None:
+        self.calls.append(("reauthorize", mailbox, subscription_id))
+
+
+async def test_lifecycle_events_resubscribe_then_run_delta() -> None:
+    graph, subs = FakeDeltaGraph(), FakeSubscriptions()
+    svc = DeltaService(graph, FakeState(), FakeWorkQueue(), StaticMailboxDirectory([mbx("a@x.com")]),
+                       subscriptions=subs, clock=lambda: NOW)  # type: ignore[arg-type]
+    for reason in ("subscriptionRemoved", "reauthorizationRequired", "missed"):
+        reports = await svc.handle_sync_item(MailboxSyncItem("a@x.com", reason, "sub-1"))  # type: ignore[arg-type]
+        assert [r.folder for r in reports] == ["inbox"]
+    assert subs.calls == [("recreate", "a@x.com", "sub-1"), ("reauthorize", "a@x.com", "sub-1")]
+    assert len(graph.started) == 1  # the first round saved its delta link; later rounds continue from it
+
+
+async def test_backfill_enqueues_history_as_backfill_items() -> None:
+    graph, queue = FakeDeltaGraph(), FakeWorkQueue()
+    graph.listing["inbox"] = [msg(f"h{i}", NOW - timedelta(days=i)) for i in range(70)]
+    seen: list[int] = []
+    svc = DeltaService(graph, FakeState(), queue, StaticMailboxDirectory([mbx("a@x.com")]), clock=lambda: NOW)
+
+    report = await svc.backfill("a@x.com", NOW - timedelta(days=90), progress=seen.append)
+
+    assert report.enqueued == 70 and report.folders == ["inbox"] and seen == [64, 70]
+    assert {InboundItem.from_json(m).source for m in queue.messages[INBOUND_QUEUE]} == {"backfill"}
+
+
+async def test_backfill_refuses_mailboxes_the_router_does_not_read() -> None:
+    svc = DeltaService(FakeDeltaGraph(), FakeState(), FakeWorkQueue(),
+                       StaticMailboxDirectory([mbx("o@x.com", inbound_method=InboundMethod.OUTLOOK)]))
+    report = await svc.backfill("o@x.com", NOW)
+    assert report.enqueued == 0 and "does not read" in report.error
