@@ -155,12 +155,25 @@ class Settings:
         """The value (or default) of a registered setting; raises MissingSettingError if required and absent."""
         return _read(self._env, name)
 
-    def _int(self, name: str) -> int:
+    def integer(self, name: str, *, minimum: int | None = None) -> int:
+        """A registered integer setting; a clear ConfigError naming it when invalid."""
         value = self.raw(name)
         try:
-            return int(value)
+            number = int(value)
         except ValueError:
             raise ConfigError(f"App setting {name!r} must be an integer, got {value!r}") from None
+        if minimum is not None and number < minimum:
+            raise ConfigError(f"App setting {name!r} must be >= {minimum}, got {number}")
+        return number
+
+    def flag(self, name: str) -> bool:
+        """A registered true/false setting."""
+        value = self.raw(name).strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"App setting {name!r} must be true or false, got {value!r}")
 
     # storage
     @property
@@ -284,7 +297,7 @@ class Settings:
 
     @property
     def webhook_max_body_bytes(self) -> int:
-        return self._int("WEBHOOK_MAX_BODY_BYTES")
+        return self.integer("WEBHOOK_MAX_BODY_BYTES", minimum=1024)
 
     @property
     def log_level(self) -> str:

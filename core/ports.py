@@ -13,6 +13,7 @@ from .notifications import SubscriptionInfo
 
 if TYPE_CHECKING:
     from .domain.model import MailboxConfig, OrgEmailSettings
+    from .settings.rows import RouterSettings
 
 __all__ = ["MailboxDirectory", "SubscriptionDirectory", "WorkQueue"]
 
@@ -41,3 +42,7 @@ class MailboxDirectory(Protocol):
     async def list_mailboxes(self) -> Sequence[MailboxConfig]: ...
 
     async def get_org_settings(self) -> OrgEmailSettings: ...
+
+    async def get_router_settings(self) -> RouterSettings:
+        """Router-only admin knobs from the OrgSettings table (categories, outbound attempts, ...)."""
+        ...

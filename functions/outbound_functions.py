@@ -3,7 +3,7 @@ service from the container on first use, call it, log the result.
 
 Poison: a work item that keeps raising lands in ``outbound-mail-poison`` (host.json ``maxDequeueCount``). Nothing
 is lost by that: the email is still Pending Send (the scan enqueues it again after
-OUTBOUND_REQUEUE_AFTER_SECONDS) or Sending (the reaper returns it after OUTBOUND_SENDING_TIMEOUT_SECONDS).
+OUTBOUND_REQUEUE_AFTER_SECONDS) or Sending (the reaper returns it after OutboundReaperTimeoutSeconds).
 """
 
 from __future__ import annotations
@@ -38,18 +38,15 @@ def outbound_service() -> OutboundService:
     with _lock:
         service = _services.get(id(container))
         if service is None:
-            import os
-
             from core.adapters.outbound_state import TableMailboxOutboundStatus, TableOutboundLedger
             from core.services.outbound import OutboundService, OutboundSettings
             from core.services.outbound_crm import DataverseOutboundCrm
-            from core.settings.store import TableMailboxDirectory
 
-            settings = OutboundSettings.from_env(os.environ)
+            settings = OutboundSettings.from_settings(container.settings)
             service = OutboundService(
                 crm=DataverseOutboundCrm(container.dataverse, record_via_reopen=settings.record_via_reopen),
                 ledger=TableOutboundLedger(container.storage),
-                directory=TableMailboxDirectory.from_account(container.storage),
+                directory=container.mailbox_directory,
                 mail=container.graph,
                 queue=container.work_queue,
                 status=TableMailboxOutboundStatus(container.storage),

@@ -32,11 +32,13 @@ class FakeSubscriptionDirectory:
 class StaticMailboxDirectory:
     """In-memory ``core.ports.MailboxDirectory``."""
 
-    def __init__(self, mailboxes=(), org=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, mailboxes=(), org=None, router=None) -> None:  # type: ignore[no-untyped-def]
         from core.domain.model import OrgEmailSettings
+        from core.settings.rows import RouterSettings
 
         self.mailboxes = {m.address.lower(): m for m in mailboxes}
         self.org = org or OrgEmailSettings()
+        self.router = router or RouterSettings()
 
     async def get_mailbox(self, address: str):  # type: ignore[no-untyped-def]
         return self.mailboxes.get(address.lower())
@@ -46,3 +48,6 @@ class StaticMailboxDirectory:
 
     async def get_org_settings(self):  # type: ignore[no-untyped-def]
         return self.org
+
+    async def get_router_settings(self):  # type: ignore[no-untyped-def]
+        return self.router

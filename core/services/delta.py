@@ -277,7 +277,7 @@ def delta_service_for(container: Container) -> DeltaService:
         log.warning("subscriptions unavailable for lifecycle handling: %s", exc.__class__.__name__)
         subscriptions = None
     return DeltaService(container.graph, InboundState.for_container(container).delta, container.work_queue,
-                        container.mailbox_directory,  # type: ignore[attr-defined]  # settings issue
+                        container.mailbox_directory,
                         subscriptions=subscriptions)
 
 

@@ -154,8 +154,6 @@ class MailGateway(Protocol):
 
 @dataclass(frozen=True)
 class InboundOptions:
-    tracked_category: str = ""  # "" = do not tag tracked messages (saves one Graph call per tracked email)
-    undeliverable_category: str = "Undeliverable"  # "" = never tag failures
     max_attempts: int = 20  # transient failures of one message before it counts as permanent
     min_retry_delay: int = 5  # seconds
     max_retry_delay: int = 900  # seconds: Retry-After values beyond this are capped
@@ -400,7 +398,8 @@ class InboundProcessor:
             except GraphError as exc:
                 log.warning("forward wrapper not deleted (%s); it stays in the sink", describe_error(exc))
             return
-        category = self.options.tracked_category
+        # Admin knob in the OrgSettings table (TrackedCategory); "" = don't tag (saves a Graph call per email).
+        category = (await self.mailboxes.get_router_settings()).tracked_category
         if not category or category in message.categories:
             return
         try:
@@ -453,7 +452,7 @@ class InboundProcessor:
                          tag: tuple[str, list[str]] | None = None) -> ProcessResult:
         log.warning("inbound message failed permanently in %s: %s (%s)", item.mailbox, code, reason)
         result = await self._terminal(item, LedgerOutcome.FAILED, code, reason, record_status=True, message=message)
-        category = self.options.undeliverable_category
+        category = (await self.mailboxes.get_router_settings()).undeliverable_category
         if tag is not None and category and category not in tag[1]:
             try:
                 await self.mail.set_categories(item.mailbox, item.message_id, [*tag[1], category])
@@ -482,20 +481,11 @@ class InboundProcessor:
 # ------------------------------------------------------------------------------------------------ wiring
 
 
-def _setting(container: Container, name: str, default: str) -> str:
-    """A setting the lead registers in core.config (listed in docs/inbound.md); its default until then."""
-    try:
-        return container.settings.raw(name) or default
-    except KeyError:
-        return default
-
-
 def options_from_settings(container: Container) -> InboundOptions:
+    s = container.settings
     return InboundOptions(
-        tracked_category=_setting(container, "INBOUND_TRACKED_CATEGORY", ""),
-        undeliverable_category=_setting(container, "INBOUND_UNDELIVERABLE_CATEGORY", "Undeliverable"),
-        max_attempts=int(_setting(container, "INBOUND_MAX_ATTEMPTS", "20")),
-        max_retry_delay=int(_setting(container, "INBOUND_MAX_RETRY_DELAY_SECONDS", "900")),
+        max_attempts=s.integer("INBOUND_MAX_ATTEMPTS", minimum=1),
+        max_retry_delay=s.integer("INBOUND_MAX_RETRY_DELAY_SECONDS", minimum=5),
     )
 
 
@@ -514,9 +504,9 @@ def processor_for(container: Container) -> InboundProcessor:
             mail=container.graph,
             crm=DataverseInboundCrm(
                 container.dataverse,
-                party_ttl=float(_setting(container, "CRM_PARTY_CACHE_SECONDS", "120")),
+                party_ttl=float(container.settings.integer("CRM_PARTY_CACHE_SECONDS", minimum=0)),
             ),
-            mailboxes=container.mailbox_directory,  # type: ignore[attr-defined]  # added by the settings issue
+            mailboxes=container.mailbox_directory,
             ledger=state.ledger, decisions=state.decisions, status=state.status, poison=state.poison,
             queue=container.work_queue, options=options_from_settings(container),
         )

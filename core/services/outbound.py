@@ -29,17 +29,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 # The Graph adapter module is light (msgraph is imported only when a client is built); its error types are the
 # vocabulary of the MailSender port.
 from core.adapters.graph import GraphError
+from core.config import Settings
 from core.domain.model import ApprovalStatus, MailboxConfig, MailboxKind, OrgEmailSettings, OutboundMethod
 from core.domain.outbound import (
     GRAPH_INLINE_LIMIT,
@@ -72,6 +72,9 @@ from core.services.outbound_crm import (
 )
 from core.work_items import InvalidWorkItem, OutboundItem
 
+if TYPE_CHECKING:
+    from core.settings.rows import RouterSettings
+
 __all__ = [
     "ActiveMarker",
     "LedgerConflict",
@@ -100,19 +103,6 @@ def _utcnow() -> datetime:
 # ------------------------------------------------------------------------------------------------ settings
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
-    raw = env.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"App setting {name!r} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ValueError(f"App setting {name!r} must be >= {minimum}, got {value}")
-    return value
-
-
 @dataclass(frozen=True)
 class OutboundSettings:
     """Outbound knobs (app settings ``OUTBOUND_*``, all optional; docs/outbound.md lists them)."""
@@ -132,26 +122,37 @@ class OutboundSettings:
 
     def __post_init__(self) -> None:
         if self.lease >= self.sending_timeout:
-            raise ValueError("OUTBOUND_LEASE_SECONDS must be shorter than OUTBOUND_SENDING_TIMEOUT_SECONDS")
+            raise ValueError("OUTBOUND_LEASE_SECONDS must be shorter than the reaper timeout "
+                             "(OutboundReaperTimeoutSeconds)")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> OutboundSettings:
-        e = os.environ if env is None else env
-        secs = lambda name, default: timedelta(seconds=_env_int(e, name, default, 1))  # noqa: E731
-        flag = lambda name, default: (e.get(name) or str(default)).strip().lower() in ("1", "true", "yes", "on")  # noqa: E731
+    def from_settings(cls, settings: Settings) -> OutboundSettings:
+        """Engineering knobs from app settings (core.config). The admin-facing ones (attempts, reaper timeout,
+        Sent Items) come from the OrgSettings table at run time: see :meth:`with_router`."""
+        secs = lambda name: timedelta(seconds=settings.integer(name, minimum=1))  # noqa: E731
         return cls(
-            max_attempts=_env_int(e, "OUTBOUND_MAX_ATTEMPTS", 10, 1),
-            per_sender_cap=_env_int(e, "OUTBOUND_PER_SENDER_CAP", 20, 1),
-            scan_max_rows=_env_int(e, "OUTBOUND_SCAN_MAX_ROWS", 50_000, 1),
-            sending_timeout=secs("OUTBOUND_SENDING_TIMEOUT_SECONDS", 900),
-            lease=secs("OUTBOUND_LEASE_SECONDS", 300),
-            requeue_after=secs("OUTBOUND_REQUEUE_AFTER_SECONDS", 300),
-            retry_base=secs("OUTBOUND_RETRY_BASE_SECONDS", 30),
-            retry_max=secs("OUTBOUND_RETRY_MAX_SECONDS", 3600),
-            send_settle=secs("OUTBOUND_SEND_SETTLE_SECONDS", 60),
-            save_to_sent_items=flag("OUTBOUND_SAVE_TO_SENT_ITEMS", True),
-            record_via_reopen=flag("OUTBOUND_RECORD_VIA_REOPEN", True),
+            per_sender_cap=settings.integer("OUTBOUND_PER_SENDER_CAP", minimum=1),
+            scan_max_rows=settings.integer("OUTBOUND_SCAN_MAX_ROWS", minimum=1),
+            lease=secs("OUTBOUND_LEASE_SECONDS"),
+            requeue_after=secs("OUTBOUND_REQUEUE_AFTER_SECONDS"),
+            retry_base=secs("OUTBOUND_RETRY_BASE_SECONDS"),
+            retry_max=secs("OUTBOUND_RETRY_MAX_SECONDS"),
+            send_settle=secs("OUTBOUND_SEND_SETTLE_SECONDS"),
+            record_via_reopen=settings.flag("OUTBOUND_RECORD_VIA_REOPEN"),
         )
+
+    def with_router(self, router: RouterSettings) -> OutboundSettings:
+        """These settings with the admin's OrgSettings-table values (OutboundMaxAttempts,
+        OutboundReaperTimeoutSeconds, SaveToSentItems) in force. A reaper timeout not longer than the lease
+        would let the reaper steal live sends, so such a value is refused (logged) and the current one kept."""
+        timeout = timedelta(seconds=router.outbound_reaper_timeout_seconds)
+        if timeout <= self.lease:
+            log.warning("OutboundReaperTimeoutSeconds (%ss) must exceed the lease (%ss); keeping %ss",
+                        router.outbound_reaper_timeout_seconds, int(self.lease.total_seconds()),
+                        int(self.sending_timeout.total_seconds()))
+            timeout = self.sending_timeout
+        return replace(self, max_attempts=router.outbound_max_attempts, sending_timeout=timeout,
+                       save_to_sent_items=router.save_to_sent_items)
 
 
 # ------------------------------------------------------------------------------------------------ ports
@@ -323,7 +324,8 @@ class OutboundService:
         self._mail = mail
         self._queue = queue
         self._status = status
-        self.settings = settings or OutboundSettings()
+        self._base_settings = settings or OutboundSettings()
+        self.settings = self._base_settings  # refreshed with the admin's table values at each entry point
         self._clock = clock
         self._worker = worker_id or uuid.uuid4().hex
 
@@ -376,8 +378,12 @@ class OutboundService:
 
     # -- scan ------------------------------------------------------------------------------------------
 
+    async def _refresh_settings(self) -> None:
+        self.settings = self._base_settings.with_router(await self._directory.get_router_settings())
+
     async def scan(self) -> ScanResult:
         """Enqueue Pending Send emails of router senders, fairly across senders (issue 6 "Scan")."""
+        await self._refresh_settings()
         now = self._now()
         result = ScanResult(scan_id=uuid.uuid4().hex)
         by_owner, by_mailbox = await self._router_senders()
@@ -433,6 +439,7 @@ class OutboundService:
         return await self.process(OutboundItem.from_json(raw))
 
     async def process(self, item: OutboundItem) -> SendResult:
+        await self._refresh_settings()
         try:
             email_id = uuid.UUID(item.email_id)
         except ValueError:
@@ -633,7 +640,7 @@ class OutboundService:
         return SendResult(SendOutcome.FINISHED if recovered else SendOutcome.SENT)
 
     async def _drop_sent_copy(self, mailbox: str, internet_message_id: str) -> None:
-        """OUTBOUND_SAVE_TO_SENT_ITEMS=false: a draft send always saves to Sent Items (graph.md §7.2), so the
+        """SaveToSentItems=false (org settings table): a draft send always saves to Sent Items (graph.md §7.2), so the
         copy is deleted once CRM is marked Sent (not before: recovery relies on it). Best effort."""
         try:
             for message in await self._mail.find_messages_by_internet_id(mailbox, internet_message_id,
@@ -667,7 +674,7 @@ class OutboundService:
         try:
             await self._crm.set_status(email_id, OutboundStatus.PENDING_SEND, etag=None)
         except OutboundCrmError as exc:
-            # Left in Sending: the reaper returns it after OUTBOUND_SENDING_TIMEOUT_SECONDS.
+            # Left in Sending: the reaper returns it after OutboundReaperTimeoutSeconds.
             log.warning("outbound %s: could not return to Pending Send (%s)", email_id, exc.reason)
 
     async def _permanent(self, attempt: _Attempt, reason: str, code: str) -> SendResult:
@@ -708,9 +715,10 @@ class OutboundService:
     # -- reaper ----------------------------------------------------------------------------------------
 
     async def reap(self) -> ReapResult:
-        """Emails stuck in Sending past OUTBOUND_SENDING_TIMEOUT_SECONDS go back to Pending Send (or Failed when
+        """Emails stuck in Sending past OutboundReaperTimeoutSeconds go back to Pending Send (or Failed when
         their attempts are used up) unless the ledger proves they were sent: those are finished as Sent.
         Then the ledger sweep finishes sent-but-unmarked emails CRM no longer shows as Sending."""
+        await self._refresh_settings()
         result = ReapResult()
         now = self._now()
         s = self.settings

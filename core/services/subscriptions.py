@@ -444,13 +444,6 @@ def _with_expiry(record: SubscriptionRecord, expires: datetime) -> SubscriptionR
 # ------------------------------------------------------------------------------------------------ wiring
 
 
-def _setting(container: Container, name: str, default: str) -> str:
-    try:
-        return container.settings.raw(name) or default
-    except KeyError:  # not registered yet in core.config (listed in docs/inbound.md)
-        return default
-
-
 def service_for(container: Container) -> SubscriptionService:
     from core.adapters.inbound_state import InboundState
 
@@ -462,8 +455,8 @@ def service_for(container: Container) -> SubscriptionService:
         notification_url=f"{base}/graph/notifications{suffix}",
         lifecycle_url=f"{base}/graph/lifecycle{suffix}",
         tenant_id=s.graph_tenant_id,
-        lifetime=timedelta(minutes=int(_setting(container, "SUBSCRIPTION_LIFETIME_MINUTES", "4200"))),
-        renew_before=timedelta(minutes=int(_setting(container, "SUBSCRIPTION_RENEW_BEFORE_MINUTES", "1440"))),
+        lifetime=timedelta(minutes=s.integer("SUBSCRIPTION_LIFETIME_MINUTES", minimum=45)),
+        renew_before=timedelta(minutes=s.integer("SUBSCRIPTION_RENEW_BEFORE_MINUTES", minimum=1)),
     )
     state = InboundState.for_container(container)
 
@@ -474,5 +467,5 @@ def service_for(container: Container) -> SubscriptionService:
             await state.delta.put(DeltaCursor(mailbox, folder, None, None, at))
 
     return SubscriptionService(container.graph, container.subscription_directory,
-                               container.mailbox_directory,  # type: ignore[attr-defined]  # settings issue
+                               container.mailbox_directory,
                                options, status=state.status, on_created=start_delta)

@@ -424,12 +424,13 @@ def parse_override_changes(changes: Mapping[str, object | None]) -> dict[str, An
 class RouterSettings:
     """Router-only knobs (org settings table). Who honours each one is in docs/admin-guide.md."""
 
-    tracked_category: str = "Tracked to Dynamics 365"
+    # Off by default: tagging costs one Graph call per tracked email (target <= 1.2 Graph calls per email);
+    # set it to e.g. "Tracked to Dynamics 365" to show users what was tracked, as SSS does.
+    tracked_category: str = ""
     undeliverable_category: str = "Undeliverable"
     save_to_sent_items: bool = True
     outbound_max_attempts: int = 5
     outbound_reaper_timeout_seconds: int = 900
-    outbound_scan_interval_seconds: int = 15
     crm_sync_interval_minutes: int = 15
     delete_after_processing_for_sinks: bool = False
     default_forward_sink: str = ""
@@ -583,8 +584,6 @@ ORG_KEYS: Final[tuple[OrgKey, ...]] = (
            "send attempts before an email is marked Failed"),
     OrgKey("OutboundReaperTimeoutSeconds", "router", "outbound_reaper_timeout_seconds", _parse_int(60, 86400),
            "a claimed send older than this is retried"),
-    OrgKey("OutboundScanIntervalSeconds", "router", "outbound_scan_interval_seconds", _parse_int(5, 3600),
-           "minimum gap between Pending Send scans"),
     OrgKey("CrmSyncIntervalMinutes", "router", "crm_sync_interval_minutes", _parse_int(1, 1440),
            "minimum gap between timer-driven CRM syncs"),
     OrgKey("DeleteAfterProcessingForSinks", "router", "delete_after_processing_for_sinks", parse_bool,

@@ -89,7 +89,8 @@ def test_settings_get_and_set(cli: Any) -> None:
     code, one, _ = cli("settings", "get", "MaxAttachmentBytes")
     assert code == 0 and one["effective"] == "1024" and one["source"] == "value"
     code, every, _ = cli("settings", "get")
-    assert code == 0 and every["settings"]["TrackedCategory"]["effective"] == "Tracked to Dynamics 365"
+    assert code == 0 and every["settings"]["UndeliverableCategory"]["effective"] == "Undeliverable"
+    assert every["settings"]["TrackedCategory"]["effective"] == ""  # off by default: one Graph call per email
     code, _, err = cli("settings", "set", "MaxAttachmentBytes", "lots")
     assert code == 1 and "not an integer" in err
     code, _, err = cli("settings", "set", "Colour", "red")

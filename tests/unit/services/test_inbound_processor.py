@@ -41,6 +41,7 @@ from core.services.inbound import (
     folder_kind_of,
 )
 from core.services.inbound_crm import AttachmentRejected, CrmLookup, WriteOutcome
+from core.settings.rows import RouterSettings
 from core.work_items import InboundItem
 from tests.fakes import StaticMailboxDirectory
 
@@ -218,10 +219,11 @@ class World:
         SINK])
     org: OrgEmailSettings = field(default_factory=lambda: OrgEmailSettings(internal_domains=frozenset({"contoso.com"})))
     options: InboundOptions = field(default_factory=InboundOptions)
+    router: RouterSettings = field(default_factory=RouterSettings)
 
     def processor(self) -> InboundProcessor:
         return InboundProcessor(
-            mail=self.mail, crm=self.crm, mailboxes=StaticMailboxDirectory(self.mailboxes, self.org),
+            mail=self.mail, crm=self.crm, mailboxes=StaticMailboxDirectory(self.mailboxes, self.org, self.router),
             ledger=self.ledger, decisions=self.decisions, status=self.status, poison=self.poison,
             queue=self.queue, options=self.options, clock=lambda: NOW)
 
@@ -475,14 +477,14 @@ async def test_attachment_refused_by_crm_is_left_out_with_a_note() -> None:
 
 
 async def test_tracked_category_is_added_when_configured() -> None:
-    w = World(options=InboundOptions(tracked_category="Tracked to Dynamics 365"))
+    w = World(router=RouterSettings(tracked_category="Tracked to Dynamics 365"))
     w.mail.messages[("alice@contoso.com", "g1")] = graph_message("g1", categories=["Red"])
     await w.processor().process(item("alice@contoso.com", "g1"))
     assert w.mail.categories[("alice@contoso.com", "g1")] == ["Red", "Tracked to Dynamics 365"]
 
 
 async def test_category_failure_does_not_fail_a_written_email() -> None:
-    w = World(options=InboundOptions(tracked_category="Tracked to Dynamics 365"))
+    w = World(router=RouterSettings(tracked_category="Tracked to Dynamics 365"))
     w.mail.messages[("alice@contoso.com", "g1")] = graph_message("g1")
     w.mail.fail["set_categories"].append(GraphAccessDenied(403, "ErrorAccessDenied", "no"))
     result = await w.processor().process(item("alice@contoso.com", "g1"))

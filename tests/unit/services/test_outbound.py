@@ -6,17 +6,20 @@ import asyncio
 import json
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from core.adapters.graph import GraphAccessDenied, GraphError, GraphThrottled, GraphTransient
+from core.config import ConfigError, Settings
 from core.domain.model import ApprovalStatus, MailboxConfig, OrgEmailSettings, OutboundMethod
 from core.domain.outbound import OutboundAttachment, OutboundParty, OutboundStatus
 from core.domain.parties import ParticipationType
 from core.names import OUTBOUND_QUEUE
 from core.services.outbound import OutboundService, OutboundSettings, Phase, SendOutcome
 from core.services.outbound_crm import ClaimLost, CrmUnavailable
+from core.settings.rows import RouterSettings
 from core.work_items import InvalidWorkItem, OutboundItem
 from tests.fakes import StaticMailboxDirectory
 from tests.unit.services.test_outbound_fakes import (
@@ -47,9 +50,15 @@ class Harness:
     settings: OutboundSettings = field(default_factory=OutboundSettings)
 
     def service(self, worker: str = "w1") -> OutboundService:
-        return OutboundService(crm=self.crm, ledger=self.ledger, directory=StaticMailboxDirectory(self.mailboxes,
-                               self.org), mail=self.mail, queue=self.queue, status=self.status,
-                               settings=self.settings, clock=self.clock, worker_id=worker)
+        # The admin-facing knobs reach the service through the OrgSettings table (RouterSettings): mirror the
+        # harness's settings there so each test's intent holds.
+        router = RouterSettings(outbound_max_attempts=self.settings.max_attempts,
+                                outbound_reaper_timeout_seconds=int(self.settings.sending_timeout.total_seconds()),
+                                save_to_sent_items=self.settings.save_to_sent_items)
+        directory = StaticMailboxDirectory(self.mailboxes, self.org, router)
+        return OutboundService(crm=self.crm, ledger=self.ledger, directory=directory, mail=self.mail,
+                               queue=self.queue, status=self.status, settings=self.settings, clock=self.clock,
+                               worker_id=worker)
 
     def add(self, sender: int = 1, **kwargs: Any) -> FakeEmail:
         return self.crm.add(outbound_email(sender, **kwargs), user_ref(sender))
@@ -388,11 +397,21 @@ async def test_a_slow_worker_that_lost_its_lease_stops_before_sending() -> None:
     assert len(h.mail.outbox) == 1 and row.status is OutboundStatus.SENT
 
 
-def test_settings_from_env_validate_and_default() -> None:
-    s = OutboundSettings.from_env({"OUTBOUND_MAX_ATTEMPTS": "4", "OUTBOUND_SAVE_TO_SENT_ITEMS": "false"})
-    assert s.max_attempts == 4 and s.save_to_sent_items is False and s.per_sender_cap == 20
-    with pytest.raises(ValueError, match="OUTBOUND_MAX_ATTEMPTS"):
-        OutboundSettings.from_env({"OUTBOUND_MAX_ATTEMPTS": "zero"})
+def test_settings_from_app_settings_validate_and_default() -> None:
+    s = OutboundSettings.from_settings(Settings(env={"OUTBOUND_PER_SENDER_CAP": "4",
+                                                     "OUTBOUND_RECORD_VIA_REOPEN": "false"}))
+    assert s.per_sender_cap == 4 and s.record_via_reopen is False and s.scan_max_rows == 50_000
+    with pytest.raises(ConfigError, match="OUTBOUND_PER_SENDER_CAP"):
+        OutboundSettings.from_settings(Settings(env={"OUTBOUND_PER_SENDER_CAP": "zero"}))
     with pytest.raises(ValueError, match="shorter"):
-        OutboundSettings.from_env({"OUTBOUND_LEASE_SECONDS": "900", "OUTBOUND_SENDING_TIMEOUT_SECONDS": "600"})
+        OutboundSettings.from_settings(Settings(env={"OUTBOUND_LEASE_SECONDS": "1800"}))
+
+
+def test_admin_table_values_win_and_a_reaper_timeout_below_the_lease_is_refused() -> None:
+    base = OutboundSettings()
+    s = base.with_router(RouterSettings(outbound_max_attempts=3, outbound_reaper_timeout_seconds=1200,
+                                        save_to_sent_items=False))
+    assert (s.max_attempts, s.sending_timeout, s.save_to_sent_items) == (3, timedelta(seconds=1200), False)
+    kept = base.with_router(RouterSettings(outbound_reaper_timeout_seconds=60))
+    assert kept.sending_timeout == base.sending_timeout
 
