@@ -427,7 +427,7 @@ async def test_dropped_notification_is_recovered_by_delta(pipeline: Pipeline) ->
     await p.emu("graph", "POST", "notification-faults", {"action": "drop", "probability": 1.0, "count": 1})
     mid = p.smtp("fiona@fabrikam.example", [f"alice@{DOMAIN}"], "Lost notification")
     # The emulator follows a dropped notification with a `missed` lifecycle event -> mailbox sync -> delta.
-    await p.drain(has_row(p, mid), within=60)
+    await p.drain(has_row(p, mid), within=180)
     assert len(await rows_for(p, mid)) == 1
 
 
