@@ -1,0 +1,515 @@
+"""Hostile messages through normalisation, forward unwrapping and planning (issue 10 "Fuzzing and hostile input").
+
+Generated and hand-made Graph JSON and raw MIME (deep nesting, bad charsets, broken base64, 10,000 recipients,
+1 MB subjects, message/rfc822 chains and loops, huge header blocks, null bytes). Properties: the result is a
+message within every NormalizeLimits cap (or InvalidMessage / MimeRejected with a non-empty reason), the pure
+path after it (unwrap, plan, sanitise) never raises, and nothing else escapes. Bounds are asserted as caps and
+truncation notes, never as time.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core.domain.model import FolderKind, MailMessage
+from core.domain.normalize import LIMITS, normalize_graph_message, normalize_mime_message
+from emulators.graph.mime import MimeRejected, parse_message
+
+from .message_support import assert_bounded, assert_pure_path, normalised_or_reason
+
+MAILBOX = "alice@contoso.example"
+
+
+def fuzz_settings(n: int) -> settings:
+    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.large_base_example])
+
+
+def graph(data: Any, folder: FolderKind = FolderKind.INBOX) -> MailMessage | None:
+    return normalised_or_reason(lambda: normalize_graph_message(MAILBOX, data, folder))
+
+
+def mime(data: bytes) -> MailMessage | None:
+    return normalised_or_reason(lambda: normalize_mime_message(MAILBOX, data))
+
+
+def emulator_parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        return parse_message(raw)
+    except MimeRejected as exc:
+        assert isinstance(exc.reason, str) and exc.reason.strip()
+        return None
+
+
+def check_all_paths_for_mime(raw: bytes) -> None:
+    """Raw MIME the two ways the product meets it: our normaliser directly (a message/rfc822 attachment's
+    $value) and the Graph shape the emulator's SMTP listener makes of it."""
+    direct = mime(raw)
+    if direct is not None:
+        assert_bounded(direct)
+        assert_pure_path(direct)
+    shaped = emulator_parse(raw)
+    if shaped is not None:
+        via_graph = graph({**shaped, "id": "AAMk-fuzz"})
+        assert via_graph is not None  # an id is present: the normaliser must accept any Graph-shaped dict
+        assert_bounded(via_graph)
+        assert_pure_path(via_graph)
+
+
+# ------------------------------------------------------------------------------------------ strategies
+
+# KNOWN BUG (see test_lone_surrogates_in_graph_json_do_not_crash_planning below): a lone surrogate in a Graph
+# message id, attachment name or HTML body makes plan_inbound raise UnicodeEncodeError. Until that is fixed the
+# generators leave lone surrogates out (they would hide every other finding); flip this when the xfail passes.
+SURROGATES_IN_MESSAGES = False
+lone_surrogates = (st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3) if SURROGATES_IN_MESSAGES
+                   else st.just("\ufffd"))
+unicode_text = st.text(st.characters() if SURROGATES_IN_MESSAGES else st.characters(exclude_categories=["Cs"]),
+                       max_size=30)
+huge_strings = st.builds(lambda ch, n: ch * n, st.sampled_from(["x", "é", "\x00", "\r\n", "\u2028", "<", "@"]),
+                         st.integers(300, 20_000))
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | unicode_text | lone_surrogates
+weird = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c,
+                                                                                  max_size=3), max_leaves=6)
+addresses = (st.sampled_from(["carol@fabrikam.example", "dave@contoso.example", "alice@contoso.example",
+                              "DAVE@CONTOSO.EXAMPLE", "a@b", "no-at-sign", "x@y@z", "<a@b.c>", "a b@c.d", "@x",
+                              "a@", "a@b.c\r\nBcc: evil@x.example", "a\x00@b.c", "\u0430@b.c"])
+             | st.emails() | unicode_text | huge_strings)
+hostile_html = st.sampled_from([
+    "<p>Hello <b>there</b></p>", "<script>alert(1)</script><p>x</p>", '<img src=x onerror="alert(1)">',
+    '<a href="javascript:alert(1)">x</a>', '<a href=" jav&#x09;ascript:alert(1)">x</a>',
+    '<iframe src="https://evil.example"></iframe>', "<svg onload=alert(1)>", '<form action="https://e.x"><input>',
+    '<meta http-equiv="refresh" content="0;url=https://evil.example">', "<style>body{display:none}</style>",
+    '<div style="background:url(javascript:alert(1))">x</div>', "<<script>script>alert(1)<</script>/script>",
+    "<!--<script>alert(1)</script>-->", '<a href="data:text/html;base64,PHNjcmlwdD4=">x</a>',
+    '<img src="cid:image001.png@01D9">', "<table><tr><td>1</td></tr></table>", "<ul><li>a</li></ul>",
+]) | unicode_text
+
+
+@st.composite
+def recipient_entries(draw: Callable[[Any], Any]) -> Any:
+    if draw(st.integers(0, 9)) == 0:
+        return draw(weird)
+    inner: dict[str, Any] = {"address": draw(addresses)}
+    if draw(st.booleans()):
+        inner["name"] = draw(unicode_text | huge_strings | lone_surrogates | st.integers())
+    return {"emailAddress": inner if draw(st.integers(0, 9)) else draw(weird)}
+
+
+def recipient_lists() -> st.SearchStrategy[Any]:
+    many = st.builds(lambda entry, n: [entry] * n, recipient_entries(), st.sampled_from([499, 500, 501, 2000]))
+    return st.lists(recipient_entries(), max_size=6) | many | weird
+
+
+b64 = st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode())
+broken_b64 = st.sampled_from(["!!!!", "QUJD", "QUJ", "QQ==QQ==", "Q Q==", "\x00", "====", "é"]) | unicode_text
+
+
+@st.composite
+def graph_messages(draw: Callable[[Any], Any], depth: int = 0) -> dict[str, Any]:
+    def maybe(value_strategy: st.SearchStrategy[Any]) -> Any:
+        return draw(value_strategy if draw(st.integers(0, 5)) else weird)
+
+    data: dict[str, Any] = {}
+    if depth == 0 or draw(st.booleans()):
+        data["id"] = draw(st.sampled_from(["AAMk-1", "AAMkAD=", " ", "", "i" * 5000]) | weird)
+    fields: dict[str, Callable[[], Any]] = {
+        "subject": lambda: maybe(unicode_text | huge_strings | lone_surrogates),
+        "from": lambda: draw(recipient_entries()),
+        "sender": lambda: draw(recipient_entries()),
+        "toRecipients": lambda: draw(recipient_lists()),
+        "ccRecipients": lambda: draw(recipient_lists()),
+        "bccRecipients": lambda: draw(recipient_lists()),
+        "replyTo": lambda: draw(recipient_lists()),
+        "internetMessageId": lambda: maybe(st.sampled_from(["<m1@fabrikam.example>", "m1@x", "<>", "<a b>"])
+                                           | huge_strings),
+        "internetMessageHeaders": lambda: maybe(st.lists(st.fixed_dictionaries({
+            "name": st.sampled_from(["X-MS-Exchange-Organization-AuthAs", "Authentication-Results", "References",
+                                     "In-Reply-To", "Auto-Submitted", "Precedence", "x-emailrouter-activityid",
+                                     "Received", "n" * 201, ""]) | unicode_text,
+            "value": st.sampled_from(["Internal", "Anonymous", "spf=fail", "dmarc=pass", "auto-replied",
+                                      "<a@b> <c@d>", "<" + "r@x> <" * 200 + "r@x>"]) | unicode_text | huge_strings,
+        }), max_size=8)),
+        "body": lambda: maybe(st.fixed_dictionaries({"contentType": st.sampled_from(["html", "text", "HTML", "x"]),
+                                                     "content": hostile_html | huge_strings})),
+        "sentDateTime": lambda: maybe(st.sampled_from(["2026-03-02T12:00:00Z", "2026-03-02T12:00:00.1234567Z",
+                                                       "2026-13-45T99:99:99Z", "yesterday", "9" * 100])),
+        "receivedDateTime": lambda: maybe(st.sampled_from(["2026-03-02T12:00:01Z", "2026-03-02", "", "T"])),
+        "conversationIndex": lambda: maybe(b64 | broken_b64 | st.builds(lambda n: "A" * n, st.integers(6000, 9000))),
+        "categories": lambda: maybe(st.lists(unicode_text, max_size=60)),
+        "importance": lambda: maybe(st.sampled_from(["low", "HIGH", "urgent", ""])),
+        "isDraft": lambda: draw(st.booleans() | weird),
+        "singleValueExtendedProperties": lambda: maybe(st.lists(st.fixed_dictionaries({
+            "id": st.sampled_from(["String 0x1042", "String 0x1039", "string 0X1042"]) | unicode_text,
+            "value": unicode_text | huge_strings}), max_size=3)),
+        "attachments": lambda: draw(attachment_lists(depth)),
+    }
+    for name in draw(st.lists(st.sampled_from(sorted(fields)), unique=True, max_size=len(fields))):
+        data[name] = fields[name]()
+    return data
+
+
+@st.composite
+def mime_bytes(draw: Callable[[Any], Any], depth: int = 0) -> bytes:
+    """A MIME entity built line by line, with deliberately broken parts."""
+    charset = draw(st.sampled_from(["utf-8", "iso-8859-1", "bogus-charset", "utf-7", "utf-16", "", "x-unknown",
+                                    "cp1252 "]))  # NUL in a charset: see test_nul_in_charset_* (known bug)
+    encoded_word = st.builds(lambda cs, enc, payload: f"=?{cs}?{enc}?{payload}?=", st.just(charset),
+                             st.sampled_from(["B", "Q", "X"]), st.sampled_from(["SGVsbG8=", "!!!", "=0D=0ABcc:_x",
+                                                                                "w6k", ""]))
+    header_value = unicode_text.map(lambda t: t.encode("utf-8", "surrogateescape").decode("ascii", "replace")) \
+        | encoded_word | st.sampled_from(["", "\x00", "a" * 2000, "<a@b> <c@d>"])
+    lines: list[str] = []
+    for name in draw(st.lists(st.sampled_from(["From", "To", "Cc", "Subject", "Message-ID", "Date", "References",
+                                                "In-Reply-To", "Sender", "Reply-To", "Importance", "X-Junk",
+                                                "X-MS-Exchange-Organization-AuthAs"]), max_size=8)):
+        lines.append(f"{name}: {draw(header_value)}")
+    kind = draw(st.sampled_from(["text", "html", "file", "multipart", "rfc822"] if depth < 4
+                                else ["text", "html", "file"]))
+    cte = draw(st.sampled_from(["7bit", "8bit", "base64", "quoted-printable", "x-uuencode", "bogus", ""]))
+    boundary = f"b{depth}"
+    if kind in ("text", "html"):
+        lines.append(f'Content-Type: text/{"plain" if kind == "text" else "html"}; charset="{charset}"')
+    elif kind == "file":
+        lines.append('Content-Type: application/octet-stream; name="a\x00b.bin"')
+        lines.append('Content-Disposition: attachment; filename="=?bogus?B?!!?="')
+    elif kind == "multipart":
+        lines.append(f'Content-Type: multipart/{draw(st.sampled_from(["mixed", "alternative", "related"]))}; '
+                     f'boundary="{boundary}"')
+    else:
+        lines.append("Content-Type: message/rfc822")
+    if cte and kind != "multipart":
+        lines.append(f"Content-Transfer-Encoding: {cte}")
+    head = "\r\n".join(lines).encode("utf-8", "surrogateescape")
+    if kind == "multipart":
+        children = draw(st.lists(mime_bytes(depth + 1), min_size=0, max_size=3))
+        body = b"".join(b"--" + boundary.encode() + b"\r\n" + c + b"\r\n" for c in children)
+        body += draw(st.sampled_from([b"--" + boundary.encode() + b"--\r\n", b""]))  # maybe never closed
+    elif kind == "rfc822":
+        body = draw(mime_bytes(depth + 1))
+    else:
+        body = draw(st.binary(max_size=300) | st.sampled_from([b"!!!!not base64", b"PGI+aGk8L2I+", b"=\r\n=ZZ",
+                                                                b"<script>alert(1)</script>"]))
+    if kind in ("text", "html", "file") and draw(st.integers(0, 9)) == 0:
+        # NULs in leaf content only: a NUL inside a nested entity's charset parameter is the known emulator bug
+        # pinned by test_nul_in_charset_is_rejected_or_parsed_by_the_emulator.
+        body = body.replace(b"\r\n", b"\x00\r\n")
+    return head + b"\r\n\r\n" + body
+
+
+@st.composite
+def attachment_lists(draw: Callable[[Any], Any], depth: int) -> Any:
+    if draw(st.integers(0, 9)) == 0:
+        return draw(weird)
+    items: list[Any] = []
+    for _ in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["file", "item", "eml", "reference", "weird"] if depth < 5
+                                    else ["file", "reference", "weird"]))
+        if kind == "file":
+            items.append({"@odata.type": "#microsoft.graph.fileAttachment", "name": draw(unicode_text),
+                          "contentType": draw(st.sampled_from(["application/pdf", "image/png", "", "x"])),
+                          "contentBytes": draw(b64 | broken_b64), "size": draw(st.integers(-5, 10**12) | weird),
+                          "isInline": draw(st.booleans()), "contentId": draw(unicode_text | st.none())})
+        elif kind == "item":
+            items.append({"@odata.type": "#microsoft.graph.itemAttachment", "name": "fwd",
+                          "item": draw(graph_messages(depth + 1))})
+        elif kind == "eml":
+            raw = draw(mime_bytes(0))
+            items.append({"@odata.type": "#microsoft.graph.fileAttachment", "name": "orig.eml",
+                          "contentType": "message/rfc822", "contentBytes": base64.b64encode(raw).decode()})
+        elif kind == "reference":
+            items.append({"@odata.type": "#microsoft.graph.referenceAttachment", "name": draw(unicode_text)})
+        else:
+            items.append(draw(weird))
+    return items
+
+
+# ------------------------------------------------------------------------------------------ generated
+
+
+@pytest.mark.slow
+def test_generated_graph_messages() -> None:
+    runs = 0
+
+    @fuzz_settings(1500)
+    @given(data=graph_messages(), folder=st.sampled_from(list(FolderKind)))
+    def run(data: dict[str, Any], folder: FolderKind) -> None:
+        nonlocal runs
+        runs += 1
+        message = graph(data, folder)
+        if message is not None:
+            assert_bounded(message)
+            assert_pure_path(message)
+
+    run()
+    assert runs >= 1500
+
+
+@pytest.mark.slow
+def test_generated_mime_messages() -> None:
+    runs = 0
+
+    @fuzz_settings(1000)
+    @given(raw=mime_bytes())
+    def run(raw: bytes) -> None:
+        nonlocal runs
+        runs += 1
+        check_all_paths_for_mime(raw)
+
+    run()
+    assert runs >= 1000
+
+
+@pytest.mark.slow
+def test_random_bytes_as_mime() -> None:
+    runs = 0
+
+    @fuzz_settings(500)
+    @given(raw=st.binary(max_size=2000) | st.binary(max_size=200).map(lambda b: b"Subject: x\r\n\r\n" + b))
+    def run(raw: bytes) -> None:
+        nonlocal runs
+        runs += 1
+        check_all_paths_for_mime(raw)
+
+    run()
+    assert runs >= 500
+
+
+# ------------------------------------------------------------------------------------------ hand-made
+
+
+def _mime(headers: str, body: bytes = b"body\r\n") -> bytes:
+    return headers.replace("\n", "\r\n").encode("utf-8") + b"\r\n\r\n" + body
+
+
+BASE = "From: Carol <carol@fabrikam.example>\nTo: alice@contoso.example\nSubject: hi\nMessage-ID: <m@f.example>"
+
+
+def _nested_multipart(depth: int) -> bytes:
+    head = [BASE]
+    parts: list[str] = []
+    for i in range(depth):
+        parts.append(f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n')
+    tail = "".join(f"\r\n--b{i}--\r\n" for i in reversed(range(depth)))
+    return ("\r\n".join(head) + "\r\n" + "".join(parts) + "Content-Type: text/plain\r\n\r\nx" + tail).encode()
+
+
+def _rfc822_chain(depth: int) -> bytes:
+    inner = _mime(BASE, b"innermost")
+    for i in range(depth):
+        inner = _mime(f"From: dave@contoso.example\nSubject: FW {i}\nMessage-ID: <w{i}@c.example>\n"
+                      "Content-Type: message/rfc822", inner)
+    return inner
+
+
+def _graph_chain(depth: int) -> dict[str, Any]:
+    data: dict[str, Any] = {"id": "leaf", "subject": "leaf", "internetMessageId": "<leaf@x.example>"}
+    for i in range(depth):
+        data = {"id": f"w{i}", "subject": f"FW {i}", "from": {"emailAddress": {"address": "dave@contoso.example"}},
+                "attachments": [{"@odata.type": "#microsoft.graph.itemAttachment", "item": data}]}
+    return data
+
+
+def _graph_loop() -> dict[str, Any]:
+    """A message whose item attachment is itself (a cycle no JSON could carry, but a careless caller could)."""
+    data: dict[str, Any] = {"id": "loop", "subject": "loop", "internetMessageId": "<loop@x.example>",
+                            "from": {"emailAddress": {"address": "dave@contoso.example"}},
+                            "internetMessageHeaders": [{"name": "X-MS-Exchange-Organization-AuthAs",
+                                                        "value": "Internal"}]}
+    data["attachments"] = [{"@odata.type": "#microsoft.graph.itemAttachment", "item": data}]
+    return data
+
+
+def _max_item_depth(message: MailMessage) -> int:
+    return max((1 + _max_item_depth(a.item) for a in message.attachments if a.item is not None), default=0)
+
+
+RECIPIENTS_10K = [{"emailAddress": {"address": f"r{i}@x.example", "name": f"R {i}"}} for i in range(10_000)]
+
+
+@pytest.mark.parametrize(("name", "data", "check"), [
+    ("10,000 recipients", {"id": "1", "toRecipients": RECIPIENTS_10K, "ccRecipients": RECIPIENTS_10K},
+     lambda m: len(m.to) == LIMITS.max_recipients_per_field and any("capped" in t for t in m.truncations)),
+    ("1 MB subject", {"id": "1", "subject": "S" * 1_048_576},
+     lambda m: len(m.subject) == LIMITS.max_subject_chars and any("subject" in t for t in m.truncations)),
+    ("1 MB subject of CR/LF/NUL", {"id": "1", "subject": "\r\n\x00" * 350_000},
+     lambda m: len(m.subject) <= LIMITS.max_subject_chars and "\x00" not in m.subject),
+    ("10,000 headers", {"id": "1", "internetMessageHeaders": [{"name": f"X-H{i}", "value": "v"}
+                                                               for i in range(10_000)]},
+     lambda m: len(m.headers) == LIMITS.max_headers),
+    ("1 MB header value", {"id": "1", "internetMessageHeaders": [{"name": "X-Big", "value": "v" * 1_048_576}]},
+     lambda m: len(m.headers.get("X-Big") or "") == LIMITS.max_header_value_chars),
+    ("10,000 references", {"id": "1", "internetMessageHeaders": [
+        {"name": "References", "value": " ".join(f"<r{i}@x.example>" for i in range(10_000))}]},
+     lambda m: len(m.references) == LIMITS.max_references),
+    ("10,000 attachments", {"id": "1", "attachments": [{"@odata.type": "#microsoft.graph.fileAttachment",
+                                                        "name": "a", "contentBytes": "QQ=="}] * 10_000},
+     lambda m: len(m.attachments) == LIMITS.max_attachments),
+    ("broken base64 everywhere", {"id": "1", "conversationIndex": "!!!", "attachments": [
+        {"@odata.type": "#microsoft.graph.fileAttachment", "name": "a.pdf", "contentBytes": "QUJ"}]},
+     lambda m: m.conversation_index is None and m.attachments[0].content is None
+     and any("base64" in t for t in m.truncations)),
+    ("oversized conversationIndex", {"id": "1", "conversationIndex": "A" * 100_000},
+     lambda m: m.conversation_index is None),
+    ("null bytes", {"id": "1\x00", "subject": "a\x00b", "from": {"emailAddress": {"address": "a\x00@b.example",
+                                                                                   "name": "N\x00"}},
+                    "body": {"contentType": "html", "content": "<p>a\x00b</p><scr\x00ipt>x</script>"}},
+     lambda m: "\x00" not in m.subject and (m.from_ is None or "\x00" not in m.from_.address)),
+    ("item chain 50 deep", _graph_chain(50), lambda m: _max_item_depth(m) <= LIMITS.max_nesting_depth
+     and any("nesting" in t for t in m.truncations)),
+    ("item attachment loop", _graph_loop(), lambda m: _max_item_depth(m) == LIMITS.max_nesting_depth),
+    ("wrong types everywhere", {"id": "1", "subject": 5, "from": "x", "toRecipients": "a@b", "body": [],
+                                "attachments": {"a": 1}, "categories": "c", "internetMessageHeaders": {"a": 1},
+                                "sentDateTime": 1e308, "importance": None, "isDraft": "true"},
+     lambda m: m.subject == "" and m.to == () and m.attachments == () and m.sent_at is None),
+])
+def test_hostile_graph_json(name: str, data: dict[str, Any], check: Callable[[MailMessage], bool]) -> None:
+    message = graph(data)
+    assert message is not None, name
+    assert_bounded(message)
+    assert check(message), name
+    assert_pure_path(message)
+
+
+@pytest.mark.parametrize("data", [None, [], "x", 1, {"subject": "no id"}, {"id": ""}, {"id": 5}, {"id": " "}])
+def test_unusable_graph_json_is_refused_with_a_reason(data: Any) -> None:
+    assert graph(data) is None
+
+
+MIME_CASES: list[tuple[str, bytes, Callable[[MailMessage], bool] | None]] = [
+    ("10,000 recipients", _mime(BASE + "\nTo: " + ", ".join(f"r{i}@x.example" for i in range(10_000))),
+     lambda m: len(m.to) == LIMITS.max_recipients_per_field),
+    ("1 MB subject", _mime(BASE.replace("Subject: hi", "Subject: " + "S" * 1_048_576)),
+     lambda m: len(m.subject) <= LIMITS.max_subject_chars),
+    ("folded 1 MB subject", _mime(BASE.replace("Subject: hi", "Subject: " + "S" * 70 + "\n S" * 15_000)),
+     lambda m: len(m.subject) <= LIMITS.max_subject_chars and "\n" not in m.subject),
+    ("50,000 headers", _mime(BASE + "".join(f"\nX-H{i}: v" for i in range(50_000))),
+     lambda m: len(m.headers) <= LIMITS.max_headers),
+    ("bad charsets", _mime(BASE + '\nContent-Type: text/plain; charset="x-no-such-charset"',
+                           "caf\xe9".encode("latin-1")), lambda m: m.body_text is not None),
+    ("utf-7 and bogus encoded words", _mime(BASE.replace("Subject: hi", "Subject: =?utf-7?B?K0FHRS0=?= "
+                                                         "=?no-such?Q?x?= =?utf-8?B?!!!?=")), None),
+    ("encoded CRLF in subject", _mime(BASE.replace("Subject: hi", "Subject: =?utf-8?Q?a=0D=0ABcc:_evil@x.example?=")),
+     lambda m: "\r" not in m.subject and "\n" not in m.subject and m.bcc == ()),
+    ("broken base64 body and attachment", _mime(
+        BASE + '\nContent-Type: multipart/mixed; boundary="b"',
+        b"--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!!not*base64\r\n"
+        b"--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=a.pdf\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0=xx==yy\r\n--b--\r\n"), None),
+    ("multipart nested 3,000 deep", _nested_multipart(3000), None),
+    ("message/rfc822 chain 200 deep", _rfc822_chain(200),
+     lambda m: _max_item_depth(m) <= LIMITS.max_nesting_depth),
+    ("null bytes", _mime(BASE.replace("Subject: hi", "Subject: a\x00b") + "\nX-Null: \x00", b"\x00" * 1000),
+     lambda m: "\x00" not in m.subject),
+    ("boundary never closed", _mime(BASE + '\nContent-Type: multipart/mixed; boundary="open"',
+                                    b"--open\r\nContent-Type: text/plain\r\n\r\nx\r\n--open\r\n"), None),
+    ("100,000 parts", _mime(BASE + '\nContent-Type: multipart/mixed; boundary="p"',
+                            b"--p\r\nContent-Type: application/octet-stream\r\n\r\nx\r\n" * 100_000 + b"--p--\r\n"),
+     lambda m: len(m.attachments) <= LIMITS.max_attachments),
+    ("no headers at all", b"\r\n\r\njust a body", None),
+    ("empty", b"", None),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "check"), MIME_CASES, ids=[c[0] for c in MIME_CASES])
+def test_hostile_mime(name: str, raw: bytes, check: Callable[[MailMessage], bool] | None) -> None:
+    message = mime(raw)
+    if message is not None:
+        assert_bounded(message)
+        if check is not None:
+            assert check(message), name
+        assert_pure_path(message)
+    shaped = emulator_parse(raw)
+    if shaped is not None:
+        via_graph = graph({**shaped, "id": "x"})
+        assert via_graph is not None
+        assert_bounded(via_graph)
+        assert_pure_path(via_graph)
+
+
+NUL_CHARSET = b'From: c@f.example\r\nContent-Type: text/plain; charset="cp1252\x00"\r\n\r\n\x80'
+
+
+def test_nul_in_charset_is_refused_with_a_reason_by_the_normaliser() -> None:
+    # Observed: the whole message is refused ("unparsable MIME message") because str.decode raises ValueError, not
+    # LookupError, for such a charset name. Within the contract (a reason, no crash), but the body could be kept.
+    message = mime(NUL_CHARSET)
+    if message is not None:
+        assert_bounded(message)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="BUG (Graph emulator): parse_message lets ValueError('embedded null character') escape "
+                          "from email.message.get_payload for a charset parameter containing NUL and an 8-bit body; "
+                          "its contract is 'raises only MimeRejected'")
+def test_nul_in_charset_is_rejected_or_parsed_by_the_emulator() -> None:
+    emulator_parse(NUL_CHARSET)
+
+
+def test_mime_rfc822_inside_graph_attachment_is_bounded() -> None:
+    """A .eml file attachment whose content is itself a deep chain: followed at most max_nesting_depth levels."""
+    raw = _rfc822_chain(30)
+    data = {"id": "w", "attachments": [{"@odata.type": "#microsoft.graph.fileAttachment", "name": "x.eml",
+                                        "contentType": "message/rfc822",
+                                        "contentBytes": base64.b64encode(raw).decode()}] * 3}
+    message = graph(data)
+    assert message is not None
+    assert_bounded(message)
+    assert _max_item_depth(message) <= LIMITS.max_nesting_depth
+
+
+def test_non_bytes_mime_is_refused_with_a_reason() -> None:
+    assert normalised_or_reason(lambda: normalize_mime_message(MAILBOX, "text"  # type: ignore[arg-type]
+                                                               )) is None
+    with pytest.raises(MimeRejected) as info:
+        parse_message("text")  # type: ignore[arg-type]
+    assert info.value.reason
+
+
+SURROGATE_CASES = {
+    "internetMessageId": {"id": "1", "internetMessageId": "<m\ud800@x.example>"},
+    "attachment name": {"id": "1", "internetMessageId": "<m@x.example>", "attachments": [
+        {"@odata.type": "#microsoft.graph.fileAttachment", "name": "a\udc00.pdf", "contentBytes": "QQ=="}]},
+    "html body": {"id": "1", "internetMessageId": "<m@x.example>",
+                  "body": {"contentType": "html", "content": "<p>\ud800</p>"}},
+}
+
+
+@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError,
+                   reason="BUG: normalize_graph_message keeps lone surrogates (valid JSON escapes such as \\ud800); "
+                          "identity.activity_id_for / attachment_id_for (uuid5) and sanitize_html (nh3) then raise "
+                          "UnicodeEncodeError inside plan_inbound")
+@pytest.mark.parametrize("case", sorted(SURROGATE_CASES))
+def test_lone_surrogates_in_graph_json_do_not_crash_planning(case: str) -> None:
+    data = json.loads(json.dumps(SURROGATE_CASES[case]))  # exactly what a JSON parser makes of the escapes
+    message = graph(data)
+    assert message is not None
+    assert_pure_path(message)
+
+
+def test_lone_surrogates_elsewhere_are_harmless() -> None:
+    data = {"id": "1", "internetMessageId": "<m@x.example>", "subject": "a\ud800",
+            "from": {"emailAddress": {"address": "c@f.example", "name": "\udfff"}},
+            "body": {"contentType": "text", "content": "\ud800"},
+            "internetMessageHeaders": [{"name": "References", "value": "<a\ud800@b>"}]}
+    message = graph(data)
+    assert message is not None
+    assert_bounded(message)
+    assert_pure_path(message)
+
+
+def test_json_round_trip_of_a_generated_message_is_stable() -> None:
+    """Sanity of the generator itself: a plain message survives normalisation with its fields intact."""
+    data = {"id": "AAMk-1", "subject": "Order 1", "from": {"emailAddress": {"address": "Carol@Fabrikam.example"}},
+            "toRecipients": [{"emailAddress": {"address": "alice@contoso.example", "name": "Alice"}}]}
+    message = graph(json.loads(json.dumps(data)))
+    assert message is not None and message.subject == "Order 1" and message.from_ is not None
+    assert message.from_.address == "carol@fabrikam.example" and message.to[0].name == "Alice"
