@@ -69,6 +69,13 @@ LIMITS: Final = NormalizeLimits()
 _MSG_ID: Final = re.compile(r"<[^<>\s]{1,996}>")
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _FOLDED: Final = re.compile(r"\r?\n[ \t]*")
+# Lone UTF-16 surrogates are valid JSON escapes (\ud800) but not text: UTF-8 encoders (uuid5, nh3, HTTP
+# bodies) refuse them. They become U+FFFD here, once, so nothing downstream meets them.
+_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
+
+
+def _scrub(value: str) -> str:
+    return _SURROGATE.sub("\ufffd", value)
 
 
 class _Notes:
@@ -94,12 +101,12 @@ def _str(value: object, limit: int, notes: _Notes, what: str) -> str | None:
     if len(value) > limit:
         notes.add(f"{what}: truncated to {limit} characters")
         value = value[:limit]
-    return value
+    return _scrub(value)
 
 
 def _clean_line(value: str) -> str:
     """Unfold header-ish text and drop control characters (they have no meaning in a subject or a name)."""
-    return _CONTROL.sub("", _FOLDED.sub(" ", value)).replace("\r", " ").replace("\n", " ")
+    return _scrub(_CONTROL.sub("", _FOLDED.sub(" ", value)).replace("\r", " ").replace("\n", " "))
 
 
 def _plausible_address(address: str) -> bool:
@@ -206,8 +213,12 @@ def _headers(value: object, notes: _Notes) -> Headers:
             continue
         if len(text) > LIMITS.max_header_value_chars:
             notes.add(f"internetMessageHeaders: {name[:40]} value truncated")
-            text = text[: LIMITS.max_header_value_chars]
-        pairs.append((name.strip(), text))
+            # References lists ancestors oldest first: keep its end (the newest ids), as correlation wants.
+            if name.strip().lower() == "references":
+                text = text[-LIMITS.max_header_value_chars:]
+            else:
+                text = text[: LIMITS.max_header_value_chars]
+        pairs.append((_scrub(name.strip()), _scrub(text)))
     return Headers(tuple(pairs))
 
 
@@ -236,7 +247,7 @@ def _categories(value: object, notes: _Notes) -> tuple[str, ...]:
         return ()
     if len(value) > LIMITS.max_categories:
         notes.add(f"categories: capped at {LIMITS.max_categories}")
-    return tuple(c[:255] for c in value[: LIMITS.max_categories] if isinstance(c, str))
+    return tuple(_scrub(c[:255]) for c in value[: LIMITS.max_categories] if isinstance(c, str))
 
 
 # ------------------------------------------------------------------------------------------------ Graph JSON
@@ -459,7 +470,7 @@ def _from_mime(mailbox: str, msg: email.message.Message, depth: int, notes: _Not
             charset = part.get_content_charset() or "utf-8"
             try:
                 text = content.decode(charset, errors="replace")
-            except LookupError:
+            except (LookupError, ValueError):  # unknown charset, or a name with a NUL in it: keep the body
                 text = content.decode("utf-8", errors="replace")
             text = text[: LIMITS.max_body_chars]
             if media == "text/html" and body_html is None:

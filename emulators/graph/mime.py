@@ -408,6 +408,8 @@ def _structure_stats(msg: Message) -> tuple[int, int]:
         part, depth = stack.pop()
         count += 1
         deepest = max(deepest, depth)
+        if not part.is_multipart():
+            continue  # a leaf: its payload is not needed here (and decoding it can fail on a hostile charset)
         payload = part.get_payload()
         if isinstance(payload, list):
             stack.extend((p, depth + 1) for p in payload if isinstance(p, Message))
@@ -712,6 +714,8 @@ def parse_message(raw: bytes, *, limits: MimeLimits = DEFAULT_LIMITS) -> dict[st
         return _convert(msg, raw, 0, limits)
     except RecursionError as exc:  # defensive: depth is checked above, but the caller's stack may be deep
         raise MimeRejected("message structure too deep to process") from exc
+    except (ValueError, LookupError) as exc:  # the stdlib refusing a hostile part (e.g. a NUL in a charset name)
+        raise MimeRejected(f"undecodable MIME part: {type(exc).__name__}") from exc
 
 
 # --------------------------------------------------------------------------------------------------------------
