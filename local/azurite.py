@@ -58,7 +58,7 @@ def ensure_installed() -> Path:
         npm = shutil.which("npm")
         if npm is None:
             raise RuntimeError("npm is needed to install Azurite (see package.json)")
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=ROOT, check=True)
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=ROOT, check=True)  # noqa: S603 - npm from PATH, fixed args
     return AZURITE_BIN
 
 
