@@ -71,6 +71,7 @@ class StackContext:
     keys: HostKeys
     python: str = sys.executable
     started: list[str] = field(default_factory=list)  # names of services selected to run, in order
+    seed: str = "demo"  # "demo": the Contoso org from local/demo_org.py on first start; "none": empty emulators
 
     @property
     def identity_url(self) -> str:
@@ -218,6 +219,49 @@ def _schedule_defaults() -> dict[str, str]:
     return {s.name: s.default for s in SETTINGS if s.name.endswith("_SCHEDULE") and s.default is not None}
 
 
+def _prepare_functions(ctx: StackContext) -> None:
+    _functions_settings_file(ctx)
+    _apply_runtime_seed(ctx)
+
+
+def _seed_args(ctx: StackContext, emulator: str) -> list[str]:
+    """``--seed FILE`` for an emulator when the demo org is wanted. Emulators apply a seed only to a new
+    database, so the org (and whatever the user added) is kept across restarts until ``make reset``."""
+    if ctx.seed != "demo":
+        return []
+    from local.demo_org import write_seed_files
+
+    return ["--seed", str(write_seed_files(ctx.state_dir / "seeds")[emulator])]
+
+
+def _apply_runtime_seed(ctx: StackContext) -> None:
+    """The part of the demo org that only the Web API can create (the CRM forward-mailbox record); idempotent."""
+    if ctx.seed != "demo" or not {"identity", "dataverse"} <= set(ctx.started):
+        return
+    from local.demo_org import apply_runtime_seed
+
+    created = apply_runtime_seed(
+        authority=f"{ctx.identity_url}/{demo.TENANT_ID}", dataverse_url=ctx.dataverse_url, ca_bundle=ctx.tls.bundle,
+        storage_connection_string=ctx.storage_connection_string if "azurite" in ctx.started else None)
+    for line in created:
+        _say(f"demo org: created {line}")
+
+
+def _first_round(ctx: StackContext) -> None:
+    """Read CRM, then subscribe, now instead of at the timers' next occurrence (up to 15 minutes away): what an
+    admin does by hand after a deployment. Runs the `emailrouter` CLI (in order: the subscriptions follow the
+    synced settings) with the host's own app settings, so it is the product's code path, not a shortcut."""
+    if "functions" not in ctx.started or not {"identity", "graph", "dataverse", "azurite"} <= set(ctx.started):
+        return
+    env = {**os.environ, **json.loads(ctx.settings_file.read_text())["Values"], **client_env(ctx.tls)}
+    for command in (["sync-crm"], ["subscriptions", "reconcile"]):
+        done = subprocess.run(  # noqa: S603 - our own CLI, fixed arguments
+            [ctx.python, "-c", "import sys; from core.cli import main; sys.exit(main(sys.argv[1:]))", "--json",
+             *command], cwd=ctx.root, env=env, capture_output=True, text=True, timeout=300, check=False)
+        outcome = "ok" if done.returncode == 0 else f"failed (exit {done.returncode}): {done.stderr.strip()[-300:]}"
+        _say(f"first round: emailrouter {' '.join(command)}: {outcome}")
+
+
 def _functions_settings_file(ctx: StackContext) -> None:
     """Write .local/local.settings.json: the user's own Values (if any) under the stack's endpoints."""
     values: dict[str, str] = {}
@@ -269,7 +313,7 @@ SERVICES: list[ServiceSpec] = [
     ServiceSpec(
         name="identity",
         argv=lambda ctx: [ctx.python, "-m", "emulators.identity", "--port", str(ctx.ports.identity),
-                          "--tls-dir", str(ctx.state_dir / "tls")],
+                          "--tls-dir", str(ctx.state_dir / "tls"), *_seed_args(ctx, "identity")],
         health=_emulator_health(lambda ctx: ctx.ports.identity),
         ports=lambda ctx: {"https": ctx.ports.identity},
         unavailable=_module_missing("emulators.identity.__main__"),
@@ -280,7 +324,8 @@ SERVICES: list[ServiceSpec] = [
         name="graph",
         argv=lambda ctx: [ctx.python, "-m", "emulators.graph", "--port", str(ctx.ports.graph),
                           "--smtp-port", str(ctx.ports.smtp), "--tls-dir", str(ctx.state_dir / "tls"),
-                          "--identity-url", ctx.identity_url, "--state-dir", str(ctx.state_dir / "graph")],
+                          "--identity-url", ctx.identity_url, "--state-dir", str(ctx.state_dir / "graph"),
+                          *_seed_args(ctx, "graph")],
         health=_emulator_health(lambda ctx: ctx.ports.graph),
         ports=lambda ctx: {"https": ctx.ports.graph, "smtp": ctx.ports.smtp},
         depends_on=("identity",),
@@ -294,7 +339,7 @@ SERVICES: list[ServiceSpec] = [
         name="dataverse",
         argv=lambda ctx: [ctx.python, "-m", "emulators.dataverse", "--port", str(ctx.ports.dataverse),
                           "--tls-dir", str(ctx.state_dir / "tls"), "--identity-url", ctx.identity_url,
-                          "--state-dir", str(ctx.state_dir / "dataverse")],
+                          "--state-dir", str(ctx.state_dir / "dataverse"), *_seed_args(ctx, "dataverse")],
         health=_emulator_health(lambda ctx: ctx.ports.dataverse),
         ports=lambda ctx: {"https": ctx.ports.dataverse},
         depends_on=("identity",),
@@ -316,7 +361,7 @@ SERVICES: list[ServiceSpec] = [
         stack_json=lambda ctx: {"functions": {"base_url": f"{ctx.functions_url}/api",
                                               "function_key": ctx.keys.default_function_key,
                                               "admin_key": ctx.keys.master}},
-        prepare=_functions_settings_file,
+        prepare=_prepare_functions,
         stop_timeout=20.0,  # the host's own grace (10 s) plus margin
     ),
 ]
@@ -556,6 +601,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     ctx = StackContext(
         root=ROOT, state_dir=state_dir, ports=ports, tls=ensure_tls(state_dir / "tls"),
         keys=load_or_create_keys(None, state_dir / "functions-keys.json"), started=[s.name for s in specs],
+        seed=args.seed,
     )
     taken = [f"{s.name} {label} port {port}" for s in specs for label, port in s.ports(ctx).items()
              if not _port_free(port)]
@@ -576,6 +622,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             code = EXIT_OK if stack.stop_requested.is_set() else EXIT_SERVICE_FAILED
         else:
             stack.write_state(running=True)
+            _first_round(ctx)
             _say(f"stack is up; endpoints and credentials in {state_dir / STACK_FILE}")
             _say(f"functions: {ctx.functions_url}/api (e.g. {ctx.functions_url}/api/health). Ctrl-C stops.")
             code = stack.watch()
@@ -664,6 +711,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--state-dir", type=Path, default=ROOT / ".local",
                              help="where stack.json, TLS material, keys and service data live (default .local/)")
     up.add_argument("--fresh", action="store_true", help="delete service data (Azurite, emulator state) first")
+    up.add_argument("--seed", choices=("demo", "none"), default="demo",
+                    help="demo: the Contoso demo org (local/demo_org.py) on first start (default); none: empty")
     up.add_argument("--only", help="comma-separated services to start (default: all available): "
                     + ",".join(s.name for s in SERVICES))
     for name, default in vars(Ports()).items():

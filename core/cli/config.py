@@ -54,6 +54,8 @@ def stack_values(doc: Mapping[str, Any]) -> dict[str, str]:
     functions = doc.get("functions") or {}
     if functions.get("base_url"):
         pairs["WEBHOOK_BASE_URL"] = functions["base_url"]
+        # Graph's validation handshake must pass the host's function-key check, as in Azure.
+        pairs["WEBHOOK_FUNCTION_KEY"] = functions.get("function_key")
     return {k: str(v) for k, v in pairs.items() if v}
 
 

@@ -397,10 +397,8 @@ async def run_scheduled_sync(container: Any, *, now: datetime | None = None) -> 
     from core.adapters.storage import EntityNotFoundError
     from core.names import MAILBOX_STATUS_TABLE
 
-    from .store import TableMailboxDirectory
-
     moment = now or datetime.now(UTC)
-    directory = getattr(container, "mailbox_directory", None) or TableMailboxDirectory.from_account(container.storage)
+    directory = container.mailbox_directory
     router = await directory.get_router_settings()
     try:
         row = await container.storage.table(MAILBOX_STATUS_TABLE).get("router", "crm-sync")
@@ -410,4 +408,7 @@ async def run_scheduled_sync(container: Any, *, now: datetime | None = None) -> 
     if not sync_due(last, moment, router.crm_sync_interval_minutes):
         _log.info("CRM sync skipped: last run %s is within CrmSyncIntervalMinutes", last)
         return None
-    return await sync_service_for(container).run()
+    report = await sync_service_for(container).run()
+    # This process's pipelines see the new rows at once, not after the cache TTL (other instances: within it).
+    directory.invalidate()
+    return report
