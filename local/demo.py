@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -59,48 +58,6 @@ _POLL_S: Final = 0.5
 # ================================================================================================ the stack
 
 
-def _launch(argv: Sequence[str]) -> int:
-    """``python -m local.demo _launch <local.stack up args>``: the launcher with the demo org's seeds.
-
-    Until ``local/stack.py`` passes ``--seed`` itself (see docs/walkthrough.md, "For maintainers"), each emulator
-    spec gets ``--seed <state>/seeds/<name>.json`` appended, and the functions host's ``prepare`` also creates the
-    runtime part of the org (the CRM forward mailbox record). Appending is harmless once the launcher does it
-    too: argparse keeps the last ``--seed``, and both name the same generated file.
-    """
-    from local import stack
-
-    def seeded(spec: stack.ServiceSpec) -> stack.ServiceSpec:
-        if spec.name in ("identity", "graph", "dataverse"):
-            base_argv = spec.argv
-            name = spec.name
-
-            def argv(ctx: stack.StackContext) -> list[str]:
-                files = demo_org.write_seed_files(ctx.state_dir / "seeds")
-                return [*base_argv(ctx), "--seed", str(files[name])]
-
-            return dataclasses.replace(spec, argv=argv)
-        if spec.name == "functions":
-            base_prepare = spec.prepare
-
-            def prepare(ctx: stack.StackContext) -> None:
-                if base_prepare is not None:
-                    base_prepare(ctx)
-                if {"identity", "dataverse"} <= set(ctx.started):
-                    created = demo_org.apply_runtime_seed(
-                        authority=f"{ctx.identity_url}/{demo_org.demo.TENANT_ID}", dataverse_url=ctx.dataverse_url,
-                        ca_bundle=ctx.tls.bundle,
-                        storage_connection_string=ctx.storage_connection_string if "azurite" in ctx.started
-                        else None)
-                    for line in created:
-                        print(f"[demo] demo org: created {line}", flush=True)
-
-            return dataclasses.replace(spec, prepare=prepare)
-        return spec
-
-    stack.SERVICES[:] = [seeded(s) for s in stack.SERVICES]
-    return stack.main(["up", *argv])
-
-
 def free_ports(names: Iterable[str] = PORT_NAMES) -> dict[str, int]:
     """Distinct free loopback ports (held open together while choosing, so no two are equal)."""
     socks: list[socket.socket] = []
@@ -130,7 +87,9 @@ class DemoStack:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
-        argv = [sys.executable, "-m", "local.demo", "_launch", "--state-dir", str(self.state_dir), "--fresh"]
+        # The launcher seeds the demo org itself (--seed demo is its default).
+        argv = [sys.executable, "-m", "local.stack", "up", "--seed", "demo", "--state-dir", str(self.state_dir),
+                "--fresh"]
         for name, port in self.ports.items():
             argv += [f"--{name}-port", str(port)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("STACK_")}
@@ -842,8 +801,6 @@ def render(result: DemoResult) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["_launch"]:
-        return _launch(argv[1:])
     p = argparse.ArgumentParser(prog="python -m local.demo", description="Run the scripted demo scenario")
     p.add_argument("--timeout", type=float, default=170.0, help="overall deadline in seconds (default 170)")
     p.add_argument("--keep", action="store_true", help="keep the temporary state directory")
