@@ -9,8 +9,9 @@ Ledger table ``<prefix>Outbound`` (``core.names.OUTBOUND_TABLE``):
   is working on (enqueued, retry due time). One partition query gives the scan its de-duplication set and the
   reaper its sweep list; entries are removed when the email is Sent or Failed.
 
-Mailbox status table ``<prefix>MailboxStatus``: PartitionKey = mailbox address (``encode_key``), RowKey =
-``outbound``; last error (reason, time, email id) and last success — what the admin CLI shows.
+Mailbox status table ``<prefix>MailboxStatus``: the mailbox's one status row (PartitionKey ``mailbox``, RowKey =
+the key-encoded address, shared with the inbound pipeline and the health probe, each merging its own columns);
+outbound writes ``LastOutbound*``: last error (reason, time, email id) and last success — what the admin CLI shows.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = ["TableMailboxOutboundStatus", "TableOutboundLedger", "entry_from_enti
 
 STATE_ROW: Final = "state"
 ACTIVE_PARTITION: Final = "active"
-OUTBOUND_STATUS_ROW: Final = "outbound"
+STATUS_PARTITION: Final = "mailbox"  # the same row as inbound and health (one row per mailbox)
 _MAX_TEXT: Final = 4000  # error texts are bounded; Table properties allow 32 K characters
 
 
@@ -157,19 +158,19 @@ class TableMailboxOutboundStatus:
 
     async def record_failure(self, mailbox: str, email_id: str, reason: str, at: datetime) -> None:
         await self._table.upsert({
-            "PartitionKey": encode_key(mailbox.lower()), "RowKey": OUTBOUND_STATUS_ROW, "Mailbox": mailbox.lower(),
+            "PartitionKey": STATUS_PARTITION, "RowKey": encode_key(mailbox.lower()), "Mailbox": mailbox.lower(),
             "LastOutboundError": reason[:_MAX_TEXT], "LastOutboundErrorAt": at,
             "LastOutboundErrorEmailId": email_id,
         }, mode="merge")
 
     async def record_sent(self, mailbox: str, email_id: str, at: datetime) -> None:
         await self._table.upsert({
-            "PartitionKey": encode_key(mailbox.lower()), "RowKey": OUTBOUND_STATUS_ROW, "Mailbox": mailbox.lower(),
+            "PartitionKey": STATUS_PARTITION, "RowKey": encode_key(mailbox.lower()), "Mailbox": mailbox.lower(),
             "LastOutboundSentAt": at, "LastOutboundSentEmailId": email_id,
         }, mode="merge")
 
     async def get(self, mailbox: str) -> dict[str, Any] | None:
         try:
-            return dict(await self._table.get(encode_key(mailbox.lower()), OUTBOUND_STATUS_ROW))
+            return dict(await self._table.get(STATUS_PARTITION, encode_key(mailbox.lower())))
         except EntityNotFoundError:
             return None
