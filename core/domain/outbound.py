@@ -14,6 +14,8 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from email.errors import HeaderParseError
+from email.header import decode_header
 from enum import StrEnum
 from typing import Any, Final
 
@@ -151,8 +153,24 @@ class OutboundRejected:
 # ------------------------------------------------------------------------------------------------ building
 
 
+_ENCODED_WORD: Final = re.compile(r"=\?[^?\s]{1,40}\?[bBqQ]\?[^?\s]{0,2000}\?=")
+
+
 def _has_forbidden(value: str) -> bool:
-    return _FORBIDDEN_IN_HEADER.search(value) is not None
+    """Control characters (CR/LF above all) in a header-bound value, literally or inside an RFC 2047 encoded word:
+    a downstream MIME writer that decodes and refolds such a word would write the line break raw (CPython < 3.11.10,
+    CVE-2024-6923), so neither form is sent."""
+    if _FORBIDDEN_IN_HEADER.search(value) is not None:
+        return True
+    for word in _ENCODED_WORD.findall(value):
+        try:
+            decoded = "".join(part.decode(charset or "ascii", "replace") if isinstance(part, bytes) else part
+                              for part, charset in decode_header(word))
+        except (ValueError, LookupError, HeaderParseError):
+            continue  # not decodable: inert text
+        if _FORBIDDEN_IN_HEADER.search(decoded) is not None:
+            return True
+    return False
 
 
 def _subject_with_token(subject: str, token: str | None, org: OrgEmailSettings) -> str:

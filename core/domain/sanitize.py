@@ -10,6 +10,7 @@ presentation properties (no ``position``, ``behavior``, ``expression()`` vectors
 from __future__ import annotations
 
 import html
+import re
 from typing import Final
 
 import nh3
@@ -45,6 +46,18 @@ _STYLE_PROPERTIES: Final = frozenset({
 })
 
 
+# Values no presentation property needs; legacy engines execute them (expression(), behaviours, script URLs).
+_STYLE_VALUE_ATTACKS: Final = re.compile(
+    r"expression\s*\(|javascript\s*:|vbscript\s*:|behavior\s*:|-moz-binding|url\s*\(", re.IGNORECASE)
+
+
+def _drop_active_style(tag: str, attribute: str, value: str) -> str | None:
+    """nh3 filters style *properties* by name only; a value carrying an active vector drops the whole attribute."""
+    if attribute == "style" and _STYLE_VALUE_ATTACKS.search(value.replace("\\", "")):
+        return None
+    return value
+
+
 def sanitize_html(body: str) -> str:
     return nh3.clean(
         body,
@@ -53,6 +66,7 @@ def sanitize_html(body: str) -> str:
         attributes={k: set(v) for k, v in _ATTRIBUTES.items()},
         url_schemes=set(_URL_SCHEMES),
         filter_style_properties=set(_STYLE_PROPERTIES),
+        attribute_filter=_drop_active_style,
         strip_comments=True,
         link_rel="noopener noreferrer",
     )

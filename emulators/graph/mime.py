@@ -208,7 +208,7 @@ def _recipients(values: Iterable[str]) -> list[dict[str, Any]]:
     for name, address in getaddresses(unfolded):
         if not name and not address:
             continue  # e.g. "undisclosed-recipients:;"
-        address = decode_header_value(address) if "=?" in address else address.strip()
+        address = address.strip()  # never decoded: RFC 2047 §5 forbids encoded words in an addr-spec
         result.append({"emailAddress": {"name": decode_header_value(name) if name else "", "address": address}})
     return result
 
@@ -901,6 +901,17 @@ def _build(message: Mapping[str, Any], *, message_id: str, date: datetime, extra
         if name.lower() not in extra_names:
             msg[name] = value
 
+    def put_text(name: str, value: str) -> None:
+        """An unstructured header (Subject). Text that looks like an encoded word, or is not ASCII, is encoded
+        here as base64 encoded words of the literal text: Exchange shows a subject literally, and CPython 3.11.7's
+        folder would decode a CRLF out of a literal '=?..?=' and write it raw (CVE-2024-6923)."""
+        if name.lower() in extra_names:
+            return
+        if "=?" in value or not value.isascii():
+            msg.set_raw(name, Header(value, "utf-8", header_name=name).encode(linesep="\r\n"))
+        else:
+            msg[name] = value
+
     def put_addresses(name: str, values: list[Address]) -> None:
         if name.lower() not in extra_names:
             msg.set_raw(name, _address_list(values, utf8=needs_utf8))
@@ -916,7 +927,7 @@ def _build(message: Mapping[str, Any], *, message_id: str, date: datetime, extra
         if values:
             put_addresses(header, values)
     subject = _clean(message.get("subject") or "")
-    put("Subject", subject)  # the policy applies RFC 2047 when the subject is not ASCII
+    put_text("Subject", subject)
     if date.tzinfo is None:
         date = date.replace(tzinfo=UTC)
     msg["Date"] = format_datetime(date)

@@ -91,14 +91,7 @@ ATTACKS: dict[str, str] = {
 }
 
 
-_EXPRESSION_KEPT = pytest.mark.xfail(
-    strict=True, reason="LOW (core/domain/sanitize.py): nh3 filters style *properties* by name only, so "
-    "'width: expression(...)' survives although the module docstring says expression() vectors are removed "
-    "(only legacy IE evaluates it)")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_EXPRESSION_KEPT) if n == "style attribute expression"
-                                  else n for n in sorted(ATTACKS)])
+@pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_attack_is_removed(name: str) -> None:
     out = description_of(ATTACKS[name])
     assert dangerous_parts(out) == [], out
