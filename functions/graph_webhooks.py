@@ -35,35 +35,29 @@ def _result_response(status: int, accepted: int, rejected: int, error: str) -> f
     return func.HttpResponse(body, status_code=status, mimetype="application/json")
 
 
-@bp.function_name("graph_notifications")
-@bp.route(route="graph/notifications", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
-async def graph_notifications(req: func.HttpRequest) -> func.HttpResponse:
+async def _notifications(req: func.HttpRequest, lifecycle: bool) -> func.HttpResponse:
     handshake = _handshake(req)
     if handshake is not None:
         return handshake
     from core.bootstrap import get_container
-    from core.services.webhook import handle_change_notifications
+    from core.services.webhook import handle_change_notifications, handle_lifecycle_notifications
 
     c = get_container()
-    result = await handle_change_notifications(
+    handler = handle_lifecycle_notifications if lifecycle else handle_change_notifications
+    result = await handler(
         req.get_body(), directory=c.subscription_directory, queue=c.work_queue,
         tenant_id=c.settings.graph_tenant_id, max_bytes=c.settings.webhook_max_body_bytes,
     )
     return _result_response(result.status, result.accepted, len(result.rejected), result.error)
+
+
+@bp.function_name("graph_notifications")
+@bp.route(route="graph/notifications", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+async def graph_notifications(req: func.HttpRequest) -> func.HttpResponse:
+    return await _notifications(req, lifecycle=False)
 
 
 @bp.function_name("graph_lifecycle")
 @bp.route(route="graph/lifecycle", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 async def graph_lifecycle(req: func.HttpRequest) -> func.HttpResponse:
-    handshake = _handshake(req)
-    if handshake is not None:
-        return handshake
-    from core.bootstrap import get_container
-    from core.services.webhook import handle_lifecycle_notifications
-
-    c = get_container()
-    result = await handle_lifecycle_notifications(
-        req.get_body(), directory=c.subscription_directory, queue=c.work_queue,
-        tenant_id=c.settings.graph_tenant_id, max_bytes=c.settings.webhook_max_body_bytes,
-    )
-    return _result_response(result.status, result.accepted, len(result.rejected), result.error)
+    return await _notifications(req, lifecycle=True)

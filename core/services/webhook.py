@@ -63,17 +63,40 @@ def _log_rejections(kind: str, rejected: list[Rejection]) -> None:
         log.warning("%s notification rejected: subscription=%s reason=%s", kind, r.subscription_id or "-", r.reason)
 
 
-async def handle_change_notifications(
-    body: bytes, *, directory: SubscriptionDirectory, queue: WorkQueue, tenant_id: str, max_bytes: int
-) -> WebhookResult:
+async def _checked_items(
+    kind: str, body: bytes, directory: SubscriptionDirectory, max_bytes: int
+) -> tuple[list[object], dict[str, object]] | WebhookResult:
+    """Size and JSON checks, then one lookup of every subscription the POST names (or the error result)."""
     if len(body) > max_bytes:
         return WebhookResult(413, error=f"body larger than {max_bytes} bytes")
     try:
         items = parse_notification_body(body, max_bytes=max_bytes)
     except BadNotificationPayload as exc:
-        log.warning("change notification body rejected: %s", exc)
+        log.warning("%s notification body rejected: %s", kind, exc)
         return WebhookResult(400, error=str(exc))
-    subs = await _lookup_all(items, directory)
+    return items, await _lookup_all(items, directory)
+
+
+async def _enqueue(kind: str, queue: WorkQueue, name: str, work: list[InboundItem] | list[MailboxSyncItem],
+                   result: WebhookResult) -> WebhookResult:
+    _log_rejections(kind, result.rejected)
+    if work:
+        try:
+            await queue.send_many(name, [w.to_json() for w in work])
+        except Exception as exc:  # the queue is down: 5xx so Graph redelivers; nothing is lost
+            log.error("enqueue of %d %s items failed: %s", len(work), kind, exc.__class__.__name__)
+            return WebhookResult(503, rejected=result.rejected, error="queue unavailable")
+    result.accepted = len(work)
+    return result
+
+
+async def handle_change_notifications(
+    body: bytes, *, directory: SubscriptionDirectory, queue: WorkQueue, tenant_id: str, max_bytes: int
+) -> WebhookResult:
+    checked = await _checked_items("change", body, directory, max_bytes)
+    if isinstance(checked, WebhookResult):
+        return checked
+    items, subs = checked
     result = WebhookResult(202)
     work: list[InboundItem] = []
     seen: set[tuple[str, str]] = set()
@@ -83,35 +106,21 @@ async def handle_change_notifications(
             result.rejected.append(outcome)
         elif isinstance(outcome, Ignored):
             result.ignored += 1
+        elif (outcome.mailbox, outcome.message_id) in seen:
+            result.ignored += 1  # Graph often sends created+updated together: one fetch is enough
         else:
-            key = (outcome.mailbox, outcome.message_id)
-            if key in seen:  # Graph often sends created+updated together: one fetch is enough
-                result.ignored += 1
-                continue
-            seen.add(key)
+            seen.add((outcome.mailbox, outcome.message_id))
             work.append(outcome)
-    _log_rejections("change", result.rejected)
-    if work:
-        try:
-            await queue.send_many(INBOUND_QUEUE, [w.to_json() for w in work])
-        except Exception as exc:  # the queue is down: 5xx so Graph redelivers; nothing is lost
-            log.error("enqueue of %d inbound items failed: %s", len(work), exc.__class__.__name__)
-            return WebhookResult(503, rejected=result.rejected, error="queue unavailable")
-    result.accepted = len(work)
-    return result
+    return await _enqueue("change", queue, INBOUND_QUEUE, work, result)
 
 
 async def handle_lifecycle_notifications(
     body: bytes, *, directory: SubscriptionDirectory, queue: WorkQueue, tenant_id: str, max_bytes: int
 ) -> WebhookResult:
-    if len(body) > max_bytes:
-        return WebhookResult(413, error=f"body larger than {max_bytes} bytes")
-    try:
-        items = parse_notification_body(body, max_bytes=max_bytes)
-    except BadNotificationPayload as exc:
-        log.warning("lifecycle notification body rejected: %s", exc)
-        return WebhookResult(400, error=str(exc))
-    subs = await _lookup_all(items, directory)
+    checked = await _checked_items("lifecycle", body, directory, max_bytes)
+    if isinstance(checked, WebhookResult):
+        return checked
+    items, subs = checked
     result = WebhookResult(202)
     work: list[MailboxSyncItem] = []
     for item in items:
@@ -121,12 +130,4 @@ async def handle_lifecycle_notifications(
         else:
             log.info("lifecycle event %s for subscription %s", outcome.reason, outcome.subscription_id)
             work.append(outcome)
-    _log_rejections("lifecycle", result.rejected)
-    if work:
-        try:
-            await queue.send_many(MAILBOX_SYNC_QUEUE, [w.to_json() for w in work])
-        except Exception as exc:
-            log.error("enqueue of %d lifecycle items failed: %s", len(work), exc.__class__.__name__)
-            return WebhookResult(503, rejected=result.rejected, error="queue unavailable")
-    result.accepted = len(work)
-    return result
+    return await _enqueue("lifecycle", queue, MAILBOX_SYNC_QUEUE, work, result)
