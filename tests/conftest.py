@@ -25,3 +25,11 @@ def azurite() -> Iterator[Azurite]:
         yield az
     finally:
         az.stop()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Registered here (the root conftest pytest reads before parsing the command line) so that
+    # `pytest -m chaos --chaos-full` (make chaos) works from the repository root.
+    from tests.chaos.conftest import add_chaos_options
+
+    add_chaos_options(parser)
