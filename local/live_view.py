@@ -2,7 +2,7 @@
 
     python -m local.live_view [--state-dir .local] [--interval 2] [--once] [--host-log FILE]
 
-Run it in a second terminal next to ``make run`` (or let the launcher run it, see docs/walkthrough.md). It only
+Run it in a second terminal next to ``make run`` (see the README, "The live view"). It only
 reads; it never changes the router's state. Sources, polled every ``--interval`` seconds:
 
 =====================================  ==========================================================================
