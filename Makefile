@@ -25,7 +25,7 @@ $(NPM_STAMP): package.json package-lock.json
 install: $(STAMP) $(NPM_STAMP)
 
 run: install
-	$(PY) -m local.stack up
+	$(PY) -m local.stack up --live
 
 test: install
 	$(PY) -m pytest

@@ -262,6 +262,45 @@ def _first_round(ctx: StackContext) -> None:
         _say(f"first round: emailrouter {' '.join(command)}: {outcome}")
 
 
+def _print_try_it(ctx: StackContext, state_dir: Path, log_dir: Path | None) -> None:
+    """Copy-paste commands for the demo org (README "Try it" has the full walkthrough)."""
+    if log_dir is not None:
+        _say(f"service logs: {log_dir}/<service>.log")
+    if ctx.seed != "demo" or "graph" not in ctx.started:
+        return
+    where = "" if state_dir == (ctx.root / ".local").resolve() else f" --state-dir {state_dir}"
+    py = ".venv/bin/python"
+    for line in (
+        "try it, in another terminal (README, 'Try it'):",
+        f"  {py} -m local.send_test_mail{where} --from nora@northwind.example --to erin@contoso.example "
+        "--subject 'Quarterly review'",
+        f"  {py} -m local.send_test_mail{where} --crm --from alice@contoso.example --to fiona@fabrikam.example "
+        "--subject 'Your proposal' --regarding opportunity",
+        "  .venv/bin/emailrouter status      .venv/bin/emailrouter explain '<Message-ID printed above>'",
+        f"  curl -sk {ctx.graph_url}/_emulator/outbox",
+    ):
+        _say(line)
+
+
+def _watch_with_live_view(stack: Stack, state_dir: Path) -> int:
+    """--live: the live view in this terminal while a thread watches the services; either ending stops both."""
+    from local.live_view import run as run_live_view
+
+    outcome = {"code": EXIT_OK}
+
+    def watch() -> None:
+        outcome["code"] = stack.watch()
+        stack.stop_requested.set()
+
+    watcher = threading.Thread(target=watch, name="stack-watch", daemon=True)
+    watcher.start()
+    assert stack.log_dir is not None
+    run_live_view(state_dir, stop=stack.stop_requested, host_log=stack.log_dir / "functions.log")
+    stack.stop_requested.set()
+    watcher.join(5)
+    return outcome["code"]
+
+
 def _functions_settings_file(ctx: StackContext) -> None:
     """Write .local/local.settings.json: the user's own Values (if any) under the stack's endpoints."""
     values: dict[str, str] = {}
@@ -418,13 +457,23 @@ class Running:
     colour: str
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=30))
     pump: threading.Thread | None = None
+    log_path: Path | None = None  # --live: the service's output goes to this file instead of the terminal
 
     def start_pump(self) -> None:
         def pump(stream: IO[bytes]) -> None:
-            for raw in iter(stream.readline, b""):
-                line = raw.decode("utf-8", errors="replace").rstrip("\n")
-                self.tail.append(line)
-                _emit(self.spec.name, self.colour, line)
+            log = self.log_path.open("a", encoding="utf-8") if self.log_path is not None else None
+            try:
+                for raw in iter(stream.readline, b""):
+                    line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                    self.tail.append(line)
+                    if log is not None:
+                        log.write(line + "\n")
+                        log.flush()
+                    else:
+                        _emit(self.spec.name, self.colour, line)
+            finally:
+                if log is not None:
+                    log.close()
 
         assert self.proc.stdout is not None
         self.pump = threading.Thread(target=pump, args=(self.proc.stdout,), daemon=True, name=f"log-{self.spec.name}")
@@ -448,9 +497,10 @@ class Running:
 
 
 class Stack:
-    def __init__(self, ctx: StackContext, specs: Sequence[ServiceSpec]) -> None:
+    def __init__(self, ctx: StackContext, specs: Sequence[ServiceSpec], *, log_dir: Path | None = None) -> None:
         self.ctx = ctx
         self.specs = list(specs)
+        self.log_dir = log_dir
         self.running: list[Running] = []
         self.stop_requested = threading.Event()
         self.started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -490,7 +540,8 @@ class Stack:
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
-            run = Running(spec, proc, _COLOURS[i % len(_COLOURS)])
+            run = Running(spec, proc, _COLOURS[i % len(_COLOURS)],
+                          log_path=self.log_dir / f"{spec.name}.log" if self.log_dir is not None else None)
             run.start_pump()
             self.running.append(run)
             if not self._wait_healthy(run):
@@ -609,7 +660,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         for t in taken:
             _say(f"port in use: {t} (choose another with the matching --*-port flag)")
         return EXIT_USAGE
-    stack = Stack(ctx, specs)
+    log_dir = None
+    if args.live:
+        log_dir = state_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for old in log_dir.glob("*.log"):
+            old.unlink()
+    stack = Stack(ctx, specs, log_dir=log_dir)
 
     def on_signal(signum: int, frame: object) -> None:
         stack.stop_requested.set()
@@ -625,7 +682,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             _first_round(ctx)
             _say(f"stack is up; endpoints and credentials in {state_dir / STACK_FILE}")
             _say(f"functions: {ctx.functions_url}/api (e.g. {ctx.functions_url}/api/health). Ctrl-C stops.")
-            code = stack.watch()
+            _print_try_it(ctx, state_dir, stack.log_dir)
+            code = _watch_with_live_view(stack, state_dir) if stack.log_dir is not None else stack.watch()
     finally:
         stack.stop_all()
         stack.write_state(running=False)
@@ -711,6 +769,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--state-dir", type=Path, default=ROOT / ".local",
                              help="where stack.json, TLS material, keys and service data live (default .local/)")
     up.add_argument("--fresh", action="store_true", help="delete service data (Azurite, emulator state) first")
+    up.add_argument("--live", action="store_true",
+                    help="show the live view in this terminal; service output goes to <state-dir>/logs/<name>.log")
     up.add_argument("--seed", choices=("demo", "none"), default="demo",
                     help="demo: the Contoso demo org (local/demo_org.py) on first start (default); none: empty")
     up.add_argument("--only", help="comma-separated services to start (default: all available): "
@@ -725,6 +785,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Library messages (e.g. "generated function keys into ...") carry the launcher's prefix.
     logging.basicConfig(level=logging.INFO, format="[stack] %(message)s", stream=sys.stdout)
+    # The launcher's own HTTP (health probes, the live view's reads) is not news: SDK request logs stay quiet.
+    for noisy in ("azure", "httpx", "httpcore", "msal", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     handler = {"up": cmd_up, "status": cmd_status, "down": cmd_down}[args.command]
     return handler(args)
 
