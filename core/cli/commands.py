@@ -584,6 +584,15 @@ async def _one_rule(container: Any, directory: Any, action: str, user: str, sink
     if not sink:
         raise CliError("no sink: pass --sink")
     note = ""
+    from core.domain.model import MailboxKind
+
+    sink_config = await directory.get_mailbox(sink)
+    if sink_config is None:
+        # Like CRM's "forward mailbox" record: without it the router would not read the sink at all.
+        await directory.set_overrides(sink, {"Kind": "forward_sink"})
+        note = f"; {sink} configured as the forward mailbox (OverrideKind)"
+    elif sink_config.kind is not MailboxKind.FORWARD_SINK:
+        raise CliError(f"{sink} is a {sink_config.kind.value} mailbox, not a forward mailbox")
     config = await directory.get_mailbox(user)
     if config is not None and config.forward_sink_address != sink:
         # The sink only unwraps wrappers from users whose ForwardSink is that sink: keep rule and setting in step.
