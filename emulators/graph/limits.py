@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from .util import GraphError
 
@@ -93,10 +93,33 @@ _DEFAULT_CODES = {429: "TooManyRequests", 500: "InternalServerError", 502: "BadG
 _DEFAULT_MESSAGES = {429: "Please retry again later.", 503: "The service is temporarily unavailable."}
 
 
-class FaultRegistry:
+class _Public(Protocol):
+    def public(self) -> dict[str, Any]: ...
+
+
+_F = TypeVar("_F", bound=_Public)
+
+
+class _Registry(Generic[_F]):
+    """Faults by id, thread-safe: the list/remove half shared by request and notification faults."""
+
     def __init__(self) -> None:
-        self._faults: dict[str, Fault] = {}
+        self._faults: dict[str, _F] = {}
         self._lock = threading.Lock()
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [f.public() for f in self._faults.values()]
+
+    def remove(self, fault_id: str | None = None) -> bool:
+        with self._lock:
+            if fault_id is None:
+                self._faults.clear()
+                return True
+            return self._faults.pop(fault_id, None) is not None
+
+
+class FaultRegistry(_Registry[Fault]):
 
     def add(self, spec: dict[str, Any]) -> Fault:
         try:
@@ -115,17 +138,6 @@ class FaultRegistry:
         with self._lock:
             self._faults[fault.id] = fault
         return fault
-
-    def list(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [f.public() for f in self._faults.values()]
-
-    def remove(self, fault_id: str | None = None) -> bool:
-        with self._lock:
-            if fault_id is None:
-                self._faults.clear()
-                return True
-            return self._faults.pop(fault_id, None) is not None
 
     def match(self, method: str, path: str) -> Fault | None:
         if not self._faults:  # the common case costs one dict check
@@ -160,12 +172,8 @@ class NotificationFault:
         return asdict(self)
 
 
-class NotificationFaults:
+class NotificationFaults(_Registry[NotificationFault]):
     ACTIONS = ("drop", "duplicate", "delay", "reorder")
-
-    def __init__(self) -> None:
-        self._faults: dict[str, NotificationFault] = {}
-        self._lock = threading.Lock()
 
     def add(self, spec: dict[str, Any]) -> NotificationFault:
         action = str(spec.get("action") or "").lower()
@@ -177,17 +185,6 @@ class NotificationFaults:
         with self._lock:
             self._faults[fault.id] = fault
         return fault
-
-    def list(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [f.public() for f in self._faults.values()]
-
-    def remove(self, fault_id: str | None = None) -> bool:
-        with self._lock:
-            if fault_id is None:
-                self._faults.clear()
-                return True
-            return self._faults.pop(fault_id, None) is not None
 
     def pick(self) -> NotificationFault | None:
         if not self._faults:
