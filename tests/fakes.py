@@ -29,6 +29,17 @@ class FakeSubscriptionDirectory:
         return {i: self.subs[i] for i in subscription_ids if i in self.subs}
 
 
+class Clock:
+    """An injectable ``sleep`` that records the waits asked for instead of waiting (tests never depend on
+    wall-clock speed)."""
+
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
 class StaticMailboxDirectory:
     """In-memory ``core.ports.MailboxDirectory``."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -83,8 +84,8 @@ async def _close(container: Any) -> None:
         if name in container.__dict__:  # only what was built
             try:
                 await container.__dict__[name].close()
-            except Exception:  # noqa: S110 - closing at exit; nothing useful to do with a failure
-                pass
+            except Exception as exc:  # closing at exit: the command's result stands; say why at DEBUG
+                logging.getLogger("emailrouter.cli").debug("closing %s failed: %s", name, exc.__class__.__name__)
 
 
 async def run(args: argparse.Namespace, *, cwd: Path, environ: Mapping[str, str]) -> int:

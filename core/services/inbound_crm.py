@@ -436,7 +436,7 @@ class DataverseInboundCrm:
             if row.get("messageid"):
                 try:
                     results.setdefault(f"m:{canonical_message_id(str(row['messageid']))}", email)
-                except ValueError:
+                except ValueError:  # a CRM messageid that is no Message-ID can't be a correlation key
                     pass
             if row.get("trackingtoken"):
                 results.setdefault(f"t:{row['trackingtoken']}", email)

@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
@@ -256,29 +256,25 @@ def create_app(config: GraphConfig, emulator: GraphEmulator | None = None) -> St
             return Response(status_code=204)
         return JSONResponse({"value": list(emu.requests)})
 
-    async def faults(request: Request) -> Response:
-        fault_id = request.path_params.get("fault_id")
-        if request.method == "POST":
-            try:
-                fault = emu.faults.add(await body_json(request))
-            except GraphError as exc:
-                return bad(exc.message)
-            return JSONResponse({"id": fault.id}, status_code=201)
-        if request.method == "DELETE":
-            return Response(status_code=204 if emu.faults.remove(fault_id) else 404)
-        return JSONResponse({"value": emu.faults.list()})
+    def fault_endpoint(registry: FaultRegistry | NotificationFaults) -> Callable[[Request], Awaitable[Response]]:
+        """POST adds a fault (201 + id), GET lists them, DELETE [/id] removes one or all."""
 
-    async def notification_faults(request: Request) -> Response:
-        fault_id = request.path_params.get("fault_id")
-        if request.method == "POST":
-            try:
-                fault = emu.notification_faults.add(await body_json(request))
-            except GraphError as exc:
-                return bad(exc.message)
-            return JSONResponse({"id": fault.id}, status_code=201)
-        if request.method == "DELETE":
-            return Response(status_code=204 if emu.notification_faults.remove(fault_id) else 404)
-        return JSONResponse({"value": emu.notification_faults.list()})
+        async def endpoint(request: Request) -> Response:
+            fault_id = request.path_params.get("fault_id")
+            if request.method == "POST":
+                try:
+                    fault = registry.add(await body_json(request))
+                except GraphError as exc:
+                    return bad(exc.message)
+                return JSONResponse({"id": fault.id}, status_code=201)
+            if request.method == "DELETE":
+                return Response(status_code=204 if registry.remove(fault_id) else 404)
+            return JSONResponse({"value": registry.list()})
+
+        return endpoint
+
+    faults = fault_endpoint(emu.faults)
+    notification_faults = fault_endpoint(emu.notification_faults)
 
     async def lifecycle(request: Request) -> Response:
         body = await body_json(request)

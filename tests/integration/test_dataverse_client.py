@@ -36,6 +36,7 @@ from emulators.common import demo
 from emulators.common.tls import TlsMaterial, client_env, ensure_tls
 from emulators.dataverse.testing import start_dataverse
 from emulators.identity.testing import start_identity
+from tests.fakes import Clock
 
 pytestmark = pytest.mark.integration
 
@@ -72,16 +73,6 @@ def tokens(stack: tuple[Any, Any]) -> MsalTokenProvider:
         scope=f"{dataverse.url.rstrip('/')}/.default",
         client_secret=demo.APP_CLIENT_SECRET,
     )
-
-
-class Clock:
-    """Records the waits the client asks for and does not really wait (tests never depend on speed)."""
-
-    def __init__(self) -> None:
-        self.slept: list[float] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
 
 
 @pytest.fixture

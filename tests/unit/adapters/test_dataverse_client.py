@@ -30,6 +30,7 @@ from core.adapters.dataverse import (
 from core.adapters.odata import encode_batch
 from core.adapters.retry import RetryPolicy
 from core.config import Settings
+from tests.fakes import Clock
 
 ORG = "https://org.example"
 API = f"{ORG}/api/data/v9.2"
@@ -73,16 +74,6 @@ def fail_with(exc: Exception) -> Handler:
         raise exc
 
     return handler
-
-
-class Clock:
-    """Records requested sleeps instead of sleeping: tests never depend on wall-clock speed."""
-
-    def __init__(self) -> None:
-        self.slept: list[float] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
 
 
 @pytest.fixture
