@@ -87,4 +87,4 @@ def chaos_env(tmp_path_factory: pytest.TempPathFactory, chaos_sizes: ChaosSizes)
         try:
             yield ChaosEnv(stack, org, chaos_sizes)
         finally:
-            print(f"\nchaos stack logs kept in {workdir} (host.log, stack.log)")
+            print(f"\nchaos stack logs kept in {workdir} (functions.log and one per service)")
