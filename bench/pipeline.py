@@ -355,8 +355,6 @@ def _ceiling(stack: Stack, org: BenchOrg, *, seconds: float) -> dict[str, Any]:
 
 
 def _scale(stack: Stack, workdir: Path, org: BenchOrg, count: int, *, timeout: float) -> dict[str, Any]:
-    from bench.local_functions import start_functions_host
-
     seed = seed_scale(stack, count, org.mailboxes[0].address)
     before = len(stack.emulator("graph", "GET", "subscriptions")["value"])
     reconciles_before = stack.executed_count("subscription_reconcile")
@@ -367,11 +365,11 @@ def _scale(stack: Stack, workdir: Path, org: BenchOrg, count: int, *, timeout: f
     values = {"AzureWebJobsStorage": stack.storage_connection_string, "TABLE_PREFIX": SCALE_PREFIX,
               "GRAPH_TENANT_ID": stack.app_settings().get("GRAPH_TENANT_ID", ""),
               **{f"AzureWebJobs.{name}.Disabled": "true" for name in others}}
-    host = start_functions_host(values, workdir / "scale-host")
+    host = Stack(workdir / "scale-host", services=["functions"], host_values=values, host_grace=5).start()
     try:
         stack.emulator("graph", "DELETE", "requests")
-        outcome = run_reconcile(stack, {"TABLE_PREFIX": SCALE_PREFIX, "WEBHOOK_BASE_URL": f"{host.url}/api",
-                                        "WEBHOOK_FUNCTION_KEY": host.host_key}, timeout=timeout)
+        outcome = run_reconcile(stack, {"TABLE_PREFIX": SCALE_PREFIX, "WEBHOOK_BASE_URL": f"{host.functions_root}/api",
+                                        "WEBHOOK_FUNCTION_KEY": host.function_key}, timeout=timeout)
         if "error" in outcome and "did not finish" in str(outcome["error"]):
             outcome.update(timed_out=True, cap_s=timeout)
     finally:
