@@ -56,6 +56,31 @@ def _shared_fixture_group(item: pytest.Item) -> str | None:
     return None
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_report_to_serializable(config: pytest.Config, report: pytest.TestReport) -> Iterator[None]:
+    """pytest-xdist ships each report from a worker as UTF-8; the fuzz suites' captured logs can hold lone
+    surrogates (hostile input quoted at DEBUG), which would abort the whole run. They travel escaped
+    (``\\udXXX``), as the report prints them anyway."""
+    outcome = yield
+    data = outcome.get_result()
+    if data is not None:
+        outcome.force_result(_without_surrogates(data))
+
+
+def _without_surrogates(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_without_surrogates(v) for v in value)
+    return value
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     # Registered here (the root conftest pytest reads before parsing the command line) so that
     # `pytest -m chaos --chaos-full` (make chaos) works from the repository root.
