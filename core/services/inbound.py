@@ -438,6 +438,8 @@ class InboundProcessor:
         await self.decisions.record(item.mailbox, item.message_id, {
             "mailbox": item.mailbox, "graphId": item.message_id, "source": item.source,
             "internetMessageId": message.internet_message_id if message else None,
+            **({"from": message.originator.address if message.originator else "", "subject": message.subject[:400]}
+               if message else {}),
             "outcome": f"{outcome.value}:{code}",
             "decisions": [{"step": "processing", "outcome": code, "why": reason}]})
         await self.ledger.put(LedgerEntry(

@@ -246,7 +246,9 @@ class SubscriptionService:
 
     # -- whole reconcile ------------------------------------------------------------------------------------
 
-    async def reconcile(self, *, only_mailbox: str | None = None) -> ReconcileReport:
+    async def reconcile(self, *, only_mailbox: str | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> ReconcileReport:
+        """``progress(done, total)`` is called as Graph requests complete (the CLI's progress bar)."""
         org = await self._mailboxes.get_org_settings()
         if only_mailbox is not None:
             config = await self._mailboxes.get_mailbox(only_mailbox)
@@ -270,7 +272,7 @@ class SubscriptionService:
         now = self._clock()
         plan = plan_reconcile(desired, records, graph_subs, now=now, renew_before=self._options.renew_before,
                               notification_url=self._options.notification_url)
-        return await self.apply(plan, now=now)
+        return await self.apply(plan, now=now, progress=progress)
 
     async def recreate(self, mailbox: str, subscription_id: str = "") -> ReconcileReport:
         """After ``subscriptionRemoved``: forget the removed subscription and subscribe the mailbox again."""
@@ -300,7 +302,8 @@ class SubscriptionService:
 
     # -- applying a plan ------------------------------------------------------------------------------------
 
-    async def apply(self, plan: ReconcilePlan, *, now: datetime) -> ReconcileReport:
+    async def apply(self, plan: ReconcilePlan, *, now: datetime,
+                    progress: Callable[[int, int], None] | None = None) -> ReconcileReport:
         report = ReconcileReport(unchanged=plan.keep)
         for record in plan.drop_records:
             await self._store.delete(record.id)
@@ -317,9 +320,9 @@ class SubscriptionService:
                            mailbox=record.mailbox, folder=record.folder, record=record))
         for mailbox, folder in plan.create:
             ops.append(self._create_op(mailbox, folder, expires))
-        renew_lost = await self._run(ops, report, expires)
+        renew_lost = await self._run(ops, report, expires, progress)
         if renew_lost:  # renewals Graph answered 404 for: the subscription is gone, make a new one now
-            await self._run([self._create_op(m, f, expires) for m, f in renew_lost], report, expires)
+            await self._run([self._create_op(m, f, expires) for m, f in renew_lost], report, expires, progress)
         if self._status is not None:
             for mailbox, folder, reason in report.failed:
                 if mailbox != "-":
@@ -341,14 +344,20 @@ class SubscriptionService:
                     "headers": {"Content-Type": "application/json", "Prefer": 'IdType="ImmutableId"'},
                     "body": body}, mailbox=mailbox, folder=folder, client_state=client_state)
 
-    async def _run(self, ops: list[_Op], report: ReconcileReport, expires: datetime) -> list[tuple[str, str]]:
+    async def _run(self, ops: list[_Op], report: ReconcileReport, expires: datetime,
+                   progress: Callable[[int, int], None] | None = None) -> list[tuple[str, str]]:
         chunks = [ops[i:i + GRAPH_BATCH_LIMIT] for i in range(0, len(ops), GRAPH_BATCH_LIMIT)]
         gate = asyncio.Semaphore(max(1, self._options.concurrency))
         lost: list[tuple[str, str]] = []
+        done = 0
 
         async def one(chunk: list[_Op]) -> None:
+            nonlocal done
             async with gate:
                 await self._run_chunk(chunk, report, expires, lost)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(ops))
 
         await asyncio.gather(*(one(c) for c in chunks))
         return lost

@@ -74,7 +74,7 @@ def test_sync_list_show_and_set(cli: Any) -> None:
     assert shown["fields"]["Inbound"]["source"] == "crm" and shown["valid"]
 
     code, _, err = cli("mailbox", "set", ALICE, "--inbound", "pigeon")
-    assert code == 1 and "pigeon" in err and "not written" in err
+    assert code == 2 and "pigeon" in err and "not written" in err  # a usage error, found before any write
     code, _, err = cli("mailbox", "show", "nobody@nowhere.example")
     assert code == 1 and "sync-crm" in err
 
@@ -98,23 +98,39 @@ def test_settings_get_and_set(cli: Any) -> None:
     assert code == 1 and "unknown org setting" in err
 
 
-def test_mailbox_test_reports_checks(cli: Any) -> None:
+def test_mailbox_test_reports_checks(cli: Any, stack: LocalStack) -> None:
     cli("sync-crm")
     code, outcome, _ = cli("mailbox", "test", ALICE)
     names = {c["name"]: c for c in outcome["checks"]}
-    assert set(names) == {"crm_owner", "graph_read", "graph_send", "subscription"}
+    assert set(names) == {"crm_owner", "crm_write", "graph_read", "graph_send", "subscription"}
     assert names["graph_read"]["ok"] and names["graph_send"]["ok"] and names["crm_owner"]["ok"]
+    assert names["crm_write"]["ok"], names["crm_write"]
     assert not names["subscription"]["ok"]  # nothing reconciled yet
     assert code == 1 and outcome["health"] == "failing"
     code, listing, _ = cli("mailbox", "list")
-    assert next(m for m in listing["mailboxes"] if m["address"] == ALICE)["health"] == "failing"
+    alice = next(m for m in listing["mailboxes"] if m["address"] == ALICE)
+    assert alice["health"] == "failing"
+    # The CRM write check wrote the mailbox record's "last tested" column, and nothing else of ours.
+    (record,) = stack.dv("GET", f"mailboxes?$select=testmailboxaccesscompletedon&$filter=mailboxid eq "
+                                f"{alice['mailbox_id']}").json()["value"]
+    assert record["testmailboxaccesscompletedon"]
+
+    code, outcomes, _ = cli("mailbox", "test", "--all", "--no-crm-write")
+    by_address = {o["address"]: o for o in outcomes}
+    assert {ALICE, BOB, f"support@{DOMAIN}"} <= set(by_address)
+    assert all(c["name"] != "crm_write" for o in outcomes for c in o["checks"])
+    assert by_address[BOB]["health"] == "failing"  # no forward rule yet: the probe says so
+    assert any(c["name"] == "forward_rule" and not c["ok"] for c in by_address[BOB]["checks"])
+    assert code == 1  # some mailbox is failing
+    code, _, err = cli("mailbox", "test")
+    assert code == 2 and "--all" in err
 
 
 def test_subscriptions_and_unavailable_inputs(cli: Any) -> None:
     code, subs, _ = cli("subscriptions", "list")
     assert code == 0 and subs == []
     code, _, err = cli("subscriptions", "reconcile")
-    assert code == 1 and "WEBHOOK_BASE_URL" in err
+    assert code == 3 and "WEBHOOK_BASE_URL" in err  # not configured
     code, _, err = cli("explain", "<nothing@example.org>")
     assert code == 1 and "no decision recorded" in err
 
@@ -141,9 +157,13 @@ def test_poison_list_replay_discard(cli: Any, workdir: Path) -> None:
 
     code, replayed, _ = cli("poison", "replay", by_n[1]["id"])
     assert code == 0 and replayed["replayed"] == [by_n[1]["id"]]
-    code, discarded, _ = cli("poison", "discard", by_n[2]["id"])
+    code, _, err = cli("poison", "discard", by_n[2]["id"])  # destructive: no terminal, no --yes -> refused
+    assert code == 2 and "--yes" in err
+    code, listed, _ = cli("poison", "list", "inbound-mail")
+    assert [i["id"] for i in listed] == [by_n[2]["id"]]  # still there
+    code, discarded, _ = cli("poison", "discard", by_n[2]["id"], "--yes")
     assert code == 0 and discarded["discarded"] == [by_n[2]["id"]]
-    code, _, err = cli("poison", "discard", "no-such-id")
+    code, _, err = cli("poison", "discard", "no-such-id", "--yes")
     assert code == 1 and "no poisoned message" in err
 
     async def inbound_queue() -> list[str]:
@@ -163,9 +183,9 @@ def test_poison_list_replay_discard(cli: Any, workdir: Path) -> None:
 
 def test_forward_rules_deploy_produces_a_working_rule(cli: Any, stack: LocalStack, workdir: Path) -> None:
     cli("sync-crm")
-    code, first, _ = cli("forward-rules", "deploy", "--users", BOB, "--sink", SINK)
+    code, first, _ = cli("forward-rules", "deploy", "--users", BOB, "--sink", SINK, "--yes")
     assert code == 0 and first[0]["result"] == "created"
-    code, second, _ = cli("forward-rules", "deploy", "--users", BOB, "--sink", SINK)
+    code, second, _ = cli("forward-rules", "deploy", "--users", BOB, "--sink", SINK)  # nothing to change: no question
     assert code == 0 and second[0]["result"] == "unchanged"  # idempotent
     code, shown, _ = cli("mailbox", "show", BOB)
     assert shown["effective"]["forward_sink"] == SINK
@@ -223,7 +243,7 @@ def test_forward_rules_deploy_produces_a_working_rule(cli: Any, stack: LocalStac
                                  "'<quote-1@fabrikam.example>'").json()["value"]
     assert tracked["_ownerid_value"] == bob_id and tracked["subject"] == "Quote for Bob"
 
-    code, removed, _ = cli("forward-rules", "remove", "--users", BOB)
+    code, removed, _ = cli("forward-rules", "remove", "--users", BOB, "--yes")
     assert code == 0 and removed[0]["result"] == "removed"
     code, again, _ = cli("forward-rules", "remove", "--users", BOB)
     assert again[0]["result"] == "absent"
@@ -335,7 +355,7 @@ def test_poison_replay_reprocesses_the_item(cli: Any, stack: LocalStack, workdir
     code, items, _ = cli("poison", "list", "inbound-mail")
     ours = [i for i in items if ALICE in i["content"]]
     assert code == 0 and ours
-    code, replayed, _ = cli("poison", "replay", "--all", "--queue", "inbound-mail")
+    code, replayed, _ = cli("poison", "replay", "--all", "--queue", "inbound-mail", "--yes")
     assert code == 0 and ours[0]["id"] in replayed["replayed"]
 
     async def drain() -> list[str]:
