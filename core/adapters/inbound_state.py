@@ -237,7 +237,8 @@ class TableDecisionLog:
         clauses = ["PartitionKey eq @pk", "RowKey ge @lo", "RowKey lt @hi"]
         params: dict[str, Any] = {"lo": inverted_time_key(until), "hi": f"{int(inverted_time_key(since)) + 1:013d}"}
         if mailbox:
-            clauses.append("(Mailbox eq @mb or TrackedFor eq @mb)")
+            # The SDK substitutes whitespace-separated "@name" words: keep the ")" apart from the parameter.
+            clauses.append("(Mailbox eq @mb or TrackedFor eq @mb )")
             params["mb"] = mailbox.strip().lower()
         if kind:
             clauses.append("Kind eq @kind")
