@@ -210,3 +210,14 @@ async def test_unwanted_subscription_is_deleted() -> None:
     report = await service(graph, store, [mbx("a@x.com")]).reconcile()
     assert report.deleted == 1
     assert [r.mailbox for r in store.records.values()] == ["a@x.com"] and len(graph.subs) == 1
+
+
+async def test_reconcile_reports_progress_as_requests_complete() -> None:
+    graph, store = FakeGraph(), FakeStore()
+    seen: list[tuple[int, int]] = []
+    report = await service(graph, store, [mbx(f"u{i}@x.com") for i in range(45)]).reconcile(
+        progress=lambda done, total: seen.append((done, total)))
+    assert report.created == 45
+    done = [d for d, _ in seen]
+    assert len(seen) == 3 and all(total == 45 for _, total in seen)  # one call per batch of 20 requests
+    assert done == sorted(done) and done[-1] == 45
