@@ -58,7 +58,8 @@ def test_time_keys_sort_newest_first_and_cover_a_window() -> None:
 
 def test_index_rows_point_to_the_record_and_carry_what_a_search_filters() -> None:
     record = {"internetMessageId": "<wrapper@x>", "originalInternetMessageId": "<orig@y>", "mailbox": "sink@x",
-              "outcome": "skipped:filter:not_accepted", "from": "nora@n.example", "subject": "Hi", "trackedFor": "bob@x",
+              "outcome": "skipped:filter:not_accepted", "from": "nora@n.example", "subject": "Hi",
+              "trackedFor": "bob@x",
               "decisions": [{"step": "filter", "outcome": "skip:not_accepted", "why": "nobody accepted"}]}
     rows = TableDecisionLog._index_rows("sink@x", "g1", record, NOW)
     time_row, *mid_rows = rows
