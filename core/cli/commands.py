@@ -91,21 +91,25 @@ async def _close(container: Any) -> None:
 async def run(args: argparse.Namespace, *, cwd: Path, environ: Mapping[str, str]) -> int:
     from core.config import ConfigError
 
+    from .config import azure_error_hint, describe_sources
+
     out = Out(args.json)
     try:
         container = _container(args, cwd, environ)
     except (ConfigError, ValueError) as exc:
-        raise CliError(f"{exc} (set it in the environment, local.settings.json or --settings FILE)") from exc
+        raise CliError(f"{exc}\n{describe_sources(args.settings, cwd, environ)}") from exc
     handler = _HANDLERS[(args.command, getattr(args, "action", None))]
     try:
         return await handler(container, args, out)
     except (ConfigError, ValueError, KeyError) as exc:
-        raise CliError(str(exc).strip("'\"")) from exc
+        hint = f"\n{describe_sources(args.settings, cwd, environ)}" if isinstance(exc, ConfigError) else ""
+        raise CliError(str(exc).strip("'\"") + hint) from exc
     except CliError:
         raise
     except Exception as exc:
         if type(exc).__module__.startswith(("core.adapters", "azure.")):
-            raise CliError(f"{type(exc).__name__}: {exc}") from exc
+            hint = azure_error_hint(exc)
+            raise CliError(f"{type(exc).__name__}: {exc}" + (f"\n{hint}" if hint else "")) from exc
         raise
     finally:
         await _close(container)
