@@ -46,23 +46,6 @@ _UNREACHABLE = ("ServiceRequestError", "ConnectError", "ConnectTimeout", "Client
                 "ConnectionRefusedError")
 
 
-def _not_configured_hint(cwd: Path) -> str:
-    from .config import find_stack_file
-
-    stack = find_stack_file(cwd)
-    hint = " (set it in the environment, local.settings.json or --settings FILE)"
-    if stack is not None:
-        import json
-
-        try:
-            running = bool(json.loads(stack.read_text(encoding="utf-8")).get("running"))
-        except (OSError, ValueError):
-            running = False
-        if not running:
-            hint += f"; {stack} says the local stack is not running: start it with `make run`"
-    return hint
-
-
 def _container(args: argparse.Namespace, cwd: Path, environ: Mapping[str, str]) -> Any:
     from core.bootstrap import Container
     from core.config import Settings
@@ -101,24 +84,27 @@ async def run(spec: Command, args: argparse.Namespace, *, cwd: Path, environ: Ma
     """Build the container and run one command, mapping failures to the documented exit codes."""
     from core.config import ConfigError
 
+    from .config import azure_error_hint, describe_sources
+
     out = Out(args.json)
     try:
         container = _container(args, cwd, environ)
     except (ConfigError, ValueError) as exc:
-        raise UnavailableError(f"{exc}{_not_configured_hint(cwd)}") from exc
+        raise UnavailableError(f"{exc}\n{describe_sources(args.settings, cwd, environ)}") from exc
     try:
         return await spec.handler(container, args, out)
     except CliError:
         raise
     except ConfigError as exc:
-        raise UnavailableError(f"{exc}{_not_configured_hint(cwd)}") from exc
+        raise UnavailableError(f"{exc}\n{describe_sources(args.settings, cwd, environ)}") from exc
     except Exception as exc:
         if _unreachable(exc):
             raise UnavailableError(f"a service could not be reached ({type(exc).__name__}: {exc})") from exc
         if isinstance(exc, ValueError | KeyError):
             raise CliError(str(exc).strip("'\"")) from exc
         if type(exc).__module__.startswith(("core.", "azure.")):
-            raise CliError(f"{type(exc).__name__}: {exc}") from exc
+            hint = azure_error_hint(exc)
+            raise CliError(f"{type(exc).__name__}: {exc}" + (f"\n{hint}" if hint else "")) from exc
         raise
     finally:
         await _close(container)
