@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 
-from core.cli import _parser
+from core.cli import build_parser
+from core.cli.registry import COMMANDS
 from core.cli.commands import CliError, run
 from core.cli.config import azure_error_hint, describe_sources, load_values
 
@@ -63,9 +64,10 @@ def test_deployment_settings_file_needs_no_connection_string(tmp_path: Path) -> 
 
 
 def test_the_cli_error_for_a_missing_setting_explains(tmp_path: Path) -> None:
-    args = _parser().parse_args(["status"])
+    args = build_parser().parse_args(["status"])
     with pytest.raises(CliError) as err:
-        asyncio.run(run(args, cwd=tmp_path, environ={}))
+        asyncio.run(run(COMMANDS[args._command], args, cwd=tmp_path, environ={}))
+    assert err.value.exit_code == 3  # unavailable: not configured
     text = str(err.value)
     assert "AzureWebJobsStorage" in text and "Not configured" in text and "No local stack is running" in text
 
