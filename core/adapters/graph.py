@@ -576,7 +576,7 @@ class GraphMailClient:
         base = f"/users/{quote(mailbox)}/mailFolders"
         if parent is not None:
             base += f"/{quote(parent, safe='')}/childFolders"
-        next_url: str | None = f"{base}?$select=id,displayName,parentFolderId&$top=100"
+        next_url: str | None = f"{base}?$select=id,displayName,parentFolderId,childFolderCount&$top=100"
         out: list[dict[str, Any]] = []
         while next_url:
             _, body, _ = await self._send("list_folders", mailbox, self._raw("GET", next_url), idempotent=True)

@@ -217,6 +217,8 @@ async def mailbox_set(container: Any, args: argparse.Namespace, out: Out) -> int
     changes = {k.removeprefix("field_"): v for k, v in vars(args).items() if k.startswith("field_") and v is not None}
     if not changes:
         raise CliError("nothing to set: give at least one option (see `emailrouter mailbox set --help`)")
+    if str(changes.get("TrackedFolders") or "").strip():
+        changes["TrackedFolders"] = await _folders_by_id(container, args.address, changes["TrackedFolders"])
     try:
         config = await _directory(container).set_overrides(args.address, changes)
     except ValueError as exc:
@@ -225,6 +227,19 @@ async def mailbox_set(container: Any, args: argparse.Namespace, out: Out) -> int
     out.emit(data, lambda c: c.print(f"{config.address}: overrides written ({', '.join(sorted(changes))}); "
                                      "effective within the settings cache TTL (≤ 60 s)"))
     return 0
+
+
+async def _folders_by_id(container: Any, address: str, raw: str) -> str:
+    """TrackedFolders as typed (folder names, paths or ids) -> the same mapping keyed by Graph folder id."""
+    from core.settings.folders import FolderNotResolved, resolve_tracked_folders
+    from core.settings.rows import format_value, parse_folders
+
+    try:
+        typed = {name: f"{ref.table}:{ref.id}" for name, ref in parse_folders(raw).items()}
+        resolved = await resolve_tracked_folders(container.graph, address, typed)
+    except (FolderNotResolved, ValueError) as exc:
+        raise CliError(f"not written: tracked folders: {exc}") from exc
+    return str(format_value(parse_folders(resolved)))
 
 
 def _health_service(container: Any) -> Any:
