@@ -521,3 +521,34 @@ async def test_a_reauthorization_challenge_is_one_patch_and_a_delta_of_that_fold
     assert writes == [("PATCH", f"/v1.0/subscriptions/{sent.id}")]
     (renewed,) = [r async for r in p.c.subscription_directory.list() if r.id == sent.id]
     assert renewed.expires > sent.expires
+
+
+async def test_attachments_are_listed_by_metadata_and_only_kept_ones_downloaded(pipeline: Pipeline) -> None:
+    p = pipeline
+    await p.emu("dataverse", "POST", "seed", {"organization": {"settings": {"maxuploadfilesize": 100_000}}})
+    await p.subscribe()
+    await p.clear_logs()
+    msg = EmailMessage()
+    mid = f"<{uuid.uuid4().hex}@fabrikam.example>"
+    msg["From"], msg["To"], msg["Subject"], msg["Message-ID"] = ("fiona@fabrikam.example", f"alice@{DOMAIN}",
+                                                                  "Three files", mid)
+    msg.set_content("see attached")
+    msg.add_alternative('<p>chart: <img src="cid:chart1"></p>', subtype="html")
+    msg.get_payload()[1].add_related(b"\x89PNG small", maintype="image", subtype="png", cid="<chart1>")
+    msg.add_attachment(b"a" * 500, maintype="text", subtype="plain", filename="a.txt")
+    msg.add_attachment(b"b" * 700, maintype="application", subtype="pdf", filename="b.pdf")
+    msg.add_attachment(b"x" * 200_000, maintype="application", subtype="octet-stream", filename="big.bin")
+    port = p.env.graph.smtp_port
+    assert port is not None
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.send_message(msg)
+
+    await p.drain(has_row(p, mid))
+    (row,) = await rows_for(p, mid)
+    names = sorted(a["filename"] for a in row["email_activity_mime_attachment"])
+    assert len(names) == 3 and {"a.txt", "b.pdf"} <= set(names) and "big.bin" in row["description"]
+    log = (await p.emu("graph", "GET", "requests"))["value"]
+    reads = [(r["method"], r["path"].rsplit("/", 2)[-2:]) for r in log if r["method"] == "GET" or "$batch" in r["path"]]
+    # one GET of the message (attachment metadata only) and one $batch for the three small files; never big.bin
+    assert len([r for r in log if "$batch" in r["path"]]) == 1, reads
+    assert not [r for r in log if "/attachments" in r["path"]], reads
