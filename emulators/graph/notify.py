@@ -505,10 +505,9 @@ class Notifier:
 
     def _challenge_due(self, sub: dict[str, Any], now: float) -> bool:
         """Is a ``reauthorizationRequired`` due for this stored subscription? Marks it sent when it is."""
-        expires = parse_dt(sub["expirationDateTime"])
         before = self.config.reauthorize_before_s
         if before is not None and not sub.get("_reauthNotified") and \
-                (expires - now_utc()).total_seconds() <= before:
+                (parse_dt(sub["expirationDateTime"]) - now_utc()).total_seconds() <= before:
             sub["_reauthNotified"] = True
             sub["_challengedSince"] = sub.get("_challengedSince") or now
             sub["_challengedAt"] = now
@@ -536,9 +535,13 @@ class Notifier:
                     self.store.delete_subscription(sub.id)
                     changed = True
                     continue
+                now = time.time()
+                if not self._challenge_due(dict(sub.raw), now):  # cheap check on the cached copy, nothing saved
+                    continue
+                # decided again on the stored record, atomically: the API may have renewed it a moment ago
                 fire: list[bool] = []
                 stored = self.store.update_subscription(
-                    sub.id, lambda s, fire=fire: fire.append(self._challenge_due(s, time.time())) or fire[-1])
+                    sub.id, lambda s, fire=fire, now=now: fire.append(self._challenge_due(s, now)) or fire[-1])
                 if stored is not None and fire and fire[0]:
                     self.fire_lifecycle(stored, "reauthorizationRequired")
                     changed = True
