@@ -1,5 +1,5 @@
 """GraphMailClient on the wire (httpx.MockTransport behind the real msgraph-sdk middleware): the exact requests the
-router sends for delta, attachments, upload sessions and subscriptions, and how it reads Graph's errors."""
+router sends for delta, attachments, upload sessions and subscriptions, and how it reads Graph's delta resets."""
 
 from __future__ import annotations
 
