@@ -316,8 +316,11 @@ class TableDeltaState:
             e = await self._table.get(_mailbox_key(mailbox), encode_key(folder))
         except EntityNotFoundError:
             return None
+        seen = e.get("InitialSeen")
         return DeltaCursor(mailbox=mailbox, folder=folder, link=join_text(e, "Link") or None,
-                           high_water=e.get("HighWater"), round_started=e.get("RoundStarted"))
+                           high_water=e.get("HighWater"), round_started=e.get("RoundStarted"),
+                           initial_seen=int(seen) if seen is not None else None,
+                           initial_oldest=e.get("InitialOldest"))
 
     async def put(self, cursor: DeltaCursor) -> None:
         entity: dict[str, Any] = {
@@ -328,6 +331,10 @@ class TableDeltaState:
             entity["HighWater"] = cursor.high_water
         if cursor.round_started is not None:
             entity["RoundStarted"] = cursor.round_started
+        if cursor.initial_seen is not None:
+            entity["InitialSeen"] = cursor.initial_seen
+        if cursor.initial_oldest is not None:
+            entity["InitialOldest"] = cursor.initial_oldest
         await self._table.upsert(entity, mode="replace")
 
     async def delete(self, mailbox: str, folder: str) -> None:

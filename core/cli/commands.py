@@ -306,6 +306,8 @@ def _turns_off(changes: Mapping[str, str]) -> list[str]:
                    "emailrouter mailbox set erin@contoso.com --enabled false --yes"])
 async def mailbox_set(container: Any, args: argparse.Namespace, out: Out) -> int:
     changes = _set_changes(args)
+    if str(changes.get("TrackedFolders") or "").strip():
+        changes["TrackedFolders"] = await _folders_by_id(container, args.address, changes["TrackedFolders"])
     off = _turns_off(changes)
     listed = [f"{args.address}: Override{name} = {value!r}" for name, value in sorted(changes.items())]
     if args.dry_run or off:
@@ -321,6 +323,19 @@ async def mailbox_set(container: Any, args: argparse.Namespace, out: Out) -> int
     out.emit(data, lambda c: c.print(f"{config.address}: overrides written ({', '.join(sorted(changes))}); "
                                      "effective within the settings cache TTL (≤ 60 s)"))
     return 0
+
+
+async def _folders_by_id(container: Any, address: str, raw: str) -> str:
+    """TrackedFolders as typed (folder names, paths or ids) -> the same mapping keyed by Graph folder id."""
+    from core.settings.folders import FolderNotResolved, resolve_tracked_folders
+    from core.settings.rows import format_value, parse_folders
+
+    try:
+        typed = {name: f"{ref.table}:{ref.id}" for name, ref in parse_folders(raw).items()}
+        resolved = await resolve_tracked_folders(container.graph, address, typed)
+    except (FolderNotResolved, ValueError) as exc:
+        raise CliError(f"not written: tracked folders: {exc}") from exc
+    return str(format_value(parse_folders(resolved)))
 
 
 def _health_service(container: Any) -> Any:

@@ -267,12 +267,16 @@ def _plan_attachments(message: MailMessage, activity_id: uuid.UUID, org: OrgEmai
     kept: list[PlannedAttachment] = []
     omitted: list[OmittedAttachment] = []
     for index, attachment in enumerate(message.attachments):
-        if attachment.content is None:
+        content = attachment.content
+        # Without content: an Outlook item, or a file listed by metadata only (the processor downloads only what
+        # fits the limit, so a missing file over the limit is "too large", not "unavailable").
+        size = len(content) if content is not None else attachment.size
+        too_large = _base64_size(size) > org.max_attachment_bytes
+        if content is None and (attachment.is_item or not too_large):
             what = "attached Outlook item" if attachment.is_item else "content not available"
             omitted.append(OmittedAttachment(attachment.name, attachment.size, f"{what}, not saved"))
             continue
-        size = len(attachment.content)
-        if _base64_size(size) > org.max_attachment_bytes:
+        if content is None or too_large:
             omitted.append(OmittedAttachment(
                 attachment.name, size,
                 f"larger than the organisation's attachment limit of {_human_size(org.max_attachment_bytes)}"))
@@ -281,7 +285,7 @@ def _plan_attachments(message: MailMessage, activity_id: uuid.UUID, org: OrgEmai
             attachment_id=attachment_id_for(activity_id, index, attachment.name),
             filename=attachment.name[:255],
             mimetype=attachment.content_type[:256],
-            content=attachment.content,
+            content=content,
             content_id=attachment.content_id,
             is_inline=attachment.is_inline,
         ))

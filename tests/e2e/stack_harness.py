@@ -478,6 +478,7 @@ class Stack:
     def clear_faults(self) -> None:
         self.emulator("graph", "DELETE", "faults")
         self.emulator("graph", "DELETE", "notification-faults")
+        self.emulator("graph", "POST", "config", {"delta_evict_probability": 0.0})
         self.emulator("dataverse", "DELETE", "faults")
 
     def _dv_token(self) -> str:

@@ -668,3 +668,30 @@ def test_mailbox_show_and_outbound_list_give_the_reasons(cli: Any, workdir: Path
     failures = {f["email_id"]: f for f in status["outbound"]["failures"]}
     assert failed_id in failures and "ErrorAccessDenied" in failures[failed_id]["reason"]
     assert status["outbound"]["in_flight"] >= 1
+
+
+def test_tracked_folder_names_are_saved_as_folder_ids(cli: Any, stack: LocalStack) -> None:
+    assert cli("sync-crm")[0] == 0
+    stack.graph_emulator("POST", "seed", {"users": [{"userPrincipalName": ALICE, "folders": [
+        {"displayName": "Projects", "parent": "inbox"}, {"displayName": "2026", "parent": "Projects"}]}]})
+    store = stack.graph.store
+    user = store.get_user(ALICE)
+    assert user is not None
+    inbox = store.folder(user.id, "inbox")
+    assert inbox is not None
+    projects = next(f for f in store.child_folders(user.id, inbox.id) if f.display_name == "Projects")
+    year = next(f for f in store.child_folders(user.id, projects.id) if f.display_name == "2026")
+    record = f"account:{uuid.uuid4()}"
+
+    # Graph's mailFolders/{x} takes ids and well-known names only: names and paths are resolved when written
+    code, written, err = cli("mailbox", "set", ALICE, "--folders",
+                             json.dumps({"projects": record, "Inbox/Projects/2026": record}))
+    assert code == 0, err
+    assert set(written["effective"]["tracked_folders"]) == {projects.id, year.id}
+    code, _, err = cli("mailbox", "set", ALICE, "--folders", json.dumps({"Nowhere": record}))
+    assert code == 1 and "no folder named 'Nowhere'" in err
+    code, _, err = cli("mailbox", "set", ALICE, "--folders", json.dumps({"Inbox": record}))
+    assert code == 1 and "always tracked" in err
+    code, shown, _ = cli("mailbox", "show", ALICE)
+    assert set(shown["effective"]["tracked_folders"]) == {projects.id, year.id}  # refused writes changed nothing
+    assert cli("mailbox", "set", ALICE, "--folders", "")[0] == 0

@@ -11,9 +11,9 @@ import pytest
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 
 from core.cli import build_parser
-from core.cli.registry import COMMANDS
 from core.cli.commands import CliError, run
 from core.cli.config import azure_error_hint, describe_sources, load_values
+from core.cli.registry import COMMANDS
 
 
 def _stack(folder: Path, running: bool) -> None:
