@@ -254,7 +254,7 @@ async def test_reconcile_reports_progress_as_requests_complete() -> None:
         progress=lambda done, total: seen.append((done, total)))
     assert report.created == 45
     done = [d for d, _ in seen]
-    assert len(seen) == 3 and all(total == 45 for _, total in seen)  # one call per batch of 20 requests
+    assert len(seen) == 45 and all(total == 45 for _, total in seen)  # creates are direct POSTs: one call each
     assert done == sorted(done) and done[-1] == 45
 
 
