@@ -12,7 +12,7 @@ NPM_STAMP := node_modules/.installed
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
 
-.PHONY: run test test-fast lint bench demo chaos reset install clean
+.PHONY: run test test-fast lint bench demo chaos reset install clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,20 @@ $(NPM_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $(NPM_STAMP)
 
-install: $(STAMP) $(NPM_STAMP)
+install: $(STAMP) $(NPM_STAMP) browser
+
+# Debian's chromium + chromium-driver for the status-page test (tests/integration/test_status_page.py drives it
+# with selenium; browser downloads are impossible offline). Quiet and idempotent: apt runs only when one is missing.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium and chromium-driver (status-page browser test)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium chromium-driver; } >/dev/null 2>&1 || echo "apt-get could not install chromium"; \
+	  else \
+	    echo "chromium/chromedriver missing and apt-get is not usable here: the status-page browser test is skipped"; \
+	  fi; \
+	fi
 
 run: install
 	$(PY) -m local.stack up --live

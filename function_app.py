@@ -6,7 +6,14 @@ host index no functions at all (azure-functions-python-worker#1338).
 
 import azure.functions as func
 
-from functions import graph_webhooks, health, inbound_functions, outbound_functions, settings_functions
+from functions import (
+    graph_webhooks,
+    health,
+    inbound_functions,
+    outbound_functions,
+    settings_functions,
+    status_page,
+)
 
 app = func.FunctionApp()
 app.register_functions(health.bp)
@@ -14,3 +21,4 @@ app.register_functions(graph_webhooks.bp)
 app.register_functions(settings_functions.bp)
 app.register_functions(inbound_functions.bp)
 app.register_functions(outbound_functions.bp)
+app.register_functions(status_page.bp)

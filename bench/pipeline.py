@@ -60,6 +60,9 @@ NAMES = {
     "ratio": "pipeline throughput / emulator ceiling",
     "scale": "subscription reconcile, 10,000 mailboxes",
 }
+# DESIGN.md: the first reconcile of 10,000 mailboxes within 1.2 x Graph's write-rate floor (1,000 subscription
+# writes per 20 s, which the Graph emulator enforces: 10,000 creates >= 200 s).
+SCALE_TARGET_S = 1.2 * 200
 
 
 _INDEX_PROBE = """
@@ -179,17 +182,19 @@ def _ratio_metrics(result: dict[str, Any]) -> list[Metric]:
 def _scale_metrics(result: dict[str, Any], quick: bool) -> list[Metric]:
     scale = result.get("scale")
     if not scale:
-        return [not_measured(NAMES["scale"], "s", 60, "scale phase not reached")]
+        return [not_measured(NAMES["scale"], "s", SCALE_TARGET_S, "scale phase not reached")]
     n = scale["mailboxes"]
     if "error" in scale and scale.get("timed_out"):
         # Stopped at the cap: the wall time is at least the cap, a lower bound that already decides the target.
         made = scale.get("subscriptions_after", 0) - scale.get("subscriptions_before", 0)
-        return [Metric(f"subscription reconcile, {n:,} mailboxes", scale["cap_s"], "s", 60 if n >= 10_000 else None,
+        return [Metric(f"subscription reconcile, {n:,} mailboxes", scale["cap_s"], "s",
+                       SCALE_TARGET_S if n >= 10_000 else None,
                        detail=f"LOWER BOUND: the reconcile process was stopped at the {scale['cap_s']:.0f} s cap with "
                               f"{made} of {n} subscriptions created; Graph requests {scale['graph_requests']} "
                               f"({scale['graph_by_kind']}); seed {scale.get('seed')}", extra=scale)]
     if "error" in scale:
-        return [not_measured(NAMES["scale"], "s", 60, f"{n} mailboxes: {scale['error']}; subscriptions in the "
+        return [not_measured(NAMES["scale"], "s", SCALE_TARGET_S, f"{n} mailboxes: {scale['error']}; "
+                             f"subscriptions in the "
                              f"emulator afterwards: {scale.get('subscriptions_after')}; seed: {scale.get('seed')}")]
     report = scale.get("report") or {}
     detail = (f"{n} extra mailboxes ({scale['seed']['graph_users']} Graph users + {scale['seed']['mailbox_rows']} "
@@ -198,18 +203,21 @@ def _scale_metrics(result: dict[str, Any], quick: bool) -> list[Metric]:
               f"{report.get('created')}, unchanged {report.get('unchanged')}, "
               f"failed {len(report.get('failed') or [])}; "
               f"process {scale['outer_s']} s incl. start-up; peak RSS {scale['peak_rss_mib']} MiB; Graph requests "
-              f"{scale['graph_requests']} ({scale['graph_by_kind']}; the $batch requests took "
-              f"{scale.get('graph_batch_ms_sum')} ms in the emulator, summed, 8 in flight); settings in their own "
+              f"{scale['graph_requests']} ({scale['graph_by_kind']}; creates are direct POSTs, "
+              f"SUBSCRIPTION_CREATE_CONCURRENCY in flight, paced under the 1,000 writes / 20 s the emulator "
+              f"enforces; $batch requests took {scale.get('graph_batch_ms_sum')} ms, summed); settings in their own "
               f"tables and notification URL on a webhook-only second local host, so no timer touches them meanwhile; "
               f"every create makes the Graph emulator POST a "
               f"validation handshake to the Functions host before answering (real cost, included); per created "
               f"subscription the router also writes its record, a delta cursor and the mailbox status to Azurite")
-    rows = [Metric(f"subscription reconcile, {n:,} mailboxes", scale["wall_s"], "s", 60 if n >= 10_000 else None,
+    rows = [Metric(f"subscription reconcile, {n:,} mailboxes", scale["wall_s"], "s",
+                   SCALE_TARGET_S if n >= 10_000 else None,
                    detail=detail, extra=scale),
             Metric(f"subscription reconcile, {n:,} mailboxes: peak RSS", scale["peak_rss_mib"], "MiB", None,
                    detail="ru_maxrss of the reconcile process")]
     if n < 10_000:
-        rows.insert(0, not_measured(NAMES["scale"], "s", 60, f"--quick measures {n:,} mailboxes (next rows); the "
+        rows.insert(0, not_measured(NAMES["scale"], "s", SCALE_TARGET_S, f"--quick measures {n:,} mailboxes "
+                                    "(next rows); the "
                                     "10,000 figure comes from the full run only; not extrapolated"))
     return rows
 
@@ -262,7 +270,7 @@ def _phases(stack: Stack, workdir: Path, result: dict[str, Any], *, quick: bool,
         poller.stop()
     result["ceiling"] = _ceiling(stack, org, seconds=4.0 if quick else 8.0)
     _log(f"ceiling: {result['ceiling']}")
-    result["scale"] = _scale(stack, workdir, org, scale_count, timeout=120.0 if quick else 200.0)
+    result["scale"] = _scale(stack, workdir, org, scale_count, timeout=120.0 if quick else 1.5 * SCALE_TARGET_S)
     _log(f"scale: wall {result['scale'].get('wall_s')} s")
 
 
@@ -412,7 +420,7 @@ def metrics_from(result: dict[str, Any], quick: bool) -> list[Metric]:
     if "scale" in result:
         metrics += _scale_metrics(result, quick)
     else:
-        metrics.append(not_measured(NAMES["scale"], "s", 60, f"run broke before it: {error}"))
+        metrics.append(not_measured(NAMES["scale"], "s", SCALE_TARGET_S, f"run broke before it: {error}"))
     if error:
         metrics.append(not_measured("pipeline: harness error", "", None, error, error=True))
     for m in metrics:  # context shared by every row's JSON

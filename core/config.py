@@ -11,19 +11,23 @@ infrastructure drift test (every setting read here appears in ``infra/`` or is o
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Final
 
 __all__ = [
     "SETTINGS",
+    "ClientCredential",
     "ConfigError",
     "MissingSettingError",
     "Setting",
     "Settings",
+    "UnresolvedReferenceError",
     "get_settings",
+    "is_unresolved_reference",
     "reset_settings_cache",
+    "unresolved_settings",
 ]
 
 VERSION: Final = "0.1.0"
@@ -37,6 +41,42 @@ class MissingSettingError(ConfigError):
     def __init__(self, name: str, meaning: str) -> None:
         super().__init__(f"Missing required app setting {name!r}: {meaning}")
         self.setting = name
+
+
+# App Service replaces ``@Microsoft.KeyVault(...)`` (and App Configuration's ``@Microsoft.AppConfiguration(...)``)
+# with the secret's value when it can; when it can't, the app setting keeps the literal reference text
+# (learn.microsoft.com app-service-key-vault-references, Troubleshooting). Such a value is never a credential.
+_REFERENCE_PREFIXES: Final = ("@microsoft.keyvault(", "@microsoft.appconfiguration(")
+UNRESOLVED_REASON: Final = (
+    "Key Vault reference not resolved: the secret is missing, or the app's identity lacks the "
+    "Key Vault Secrets User role (or the role has not propagated yet)"
+)
+
+
+def is_unresolved_reference(value: str | None) -> bool:
+    """True when an app setting still holds the text of a Key Vault / App Configuration reference."""
+    return bool(value) and value.strip().lower().startswith(_REFERENCE_PREFIXES)  # type: ignore[union-attr]
+
+
+class UnresolvedReferenceError(MissingSettingError):
+    """An app setting is a Key Vault reference that App Service could not resolve: the value is the reference text.
+
+    A :class:`MissingSettingError` (the setting has no usable value); the message names the setting and the
+    reason, never the reference (it names the vault and secret, which is no secret but is noise in alerts).
+    """
+
+    def __init__(self, name: str) -> None:
+        ConfigError.__init__(self, f"App setting {name!r}: {UNRESOLVED_REASON}")
+        self.setting = name
+
+
+def unresolved_settings(env: Mapping[str, str] | None = None) -> list[str]:
+    """Names of the app settings (any, not only the router's) whose value is an unresolved reference, sorted.
+
+    For ``/api/health`` and ``emailrouter doctor``; pass the values the caller uses (default: the environment).
+    """
+    env = os.environ if env is None else env
+    return sorted(name for name, value in env.items() if is_unresolved_reference(value))
 
 
 @dataclass(frozen=True)
@@ -74,6 +114,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "Client secret for Graph (or use GRAPH_CLIENT_CERTIFICATE_PATH).", secret=True, optional=True),
     Setting("GRAPH_CLIENT_CERTIFICATE_PATH", None,
             "PEM file with private key and certificate for Graph (certificate credential).", optional=True),
+    Setting("GRAPH_MANAGED_IDENTITY_CLIENT_ID", None,
+            "Client id of the user-assigned managed identity that is a federated identity credential on the app "
+            "registration: the router signs in with that identity's token as client assertion (no secret). Wins "
+            "over GRAPH_CLIENT_SECRET / GRAPH_CLIENT_CERTIFICATE_PATH; Dataverse uses it too unless it has its own "
+            "credential.", optional=True),
+    Setting("FEDERATED_TOKEN_AUDIENCE", "api://AzureADTokenExchange",
+            "Audience of the managed identity token used as client assertion (api://AzureADTokenExchangeUSGov or "
+            "api://AzureADTokenExchangeChina in national clouds)."),
     Setting("GRAPH_AUTHORITY_HOST", "https://login.microsoftonline.com",
             "Identity platform host for Graph tokens."),
     Setting("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0", "Microsoft Graph base URL."),
@@ -112,8 +160,18 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "Transient failures of one inbound message before it is recorded as failed and poisoned."),
     Setting("INBOUND_MAX_RETRY_DELAY_SECONDS", "900", "Longest visibility delay when an inbound item is retried."),
     Setting("SUBSCRIPTION_LIFETIME_MINUTES", "4200",
-            "Requested Graph subscription lifetime (<= 4230 is safe everywhere, reference/graph.md §1.4)."),
+            "Requested Graph subscription lifetime (<= 4230 is valid everywhere; the current Learn page allows "
+            "10,080 for Outlook resources)."),
     Setting("SUBSCRIPTION_RENEW_BEFORE_MINUTES", "1440", "Renew subscriptions expiring within this many minutes."),
+    Setting("SUBSCRIPTION_CREATE_CONCURRENCY", "8",
+            "Subscription creates in flight; each makes Graph send 1-2 validation requests to the webhook."),
+    Setting("SUBSCRIPTION_WRITES_PER_20S", "950",
+            "Subscription writes (create/renew/delete) per 20 s the router allows itself (Graph: 1,000 per app)."),
+    Setting("SUBSCRIPTION_REAUTHORIZE_COALESCE_MINUTES", "10",
+            "A reauthorizationRequired for a subscription renewed this recently needs no PATCH."),
+    Setting("DELTA_CHANGE_TYPE", "created",
+            "changeType of delta rounds: created (later rounds skip read flags and other updates; NOT VERIFIED "
+            "that Exchange reports a message moved into the folder as created) or all."),
     Setting("OUTBOUND_PER_SENDER_CAP", "20", "Emails per sender enqueued per scan (fairness across senders)."),
     Setting("OUTBOUND_SCAN_MAX_ROWS", "50000", "Most Pending Send rows one scan reads."),
     Setting("OUTBOUND_LEASE_SECONDS", "300", "How long a worker holds an outbound email before another may take over."),
@@ -142,7 +200,33 @@ def _read(env: Mapping[str, str], name: str) -> str:
                 return ""
             raise MissingSettingError(name, spec.meaning)
         return spec.default
+    if is_unresolved_reference(value):
+        raise UnresolvedReferenceError(name)
     return value
+
+
+@dataclass(frozen=True)
+class ClientCredential:
+    """How the router signs in to one app registration. Exactly one of the three is set.
+
+    ``managed_identity_client_id``: a user-assigned managed identity that is a federated identity credential on the
+    app registration (its token for ``federated_audience`` is the client assertion); ``certificate_path``: a PEM file
+    (key + certificate); ``secret``: a client secret.
+    """
+
+    secret: str = ""
+    certificate_path: str = ""
+    managed_identity_client_id: str = ""
+    federated_audience: str = ""
+
+    @property
+    def kind(self) -> str:
+        if self.managed_identity_client_id:
+            return "managed_identity"
+        return "certificate" if self.certificate_path else "secret"
+
+    def __repr__(self) -> str:  # never the secret
+        return f"ClientCredential(kind={self.kind!r})"
 
 
 class Settings:
@@ -235,11 +319,35 @@ class Settings:
     def graph_scope(self) -> str:
         return self.raw("GRAPH_SCOPE")
 
+    @property
+    def graph_managed_identity_client_id(self) -> str:
+        return self.raw("GRAPH_MANAGED_IDENTITY_CLIENT_ID")
+
+    @property
+    def graph_credential(self) -> ClientCredential:
+        """The Graph app's credential: managed identity (federated) > certificate > secret.
+
+        Only the setting that is used is read, so an unresolved reference in an unused one (a stale
+        GRAPH_CLIENT_SECRET next to a managed identity) does not fail the app; /api/health still lists it.
+        """
+        identity = self.graph_managed_identity_client_id
+        if identity:
+            return ClientCredential(managed_identity_client_id=identity,
+                                    federated_audience=self.raw("FEDERATED_TOKEN_AUDIENCE"))
+        certificate = self.graph_client_certificate_path
+        if certificate:
+            return ClientCredential(certificate_path=certificate)
+        secret = self.graph_client_secret
+        if secret:
+            return ClientCredential(secret=secret)
+        raise MissingSettingError(
+            "GRAPH_CLIENT_SECRET",
+            "set GRAPH_MANAGED_IDENTITY_CLIENT_ID (federated credential), GRAPH_CLIENT_CERTIFICATE_PATH or a client "
+            "secret for Graph",
+        )
+
     def require_graph_credential(self) -> None:
-        if not self.graph_client_secret and not self.graph_client_certificate_path:
-            raise MissingSettingError(
-                "GRAPH_CLIENT_SECRET", "set a client secret or GRAPH_CLIENT_CERTIFICATE_PATH for Graph"
-            )
+        _ = self.graph_credential
 
     # dataverse
     @property
@@ -255,16 +363,32 @@ class Settings:
         return self.raw("DATAVERSE_CLIENT_ID") or self.graph_client_id
 
     @property
+    def dataverse_credential(self) -> ClientCredential:
+        """Dataverse's own credential (certificate > secret) when it has one, else the Graph app's credential."""
+        certificate = self.raw("DATAVERSE_CLIENT_CERTIFICATE_PATH")
+        if certificate:
+            return ClientCredential(certificate_path=certificate)
+        secret = self.raw("DATAVERSE_CLIENT_SECRET")
+        if secret:
+            return ClientCredential(secret=secret)
+        try:
+            return self.graph_credential
+        except UnresolvedReferenceError:
+            raise
+        except MissingSettingError:
+            raise MissingSettingError(
+                "DATAVERSE_CLIENT_SECRET",
+                "set a credential for Dataverse (DATAVERSE_CLIENT_SECRET / _CERTIFICATE_PATH) or for Graph "
+                "(GRAPH_MANAGED_IDENTITY_CLIENT_ID, GRAPH_CLIENT_CERTIFICATE_PATH, GRAPH_CLIENT_SECRET)",
+            ) from None
+
+    @property
     def dataverse_client_secret(self) -> str:
-        if self.raw("DATAVERSE_CLIENT_CERTIFICATE_PATH"):
-            return self.raw("DATAVERSE_CLIENT_SECRET")
-        return self.raw("DATAVERSE_CLIENT_SECRET") or self.graph_client_secret
+        return self.dataverse_credential.secret
 
     @property
     def dataverse_client_certificate_path(self) -> str:
-        if self.raw("DATAVERSE_CLIENT_SECRET"):
-            return self.raw("DATAVERSE_CLIENT_CERTIFICATE_PATH")
-        return self.raw("DATAVERSE_CLIENT_CERTIFICATE_PATH") or self.graph_client_certificate_path
+        return self.dataverse_credential.certificate_path
 
     @property
     def dataverse_authority(self) -> str:
@@ -303,15 +427,33 @@ class Settings:
     def log_level(self) -> str:
         return self.raw("LOG_LEVEL").upper()
 
+    def unresolved(self) -> list[str]:
+        """App settings whose value is still an unresolved Key Vault / App Configuration reference."""
+        return unresolved_settings(self._env)
+
     def configured(self) -> dict[str, bool]:
-        """Which dependencies are configured (for the health endpoint; never values)."""
-        env = self._env
+        """Which dependencies are usable as configured (for the health endpoint; never values).
+
+        A dependency whose setting is an unresolved Key Vault reference counts as *not* configured; the names are
+        in :meth:`unresolved`.
+        """
+
+        def usable(check: Callable[[], object]) -> bool:
+            try:
+                return bool(check())
+            except ConfigError:
+                return False
+
+        def webhooks() -> bool:
+            _ = self.webhook_function_key  # an unresolved key would be sent to Graph as ?code=
+            return bool(self.raw("WEBHOOK_BASE_URL"))
+
         return {
-            "storage": bool(env.get("AzureWebJobsStorage") or env.get("AzureWebJobsStorage__queueServiceUri")),
-            "graph": bool(env.get("GRAPH_TENANT_ID") and env.get("GRAPH_CLIENT_ID")
-                          and (env.get("GRAPH_CLIENT_SECRET") or env.get("GRAPH_CLIENT_CERTIFICATE_PATH"))),
-            "dataverse": bool(env.get("DATAVERSE_URL")),
-            "webhooks": bool(env.get("WEBHOOK_BASE_URL")),
+            "storage": usable(lambda: self.raw("AzureWebJobsStorage")
+                              or self.raw("AzureWebJobsStorage__queueServiceUri")),
+            "graph": usable(lambda: self.graph_tenant_id and self.graph_client_id and self.graph_credential),
+            "dataverse": usable(lambda: self.dataverse_url and self.dataverse_client_id and self.dataverse_credential),
+            "webhooks": usable(webhooks),
         }
 
 

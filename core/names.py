@@ -24,6 +24,7 @@ DELTA_STATE_TABLE: Final = "DeltaState"
 PROCESSED_TABLE: Final = "Processed"
 MAILBOX_STATUS_TABLE: Final = "MailboxStatus"
 DECISIONS_TABLE: Final = "Decisions"
+DECISION_INDEX_TABLE: Final = "DecisionIndex"
 OUTBOUND_TABLE: Final = "Outbound"
 POISON_LOG_TABLE: Final = "PoisonLog"
 
@@ -35,6 +36,7 @@ TABLES: Final = (
     PROCESSED_TABLE,
     MAILBOX_STATUS_TABLE,
     DECISIONS_TABLE,
+    DECISION_INDEX_TABLE,
     OUTBOUND_TABLE,
     POISON_LOG_TABLE,
 )

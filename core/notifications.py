@@ -166,4 +166,5 @@ def check_lifecycle_notification(
     event = item.get("lifecycleEvent")
     if not isinstance(event, str) or event not in _LIFECYCLE_EVENTS:
         return Rejection(sub.id, "bad lifecycleEvent")
-    return MailboxSyncItem(mailbox=sub.mailbox, reason=event, subscription_id=sub.id)  # type: ignore[arg-type]
+    return MailboxSyncItem(mailbox=sub.mailbox, reason=event, subscription_id=sub.id,  # type: ignore[arg-type]
+                           folder=sub.folder)

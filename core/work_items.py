@@ -112,6 +112,7 @@ class MailboxSyncItem:
     mailbox: str
     reason: Literal["missed", "subscriptionRemoved", "reauthorizationRequired", "timer", "manual"]
     subscription_id: str = ""
+    folder: str = ""  # the lifecycle event's subscription folder: only that folder needs a delta round
 
     def to_json(self) -> str:
         return _dump("mailbox-sync", asdict(self))
@@ -126,4 +127,5 @@ class MailboxSyncItem:
             mailbox=_str(data, "mailbox"),
             reason=reason,  # type: ignore[arg-type]
             subscription_id=_str(data, "subscription_id", required=False),
+            folder=_str(data, "folder", required=False),
         )

@@ -4,13 +4,15 @@
 //   user-assigned managed identity (storage, Key Vault, App Insights)     this file
 //   Storage account: host storage, deployment container, queues, tables   core/storage.bicep
 //   Key Vault (RBAC mode) with the app registration secret(s)             core/keyvault.bicep
-//   Log Analytics + Application Insights (Entra ID auth only)             core/monitoring.bicep
-//   role assignments for the identity                                     app/rbac.bicep
+//   Log Analytics + Application Insights (Entra ID auth only), poison alert core/monitoring.bicep
+//   role assignments for the identity and for the operator                app/rbac.bicep
 //   app settings (after the role assignments)                             app/appsettings.bicep
 //
-// Used by `azd up` (azure.yaml, main.parameters.json) and by `az deployment group create`.
-// No secret is written into this template or returned as an output; secure parameters go to Key Vault
-// and the app reads them through Key Vault references resolved with the managed identity.
+// Used by `azd up` (azure.yaml, main.parameters.json, hooks in infra/hooks/azd_hooks.py) and by
+// `az deployment group create`. No secret is written into this template or returned as an output.
+// Recommended credential: the user-assigned identity as a federated identity credential on the app
+// registration (appCredential = 'managedIdentity'): no secret exists anywhere. The fallback is a client
+// secret passed as a secure parameter, stored in Key Vault and read through a Key Vault reference.
 // The Bicep CLI could not be run where this was written: run `az bicep build --file infra/main.bicep`
 // before deploying (docs/deploy.md).
 
@@ -28,6 +30,11 @@ metadata description = 'Email Router for Dynamics 365 on Azure Functions Flex Co
 param environmentName string
 
 @minLength(1)
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
 @description('Region of every resource; it must offer Flex Consumption (az functionapp list-flexconsumption-locations).')
 param location string = resourceGroup().location
 
@@ -46,8 +53,15 @@ param graphTenantId string
 @description('Application (client) id of the app registration used for Microsoft Graph (GRAPH_CLIENT_ID).')
 param graphClientId string
 
+@allowed([
+  'managedIdentity'
+  'clientSecret'
+])
+@description('How the router signs in to the app registration(s). managedIdentity (recommended): the user-assigned identity is a federated identity credential on the app registration (issuer/subject in the outputs FEDERATED_CREDENTIAL_*; the azd postprovision hook adds it) and no secret exists. clientSecret: graphClientSecret, kept in Key Vault.')
+param appCredential string = 'managedIdentity'
+
 @secure()
-@description('Client secret of the Graph app registration. Written to Key Vault as graph-client-secret; leave empty to put it there yourself.')
+@description('Client secret of the Graph app registration (appCredential = clientSecret). Written to Key Vault as graph-client-secret; leave empty to put it there yourself.')
 param graphClientSecret string = ''
 
 @description('Identity platform host for Graph tokens (GRAPH_AUTHORITY_HOST). Defaults to the current cloud.')
@@ -142,13 +156,44 @@ param logLevel string = 'INFO'
 @description('Memory of each Flex Consumption instance, in MB.')
 param instanceMemoryMB int = 2048
 
-@minValue(40)
+// Default derived from the downstream limits and host.json (docs/deploy.md "Scaling", checked by
+// tests/unit/test_infra.py): every queue-triggered instance runs up to batchSize + newBatchThreshold
+// = 4 + 2 = 6 messages at once, each with at most one Dataverse request in flight; the timers that read
+// Dataverse (outbound scan, CRM sync, health probe) add one each, plus one for an operator's CLI = 4.
+// Dataverse allows 52 concurrent requests per application user (per web server, strict reading: one):
+//   (maximumInstanceCount - httpAlwaysReady) x 6 + 4 <= 52   =>   (9 - 1) x 6 + 4 = 52.
+// 9 is also the number of scale groups (the HTTP group, 3 queue functions, 5 timers), so every group can
+// have an instance at the same time. Raise it only together with a lower host.json concurrency.
+@minValue(1)
 @maxValue(1000)
-@description('Upper bound of Flex Consumption instances (the platform minimum for this cap was 40 when written).')
-param maximumInstanceCount int = 40
+@description('Upper bound of Flex Consumption instances for the whole app (docs/deploy.md "Scaling" has the arithmetic).')
+param maximumInstanceCount int = 9
 
-@description('Turn on Key Vault purge protection (cannot be turned off again; blocks `azd down --purge`).')
-param keyVaultPurgeProtection bool = false
+@minValue(0)
+@maxValue(10)
+@description('Always-ready instances for the HTTP scale group (Graph notifications must be answered within seconds; 0 = scale to zero and accept cold starts).')
+param httpAlwaysReady int = 1
+
+@description('Turn on Key Vault purge protection (on by default; cannot be turned off again; a purge-protected vault cannot be purged before its retention ends, so `azd down --purge` leaves it and a redeployment needs a new environment name).')
+param keyVaultPurgeProtection bool = true
+
+// ---------------------------------------------------------------------------------------------------
+// Operators and alerts
+// ---------------------------------------------------------------------------------------------------
+
+@description('Object id of the operator (user or group) who runs the emailrouter CLI, Storage Explorer and secret rotation: gets queue, table and Key Vault secret data roles. Defaults to whoever deploys; empty = nobody.')
+param principalId string = deployer().objectId
+
+@allowed([
+  'User'
+  'Group'
+  'ServicePrincipal'
+])
+@description('Type of principalId.')
+param principalType string = 'User'
+
+@description('E-mail address alerted when a message lands in a poison queue; empty = the alert fires in the portal only.')
+param alertEmail string = ''
 
 // ---------------------------------------------------------------------------------------------------
 // Names
@@ -160,6 +205,16 @@ var allTags = union(tags, { 'azd-env-name': environmentName })
 var serviceName = 'api'
 
 var functionAppName = '${abbrs.webSitesFunctions}emailrouter-${resourceToken}'
+var useClientSecret = appCredential == 'clientSecret'
+// The token-exchange audience of the current cloud (Entra: api://AzureADTokenExchange, ...USGov, ...China).
+var federatedTokenAudiences = {
+  AzureCloud: 'api://AzureADTokenExchange'
+  AzureUSGovernment: 'api://AzureADTokenExchangeUSGov'
+  AzureChinaCloud: 'api://AzureADTokenExchangeChina'
+}
+var federatedTokenAudience = contains(federatedTokenAudiences, environment().name)
+  ? federatedTokenAudiences[environment().name]
+  : 'api://AzureADTokenExchange'
 var deploymentContainerName = 'app-package-${resourceToken}'
 
 // Key Vault secret names; the values are never in this template.
@@ -186,6 +241,7 @@ module monitoring 'core/monitoring.bicep' = {
     appInsightsName: '${abbrs.insightsComponents}${resourceToken}'
     location: location
     tags: allTags
+    alertEmail: alertEmail
   }
 }
 
@@ -208,8 +264,8 @@ module keyVault 'core/keyvault.bicep' = {
     tags: allTags
     purgeProtection: keyVaultPurgeProtection
     secretNames: secretNames
-    graphClientSecret: graphClientSecret
-    dataverseClientSecret: empty(dataverseClientId) ? '' : dataverseClientSecret
+    graphClientSecret: useClientSecret ? graphClientSecret : ''
+    dataverseClientSecret: useClientSecret && !empty(dataverseClientId) ? dataverseClientSecret : ''
     webhookFunctionKey: webhookFunctionKey
   }
 }
@@ -227,6 +283,7 @@ module api 'app/api.bicep' = {
     deploymentContainerName: deploymentContainerName
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
+    httpAlwaysReady: httpAlwaysReady
   }
 }
 
@@ -234,6 +291,8 @@ module rbac 'app/rbac.bicep' = {
   name: 'rbac'
   params: {
     principalId: identity.properties.principalId
+    operatorPrincipalId: principalId
+    operatorPrincipalType: principalType
     storageAccountName: storage.outputs.name
     keyVaultName: keyVault.outputs.name
     appInsightsName: monitoring.outputs.appInsightsName
@@ -254,9 +313,11 @@ module appSettings 'app/appsettings.bicep' = {
     appInsightsConnectionString: monitoring.outputs.appInsightsConnectionString
     keyVaultUri: keyVault.outputs.uri
     secretNames: secretNames
+    federatedTokenAudience: federatedTokenAudience
     tablePrefix: tablePrefix
     graphTenantId: graphTenantId
     graphClientId: graphClientId
+    clientSecretInUse: useClientSecret
     graphAuthorityHost: graphAuthorityHost
     graphBaseUrl: graphBaseUrl
     graphScope: graphScope
@@ -296,4 +357,15 @@ output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
 output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
 output AZURE_KEY_VAULT_URI string = keyVault.outputs.uri
 output AZURE_USER_ASSIGNED_IDENTITY_CLIENT_ID string = identity.properties.clientId
+output AZURE_USER_ASSIGNED_IDENTITY_PRINCIPAL_ID string = identity.properties.principalId
 output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.appInsightsName
+// For the emailrouter CLI against this deployment (docs/deploy.md "The CLI against your deployment").
+output AZURE_STORAGE_QUEUE_ENDPOINT string = storage.outputs.queueEndpoint
+output AZURE_STORAGE_TABLE_ENDPOINT string = storage.outputs.tableEndpoint
+output TABLE_PREFIX string = tablePrefix
+// The federated identity credential the app registration needs (appCredential = managedIdentity):
+// az ad app federated-credential create --id <app id> --parameters '{"name": "...", "issuer": ..., "subject": ..., "audiences": [...]}'
+output EMAILROUTER_APP_CREDENTIAL string = appCredential
+output FEDERATED_CREDENTIAL_ISSUER string = '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
+output FEDERATED_CREDENTIAL_SUBJECT string = identity.properties.principalId
+output FEDERATED_TOKEN_AUDIENCE string = federatedTokenAudience

@@ -148,6 +148,7 @@ class StackContext:
     host_values: dict[str, str] = field(default_factory=dict)  # app settings that win over the generated ones
     host_lease_seconds: int | None = None  # the host's queue-message lease (None: the real host's 600 s)
     host_grace: float = 10.0  # seconds in-flight invocations get when the host stops
+    timers: bool = True  # False: no *_SCHEDULE defaults, so the timer functions stay unresolved and never fire
     say: Callable[[str], None] = _quiet
 
     @property
@@ -345,10 +346,11 @@ def _apply_runtime_seed(ctx: StackContext) -> None:
 
 
 def write_host_settings(ctx: StackContext) -> None:
-    """``<state>/local.settings.json`` for the host, lowest precedence first: the documented timer schedules, the
+    """``<state>/local.settings.json`` for the host, lowest precedence first: the documented timer schedules (unless
+    ``timers`` is off), the
     user's own ``local.settings.json`` Values (if any), every started service's endpoints, the CA bundle, then the
     driver's ``host_values`` (a test's compressed timers); plus the host port and the ``Keys`` section."""
-    values: dict[str, str] = dict(_schedule_defaults())
+    values: dict[str, str] = dict(_schedule_defaults()) if ctx.timers else {}
     user_file = ctx.root / "local.settings.json"
     if user_file.exists():
         with contextlib.suppress(ValueError, OSError):

@@ -195,7 +195,8 @@ class Stack:
     local/demo_org.py, applied to new emulator databases) or ``"none"``. ``fresh``: delete the services' data
     first. ``host_values``: app settings that win over the generated ones (a test's compressed timers).
     ``host_lease_seconds``: the host's queue-message lease (default the real host's 600 s; a test that SIGKILLs
-    the host shortens it). ``echo(name, line)``: also show service output (the CLI). ``say(line)``: the driver's
+    the host shortens it). ``timers=False``: no timer schedules in the host's settings, so its timers never fire (a
+    host for HTTP tests). ``echo(name, line)``: also show service output (the CLI). ``say(line)``: the driver's
     own messages (default: the ``local.stack`` logger).
     """
 
@@ -203,7 +204,8 @@ class Stack:
                  ports: Ports | Mapping[str, int] | None = None, seed: str = "none", fresh: bool = False,
                  log_dir: Path | str | None = None, echo: Callable[[str, str], None] | None = None,
                  say: Callable[[str], None] | None = None, host_values: Mapping[str, str] | None = None,
-                 host_lease_seconds: int | None = None, host_grace: float = 10.0, root: Path = ROOT) -> None:
+                 host_lease_seconds: int | None = None, host_grace: float = 10.0, timers: bool = True,
+                 root: Path = ROOT) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.log_dir = Path(log_dir).resolve() if log_dir is not None else self.state_dir / "logs"
         self.root = root
@@ -223,6 +225,7 @@ class Stack:
         self.host_values = dict(host_values or {})
         self.host_lease_seconds = host_lease_seconds
         self.host_grace = host_grace
+        self.timers = timers
         self.ctx: StackContext | None = None
         self.doc: dict[str, Any] = {}
         self.host_starts = 0
@@ -295,7 +298,7 @@ class Stack:
             root=self.root, state_dir=self.state_dir, ports=ports, tls=ensure_tls(self.state_dir / "tls"),
             keys=load_or_create_keys(None, self.state_dir / "functions-keys.json"), started=self.names,
             seed=self.seed, host_values=self.host_values, host_lease_seconds=self.host_lease_seconds,
-            host_grace=self.host_grace, say=self.say)
+            host_grace=self.host_grace, timers=self.timers, say=self.say)
         deadline = time.monotonic() + within
         try:
             first = [s for s in self.specs if not s.after_others]
@@ -621,8 +624,10 @@ class Stack:
         return r.json() if r.content else None
 
     def clear_faults(self) -> None:
+        """Every injected fault off: Graph request and notification faults, delta-token eviction, Dataverse."""
         self.emulator("graph", "DELETE", "faults")
         self.emulator("graph", "DELETE", "notification-faults")
+        self.emulator("graph", "POST", "config", {"delta_evict_probability": 0.0})
         self.emulator("dataverse", "DELETE", "faults")
 
     def dv(self, method: str, path: str, body: Any = None, *, headers: Mapping[str, str] | None = None,

@@ -4,10 +4,18 @@ One :class:`MsalTokenProvider` per (authority, client, scope, credential) per pr
 helpers): it owns one long-lived ``msal.ConfidentialClientApplication`` (whose token cache it reuses)
 and keeps the current token itself, so the hot path is a comparison, not a call into msal.
 
-- Secret or certificate credential. A certificate is a PEM file holding the private key and the
-  certificate; the certificate is handed to msal as ``public_certificate`` so msal signs the client
-  assertion with the SHA-256 thumbprint (``x5t#S256``, PS256) and sends ``x5c`` (subject name/issuer
-  auth works too). For AD FS authorities (``https://host/adfs``) msal itself falls back to SHA-1/RS256.
+- Secret, certificate or federated (managed identity) credential. A certificate is a PEM file holding the
+  private key and the certificate; the certificate is handed to msal as ``public_certificate`` so msal signs
+  the client assertion with the SHA-256 thumbprint (``x5t#S256``, PS256) and sends ``x5c`` (subject
+  name/issuer auth works too). For AD FS authorities (``https://host/adfs``) msal itself falls back to
+  SHA-1/RS256. The secret-free path: a user-assigned managed identity configured as a *federated identity
+  credential* on the app registration (learn.microsoft.com/entra/workload-id/workload-identity-federation-
+  config-app-trust-managed-identity). azure-identity's ``ManagedIdentityCredential`` gets the identity's
+  token for ``api://AzureADTokenExchange`` from the hosting platform (App Service / Functions:
+  ``IDENTITY_ENDPOINT`` + ``IDENTITY_HEADER``), and msal sends it as the client assertion
+  (``client_credential={"client_assertion": callable}``, called only when msal needs a new app token).
+  Works for Graph and Dataverse, cross-tenant included (a multi-tenant app redeems the assertion in the
+  resource tenant).
 - Instance discovery: msal validates an authority by asking ``login.microsoftonline.com`` about it.
   That only makes sense for Microsoft's own cloud hosts; for any other host (AD FS for Dynamics 365
   on-premises, a sovereign cloud msal does not list, a corporate proxy, the local identity emulator)
@@ -38,7 +46,7 @@ from urllib.parse import urlsplit
 
 from kiota_abstractions.authentication import AccessTokenProvider, AllowedHostsValidator
 
-from core.config import MissingSettingError, Settings
+from core.config import ClientCredential, Settings
 
 if TYPE_CHECKING:
     import msal
@@ -47,6 +55,7 @@ __all__ = [
     "WELL_KNOWN_AUTHORITY_HOSTS",
     "AuthError",
     "CertificateCredential",
+    "ManagedIdentityAssertion",
     "MsalAccessTokenProvider",
     "MsalTokenProvider",
     "dataverse_token_provider",
@@ -123,6 +132,47 @@ class CertificateCredential:
         return {"private_key": self.private_key_pem, "public_certificate": self.certificate_pem}
 
 
+class ManagedIdentityAssertion:
+    """A client assertion source for msal: the user-assigned managed identity's token for the token-exchange
+    audience (``api://AzureADTokenExchange``), fetched through azure-identity from the hosting platform.
+
+    Callable with no arguments, as msal wants. The credential is built on first call (it reads the
+    platform's environment then) and caches the identity's token until shortly before it expires.
+    """
+
+    def __init__(self, client_id: str, audience: str = "api://AzureADTokenExchange") -> None:
+        if not client_id:
+            raise AuthError("invalid_configuration", "the managed identity's client id is required")
+        self.client_id = client_id
+        self.scope = f"{audience.rstrip('/')}/.default"
+        self._credential: Any = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ManagedIdentityAssertion(client_id={self.client_id!r}, scope={self.scope!r})"
+
+    def __call__(self) -> str:
+        from azure.core.exceptions import ClientAuthenticationError
+
+        with self._lock:
+            if self._credential is None:
+                from azure.identity import ManagedIdentityCredential  # deferred: import cost
+
+                self._credential = ManagedIdentityCredential(client_id=self.client_id)
+            credential = self._credential
+        try:
+            return str(credential.get_token(self.scope).token)
+        except ClientAuthenticationError as exc:  # CredentialUnavailableError derives from it
+            # azure-identity's message names the platform and the reason, never a token
+            raise AuthError("managed_identity_unavailable",
+                            f"no token for {self.scope} from managed identity {self.client_id}: {exc.message}") \
+                from None
+
+    def close(self) -> None:
+        if self._credential is not None:
+            self._credential.close()
+
+
 @dataclass(frozen=True)
 class _CachedToken:
     value: str
@@ -152,20 +202,23 @@ class MsalTokenProvider:
         client_secret: str | None = None,
         certificate: CertificateCredential | None = None,
         certificate_path: str | Path | None = None,
+        client_assertion: Callable[[], str] | None = None,
         refresh_margin_s: float = 300.0,
         timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if certificate is None and certificate_path:
             certificate = CertificateCredential.from_pem_file(certificate_path)
-        if certificate is None and not client_secret:
-            raise AuthError("invalid_configuration", "a client secret or a client certificate is required")
+        if certificate is None and not client_secret and client_assertion is None:
+            raise AuthError("invalid_configuration",
+                            "a client secret, a client certificate or a client assertion source is required")
         if not authority.lower().startswith("https://"):
             raise AuthError("invalid_configuration", "the authority must be an https URL")
         self.client_id = client_id
         self.authority = authority.rstrip("/")
         self.scope = scope
         self.certificate = certificate
+        self.client_assertion = client_assertion
         self._secret = client_secret
         self._refresh_margin_s = refresh_margin_s
         self._timeout_s = timeout_s
@@ -178,7 +231,7 @@ class MsalTokenProvider:
         )
 
     def __repr__(self) -> str:  # never the secret
-        kind = "certificate" if self.certificate else "secret"
+        kind = "assertion" if self.client_assertion else "certificate" if self.certificate else "secret"
         return f"MsalTokenProvider(client_id={self.client_id!r}, authority={self.authority!r}, scope={self.scope!r}, " \
                f"credential={kind})"
 
@@ -217,9 +270,13 @@ class MsalTokenProvider:
         if self._app is None:
             import msal  # deferred: keeps `import function_app` cheap
 
-            credential: str | dict[str, str] = (
-                self.certificate.as_msal_credential() if self.certificate else (self._secret or "")
-            )
+            credential: str | dict[str, Any]
+            if self.client_assertion is not None:
+                credential = {"client_assertion": self.client_assertion}
+            elif self.certificate is not None:
+                credential = self.certificate.as_msal_credential()
+            else:
+                credential = self._secret or ""
             try:
                 self._app = msal.ConfidentialClientApplication(
                     self.client_id,
@@ -305,33 +362,40 @@ _providers: dict[tuple[str, ...], MsalTokenProvider] = {}
 _providers_lock = threading.Lock()
 
 
-def _shared_provider(
-    client_id: str, authority: str, scope: str, secret: str, certificate_path: str
-) -> MsalTokenProvider:
-    # Keyed by a digest of the secret, never the secret itself: a rotated secret gets a new provider.
-    secret_digest = hashlib.sha256(secret.encode()).hexdigest() if secret and not certificate_path else ""
-    key = (client_id.lower(), authority.rstrip("/").lower(), scope, secret_digest, certificate_path)
+def _credential_key(credential: ClientCredential) -> tuple[str, ...]:
+    # A digest of the secret, never the secret itself: a rotated secret gets a new provider.
+    if credential.managed_identity_client_id:
+        return ("managed_identity", credential.managed_identity_client_id.lower(), credential.federated_audience)
+    if credential.certificate_path:
+        return ("certificate", credential.certificate_path)
+    return ("secret", hashlib.sha256(credential.secret.encode()).hexdigest())
+
+
+def _shared_provider(client_id: str, authority: str, scope: str, credential: ClientCredential) -> MsalTokenProvider:
+    key = (client_id.lower(), authority.rstrip("/").lower(), scope, *_credential_key(credential))
     with _providers_lock:
         provider = _providers.get(key)
         if provider is None:
+            assertion = None
+            if credential.managed_identity_client_id:  # its own identity token cache: one fetch a day per API
+                assertion = ManagedIdentityAssertion(credential.managed_identity_client_id,
+                                                     credential.federated_audience or "api://AzureADTokenExchange")
             provider = MsalTokenProvider(
                 client_id=client_id,
                 authority=authority,
                 scope=scope,
-                client_secret=None if certificate_path else secret,
-                certificate_path=certificate_path or None,
+                client_secret=credential.secret or None,
+                certificate_path=credential.certificate_path or None,
+                client_assertion=assertion,
             )
             _providers[key] = provider
         return provider
 
 
 def graph_token_provider(settings: Settings) -> MsalTokenProvider:
-    """Tokens for Microsoft Graph (GRAPH_* settings). A certificate wins over a secret when both are set."""
-    settings.require_graph_credential()
-    return _shared_provider(
-        settings.graph_client_id, settings.graph_authority, settings.graph_scope,
-        settings.graph_client_secret, settings.graph_client_certificate_path,
-    )
+    """Tokens for Microsoft Graph (GRAPH_* settings): managed identity (federated credential) > certificate > secret."""
+    return _shared_provider(settings.graph_client_id, settings.graph_authority, settings.graph_scope,
+                            settings.graph_credential)
 
 
 def graph_access_token_provider(settings: Settings) -> MsalAccessTokenProvider:
@@ -342,13 +406,5 @@ def graph_access_token_provider(settings: Settings) -> MsalAccessTokenProvider:
 
 def dataverse_token_provider(settings: Settings) -> MsalTokenProvider:
     """Tokens for Dataverse (DATAVERSE_* settings, falling back to the Graph app's where empty)."""
-    secret = settings.dataverse_client_secret
-    certificate_path = settings.dataverse_client_certificate_path
-    if not secret and not certificate_path:
-        raise MissingSettingError(
-            "DATAVERSE_CLIENT_SECRET", "set a client secret or a certificate path for Dataverse (or for Graph)"
-        )
-    return _shared_provider(
-        settings.dataverse_client_id, settings.dataverse_authority, settings.dataverse_scope, secret,
-        certificate_path,
-    )
+    return _shared_provider(settings.dataverse_client_id, settings.dataverse_authority, settings.dataverse_scope,
+                            settings.dataverse_credential)

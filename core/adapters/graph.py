@@ -33,7 +33,9 @@ if TYPE_CHECKING:  # msgraph is heavy (~1.5 s to import): only imported when a c
 log = logging.getLogger("emailrouter.graph")
 
 __all__ = [
+    "ATTACHMENT_METADATA",
     "MESSAGE_SELECT",
+    "AttachmentContents",
     "DeltaPage",
     "GraphAccessDenied",
     "GraphError",
@@ -52,6 +54,15 @@ MESSAGE_SELECT: tuple[str, ...] = (
     "importance", "isDraft", "isRead", "parentFolderId", "categories", "changeKey",
 )
 DELTA_SELECT: tuple[str, ...] = ("id", "internetMessageId", "receivedDateTime", "isDraft", "parentFolderId")
+# Attachments listed with the message by metadata only (no contentBytes): every property is declared on the
+# base type microsoft.graph.attachment. Content is fetched afterwards only for attachments CRM will keep.
+ATTACHMENT_METADATA: tuple[str, ...] = ("id", "name", "contentType", "size", "isInline")
+# Codes Graph/Exchange use when a delta sync state is gone (delta-query-overview; errors; 3P variants), compared
+# case-insensitively: every one restarts the round.
+DELTA_RESET_CODES: frozenset[str] = frozenset({"syncstatenotfound", "syncstateinvalid", "resyncrequired"})
+# Upload-session byte ranges: "keep each byte range less than 4 MB" (outlook-large-attachments).
+UPLOAD_CHUNK_BYTES = 3 * 1024 * 1024
+GRAPH_BATCH_ITEMS = 20
 
 
 class GraphError(Exception):
@@ -110,7 +121,7 @@ def _error_from(status: int, body: bytes, headers: Mapping[str, str]) -> GraphEr
         return GraphThrottled(status, code, message, retry_after=retry_after if retry_after is not None else 5.0)
     if status in (500, 502, 503, 504) or code in ("ErrorServerBusy", "ServiceNotAvailable"):
         return GraphTransient(status, code, message, retry_after=retry_after)
-    if status == 410 or code in ("syncStateNotFound", "SyncStateNotFound", "resyncRequired"):
+    if status == 410 or code.lower() in DELTA_RESET_CODES:
         return GraphSyncStateNotFound(status, code, message)
     if status == 404 or code in ("ErrorItemNotFound", "ResourceNotFound"):
         return GraphNotFound(status, code, message)
@@ -125,6 +136,15 @@ class DeltaPage:
     removed: list[str]
     next_link: str | None
     delta_link: str | None
+
+
+@dataclass
+class AttachmentContents:
+    """Attachments with their content (Graph JSON; ``contentBytes`` base64 text, or bytes when read raw) and the
+    number of Graph requests it took."""
+
+    attachments: list[dict[str, Any]]
+    requests: int
 
 
 @dataclass
@@ -256,10 +276,11 @@ class GraphMailClient:
     # -- messages ------------------------------------------------------------------------------
 
     async def get_message(self, mailbox: str, message_id: str, *, with_attachments: bool = True) -> dict[str, Any]:
-        """One GET: the fields the processor needs, headers included, attachments expanded."""
+        """One GET: the fields the processor needs, headers included, attachments listed by metadata (their
+        content is fetched separately, only when CRM will keep it: :meth:`get_attachment_contents`)."""
         query = "$select=" + ",".join(MESSAGE_SELECT)
         if with_attachments:
-            query += "&$expand=attachments"
+            query += f"&$expand=attachments($select={','.join(ATTACHMENT_METADATA)})"
         url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}?{query}"
         _, body, _ = await self._send(
             "get_message", mailbox, self._raw("GET", url), idempotent=True,
@@ -274,6 +295,78 @@ class GraphMailClient:
         _, body, _ = await self._send("get_attachment", mailbox, self._raw("GET", url), idempotent=True,
                                       headers={"Prefer": 'IdType="ImmutableId"'})
         return self._json(body)
+
+    async def get_attachment(self, mailbox: str, message_id: str, attachment_id: str) -> dict[str, Any]:
+        """One attachment with its content (a fileAttachment's ``contentBytes``, ``contentId``)."""
+        _, body, _ = await self._send("get_attachment", mailbox, self._raw("GET", self._attachment_url(
+            mailbox, message_id, attachment_id)), idempotent=True, headers={"Prefer": 'IdType="ImmutableId"'})
+        return self._json(body)
+
+    async def get_attachment_value(self, mailbox: str, message_id: str, attachment_id: str) -> bytes:
+        """The raw bytes of a file attachment (``.../$value``): no base64 JSON for large files."""
+        url = self._attachment_url(mailbox, message_id, attachment_id) + "/$value"
+
+        def build() -> RequestInformation:
+            ri = self._raw("GET", url)()
+            ri.headers.remove("Accept")
+            ri.headers.try_add("Accept", "*/*")
+            return ri
+
+        _, body, _ = await self._send("get_attachment_value", mailbox, build, idempotent=True)
+        return body
+
+    async def get_attachment_contents(self, mailbox: str, message_id: str, attachments: Sequence[Mapping[str, Any]],
+                                      *, batch_bytes: int = 4 * 1024 * 1024) -> AttachmentContents:
+        """The listed file attachments with their content, in the order given.
+
+        Inline attachments and small ones are read as JSON (``contentBytes`` + ``contentId``): one direct GET for a
+        single one, else sequential JSON ``$batch`` requests (dependsOn chains: one request at a time in the
+        mailbox, as the per-mailbox semaphore assumes) of at most ``batch_bytes`` together. A large non-inline file
+        is read raw through ``$value`` (memory: no base64 JSON) and returned with ``contentBytes`` as bytes. A batch
+        item that fails is fetched again directly, so errors surface exactly as for a direct call.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        requests = 0
+        small: list[Mapping[str, Any]] = []
+        for meta in attachments:
+            size = int(meta.get("size") or 0)
+            if size > batch_bytes and not meta.get("isInline"):
+                requests += 1
+                data = await self.get_attachment_value(mailbox, message_id, str(meta["id"]))
+                out[str(meta["id"])] = {**meta, "contentBytes": data}
+            else:
+                small.append(meta)
+        groups: list[list[Mapping[str, Any]]] = []
+        total = 0
+        for meta in small:
+            size = int(meta.get("size") or 0)
+            if not groups or len(groups[-1]) >= GRAPH_BATCH_ITEMS or total + size > batch_bytes:
+                groups.append([])
+                total = 0
+            groups[-1].append(meta)
+            total += size
+        for group in groups:
+            requests += 1
+            if len(group) == 1:
+                out[str(group[0]["id"])] = await self.get_attachment(mailbox, message_id, str(group[0]["id"]))
+                continue
+            chain = [{"id": str(n), "method": "GET", "url": self._attachment_url(mailbox, message_id, str(meta["id"])),
+                      "headers": {"Prefer": 'IdType="ImmutableId"'}, **({"dependsOn": [str(n - 1)]} if n else {})}
+                     for n, meta in enumerate(group)]
+            responses = await self.batch(chain, mailbox=mailbox)
+            for meta, response in zip(group, responses, strict=True):
+                body = response.get("body")
+                if int(response.get("status") or 0) == 200 and isinstance(body, dict):
+                    out[str(meta["id"])] = body
+                else:
+                    requests += 1
+                    out[str(meta["id"])] = await self.get_attachment(mailbox, message_id, str(meta["id"]))
+        return AttachmentContents([out[str(meta["id"])] for meta in attachments], requests)
+
+    @staticmethod
+    def _attachment_url(mailbox: str, message_id: str, attachment_id: str) -> str:
+        return (f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}/attachments/"
+                f"{quote(attachment_id, safe='')}")
 
     async def get_mime(self, mailbox: str, message_id: str) -> bytes:
         url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}/$value"
@@ -304,14 +397,19 @@ class GraphMailClient:
         return list(self._json(body).get("value", []))
 
     async def list_messages(
-        self, mailbox: str, folder: str, *, received_after: datetime | None = None, page_size: int = 50
+        self, mailbox: str, folder: str, *, received_after: datetime | None = None,
+        received_before: datetime | None = None, page_size: int = 50,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Messages in a folder, newest first, optionally received after a date (backfill)."""
+        """Messages in a folder, newest first, optionally received in [after, before) (backfill)."""
         url = (f"/users/{quote(mailbox)}/mailFolders/{quote(folder)}/messages"
                f"?$select=id,receivedDateTime&$top={page_size}")
-        if received_after is not None:
-            stamp = received_after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            url += "&$filter=" + quote(f"receivedDateTime ge {stamp}", safe="")
+        window = [f"receivedDateTime ge {_stamp(received_after)}"] if received_after is not None else []
+        if received_before is not None:
+            window.append(f"receivedDateTime lt {_stamp(received_before)}")
+        if window:
+            # $orderby on the property the $filter names (Graph wants them to match)
+            url += "&$filter=" + quote(" and ".join(window), safe="") + "&$orderby=" + quote(
+                "receivedDateTime desc", safe="")
         next_url: str | None = url
         while next_url:
             _, body, _ = await self._send("list_messages", mailbox, self._raw("GET", next_url), idempotent=True,
@@ -325,17 +423,23 @@ class GraphMailClient:
 
     async def delta_page(
         self, mailbox: str, folder: str, link: str | None, *, received_after: datetime | None = None,
-        page_size: int = 100,
+        page_size: int = 100, change_type: str | None = None,
     ) -> DeltaPage:
-        """One page of a delta round: from ``link`` (next/delta link) or a new round for the folder."""
+        """One page of a delta round: from ``link`` (next/delta link) or a new round for the folder.
+
+        A new round asks ``$orderby=receivedDateTime desc`` (with ``$filter`` Graph returns at most 5,000 messages:
+        the newest ones, not an arbitrary 5,000) and ``changeType`` (e.g. ``created``: later rounds skip updates such
+        as read flags); Graph encodes both into the links it returns."""
         if link:
             url = link
         else:
             url = f"/users/{quote(mailbox)}/mailFolders/{quote(folder)}/messages/delta?$select=" + ",".join(
                 DELTA_SELECT)
             if received_after is not None:
-                stamp = received_after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-                url += "&$filter=" + quote(f"receivedDateTime ge {stamp}", safe="")
+                url += "&$filter=" + quote(f"receivedDateTime ge {_stamp(received_after)}", safe="")
+            url += "&$orderby=" + quote("receivedDateTime desc", safe="")
+            if change_type:
+                url += f"&changeType={quote(change_type, safe='')}"
         _, body, _ = await self._send(
             "delta", mailbox, self._raw("GET", url), idempotent=True,
             headers={"Prefer": f'IdType="ImmutableId", odata.maxpagesize={page_size}'},
@@ -352,8 +456,10 @@ class GraphMailClient:
     # -- subscriptions -------------------------------------------------------------------------
 
     async def create_subscription(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A direct POST with ``Prefer: IdType="ImmutableId"``: the header "only applies to the request it is
+        included with" (outlook-immutable-id), and honouring it inside a ``$batch`` item is not documented."""
         _, resp, _ = await self._send("create_subscription", None, self._raw("POST", "/subscriptions", dict(body)),
-                                      idempotent=False)
+                                      idempotent=False, headers={"Prefer": 'IdType="ImmutableId"'})
         return self._json(resp)
 
     async def renew_subscription(self, subscription_id: str, expires: datetime) -> dict[str, Any]:
@@ -384,11 +490,13 @@ class GraphMailClient:
             next_url = page.get("@odata.nextLink")
         return out
 
-    async def batch(self, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """JSON $batch (<= 20 requests); returns the responses ordered like the requests."""
-        if len(requests) > 20:
+    async def batch(self, requests: Sequence[Mapping[str, Any]], *, mailbox: str | None = None
+                    ) -> list[dict[str, Any]]:
+        """JSON $batch (<= 20 requests); returns the responses ordered like the requests (Graph answers in any
+        order). ``mailbox``: all items address that mailbox, so the batch takes one of its concurrency slots."""
+        if len(requests) > GRAPH_BATCH_ITEMS:
             raise ValueError("a Graph JSON batch holds at most 20 requests")
-        _, body, _ = await self._send("batch", None, self._raw("POST", "/$batch", {"requests": list(requests)}),
+        _, body, _ = await self._send("batch", mailbox, self._raw("POST", "/$batch", {"requests": list(requests)}),
                                       idempotent=False)
         responses = {str(r.get("id")): r for r in self._json(body).get("responses", [])}
         return [responses.get(str(r["id"]), {"id": r["id"], "status": 0}) for r in requests]
@@ -411,13 +519,18 @@ class GraphMailClient:
 
     async def upload_large_attachment(
         self, mailbox: str, message_id: str, *, name: str, content_type: str, data: bytes,
-        chunk_size: int = 4 * 1024 * 1024,
+        is_inline: bool = False, content_id: str | None = None, chunk_size: int = UPLOAD_CHUNK_BYTES,
     ) -> None:
-        """Attachments of 3-150 MB through an upload session (reference/graph.md §6.1)."""
+        """Attachments of 3-150 MB through an upload session (reference/graph.md §6.1; outlook-large-attachments):
+        ``AttachmentItem`` carries ``isInline``/``contentId`` (a large ``cid:`` image stays inline), each PUT
+        ``Content-Type: application/octet-stream`` and a byte range under 4 MB."""
         url = (f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}/attachments/"
                "createUploadSession")
-        session_body = {"AttachmentItem": {"attachmentType": "file", "name": name, "size": len(data),
-                                           "contentType": content_type}}
+        item: dict[str, Any] = {"attachmentType": "file", "name": name, "size": len(data),
+                                "contentType": content_type, "isInline": is_inline}
+        if content_id:
+            item["contentId"] = content_id
+        session_body = {"AttachmentItem": item}
         _, body, _ = await self._send("upload_session", mailbox, self._raw("POST", url, session_body),
                                       idempotent=False)
         upload_url = self._json(body)["uploadUrl"]
@@ -430,7 +543,8 @@ class GraphMailClient:
                 chunk = data[start:start + chunk_size]
                 end = start + len(chunk) - 1
                 resp = await raw.put(upload_url, content=chunk, headers={
-                    "Content-Range": f"bytes {start}-{end}/{len(data)}", "Content-Length": str(len(chunk))})
+                    "Content-Type": "application/octet-stream", "Content-Range": f"bytes {start}-{end}/{len(data)}",
+                    "Content-Length": str(len(chunk))})
                 if resp.status_code >= 400:
                     raise _error_from(resp.status_code, resp.content, {k.lower(): v for k, v in resp.headers.items()})
                 start = end + 1
@@ -450,6 +564,26 @@ class GraphMailClient:
         url = f"/users/{quote(mailbox)}?$select=id,userPrincipalName,mail,displayName"
         _, body, _ = await self._send("get_user", mailbox, self._raw("GET", url), idempotent=True)
         return self._json(body)
+
+    async def get_mail_folder(self, mailbox: str, folder: str) -> dict[str, Any]:
+        """A folder by id or well-known name (GraphNotFound otherwise: display names are not accepted)."""
+        url = f"/users/{quote(mailbox)}/mailFolders/{quote(folder, safe='')}?$select=id,displayName,parentFolderId"
+        _, body, _ = await self._send("get_folder", mailbox, self._raw("GET", url), idempotent=True)
+        return self._json(body)
+
+    async def list_mail_folders(self, mailbox: str, parent: str | None = None) -> list[dict[str, Any]]:
+        """The top-level folders of a mailbox, or the child folders of ``parent`` (every page)."""
+        base = f"/users/{quote(mailbox)}/mailFolders"
+        if parent is not None:
+            base += f"/{quote(parent, safe='')}/childFolders"
+        next_url: str | None = f"{base}?$select=id,displayName,parentFolderId,childFolderCount&$top=100"
+        out: list[dict[str, Any]] = []
+        while next_url:
+            _, body, _ = await self._send("list_folders", mailbox, self._raw("GET", next_url), idempotent=True)
+            page = self._json(body)
+            out.extend(page.get("value", []))
+            next_url = page.get("@odata.nextLink")
+        return out
 
     async def list_inbox_rules(self, mailbox: str) -> list[dict[str, Any]]:
         url = f"/users/{quote(mailbox)}/mailFolders/inbox/messageRules"
@@ -472,6 +606,10 @@ class GraphMailClient:
         http = getattr(self._adapter, "_http_client", None)
         if http is not None:
             await http.aclose()
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _is_transport_error(exc: BaseException) -> bool:

@@ -4,13 +4,31 @@ poison log. Implements the ports of ``core.services.inbound`` and ``core.service
 
 Keys: mailbox addresses and folder ids go through ``encode_key`` (reversible); Graph message ids are hashed
 (``hash_key``: bounded, and Graph ids contain ``/`` and ``+``); the readable id is kept as a property.
+
+Decision records (``Decisions``: PartitionKey = mailbox, RowKey = hash of the Graph id, the latest record per
+message) are found through the ``DecisionIndex`` table, written with each record, so that no admin search scans
+the whole record table:
+
+* time rows: PartitionKey ``t<YYYYMMDD>`` (UTC day of the decision), RowKey = inverted milliseconds + a hash of
+  (mailbox, Graph id) — newest first, and a time window is a RowKey range inside one partition per day. They carry
+  what a search filters and a list shows (mailbox, forwarding user, from, subject, outcome, reason) and point to
+  the record. ``explain --mailbox/--from/--subject/--since``, ``skipped list`` and the status page's last-hour
+  counts read them; records without an Internet Message-ID are found this way too.
+* Message-ID rows: PartitionKey ``m<hash of the Message-ID without <> lower-cased>``, RowKey = mailbox + Graph id
+  hash; ``explain <Message-ID>`` is one partition read. A forward wrapper is indexed under its own Message-ID and
+  the original's.
+
+Records written before the index existed are still read: ``explain <Message-ID>`` falls back to the old filter
+over ``Decisions`` when the index has no entry for that Message-ID. The index is not pruned yet (a day partition
+can be deleted as a whole).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -18,6 +36,7 @@ from typing import Any, Protocol
 from core.domain.records import DeltaCursor, LedgerOutcome
 from core.domain.records import InboundLedgerEntry as LedgerEntry
 from core.names import (
+    DECISION_INDEX_TABLE,
     DECISIONS_TABLE,
     DELTA_STATE_TABLE,
     MAILBOX_STATUS_TABLE,
@@ -25,9 +44,20 @@ from core.names import (
     PROCESSED_TABLE,
 )
 
-from .storage import EntityNotFoundError, StorageAccount, TableStore, encode_key, hash_key, join_text, split_text
+from .storage import (
+    EntityNotFoundError,
+    StorageAccount,
+    TableStore,
+    day_partitions,
+    encode_key,
+    hash_key,
+    inverted_time_key,
+    join_text,
+    split_text,
+)
 
 __all__ = [
+    "DecisionHit",
     "InboundState",
     "TableDecisionLog",
     "TableDeltaState",
@@ -82,20 +112,97 @@ class TableLedger:
         }, mode="replace")
 
 
-class TableDecisionLog:
-    """``DecisionLog``: the latest decision record per (mailbox, message); searchable by InternetMessageId."""
+def message_id_key(internet_message_id: str) -> str:
+    """The index partition of a Message-ID: the same for ``<a@b>``, ``a@b`` and any letter case."""
+    return "m" + hash_key(internet_message_id.strip().strip("<>").strip().lower())
 
-    def __init__(self, table: TableStore) -> None:
+
+@dataclass(frozen=True)
+class DecisionHit:
+    """One index row: enough to list or filter a decision; ``get`` on the log returns the whole record."""
+
+    at: datetime
+    mailbox: str
+    graph_id: str
+    outcome: str  # as in the record: tracked | already_tracked | skipped:<stage>:<code> | failed:<code> | gone:gone
+    kind: str  # tracked | already_tracked | skipped | failed | gone
+    code: str  # the reason code (skip code, failure code); "" when tracked
+    why: str
+    sender: str
+    subject: str
+    internet_message_id: str
+    tracked_for: str  # the forwarding user, for mail unwrapped in a forward sink
+    activity_id: str
+    source: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "mailbox": self.mailbox, "graph_id": self.graph_id, "outcome": self.outcome,
+                "kind": self.kind, "reason": self.code, "why": self.why, "from": self.sender, "subject": self.subject,
+                "internet_message_id": self.internet_message_id, "tracked_for": self.tracked_for,
+                "activity_id": self.activity_id, "source": self.source}
+
+    @staticmethod
+    def from_entity(e: Mapping[str, Any]) -> DecisionHit:
+        at = e.get("At")
+        return DecisionHit(
+            at=at if isinstance(at, datetime) else datetime.fromtimestamp(0, UTC),
+            mailbox=str(e.get("Mailbox", "")), graph_id=str(e.get("GraphId", "")), outcome=str(e.get("Outcome", "")),
+            kind=str(e.get("Kind", "")), code=str(e.get("Code", "")), why=str(e.get("Why", "")),
+            sender=str(e.get("From", "")), subject=str(e.get("Subject", "")),
+            internet_message_id=str(e.get("InternetMessageId", "")), tracked_for=str(e.get("TrackedFor", "")),
+            activity_id=str(e.get("ActivityId", "")), source=str(e.get("Source", "")))
+
+
+def _kind_and_code(outcome: str) -> tuple[str, str]:
+    kind, _, rest = outcome.partition(":")
+    if kind == "skipped":
+        return kind, rest.rpartition(":")[2] or rest  # skipped:<stage>:<code> -> code; skipped:mailbox:unknown too
+    return kind, rest if kind != "gone" else "gone"
+
+
+class TableDecisionLog:
+    """``DecisionLog``: the latest decision record per (mailbox, message), plus the search index (module doc)."""
+
+    def __init__(self, table: TableStore, index: TableStore | None = None) -> None:
         self._table = table
+        self._index = index
 
     async def record(self, mailbox: str, graph_id: str, record: Mapping[str, Any]) -> None:
         text = json.dumps(record, default=str, separators=(",", ":"))[:_MAX_RECORD_CHARS]
-        await self._table.upsert({
+        at = _now()
+        writes = [self._table.upsert({
             "PartitionKey": _mailbox_key(mailbox), "RowKey": hash_key(graph_id), "GraphId": graph_id[:1024],
             "InternetMessageId": str(record.get("internetMessageId") or "")[:1024],
             "ActivityId": str(record.get("activityId") or ""), "Outcome": str(record.get("outcome", ""))[:256],
-            "At": _now(), **split_text("Record", text),
-        }, mode="replace")
+            "At": at, **split_text("Record", text),
+        }, mode="replace")]
+        if self._index is not None:
+            rows = self._index_rows(mailbox, graph_id, record, at)
+            writes.extend(self._index.upsert(row, mode="replace") for row in rows)
+        await asyncio.gather(*writes)
+
+    @staticmethod
+    def _index_rows(mailbox: str, graph_id: str, record: Mapping[str, Any], at: datetime) -> list[dict[str, Any]]:
+        outcome = str(record.get("outcome", ""))[:256]
+        kind, code = _kind_and_code(outcome)
+        steps = record.get("decisions")
+        why = str(steps[-1].get("why", "")) if isinstance(steps, list) and steps and isinstance(steps[-1], Mapping) \
+            else ""
+        mids = [str(m) for m in (record.get("internetMessageId"), record.get("originalInternetMessageId")) if m]
+        pointer = {"Mailbox": mailbox.strip().lower(), "GraphId": graph_id[:1024], "At": at}
+        rows: list[dict[str, Any]] = [{
+            "PartitionKey": f"t{at:%Y%m%d}",
+            "RowKey": f"{inverted_time_key(at)}-{hash_key(mailbox + chr(10) + graph_id)[:16]}",
+            **pointer, "Outcome": outcome, "Kind": kind, "Code": code[:256], "Why": why[:1024],
+            "From": str(record.get("from") or "")[:320], "Subject": str(record.get("subject") or "")[:400],
+            "InternetMessageId": (mids[-1] if mids else "")[:1024],
+            "TrackedFor": str(record.get("trackedFor") or "").lower()[:320],
+            "ActivityId": str(record.get("activityId") or ""), "Source": str(record.get("source") or "")[:64],
+        }]
+        row_key = f"{_mailbox_key(mailbox)}|{hash_key(graph_id)}"
+        for mid in dict.fromkeys(mids):
+            rows.append({"PartitionKey": message_id_key(mid), "RowKey": row_key, **pointer})
+        return rows
 
     async def get(self, mailbox: str, graph_id: str) -> dict[str, Any] | None:
         try:
@@ -105,11 +212,45 @@ class TableDecisionLog:
         return dict(json.loads(join_text(e, "Record")))
 
     async def find_by_internet_message_id(self, internet_message_id: str) -> list[dict[str, Any]]:
-        """Every mailbox's record of one message (admin ``explain``; a scan, fine for an admin command)."""
+        """Every mailbox's record of one message (admin ``explain``): one index partition; records from before the
+        index existed are found by the old filter over the record table (a scan, only when the index has none)."""
         out: list[dict[str, Any]] = []
-        async for e in self._table.query("InternetMessageId eq @mid", parameters={"mid": internet_message_id}):
+        if self._index is not None:
+            async for e in self._index.list_partition(message_id_key(internet_message_id)):
+                record = await self.get(str(e.get("Mailbox", "")), str(e.get("GraphId", "")))
+                if record is not None:
+                    out.append(record)
+            if out:
+                return out
+        core = internet_message_id.strip().strip("<>").strip()
+        async for e in self._table.query("InternetMessageId eq @a or InternetMessageId eq @b",
+                                         parameters={"a": f"<{core}>", "b": core}):
             out.append(dict(json.loads(join_text(e, "Record"))))
         return out
+
+    async def search(self, since: datetime, until: datetime | None = None, *, mailbox: str | None = None,
+                     kind: str | None = None, on_day: Callable[[int, int], None] | None = None
+                     ) -> AsyncIterator[DecisionHit]:
+        """Index rows decided in [since, until], newest first: one RowKey-range query per UTC day, filtered by
+        mailbox (the processing mailbox or the forwarding user) and outcome kind on the server."""
+        if self._index is None:
+            return
+        until = until or _now()
+        days = day_partitions(since, until, "t")
+        clauses = ["PartitionKey eq @pk", "RowKey ge @lo", "RowKey lt @hi"]
+        params: dict[str, Any] = {"lo": inverted_time_key(until), "hi": f"{int(inverted_time_key(since)) + 1:013d}"}
+        if mailbox:
+            # The SDK substitutes whitespace-separated "@name" words: keep the ")" apart from the parameter.
+            clauses.append("(Mailbox eq @mb or TrackedFor eq @mb )")
+            params["mb"] = mailbox.strip().lower()
+        if kind:
+            clauses.append("Kind eq @kind")
+            params["kind"] = kind
+        for n, day in enumerate(days, start=1):
+            async for e in self._index.query(" and ".join(clauses), parameters={**params, "pk": day}):
+                yield DecisionHit.from_entity(e)
+            if on_day is not None:
+                on_day(n, len(days))
 
     async def list_mailbox(self, mailbox: str) -> list[dict[str, Any]]:
         return [dict(json.loads(join_text(e, "Record")))
@@ -157,9 +298,8 @@ class TablePoisonLog:
     async def record(self, *, queue: str, message: str, dequeue_count: int, reason: str) -> None:
         now = _now()
         # Newest first within the queue's partition: inverted ticks, then a random suffix against collisions.
-        inverted = 10**13 - int(now.timestamp() * 1000)
         await self._table.upsert({
-            "PartitionKey": queue, "RowKey": f"{inverted:013d}-{uuid.uuid4().hex[:8]}",
+            "PartitionKey": queue, "RowKey": f"{inverted_time_key(now)}-{uuid.uuid4().hex[:8]}",
             "MessageHash": hash_key(message), "Message": message[:30_000], "DequeueCount": dequeue_count,
             "Reason": reason[:2048], "At": now,
         }, mode="replace")
@@ -179,8 +319,11 @@ class TableDeltaState:
             e = await self._table.get(_mailbox_key(mailbox), encode_key(folder))
         except EntityNotFoundError:
             return None
+        seen = e.get("InitialSeen")
         return DeltaCursor(mailbox=mailbox, folder=folder, link=join_text(e, "Link") or None,
-                           high_water=e.get("HighWater"), round_started=e.get("RoundStarted"))
+                           high_water=e.get("HighWater"), round_started=e.get("RoundStarted"),
+                           initial_seen=int(seen) if seen is not None else None,
+                           initial_oldest=e.get("InitialOldest"))
 
     async def put(self, cursor: DeltaCursor) -> None:
         entity: dict[str, Any] = {
@@ -191,6 +334,10 @@ class TableDeltaState:
             entity["HighWater"] = cursor.high_water
         if cursor.round_started is not None:
             entity["RoundStarted"] = cursor.round_started
+        if cursor.initial_seen is not None:
+            entity["InitialSeen"] = cursor.initial_seen
+        if cursor.initial_oldest is not None:
+            entity["InitialOldest"] = cursor.initial_oldest
         await self._table.upsert(entity, mode="replace")
 
     async def delete(self, mailbox: str, folder: str) -> None:
@@ -209,7 +356,7 @@ class InboundState:
     def from_account(cls, account: StorageAccount) -> InboundState:
         return cls(
             ledger=TableLedger(account.table(PROCESSED_TABLE)),
-            decisions=TableDecisionLog(account.table(DECISIONS_TABLE)),
+            decisions=TableDecisionLog(account.table(DECISIONS_TABLE), account.table(DECISION_INDEX_TABLE)),
             status=TableMailboxStatus(account.table(MAILBOX_STATUS_TABLE)),
             poison=TablePoisonLog(account.table(POISON_LOG_TABLE)),
             delta=TableDeltaState(account.table(DELTA_STATE_TABLE)),

@@ -8,6 +8,11 @@ Ledger table ``<prefix>Outbound`` (``core.names.OUTBOUND_TABLE``):
 * the active index: PartitionKey = ``active``, RowKey = activity id; one small entity per email the pipeline
   is working on (enqueued, retry due time). One partition query gives the scan its de-duplication set and the
   reaper its sweep list; entries are removed when the email is Sent or Failed.
+* the finished index: PartitionKey ``done<YYYYMMDD>`` (UTC day), RowKey = inverted milliseconds + activity id; one
+  entity each time an email ends ``done`` (marked Sent in CRM) or ``failed``, with the sender and the reason. What
+  ``emailrouter outbound list`` and the status page read for a time window, without scanning the ledger. Written
+  after the state row, best effort (a lost index row costs a line in a listing, never an email); emails that
+  finished before the index existed are still found by :meth:`TableOutboundLedger.list_failed` (a scan).
 
 Mailbox status table ``<prefix>MailboxStatus``: the mailbox's one status row (PartitionKey ``mailbox``, RowKey =
 the key-encoded address, shared with the inbound pipeline and the health probe, each merging its own columns);
@@ -16,8 +21,9 @@ outbound writes ``LastOutbound*``: last error (reason, time, email id) and last 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from core.domain.records import ActiveMarker, LedgerConflict, Phase
@@ -30,13 +36,18 @@ from .storage import (
     EtagMismatchError,
     StorageAccount,
     TableStore,
+    day_partitions,
     encode_key,
+    inverted_time_key,
 )
 
 __all__ = ["TableMailboxOutboundStatus", "TableOutboundLedger", "entry_from_entity", "entry_to_entity"]
 
+_log = logging.getLogger("emailrouter.outbound")
+
 STATE_ROW: Final = "state"
 ACTIVE_PARTITION: Final = "active"
+FINISHED_PREFIX: Final = "done"  # + YYYYMMDD: the finished index (module doc)
 STATUS_PARTITION: Final = "mailbox"  # the same row as inbound and health (one row per mailbox)
 _MAX_TEXT: Final = 4000  # error texts are bounded; Table properties allow 32 K characters
 
@@ -113,10 +124,43 @@ class TableOutboundLedger:
         entity = entry_to_entity(entry)
         try:
             if etag is None:
-                return await self._table.insert(entity)
-            return await self._table.update(entity, etag=etag, mode="replace")
+                new_etag = await self._table.insert(entity)
+            else:
+                new_etag = await self._table.update(entity, etag=etag, mode="replace")
         except (EntityAlreadyExistsError, EtagMismatchError, EntityNotFoundError) as exc:
             raise LedgerConflict(str(exc)) from exc
+        if entry.phase in (Phase.DONE, Phase.FAILED):
+            await self._index_finished(entry)
+        return new_etag
+
+    async def _index_finished(self, entry: LedgerEntry) -> None:
+        at = entry.updated_at or datetime.now(UTC)
+        try:
+            await self._table.upsert({
+                "PartitionKey": f"{FINISHED_PREFIX}{at.astimezone(UTC):%Y%m%d}",
+                "RowKey": f"{inverted_time_key(at)}-{entry.email_id}", "EmailId": entry.email_id,
+                "SenderMailbox": entry.sender_mailbox, "Phase": entry.phase.value, "Attempts": entry.attempts,
+                "LastError": entry.last_error[:_MAX_TEXT], "LastErrorCode": entry.last_error_code[:200],
+                "InternetMessageId": entry.internet_message_id[:1024], "At": at,
+            }, mode="replace")
+        except Exception as exc:  # the state row is written: the email is safe, only a listing line is lost
+            _log.warning("outbound: finished-index row for %s not written (%s)", entry.email_id, type(exc).__name__)
+
+    async def list_finished(self, since: datetime, until: datetime | None = None, *, failed_only: bool = False,
+                            on_day: Callable[[int, int], None] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Finished-index rows (emails that ended done or failed) in [since, until], newest first."""
+        until = until or datetime.now(UTC)
+        days = day_partitions(since, until, FINISHED_PREFIX)
+        query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+        params: dict[str, Any] = {"lo": inverted_time_key(until), "hi": f"{int(inverted_time_key(since)) + 1:013d}"}
+        if failed_only:
+            query += " and Phase eq @phase"
+            params["phase"] = Phase.FAILED.value
+        for n, day in enumerate(days, start=1):
+            async for entity in self._table.query(query, parameters={**params, "pk": day}):
+                yield {k: v for k, v in entity.items() if k not in ("PartitionKey", "RowKey")}
+            if on_day is not None:
+                on_day(n, len(days))
 
     async def mark_active(self, marker: ActiveMarker) -> None:
         entity: dict[str, Any] = {"PartitionKey": ACTIVE_PARTITION, "RowKey": marker.email_id,

@@ -167,6 +167,21 @@ def hash_key(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8")).hexdigest()
 
 
+def inverted_time_key(at: dt.datetime) -> str:
+    """A RowKey prefix that sorts newest first: 13 digits of (10^13 - Unix milliseconds)."""
+    return f"{10**13 - int(at.timestamp() * 1000):013d}"
+
+
+def day_partitions(since: dt.datetime, until: dt.datetime, prefix: str) -> list[str]:
+    """``<prefix><YYYYMMDD>`` for every UTC day from ``until`` back to ``since`` (newest first)."""
+    day, first = until.astimezone(dt.UTC).date(), since.astimezone(dt.UTC).date()
+    out: list[str] = []
+    while day >= first:
+        out.append(f"{prefix}{day:%Y%m%d}")
+        day -= dt.timedelta(days=1)
+    return out
+
+
 def _utf16_units(text: str) -> int:
     return len(text.encode("utf-16-le")) // 2
 

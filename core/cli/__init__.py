@@ -1,97 +1,149 @@
 """``emailrouter``: the admin CLI (console script ``emailrouter = "core.cli:main"``).
 
-Thin shell: parse arguments, build the same ``Container`` the functions use (from the environment,
-``local.settings.json`` or a running local stack — see ``core.cli.config``), call the settings / health / inbound
-services, print rich tables or ``--json``. Exit codes: 0 ok, 1 error (message on stderr), 2 usage error or a
-command not available in this build.
+Thin shell: parse arguments, check them, build the same ``Container`` the functions use (from the environment,
+``local.settings.json`` or a running local stack — see ``core.cli.config``), call the services, print rich tables or
+``--json``.
+
+Conventions (az / gh style):
+
+* Global options work before or after the command: ``--json`` (machine-readable output on stdout; progress bars
+  and prompts go to stderr) and ``--settings FILE``. ``--version`` prints the package version.
+* Every group and command has ``--help``; options list their allowed values.
+* Bulk or destructive commands (``forward-rules deploy|remove``, ``poison replay --all``, ``poison discard``,
+  ``mailbox set --enabled false``) show what they will change and ask; ``--yes`` skips the question, ``--dry-run``
+  only shows. Without a terminal on stdin they refuse to run unless ``--yes`` is given.
+* Long operations show a progress bar on stderr (only when stderr is a terminal, never with ``--json``).
+
+Exit codes:
+
+====  ==========================================================================================================
+0     success
+1     the command ran and failed (an error, a failing mailbox test, a failed item, a declined confirmation)
+2     usage: unknown command or option, bad or missing argument, a destructive command without ``--yes`` and no
+      terminal to ask — always before anything was changed
+3     unavailable: a required app setting is missing, a service (storage, Graph, Dataverse) cannot be reached, or
+      the command is not available in this build
+130   interrupted (Ctrl-C)
+====  ==========================================================================================================
+
+Adding a command: write an async handler in a module of this package, register it with
+``core.cli.registry.command`` (see that module's docstring for the pattern and the errors to raise), and add the
+module to :data:`COMMAND_MODULES` below.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["COMMAND_MODULES", "build_parser", "main", "version"]
+
+# Modules whose import registers commands (``core.cli.registry.command``); one line per module.
+COMMAND_MODULES: tuple[str, ...] = (
+    "core.cli.commands",
+    "core.cli.diagnose",
+)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="emailrouter", description="Email Router for Dynamics 365: admin CLI")
-    p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
-    p.add_argument("--settings", type=Path, help="local.settings.json-style file (default ./local.settings.json)")
-    sub = p.add_subparsers(dest="command", required=True)
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
 
-    mailbox = sub.add_parser("mailbox", help="mailbox settings and health").add_subparsers(dest="action",
-                                                                                          required=True)
-    mailbox.add_parser("list", help="every mailbox with its effective settings and health")
-    show = mailbox.add_parser("show", help="one mailbox: each setting with its source (override/crm/default)")
-    show.add_argument("address")
-    setp = mailbox.add_parser("set", help="write admin overrides (\"\" clears one; CRM value applies again)")
-    setp.add_argument("address")
-    from core.settings.rows import FIELDS
+    try:
+        return package_version("email-router-d365")
+    except PackageNotFoundError:  # running from a source tree that was not pip-installed
+        from core.config import VERSION
 
-    for spec in FIELDS:
-        if spec.cli:
-            setp.add_argument(spec.cli, dest=f"field_{spec.name}", metavar="VALUE", help=spec.help)
-    setp.add_argument("--kind", dest="field_Kind", metavar="VALUE", help="user | queue | forward_sink")
-    setp.add_argument("--owner-id", dest="field_OwnerId", metavar="GUID", help="systemuserid / queueid")
-    test = mailbox.add_parser("test", help="probe the mailbox now (Graph, subscription, CRM) and record the result")
-    test.add_argument("address")
+        return VERSION
 
-    settings = sub.add_parser("settings", help="org settings").add_subparsers(dest="action", required=True)
-    get = settings.add_parser("get", help="all org settings, or one KEY")
-    get.add_argument("key", nargs="?")
-    sset = settings.add_parser("set", help="set the admin Value of KEY (\"\" clears it)")
-    sset.add_argument("key")
-    sset.add_argument("value")
 
-    sub.add_parser("sync-crm", help="copy delivery methods and org settings from CRM now")
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    """``--json`` / ``--settings``, accepted on the top-level parser and on every subcommand. Sub-parsers use
+    SUPPRESS as default so a value given before the command is not reset by the subcommand's parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    options = common.add_argument_group("global options")
+    options.add_argument("--json", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                         help="machine-readable JSON on stdout")
+    options.add_argument("--settings", type=Path, metavar="FILE", default=None if defaults else argparse.SUPPRESS,
+                         help="local.settings.json-style file (default ./local.settings.json)")
+    return common
 
-    subs = sub.add_parser("subscriptions", help="Graph subscriptions").add_subparsers(dest="action", required=True)
-    subs.add_parser("list")
-    subs.add_parser("reconcile", help="create/renew/delete subscriptions now")
 
-    poison = sub.add_parser("poison", help="poison queues").add_subparsers(dest="action", required=True)
-    plist = poison.add_parser("list", help="messages in the poison queues, with the recorded reason")
-    plist.add_argument("queue", nargs="?", help="inbound-mail, outbound-mail, mailbox-sync (default: all)")
-    replay = poison.add_parser("replay", help="move a poisoned message back to its queue")
-    replay.add_argument("id", nargs="?")
-    replay.add_argument("--all", action="store_true")
-    replay.add_argument("--queue", help="only this queue")
-    discard = poison.add_parser("discard", help="delete a poisoned message")
-    discard.add_argument("id")
-    discard.add_argument("--queue", help="only this queue")
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=36)
 
-    backfill = sub.add_parser("backfill", help="feed historical mail through the normal pipeline (idempotent)")
-    backfill.add_argument("address")
-    backfill.add_argument("--since", required=True, help="ISO date, e.g. 2024-01-31")
 
-    rules = sub.add_parser("forward-rules", help="Exchange inbox rules forwarding as attachment to a sink")
-    rules.add_argument("action", choices=["deploy", "remove"])
-    rules.add_argument("--users", help="comma-separated addresses (default: every forward-mailbox user)")
-    rules.add_argument("--sink", help="sink address (deploy: required unless the users' ForwardSink is set)")
+def build_parser() -> argparse.ArgumentParser:
+    from .registry import COMMANDS, GROUPS
 
-    explain = sub.add_parser("explain", help="the recorded decision path of one message")
-    explain.add_argument("message_id", help="Internet Message-ID, e.g. <abc@x>")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+    common = _global_options(defaults=False)
+    parser = argparse.ArgumentParser(
+        prog="emailrouter", parents=[_global_options(defaults=True)], formatter_class=_formatter,
+        description="Email Router for Dynamics 365: admin CLI",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage, 3 not configured / unavailable\n"
+               "run `emailrouter COMMAND --help` for a command's options")
+    parser.add_argument("--version", action="version", version=f"emailrouter {version()}")
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    for path, spec in sorted(COMMANDS.items(), key=lambda item: item[0]):
+        if len(path) == 1:
+            sub = top.add_parser(path[0], help=spec.help, description=_wrap(spec.description or spec.help),
+                                 parents=[common], formatter_class=_formatter,
+                                 epilog=_examples(spec.examples))
+        else:
+            if path[0] not in groups:
+                info = GROUPS.get(path[0])
+                group_parser = top.add_parser(path[0], help=info.help if info else "",
+                                              description=_wrap(info.description or info.help) if info else None,
+                                              parents=[common], formatter_class=_formatter)
+                groups[path[0]] = group_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+            sub = groups[path[0]].add_parser(path[1], help=spec.help,
+                                             description=_wrap(spec.description or spec.help),
+                                             parents=[common], formatter_class=_formatter,
+                                             epilog=_examples(spec.examples))
+        if spec.arguments is not None:
+            spec.arguments(sub)
+        if spec.destructive:
+            sub.add_argument("--yes", "-y", action="store_true", help="do it without asking")
+            sub.add_argument("--dry-run", action="store_true", help="only show what would change")
+        sub.set_defaults(_command=path)
+    return parser
 
-    sub.add_parser("status", help="one screen: mailbox health, queues, poison, last runs")
-    return p
+
+def _wrap(text: str | None) -> str | None:
+    return textwrap.fill(text, 100) if text else text
+
+
+def _examples(examples: Sequence[str]) -> str | None:
+    return "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(list(argv) if argv is not None else None)
-    from .commands import CliError, NotAvailableError, run
+    from .registry import COMMANDS, CliError
+
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    for name in ("yes", "dry_run"):
+        if not hasattr(args, name):
+            setattr(args, name, False)
+    spec = COMMANDS[args._command]
+    from .commands import run
 
     try:
-        return asyncio.run(run(args, cwd=Path.cwd(), environ=os.environ))
-    except NotAvailableError as exc:
-        print(f"emailrouter: {exc}", file=sys.stderr)
-        return 2
+        if spec.validate is not None:
+            spec.validate(args)
+        return asyncio.run(run(spec, args, cwd=Path.cwd(), environ=os.environ))
     except CliError as exc:
-        print(f"emailrouter: error: {exc}", file=sys.stderr)
-        return 1
+        label = {2: "usage", 3: "unavailable"}.get(exc.exit_code, "error")
+        print(f"emailrouter: {label}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -1,19 +1,17 @@
-"""The CLI commands: each builds what it needs from the container, calls a service, returns data to print."""
+"""The CLI's wiring (:func:`run`) and its settings, mailbox, sync, subscription, poison, backfill and forward-rule
+commands: each builds what it needs from the container, calls a service, returns data to print. Diagnosis
+commands (``explain``, ``skipped``, ``outbound``, ``status``) live in ``core.cli.diagnose``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from core.names import (
@@ -26,57 +24,42 @@ from core.names import (
     QUEUES,
 )
 
+from .registry import (
+    CliError,
+    Command,
+    NotAvailableError,
+    Out,
+    UnavailableError,
+    UsageError,
+    command,
+    confirm,
+    group,
+)
+
 __all__ = ["RULE_NAME", "CliError", "NotAvailableError", "run"]
 
 RULE_NAME = "Email Router: forward to CRM"
 
-
-class CliError(Exception):
-    """A clear, user-facing failure (exit 1)."""
-
-
-class NotAvailableError(CliError):
-    """The command depends on a module missing from this build (exit 2)."""
-
-
-class Out:
-    def __init__(self, as_json: bool) -> None:
-        self.json = as_json
-        self.console = Console(stderr=as_json, soft_wrap=False, width=max(100, Console().width))
-
-    def emit(self, data: Any, render: Callable[[Console], None]) -> None:
-        if self.json:
-            print(json.dumps(data, indent=2, default=str, sort_keys=True))
-        else:
-            render(self.console)
-
-    def progress(self) -> Progress:
-        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=self.console,
-                        disable=self.json, transient=True)
-
-
 # ------------------------------------------------------------------------------------------------ wiring
+
+_UNREACHABLE = ("ServiceRequestError", "ConnectError", "ConnectTimeout", "ClientConnectorError",
+                "ConnectionRefusedError")
 
 
 def _container(args: argparse.Namespace, cwd: Path, environ: Mapping[str, str]) -> Any:
     from core.bootstrap import Container
     from core.config import Settings
-    from core.settings.store import TableMailboxDirectory
 
     from .config import ConfigSourceError, load_values
 
     try:
         values, _ = load_values(args.settings, cwd, environ)
     except ConfigSourceError as exc:
-        raise CliError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):  # msal and httpx read these from the process env
         if values.get(name):
             os.environ[name] = values[name]
-    container = Container(Settings(values))
-    # The inbound services expect ``container.mailbox_directory`` (to be added to Container by the lead).
-    if not hasattr(container, "mailbox_directory"):
-        container.mailbox_directory = TableMailboxDirectory.from_account(container.storage)  # type: ignore[attr-defined]
-    return container
+    return Container(Settings(values))
 
 
 async def _close(container: Any) -> None:
@@ -88,24 +71,40 @@ async def _close(container: Any) -> None:
                 logging.getLogger("emailrouter.cli").debug("closing %s failed: %s", name, exc.__class__.__name__)
 
 
-async def run(args: argparse.Namespace, *, cwd: Path, environ: Mapping[str, str]) -> int:
+def _unreachable(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__name__ in _UNREACHABLE or isinstance(seen, ConnectionError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+async def run(spec: Command, args: argparse.Namespace, *, cwd: Path, environ: Mapping[str, str]) -> int:
+    """Build the container and run one command, mapping failures to the documented exit codes."""
     from core.config import ConfigError
+
+    from .config import azure_error_hint, describe_sources
 
     out = Out(args.json)
     try:
         container = _container(args, cwd, environ)
     except (ConfigError, ValueError) as exc:
-        raise CliError(f"{exc} (set it in the environment, local.settings.json or --settings FILE)") from exc
-    handler = _HANDLERS[(args.command, getattr(args, "action", None))]
+        raise UnavailableError(f"{exc}\n{describe_sources(args.settings, cwd, environ)}") from exc
     try:
-        return await handler(container, args, out)
-    except (ConfigError, ValueError, KeyError) as exc:
-        raise CliError(str(exc).strip("'\"")) from exc
+        return await spec.handler(container, args, out)
     except CliError:
         raise
+    except ConfigError as exc:
+        raise UnavailableError(f"{exc}\n{describe_sources(args.settings, cwd, environ)}") from exc
     except Exception as exc:
-        if type(exc).__module__.startswith(("core.adapters", "azure.")):
-            raise CliError(f"{type(exc).__name__}: {exc}") from exc
+        if _unreachable(exc):
+            raise UnavailableError(f"a service could not be reached ({type(exc).__name__}: {exc})") from exc
+        if isinstance(exc, ValueError | KeyError):
+            raise CliError(str(exc).strip("'\"")) from exc
+        if type(exc).__module__.startswith(("core.", "azure.")):
+            hint = azure_error_hint(exc)
+            raise CliError(f"{type(exc).__name__}: {exc}" + (f"\n{hint}" if hint else "")) from exc
         raise
     finally:
         await _close(container)
@@ -115,7 +114,15 @@ def _directory(container: Any) -> Any:
     return container.mailbox_directory
 
 
+async def _status_rows(container: Any) -> dict[str, dict[str, Any]]:
+    table = container.storage.table(MAILBOX_STATUS_TABLE)
+    return {str(r.get("RowKey")): dict(r) async for r in table.list_partition("mailbox")}
+
+
 # ------------------------------------------------------------------------------------------------ mailbox
+
+group("mailbox", "mailbox settings and health",
+      "Mailboxes: the router's settings table (copied from CRM, plus admin overrides) and each mailbox's health.")
 
 
 def _config_json(config: Any) -> dict[str, Any]:
@@ -136,17 +143,21 @@ def _config_json(config: Any) -> dict[str, Any]:
     }
 
 
-async def _status_rows(container: Any) -> dict[str, dict[str, Any]]:
-    table = container.storage.table(MAILBOX_STATUS_TABLE)
-    return {str(r.get("RowKey")): dict(r) async for r in table.list_partition("mailbox")}
-
-
+@command("mailbox", "list", help="every mailbox with its effective settings and health",
+         examples=["emailrouter mailbox list", "emailrouter mailbox list --json | jq '.mailboxes[]'"])
 async def mailbox_list(container: Any, args: argparse.Namespace, out: Out) -> int:
-    directory = _directory(container)
-    mailboxes = sorted(await directory.list_mailboxes(), key=lambda m: m.address)
-    errors = await directory.row_errors()
-    status = await _status_rows(container)
     from core.settings.rows import row_key
+
+    directory = _directory(container)
+    with out.progress() as progress:
+        task = progress.add_task("reading mailboxes", total=None)
+        mailboxes = sorted(await directory.list_mailboxes(), key=lambda m: m.address)
+        errors = await directory.row_errors()
+        progress.update(task, description="reading mailbox status", total=len(mailboxes) or None, completed=0)
+        status: dict[str, dict[str, Any]] = {}
+        async for r in container.storage.table(MAILBOX_STATUS_TABLE).list_partition("mailbox"):
+            status[str(r.get("RowKey"))] = dict(r)
+            progress.advance(task)
 
     data = {"mailboxes": [{**_config_json(m), "health": (status.get(row_key(m.address)) or {}).get("Health",
                                                                                                   "unknown")}
@@ -171,6 +182,17 @@ async def mailbox_list(container: Any, args: argparse.Namespace, out: Out) -> in
     return 0
 
 
+_STATUS_LINES = (  # (label, error column, time column) of the mailbox status row, shown by `mailbox show`
+    ("health probe", "LastError", "LastProbeOn"),
+    ("inbound", "InboundLastError", "InboundLastErrorAt"),
+    ("inbound sync", "InboundLastSyncError", "InboundLastSyncErrorAt"),
+    ("outbound", "LastOutboundError", "LastOutboundErrorAt"),
+)
+
+
+@command("mailbox", "show", help="one mailbox: each setting with its source, health and last errors",
+         arguments=lambda p: p.add_argument("address", help="the mailbox address"),
+         examples=["emailrouter mailbox show alice@contoso.com"])
 async def mailbox_show(container: Any, args: argparse.Namespace, out: Out) -> int:
     from core.settings.rows import FIELDS, RowError, effective_fields, parse_mailbox_row, row_key
 
@@ -193,7 +215,6 @@ async def mailbox_show(container: Any, args: argparse.Namespace, out: Out) -> in
         table = Table(title=str(row.get("Address")))
         for col in ("setting", "effective", "source", "CRM", "override"):
             table.add_column(col)
-        effective = data["effective"] or {}
         for f in FIELDS:
             info = fields_out[f.name]
             shown = values[f.name].raw if f.name in values else "-"
@@ -204,19 +225,96 @@ async def mailbox_show(container: Any, args: argparse.Namespace, out: Out) -> in
                                                                  else reasons))
         if row.get("RemovedFromCrm"):
             console.print("[yellow]removed from CRM: disabled[/yellow]")
-        if status:
-            console.print(f"health: {status.get('Health', 'unknown')}  last probe {status.get('LastProbeOn', '-')}  "
-                          f"{status.get('LastError', '')}")
-        _ = effective
+        health = Table(title=f"health: {status.get('Health', 'unknown')}")
+        for col in ("what", "last error", "when"):
+            health.add_column(col, overflow="fold")
+        for label, error, when in _STATUS_LINES:
+            health.add_row(label, str(status.get(error) or "-"), str(status.get(when) or "-"))
+        health.add_row("last sent", "", str(status.get("LastOutboundSentAt") or "-"))
+        health.add_row("last inbound sync", "", str(status.get("InboundLastSyncAt") or "-"))
+        console.print(health)
 
     out.emit(data, render)
     return 0
 
 
-async def mailbox_set(container: Any, args: argparse.Namespace, out: Out) -> int:
-    changes = {k.removeprefix("field_"): v for k, v in vars(args).items() if k.startswith("field_") and v is not None}
+# Allowed values shown in `mailbox set --help` (the parsers accept these, CRM numbers and documented aliases;
+# tests/integration/test_cli.py checks each one parses).
+SET_METAVARS: dict[str, str] = {
+    "Inbound": "{none,outlook,individual,forward}",
+    "Outbound": "{none,outlook,router}",
+    "Filter": "{all,replies,contacts,email_enabled,none}",
+    "Approval": "{empty,approved,pending,rejected}",
+    "ForwardSink": "ADDRESS",
+    "ProcessEmailFrom": "DATE",
+    "TrackedFolders": "JSON",
+}
+_BOOL_METAVAR = "{true,false}"
+
+
+def _set_arguments(parser: argparse.ArgumentParser) -> None:
+    from core.settings.rows import FIELDS, parse_bool
+
+    parser.add_argument("address", help="the mailbox address (a row is created if the address is new)")
+    for spec in FIELDS:
+        if spec.cli:
+            metavar = _BOOL_METAVAR if spec.parse is parse_bool else SET_METAVARS.get(spec.name, "VALUE")
+            parser.add_argument(spec.cli, dest=f"field_{spec.name}", metavar=metavar,
+                                help=f'{spec.help}; "" clears the override')
+    parser.add_argument("--kind", dest="field_Kind", metavar="{user,queue,forward_sink}",
+                        help="whose mailbox this is (rows that exist only in the router)")
+    parser.add_argument("--owner-id", dest="field_OwnerId", metavar="GUID", help="systemuserid / queueid")
+
+
+def _set_changes(args: argparse.Namespace) -> dict[str, str]:
+    return {k.removeprefix("field_"): v for k, v in vars(args).items() if k.startswith("field_") and v is not None}
+
+
+def _validate_set(args: argparse.Namespace) -> None:
+    from core.settings.rows import parse_override_changes
+
+    changes = _set_changes(args)
     if not changes:
-        raise CliError("nothing to set: give at least one option (see `emailrouter mailbox set --help`)")
+        raise UsageError("nothing to set: give at least one option (see `emailrouter mailbox set --help`)")
+    try:
+        parse_override_changes(changes)
+    except ValueError as exc:
+        raise UsageError(f"not written: {exc}") from exc
+
+
+def _turns_off(changes: Mapping[str, str]) -> list[str]:
+    from core.settings.rows import parse_bool
+
+    off: list[str] = []
+    for name in ("Enabled", "EnabledIncoming", "EnabledOutgoing"):
+        value = changes.get(name)
+        if value:
+            try:
+                if not parse_bool(value):
+                    off.append(name)
+            except ValueError:
+                pass
+    return off
+
+
+@command("mailbox", "set", help="write admin overrides (\"\" clears one; the CRM value applies again)",
+         arguments=_set_arguments, validate=_validate_set, destructive=True,
+         description="Write Override* columns of one mailbox row. Values are checked before anything is written. "
+                     "Turning a mailbox off (--enabled / --enabled-incoming / --enabled-outgoing false) asks first.",
+         examples=["emailrouter mailbox set alice@contoso.com --filter all --track-sent-items true",
+                   "emailrouter mailbox set alice@contoso.com --filter \"\"",
+                   "emailrouter mailbox set erin@contoso.com --enabled false --yes"])
+async def mailbox_set(container: Any, args: argparse.Namespace, out: Out) -> int:
+    changes = _set_changes(args)
+    if str(changes.get("TrackedFolders") or "").strip():
+        changes["TrackedFolders"] = await _folders_by_id(container, args.address, changes["TrackedFolders"])
+    off = _turns_off(changes)
+    listed = [f"{args.address}: Override{name} = {value!r}" for name, value in sorted(changes.items())]
+    if args.dry_run or off:
+        action = f"mailbox set ({', '.join(off)} false: the router stops this mailbox's mail)" if off \
+            else "mailbox set"
+        if not confirm(args, out, action, listed):
+            return 0
     try:
         config = await _directory(container).set_overrides(args.address, changes)
     except ValueError as exc:
@@ -227,14 +325,72 @@ async def mailbox_set(container: Any, args: argparse.Namespace, out: Out) -> int
     return 0
 
 
+async def _folders_by_id(container: Any, address: str, raw: str) -> str:
+    """TrackedFolders as typed (folder names, paths or ids) -> the same mapping keyed by Graph folder id."""
+    from core.settings.folders import FolderNotResolved, resolve_tracked_folders
+    from core.settings.rows import format_value, parse_folders
+
+    try:
+        typed = {name: f"{ref.table}:{ref.id}" for name, ref in parse_folders(raw).items()}
+        resolved = await resolve_tracked_folders(container.graph, address, typed)
+    except (FolderNotResolved, ValueError) as exc:
+        raise CliError(f"not written: tracked folders: {exc}") from exc
+    return str(format_value(parse_folders(resolved)))
+
+
 def _health_service(container: Any) -> Any:
     from core.settings.health import health_service_for
 
     return health_service_for(container)
 
 
+def _test_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", nargs="?", help="the mailbox to test (or --all)")
+    parser.add_argument("--all", action="store_true", help="test every mailbox, as the Router's Test Access did")
+    parser.add_argument("--no-crm-write", dest="crm_write", action="store_false",
+                        help="skip the CRM write check (it sets testmailboxaccesscompletedon on the mailbox record)")
+
+
+def _validate_test(args: argparse.Namespace) -> None:
+    if bool(args.address) == bool(args.all):
+        raise UsageError("give one mailbox address or --all")
+
+
+def _failing_checks(outcome: Any) -> str:
+    return "; ".join(f"{c.name}: {c.detail}" for c in outcome.checks if not c.ok)
+
+
+@command("mailbox", "test", help="probe a mailbox (or --all) now: Graph, subscription, CRM record, CRM write",
+         arguments=_test_arguments, validate=_validate_test,
+         description="Run the health checks now and record the result (MailboxStatus table and the CRM mailbox "
+                     "record). Also checks that the app can write to CRM: it sets testmailboxaccesscompletedon on "
+                     "the mailbox record. Exit 1 when a mailbox is failing.",
+         examples=["emailrouter mailbox test alice@contoso.com", "emailrouter mailbox test --all"])
 async def mailbox_test(container: Any, args: argparse.Namespace, out: Out) -> int:
-    outcome = await _health_service(container).probe(args.address)
+    service = _health_service(container)
+    if args.all:
+        with out.progress() as progress:
+            task = progress.add_task("testing mailboxes", total=None)
+            outcomes = await service.probe_all(
+                crm_write=args.crm_write, progress=lambda done, total: progress.update(task, completed=done,
+                                                                                       total=total))
+        data: Any = [o.to_json() for o in outcomes]
+
+        def render_all(console: Console) -> None:
+            failing = [o for o in outcomes if o.health.value == "failing"]
+            table = Table(title=f"{len(outcomes)} mailboxes tested, {len(failing)} failing")
+            for col in ("mailbox", "health", "incoming", "outgoing", "failing checks"):
+                table.add_column(col, overflow="fold")
+            for o in outcomes:
+                colour = "red" if o.health.value == "failing" else "green" if o.health.value == "ok" else "white"
+                table.add_row(o.address, f"[{colour}]{o.health.value}[/{colour}]", o.incoming.value,
+                              o.outgoing.value, _failing_checks(o))
+            console.print(table)
+
+        out.emit(data, render_all)
+        return 1 if any(o.health.value == "failing" for o in outcomes) else 0
+
+    outcome = await service.probe(args.address, crm_write=args.crm_write)
 
     def render(console: Console) -> None:
         table = Table(title=f"{outcome.address}: {outcome.health.value} (incoming {outcome.incoming.value}, "
@@ -252,7 +408,11 @@ async def mailbox_test(container: Any, args: argparse.Namespace, out: Out) -> in
 
 # ------------------------------------------------------------------------------------------------ settings
 
+group("settings", "org settings (the OrgSettings table)")
 
+
+@command("settings", "get", help="all org settings, or one KEY, with value, source and meaning",
+         arguments=lambda p: p.add_argument("key", nargs="?", help="an OrgSettings key, e.g. MaxAttachmentBytes"))
 async def settings_get(container: Any, args: argparse.Namespace, out: Out) -> int:
     from core.settings.rows import ORG_KEYS, format_org_value, org_defaults, org_key
 
@@ -282,6 +442,13 @@ async def settings_get(container: Any, args: argparse.Namespace, out: Out) -> in
     return 0
 
 
+def _settings_set_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("key", help="an OrgSettings key (see `emailrouter settings get`)")
+    parser.add_argument("value", help='the admin Value; "" clears it (CRM value or default applies again)')
+
+
+@command("settings", "set", help="set the admin Value of KEY (\"\" clears it)", arguments=_settings_set_arguments,
+         examples=['emailrouter settings set NeverLogDomains "competitor.com, press.example"'])
 async def settings_set(container: Any, args: argparse.Namespace, out: Out) -> int:
     try:
         stored = await _directory(container).set_org_value(args.key, args.value)
@@ -298,6 +465,7 @@ async def settings_set(container: Any, args: argparse.Namespace, out: Out) -> in
 # ------------------------------------------------------------------------------------------------ sync
 
 
+@command("sync-crm", help="copy delivery methods and org settings from CRM now")
 async def sync_crm(container: Any, args: argparse.Namespace, out: Out) -> int:
     from core.settings.crm_sync import CrmSyncService
 
@@ -330,7 +498,10 @@ async def sync_crm(container: Any, args: argparse.Namespace, out: Out) -> int:
 
 # ------------------------------------------------------------------------------------------------ subscriptions
 
+group("subscriptions", "Graph change-notification subscriptions")
 
+
+@command("subscriptions", "list", help="the router's Graph subscriptions: mailbox, folder, expiry, id")
 async def subscriptions_list(container: Any, args: argparse.Namespace, out: Out) -> int:
     from core.settings.rows import format_value
 
@@ -350,12 +521,17 @@ async def subscriptions_list(container: Any, args: argparse.Namespace, out: Out)
     return 0
 
 
+@command("subscriptions", "reconcile", help="create/renew/delete subscriptions now (needs WEBHOOK_BASE_URL)")
 async def subscriptions_reconcile(container: Any, args: argparse.Namespace, out: Out) -> int:
     try:
         from core.services.subscriptions import service_for
     except ImportError as exc:
         raise NotAvailableError("subscriptions reconcile is not available in this build") from exc
-    report = await service_for(container).reconcile()
+    service = service_for(container)
+    with out.progress() as progress:
+        task = progress.add_task("reconciling subscriptions", total=None)
+        report = await service.reconcile(
+            progress=lambda done, total: progress.update(task, completed=done, total=total or None))
     data = report.as_dict()
     out.emit(data, lambda c: c.print(", ".join(f"{k} {v if not isinstance(v, list) else len(v)}"
                                                for k, v in data.items())
@@ -366,14 +542,22 @@ async def subscriptions_reconcile(container: Any, args: argparse.Namespace, out:
 
 # ------------------------------------------------------------------------------------------------ poison
 
+group("poison", "poison queues: messages the pipelines gave up on, with the recorded reason")
+
+_QUEUE_HELP = f"one of {', '.join(QUEUES)} (default: all)"
+
 
 def _poison_queues(queue: str | None) -> list[str]:
     if queue is None:
         return [q + POISON_SUFFIX for q in QUEUES]
     name = queue if queue.endswith(POISON_SUFFIX) else queue + POISON_SUFFIX
     if name not in ALL_QUEUES:
-        raise CliError(f"unknown queue {queue!r} (known: {', '.join(QUEUES)})")
+        raise UsageError(f"unknown queue {queue!r} (known: {', '.join(QUEUES)})")
     return [name]
+
+
+def _validate_queue(args: argparse.Namespace) -> None:
+    _poison_queues(args.queue)
 
 
 async def _reasons(container: Any, poison_queue: str) -> dict[str, str]:
@@ -386,11 +570,11 @@ async def _reasons(container: Any, poison_queue: str) -> dict[str, str]:
     return out
 
 
-async def poison_list(container: Any, args: argparse.Namespace, out: Out) -> int:
+async def _peek(container: Any, queues: list[str]) -> list[dict[str, Any]]:
     from core.adapters.storage import hash_key
 
     data: list[dict[str, Any]] = []
-    for queue in _poison_queues(args.queue):
+    for queue in queues:
         browser = container.storage.queue_browser(queue)
         try:
             items = await browser.peek(32)
@@ -402,10 +586,17 @@ async def poison_list(container: Any, args: argparse.Namespace, out: Out) -> int
                          "inserted": item.inserted_on, "encoding": item.encoding,
                          "reason": reasons.get(hash_key(item.content)) or "(no reason recorded)",
                          "content": item.content[:500]})
+    return data
+
+
+@command("poison", "list", help="messages in the poison queues (first 32 per queue), with the recorded reason",
+         arguments=lambda p: p.add_argument("queue", nargs="?", help=_QUEUE_HELP), validate=_validate_queue)
+async def poison_list(container: Any, args: argparse.Namespace, out: Out) -> int:
+    data = await _peek(container, _poison_queues(args.queue))
 
     def render(console: Console) -> None:
         table = Table(title=f"{len(data)} poisoned messages (first 32 per queue)")
-        for col in ("queue", "id", "reason", "content"):
+        for col in ("queue", "queue message id", "reason", "content"):
             table.add_column(col, overflow="fold")
         for r in data:
             table.add_row(r["queue"], r["id"], r["reason"], r["content"][:120])
@@ -415,7 +606,20 @@ async def poison_list(container: Any, args: argparse.Namespace, out: Out) -> int
     return 0
 
 
-async def _take(container: Any, queues: list[str], wanted: str | None, act: Callable[..., Any]) -> list[str]:
+async def _queue_depths(container: Any, queues: list[str]) -> dict[str, int | None]:
+    depths: dict[str, int | None] = {}
+    service = container.storage.queue_service
+    for name in queues:
+        try:
+            props = await service.get_queue_client(name).get_queue_properties()
+            depths[name] = int(props.approximate_message_count or 0)
+        except Exception:
+            depths[name] = None  # queue not created yet
+    return depths
+
+
+async def _take(container: Any, queues: list[str], wanted: str | None, act: Callable[..., Any],
+                progress: Callable[[int], None] | None = None) -> list[str]:
     """Receive poison messages (bounded rounds) and apply ``act(browser, item)`` to the wanted one(s)."""
     done: list[str] = []
     for queue in queues:
@@ -430,6 +634,8 @@ async def _take(container: Any, queues: list[str], wanted: str | None, act: Call
                     if wanted is None or item.id == wanted:
                         await act(browser, item)
                         done.append(item.id)
+                        if progress is not None:
+                            progress(len(done))
                     else:
                         skipped.append(item)
                 if wanted is not None and done:
@@ -454,34 +660,102 @@ async def _release(container: Any, queue: str, items: list[Any]) -> None:
         await client.close()
 
 
+def _replay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("queue_message_id", nargs="?", metavar="QUEUE-MESSAGE-ID",
+                        help="the queue message id `emailrouter poison list` shows (not an Internet Message-ID)")
+    parser.add_argument("--all", action="store_true", help="every message of the poison queue(s)")
+    parser.add_argument("--queue", help=_QUEUE_HELP)
+
+
+def _validate_replay(args: argparse.Namespace) -> None:
+    if bool(args.queue_message_id) == bool(args.all):
+        raise UsageError("give one QUEUE-MESSAGE-ID or --all")
+    _poison_queues(args.queue)
+
+
+@command("poison", "replay", help="move poisoned message(s) back to their queue to be processed again",
+         arguments=_replay_arguments, validate=_validate_replay, destructive=True,
+         description="Move one poisoned message (by the queue message id from `poison list`) or --all of them "
+                     "back to the queue they came from. --all asks first (--yes to skip, --dry-run to only list).",
+         examples=["emailrouter poison replay 6f1c...-queue-message-id",
+                   "emailrouter poison replay --all --queue inbound-mail --yes"])
 async def poison_replay(container: Any, args: argparse.Namespace, out: Out) -> int:
-    if not args.all and not args.id:
-        raise CliError("give a message ID or --all")
+    queues = _poison_queues(args.queue)
+    total: int | None = None
+    if args.all:
+        depths = await _queue_depths(container, queues)
+        listed = [f"{q}: {n} message(s) back to {q.removesuffix(POISON_SUFFIX)}" for q, n in depths.items() if n]
+        if not listed and not args.dry_run:
+            out.emit({"replayed": []}, lambda c: c.print("the poison queue(s) are empty"))
+            return 0
+        if not confirm(args, out, "poison replay --all", listed):
+            return 0
+        total = sum(n or 0 for n in depths.values())
+    elif args.dry_run:
+        confirm(args, out, "poison replay", [args.queue_message_id])
+        return 0
 
     async def move(browser: Any, item: Any) -> None:
         await browser.move_back(item)
 
-    done = await _take(container, _poison_queues(args.queue), None if args.all else args.id, move)
-    if not done and args.id:
-        raise CliError(f"no poisoned message with id {args.id}")
+    with out.progress() as progress:
+        task = progress.add_task("replaying", total=total)
+        done = await _take(container, queues, None if args.all else args.queue_message_id, move,
+                           lambda n: progress.update(task, completed=n))
+    if not done and args.queue_message_id:
+        raise CliError(f"no poisoned message with queue message id {args.queue_message_id}")
     out.emit({"replayed": done}, lambda c: c.print(f"replayed {len(done)} message(s)"))
     return 0
 
 
-async def poison_discard(container: Any, args: argparse.Namespace, out: Out) -> int:
-    async def delete(browser: Any, item: Any) -> None:
-        await browser.delete(item)
+def _discard_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("queue_message_id", metavar="QUEUE-MESSAGE-ID",
+                        help="the queue message id `emailrouter poison list` shows")
+    parser.add_argument("--queue", help=_QUEUE_HELP)
 
-    done = await _take(container, _poison_queues(args.queue), args.id, delete)
+
+@command("poison", "discard", help="delete a poisoned message for good (asks first)", arguments=_discard_arguments,
+         validate=_validate_queue, destructive=True,
+         examples=["emailrouter poison discard 6f1c...-queue-message-id --yes"])
+async def poison_discard(container: Any, args: argparse.Namespace, out: Out) -> int:
+    queues = _poison_queues(args.queue)
+    known = {r["id"]: r for r in await _peek(container, queues)}
+    item = known.get(args.queue_message_id)
+    described = (f"{args.queue_message_id} in {item['queue']}: {item['reason']}" if item
+                 else args.queue_message_id)
+    if not confirm(args, out, "poison discard (the message is deleted for good)", [described]):
+        return 0
+
+    async def delete(browser: Any, found: Any) -> None:
+        await browser.delete(found)
+
+    done = await _take(container, [item["queue"]] if item else queues, args.queue_message_id, delete)
     if not done:
-        raise CliError(f"no poisoned message with id {args.id}")
-    out.emit({"discarded": done}, lambda c: c.print(f"discarded {args.id}"))
+        raise CliError(f"no poisoned message with queue message id {args.queue_message_id}")
+    out.emit({"discarded": done}, lambda c: c.print(f"discarded {args.queue_message_id}"))
     return 0
 
 
-# ------------------------------------------------------------------------------------------------ backfill, explain
+# ------------------------------------------------------------------------------------------------ backfill
 
 
+def _backfill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", help="the mailbox to read")
+    parser.add_argument("--since", required=True, metavar="DATE", help="ISO date, e.g. 2024-01-31")
+
+
+def _validate_backfill(args: argparse.Namespace) -> None:
+    from core.settings.rows import parse_datetime
+
+    try:
+        parse_datetime(args.since)
+    except ValueError as exc:
+        raise UsageError(f"--since: {exc}") from exc
+
+
+@command("backfill", help="feed historical mail through the normal pipeline (idempotent)",
+         arguments=_backfill_arguments, validate=_validate_backfill,
+         examples=["emailrouter backfill alice@contoso.com --since 2024-01-01"])
 async def backfill(container: Any, args: argparse.Namespace, out: Out) -> int:
     from core.settings.rows import parse_datetime
 
@@ -502,28 +776,27 @@ async def backfill(container: Any, args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
-async def explain(container: Any, args: argparse.Namespace, out: Out) -> int:
-    try:
-        from core.adapters.inbound_state import InboundState
-    except ImportError as exc:
-        raise NotAvailableError("explain is not available in this build") from exc
-    mid = args.message_id.strip()
-    records = await InboundState.for_container(container).decisions.find_by_internet_message_id(mid)
-    if not records and not mid.startswith("<"):
-        records = await InboundState.for_container(container).decisions.find_by_internet_message_id(f"<{mid}>")
-    if not records:
-        raise CliError(f"no decision recorded for {mid}")
-
-    def render(console: Console) -> None:
-        for record in records:
-            console.rule(f"{record.get('mailbox', '')}: {record.get('outcome', '')}")
-            console.print_json(json.dumps(record, default=str))
-
-    out.emit(records, render)
-    return 0
-
-
 # ------------------------------------------------------------------------------------------------ forward rules
+
+group("forward-rules", "Exchange inbox rules that forward mail as an attachment to a forward mailbox (sink)",
+      "The Rule Deployment Wizard, through Graph messageRules: deploy or remove the rule "
+      f"\"{RULE_NAME}\" in forward users' mailboxes. Both show the users first and ask.")
+
+
+def _rules_arguments(deploy: bool) -> Callable[[argparse.ArgumentParser], None]:
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--users", metavar="ADDRESSES",
+                            help="comma-separated addresses (default: every mailbox whose Inbound is forward)")
+        if deploy:
+            parser.add_argument("--sink", metavar="ADDRESS",
+                                help="the forward mailbox (default: each user's ForwardSink)")
+
+    return add
+
+
+def _forwards_to(rule: Mapping[str, Any], sink: str) -> bool:
+    targets = (rule.get("actions") or {}).get("forwardAsAttachmentTo") or []
+    return [str((t.get("emailAddress") or {}).get("address", "")).lower() for t in targets] == [sink]
 
 
 def _rule_body(sink: str) -> dict[str, Any]:
@@ -533,60 +806,55 @@ def _rule_body(sink: str) -> dict[str, Any]:
             "actions": {"forwardAsAttachmentTo": [{"emailAddress": {"address": sink}}], "stopProcessingRules": False}}
 
 
-def _forwards_to(rule: Mapping[str, Any], sink: str) -> bool:
-    targets = (rule.get("actions") or {}).get("forwardAsAttachmentTo") or []
-    return [str((t.get("emailAddress") or {}).get("address", "")).lower() for t in targets] == [sink]
-
-
-async def forward_rules(container: Any, args: argparse.Namespace, out: Out) -> int:
+async def _rule_users(directory: Any, args: argparse.Namespace) -> list[str]:
     from core.domain.model import InboundMethod
     from core.settings.rows import normalise_address
 
-    directory = _directory(container)
     if args.users:
         users = [normalise_address(u) for u in args.users.split(",") if u.strip()]
     else:
         users = [m.address for m in await directory.list_mailboxes() if m.inbound_method is InboundMethod.FORWARD]
     if not users:
         raise CliError("no users: pass --users or configure forward-mailbox users first")
-    results: list[dict[str, Any]] = []
-    with out.progress() as progress:
-        task = progress.add_task(f"{args.action} rules", total=len(users))
-        for user in users:
-            config = await directory.get_mailbox(user)
-            sink = normalise_address(args.sink) if args.sink else (config.forward_sink_address if config else None)
-            try:
-                results.append(await _one_rule(container, directory, args.action, user, sink))
-            except CliError as exc:
-                results.append({"user": user, "result": "error", "detail": str(exc)})
-            except Exception as exc:
-                results.append({"user": user, "result": "error", "detail": f"{type(exc).__name__}: {exc}"})
-            progress.advance(task)
-
-    def render(console: Console) -> None:
-        table = Table(title=f"forward-rules {args.action}")
-        for col in ("user", "result", "detail"):
-            table.add_column(col)
-        for r in results:
-            table.add_row(r["user"], r["result"], r.get("detail", ""))
-        console.print(table)
-
-    out.emit(results, render)
-    return 1 if any(r["result"] == "error" for r in results) else 0
+    return users
 
 
-async def _one_rule(container: Any, directory: Any, action: str, user: str, sink: str | None) -> dict[str, Any]:
-    graph = container.graph
-    existing = [r for r in await graph.list_inbox_rules(user) if r.get("displayName") == RULE_NAME]
+async def _plan_rule(container: Any, directory: Any, action: str, user: str, sink: str | None) -> dict[str, Any]:
+    """What deploy/remove would do for one user (Graph and settings reads only)."""
+    existing = [r for r in await container.graph.list_inbox_rules(user) if r.get("displayName") == RULE_NAME]
+    plan: dict[str, Any] = {"user": user, "sink": sink, "existing": existing}
+    if action == "remove":
+        plan["change"] = "remove rule" if existing else None
+        return plan
+    if not sink:
+        raise CliError("no sink: pass --sink")
+    from core.domain.model import MailboxKind
+
+    sink_config = await directory.get_mailbox(sink)
+    if sink_config is not None and sink_config.kind is not MailboxKind.FORWARD_SINK:
+        raise CliError(f"{sink} is a {sink_config.kind.value} mailbox, not a forward mailbox")
+    if len(existing) == 1 and _forwards_to(existing[0], sink) and existing[0].get("isEnabled", True):
+        plan["change"] = None
+    else:
+        plan["change"] = f"{'replace' if existing else 'create'} rule forwarding as attachment to {sink}"
+    extra = [f"make {sink} the forward mailbox (OverrideKind)"] if sink_config is None else []
+    config = await directory.get_mailbox(user)
+    if config is not None and config.forward_sink_address != sink:
+        extra.append(f"set OverrideForwardSink = {sink}")
+    if extra:
+        plan["change"] = "; ".join([plan["change"], *extra] if plan["change"] else extra)
+    return plan
+
+
+async def _apply_rule(container: Any, directory: Any, action: str, plan: dict[str, Any]) -> dict[str, Any]:
+    from core.domain.model import MailboxKind
+
+    graph, user, sink, existing = container.graph, plan["user"], plan["sink"], plan["existing"]
     if action == "remove":
         for rule in existing:
             await graph.delete_inbox_rule(user, str(rule["id"]))
         return {"user": user, "result": "removed" if existing else "absent"}
-    if not sink:
-        raise CliError("no sink: pass --sink")
     note = ""
-    from core.domain.model import MailboxKind
-
     sink_config = await directory.get_mailbox(sink)
     if sink_config is None:
         # Like CRM's "forward mailbox" record: without it the router would not read the sink at all.
@@ -607,79 +875,74 @@ async def _one_rule(container: Any, directory: Any, action: str, user: str, sink
     return {"user": user, "result": "updated" if existing else "created", "detail": f"forwards to {sink}{note}"}
 
 
-# ------------------------------------------------------------------------------------------------ status
+def _error_detail(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, CliError) else f"{type(exc).__name__}: {exc}"
 
 
-async def status(container: Any, args: argparse.Namespace, out: Out) -> int:
-    from core.settings.rows import row_key
+async def _forward_rules(container: Any, args: argparse.Namespace, out: Out, action: str) -> int:
+    from core.settings.rows import normalise_address
 
     directory = _directory(container)
-    mailboxes = await directory.list_mailboxes()
-    rows = await _status_rows(container)
-    health = Counter((rows.get(row_key(m.address)) or {}).get("Health", "unknown") for m in mailboxes)
-    failing = sorted(m.address for m in mailboxes if (rows.get(row_key(m.address)) or {}).get("Health") == "failing")
-    queues: dict[str, int | None] = {}
-    service = container.storage.queue_service
-    for name in ALL_QUEUES:
-        try:
-            props = await service.get_queue_client(name).get_queue_properties()
-            queues[name] = int(props.approximate_message_count or 0)
-        except Exception:
-            queues[name] = None  # queue not created yet
-    runs: dict[str, Any] = {}
-    async for row in container.storage.table(MAILBOX_STATUS_TABLE).list_partition("router"):
-        runs[str(row.get("RowKey"))] = {k: v for k, v in row.items() if k not in ("PartitionKey", "RowKey")}
-    last_inbound = max((r.get("InboundLastSyncAt") for r in rows.values() if r.get("InboundLastSyncAt")),
-                       default=None)
-    if last_inbound is not None:
-        runs["inbound-last-sync"] = {"LastRunOn": last_inbound}
-    data = {"mailboxes": {"total": len(mailboxes), "by_health": dict(health), "failing": failing,
-                          "ignored_rows": len(await directory.row_errors())},
-            "queues": {q: n for q, n in queues.items() if not q.endswith(POISON_SUFFIX)},
-            "poison": {q: n for q, n in queues.items() if q.endswith(POISON_SUFFIX)},
-            "last_runs": runs, "at": datetime.now(UTC)}
+    users = await _rule_users(directory, args)
+    plans: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    with out.progress() as progress:
+        task = progress.add_task("reading inbox rules", total=len(users))
+        for user in users:
+            config = await directory.get_mailbox(user)
+            sink = getattr(args, "sink", None)
+            sink = normalise_address(sink) if sink else (config.forward_sink_address if config else None)
+            try:
+                plans.append(await _plan_rule(container, directory, action, user, sink))
+            except Exception as exc:
+                results.append({"user": user, "result": "error", "detail": _error_detail(exc)})
+            progress.advance(task)
+    changing = [p for p in plans if p["change"]]
+    results.extend({"user": p["user"], "result": "unchanged",
+                    "detail": f"forwards to {p['sink']}" if action == "deploy" else "no rule"}
+                   for p in plans if not p["change"])
+    if changing and not confirm(args, out, f"forward-rules {action}",
+                                [f"{p['user']}: {p['change']}" for p in changing]):
+        return 0
+    with out.progress() as progress:
+        task = progress.add_task(f"forward-rules {action}", total=len(changing))
+        for plan in changing:
+            try:
+                results.append(await _apply_rule(container, directory, action, plan))
+            except Exception as exc:
+                results.append({"user": plan["user"], "result": "error", "detail": _error_detail(exc)})
+            progress.advance(task)
+    if action == "remove":
+        for r in results:
+            if r["result"] == "unchanged":
+                r["result"] = "absent"
+    results.sort(key=lambda r: users.index(r["user"]) if r["user"] in users else len(users))
 
     def render(console: Console) -> None:
-        m = data["mailboxes"]
-        console.print(f"[bold]mailboxes[/bold] {m['total']}: " + ", ".join(f"{k} {v}" for k, v in
-                                                                          sorted(m["by_health"].items()))
-                      + (f"  [red]{m['ignored_rows']} ignored row(s)[/red]" if m["ignored_rows"] else ""))
-        for a in failing:
-            console.print(f"  [red]failing[/red] {a}: {(rows.get(row_key(a)) or {}).get('LastError', '')}")
-        table = Table(title="queues")
-        table.add_column("queue")
-        table.add_column("depth")
-        table.add_column("poison")
-        for q in QUEUES:
-            depth, poison = queues.get(q), queues.get(q + POISON_SUFFIX)
-            table.add_row(q, "-" if depth is None else str(depth),
-                          "-" if poison is None else (f"[red]{poison}[/red]" if poison else "0"))
+        table = Table(title=f"forward-rules {action}")
+        for col in ("user", "result", "detail"):
+            table.add_column(col)
+        for r in results:
+            table.add_row(r["user"], r["result"], r.get("detail", ""))
         console.print(table)
-        for name, info in sorted(runs.items()):
-            console.print(f"last {name}: {info.get('LastRunOn', '-')}")
-        if not runs:
-            console.print("no runs recorded yet")
 
-    out.emit(data, render)
-    return 0
+    out.emit(results, render)
+    return 1 if any(r["result"] == "error" for r in results) else 0
 
 
-_HANDLERS: dict[tuple[str, str | None], Callable[..., Any]] = {
-    ("mailbox", "list"): mailbox_list,
-    ("mailbox", "show"): mailbox_show,
-    ("mailbox", "set"): mailbox_set,
-    ("mailbox", "test"): mailbox_test,
-    ("settings", "get"): settings_get,
-    ("settings", "set"): settings_set,
-    ("sync-crm", None): sync_crm,
-    ("subscriptions", "list"): subscriptions_list,
-    ("subscriptions", "reconcile"): subscriptions_reconcile,
-    ("poison", "list"): poison_list,
-    ("poison", "replay"): poison_replay,
-    ("poison", "discard"): poison_discard,
-    ("backfill", None): backfill,
-    ("forward-rules", "deploy"): forward_rules,
-    ("forward-rules", "remove"): forward_rules,
-    ("explain", None): explain,
-    ("status", None): status,
-}
+@command("forward-rules", "deploy", help="create or fix the forward-as-attachment rule for forward users",
+         arguments=_rules_arguments(deploy=True), destructive=True,
+         description="Create the inbox rule that forwards every message as an attachment to the sink (except mail "
+                     "from the sink), for the given users or every forward-mailbox user. Shows which users change "
+                     "and asks first; a correct rule is left alone.",
+         examples=["emailrouter forward-rules deploy --dry-run",
+                   "emailrouter forward-rules deploy --users bob@contoso.com --sink crm-sink@contoso.com --yes"])
+async def forward_rules_deploy(container: Any, args: argparse.Namespace, out: Out) -> int:
+    return await _forward_rules(container, args, out, "deploy")
+
+
+@command("forward-rules", "remove", help="delete the router's forward rule from users' mailboxes",
+         arguments=_rules_arguments(deploy=False), destructive=True,
+         examples=["emailrouter forward-rules remove --users bob@contoso.com --yes"])
+async def forward_rules_remove(container: Any, args: argparse.Namespace, out: Out) -> int:
+    return await _forward_rules(container, args, out, "remove")

@@ -5,6 +5,14 @@
    ``SSL_CERT_FILE``; the bundle holds the system CAs too).
 2. ``--settings FILE``, else ``./local.settings.json``: its ``Values`` (as Core Tools reads them).
 3. The environment (as Core Tools: the environment beats ``local.settings.json``).
+
+Against a deployment in Azure: ``az login``, then ``--settings .azure/<env>/emailrouter.settings.json`` (written by
+the azd postprovision hook: the storage endpoints, table prefix, tenant/app ids and URLs, no secret) or the same
+names in the environment. Storage is then reached with ``DefaultAzureCredential`` (the signed-in operator, who
+holds the queue and table data roles the template grants to ``principalId``); leave
+``AzureWebJobsStorage__clientId`` out, it selects the app's managed identity, which exists only in Azure.
+:func:`describe_sources` words what was (not) found, so a missing setting says whether no local stack is running
+or nothing is configured.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from typing import Any
 
 from core.config import SETTINGS
 
-__all__ = ["ConfigSourceError", "find_stack_file", "load_values", "stack_values"]
+__all__ = ["ConfigSourceError", "azure_error_hint", "describe_sources", "find_stack_file", "load_values",
+           "stack_values"]
 
 _CA_VARS = ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
 _NAMES = frozenset(s.name for s in SETTINGS) | frozenset(_CA_VARS)
@@ -101,3 +110,57 @@ def load_values(
             for name in _CA_VARS:
                 values[name], sources[name] = bundle, str(stack_file)
     return values, sources
+
+
+DEPLOYMENT_HINT = (
+    "For a deployment in Azure: `az login`, then `emailrouter --settings .azure/<env>/emailrouter.settings.json ...` "
+    "(written by `azd provision`; docs/deploy.md, \"The CLI against your deployment\")."
+)
+
+
+def describe_sources(settings_file: Path | None, cwd: Path, environ: Mapping[str, str]) -> str:
+    """Where the CLI looked for its settings and what it found, worded for the error about a missing setting:
+    "no local stack running" (none here, or one set up but stopped) is told apart from "nothing configured"."""
+    lines: list[str] = []
+    stack_file = find_stack_file(cwd)
+    running = False
+    if stack_file is None:
+        lines.append(f"No local stack is running (no .local/stack.json in {cwd} or its parents; `make run` starts "
+                     "one).")
+    else:
+        try:
+            running = bool(json.loads(stack_file.read_text(encoding="utf-8")).get("running"))
+        except (OSError, ValueError):
+            running = False
+        if running:
+            lines.append(f"Using the local stack described by {stack_file}.")
+        else:
+            lines.append(f"A local stack is set up in {stack_file.parent.parent} but not running (`make run` starts "
+                         "it).")
+    file = settings_file or (cwd / "local.settings.json")
+    if settings_file is not None:
+        lines.append(f"Settings file: {settings_file}.")
+    elif file.is_file():
+        lines.append(f"Settings file: {file}.")
+    else:
+        lines.append("No settings file (no --settings FILE, no ./local.settings.json).")
+    in_env = sorted(name for name in _NAMES if environ.get(name) and name not in _CA_VARS)
+    lines.append(f"App settings in the environment: {', '.join(in_env)}." if in_env
+                 else "No app settings in the environment.")
+    if not running and settings_file is None and not file.is_file() and not in_env:
+        lines.insert(0, "Not configured: there is nothing to connect to.")
+    lines.append(DEPLOYMENT_HINT)
+    return "\n".join(lines)
+
+
+def azure_error_hint(exc: BaseException) -> str:
+    """What to do about an Azure SDK failure against a deployment (sign-in or data-plane role), or ''."""
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+
+    if isinstance(exc, ClientAuthenticationError):
+        return ("Sign in with `az login` (DefaultAzureCredential); the settings must not name "
+                "AzureWebJobsStorage__clientId outside Azure.")
+    if isinstance(exc, HttpResponseError) and exc.status_code == 403:
+        return ("Your account lacks a data role on the storage account: the template grants Storage Queue/Table "
+                "Data Contributor to its principalId (the deployer); role assignments take a few minutes.")
+    return ""

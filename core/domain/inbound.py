@@ -70,6 +70,7 @@ __all__ = [
     "TrackEmail",
     "decision_record",
     "explain",
+    "explain_record",
     "inbound_lookups",
     "plan_attachment_rows",
     "plan_contact_row",
@@ -166,6 +167,7 @@ class Skip:
     why: str
     decisions: tuple[Decision, ...]
     wrapper_graph_id: str | None = None
+    original: MailMessage | None = None  # the forwarded original, when the message was an unwrapped wrapper
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ class TrackEmail:
     wrapper_graph_id: str | None
     delete_wrapper: bool
     decisions: tuple[Decision, ...]
+    original: MailMessage | None = None  # the forwarded original, when the message was an unwrapped wrapper
 
 
 InboundPlan = Skip | TrackEmail
@@ -264,12 +267,16 @@ def _plan_attachments(message: MailMessage, activity_id: uuid.UUID, org: OrgEmai
     kept: list[PlannedAttachment] = []
     omitted: list[OmittedAttachment] = []
     for index, attachment in enumerate(message.attachments):
-        if attachment.content is None:
+        content = attachment.content
+        # Without content: an Outlook item, or a file listed by metadata only (the processor downloads only what
+        # fits the limit, so a missing file over the limit is "too large", not "unavailable").
+        size = len(content) if content is not None else attachment.size
+        too_large = _base64_size(size) > org.max_attachment_bytes
+        if content is None and (attachment.is_item or not too_large):
             what = "attached Outlook item" if attachment.is_item else "content not available"
             omitted.append(OmittedAttachment(attachment.name, attachment.size, f"{what}, not saved"))
             continue
-        size = len(attachment.content)
-        if _base64_size(size) > org.max_attachment_bytes:
+        if content is None or too_large:
             omitted.append(OmittedAttachment(
                 attachment.name, size,
                 f"larger than the organisation's attachment limit of {_human_size(org.max_attachment_bytes)}"))
@@ -278,7 +285,7 @@ def _plan_attachments(message: MailMessage, activity_id: uuid.UUID, org: OrgEmai
             attachment_id=attachment_id_for(activity_id, index, attachment.name),
             filename=attachment.name[:255],
             mimetype=attachment.content_type[:256],
-            content=attachment.content,
+            content=content,
             content_id=attachment.content_id,
             is_inline=attachment.is_inline,
         ))
@@ -333,11 +340,12 @@ def _bind_sender_to(parties: ResolvedParties, contact: NewContact) -> ResolvedPa
 def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
     org = context.org
     decisions: list[Decision] = []
+    original: MailMessage | None = None
 
     def skip(stage: Literal["mailbox", "unwrap", "skip_rule", "filter"], code: str, why: str,
              wrapper_graph_id: str | None = None) -> Skip:
         decisions.append(Decision(stage, f"skip:{code}", why))
-        return Skip(stage, code, why, tuple(decisions), wrapper_graph_id)
+        return Skip(stage, code, why, tuple(decisions), wrapper_graph_id, original)
 
     gate = _mailbox_gate(context.mailbox)
     if gate is not None:
@@ -352,6 +360,7 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
     if isinstance(unwrapped, Unwrapped):
         message, tracking_mailbox, wrapper_graph_id = (unwrapped.original, unwrapped.tracking_mailbox,
                                                        unwrapped.wrapper_graph_id)
+        original = message
         decisions.append(Decision("unwrap", "ok", f"forwarded by {tracking_mailbox.address}; tracked for them"))
     approval = _approval_gate(tracking_mailbox, org)
     if approval is not None:
@@ -447,6 +456,7 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
         wrapper_graph_id=wrapper_graph_id,
         delete_wrapper=wrapper_graph_id is not None and context.mailbox.delete_after_processing,
         decisions=tuple(decisions),
+        original=original,
     )
 
 
@@ -555,22 +565,61 @@ def plan_contact_row(plan: TrackEmail) -> dict[str, Any] | None:
 
 
 def decision_record(message: MailMessage, plan: InboundPlan) -> dict[str, Any]:
-    """A JSON-able record for the decisions table (issue 5: "message id, mailbox, each decision and why")."""
+    """A JSON-able record for the decisions table (issue 5: "message id, mailbox, each decision and why").
+
+    ``from`` / ``subject`` / ``receivedAt`` describe the mail the decision was about (for a forward wrapper that was
+    unwrapped: the original, with ``trackedFor`` = the forwarding user) so an admin can find it by what users see.
+    """
+    about = plan.original or message
     record: dict[str, Any] = {
         "internetMessageId": message.internet_message_id,
         "mailbox": message.mailbox,
         "graphId": message.graph_id,
         "outcome": "tracked" if isinstance(plan, TrackEmail) else f"skipped:{plan.stage}:{plan.code}",
+        "from": about.originator.address if about.originator else "",
+        "subject": about.subject[:EMAIL_SUBJECT_MAX],
+        "receivedAt": _iso(about.received_at) if about.received_at else None,
         "decisions": [{"step": d.step, "outcome": d.outcome, "why": d.why} for d in plan.decisions],
     }
+    if plan.original is not None:
+        record["trackedFor"] = plan.original.mailbox
+        record["originalInternetMessageId"] = plan.original.internet_message_id
     if isinstance(plan, TrackEmail):
         record["activityId"] = str(plan.activity_id)
     return record
+
+
+def _trail(head: str, decisions: Sequence[Decision]) -> str:
+    return "\n".join([head] + [f"  {d.step:<12} {d.outcome:<24} {d.why}" for d in decisions])
 
 
 def explain(plan: InboundPlan) -> str:
     """The decision trail as text, one step per line (admin CLI ``explain``)."""
     head = (f"TRACKED as email {plan.activity_id}" if isinstance(plan, TrackEmail)
             else f"NOT TRACKED ({plan.stage}: {plan.code}) - {plan.why}")
-    lines = [head] + [f"  {d.step:<12} {d.outcome:<24} {d.why}" for d in plan.decisions]
-    return "\n".join(lines)
+    return _trail(head, plan.decisions)
+
+
+def explain_record(record: Mapping[str, Any]) -> str:
+    """The same trail from a stored decision record (:func:`decision_record`, or the processor's records of
+    messages it could not fetch or write): the outcome line, then one line per step."""
+    raw = record.get("decisions")
+    decisions = [Decision(str(d.get("step", "")), str(d.get("outcome", "")), str(d.get("why", "")))
+                 for d in raw if isinstance(d, Mapping)] if isinstance(raw, list) else []
+    outcome = str(record.get("outcome") or "")
+    kind, _, code = outcome.partition(":")
+    why = decisions[-1].why if decisions else ""
+    if outcome == "tracked":
+        head = f"TRACKED as email {record.get('activityId', '')}"
+    elif kind == "already_tracked":
+        head = f"ALREADY IN CRM as email {record.get('activityId', '')} - {record.get('note', '')}".rstrip(" -")
+    elif kind == "skipped":
+        stage, _, reason = code.partition(":")
+        head = f"NOT TRACKED ({stage}: {reason}) - {why}" if reason else f"NOT TRACKED ({stage}) - {why}"
+    elif kind == "failed":
+        head = f"FAILED ({code}) - {why}"
+    elif kind == "gone":
+        head = f"NOT TRACKED (gone) - {why}"
+    else:
+        head = f"{outcome or 'unknown outcome'}"
+    return _trail(head, decisions)

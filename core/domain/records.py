@@ -60,6 +60,10 @@ class DeltaCursor:
     link: str | None  # next link mid-round, delta link between rounds; None = start a new round
     high_water: datetime | None = None  # latest receivedDateTime seen
     round_started: datetime | None = None  # the receivedDateTime floor of the current sync state
+    # During a first (filtered) round: messages reported so far and the oldest receivedDateTime among them, to
+    # notice Graph's 5,000 cap; None once the round is complete.
+    initial_seen: int | None = None
+    initial_oldest: datetime | None = None
 
 
 # ------------------------------------------------------------------------------------------------ outbound

@@ -4,12 +4,15 @@
   message as ``InboundItem(source="delta")`` (the processed ledger dedupes against notification items), keeps the
   delta link and a high-water mark (latest ``receivedDateTime`` seen) in the DeltaState table. The first round starts
   at the mailbox's "process email received after" date, or *now* for a mailbox without one: history is imported
-  only by an explicit :func:`backfill`. An expired delta token (410 ``syncStateNotFound``) restarts the round from
-  the high-water mark (minus a few minutes for late arrivals).
-* :meth:`DeltaService.handle_sync_item` - the mailbox-sync queue: ``timer``/``manual``/``missed`` -> delta rounds
-  for the mailbox's watched folders; ``subscriptionRemoved`` -> subscribe again, then delta;
-  ``reauthorizationRequired`` -> reauthorize and extend (recreate if Graph lost it), then delta (notifications may
-  have paused).
+  only by an explicit :func:`backfill`. It asks ``$orderby=receivedDateTime desc`` and ``changeType=created`` (later
+  rounds then skip read flags and the router's own category PATCH). With ``$filter`` Graph returns at most 5,000
+  messages: a first round that reaches the cap lists the older rest with ``list_messages``. An expired delta token
+  (410 ``syncStateNotFound``, ``resyncRequired``, ``SyncStateInvalid``) restarts the round from the high-water mark
+  (minus a few minutes for late arrivals).
+* :meth:`DeltaService.handle_sync_item` - the mailbox-sync queue: ``timer``/``manual`` -> delta rounds for the
+  mailbox's watched folders; a lifecycle event names its subscription's folder and syncs only that one: ``missed`` ->
+  delta; ``subscriptionRemoved`` -> subscribe again, then delta; ``reauthorizationRequired`` -> one PATCH (renewing
+  reauthorizes; coalesced), then delta (notifications may have paused).
 * :meth:`DeltaService.fan_out` - the timer: one ``MailboxSyncItem(reason="timer")`` per watched mailbox, so the
   rounds spread over every instance that reads the mailbox-sync queue instead of running in one timer invocation.
 """
@@ -47,6 +50,7 @@ __all__ = [
 log = logging.getLogger("emailrouter.delta")
 
 MAX_PAGES_PER_ROUND: Final = 500  # bounded: a huge backlog continues on the next round from the saved link
+DELTA_FILTER_CAP: Final = 5000  # "Applying $filter in a delta query returns only up to 5,000 messages"
 LATE_ARRIVAL_SLACK: Final = timedelta(minutes=10)
 ENQUEUE_CHUNK: Final = 64
 
@@ -59,10 +63,12 @@ class DeltaStateStore(Protocol):
 
 class DeltaGateway(Protocol):
     async def delta_page(self, mailbox: str, folder: str, link: str | None, *,
-                         received_after: datetime | None = None, page_size: int = 100) -> DeltaPage: ...
+                         received_after: datetime | None = None, page_size: int = 100,
+                         change_type: str | None = None) -> DeltaPage: ...
 
     def list_messages(self, mailbox: str, folder: str, *, received_after: datetime | None = None,
-                      page_size: int = 50) -> AsyncIterator[dict[str, Any]]: ...
+                      received_before: datetime | None = None, page_size: int = 50
+                      ) -> AsyncIterator[dict[str, Any]]: ...
 
 
 @dataclass
@@ -72,6 +78,7 @@ class DeltaReport:
     enqueued: int = 0
     pages: int = 0
     restarted: bool = False
+    backfilled: int = 0  # messages past the 5,000 cap of a first round, listed instead
     error: str = ""
 
 
@@ -98,7 +105,8 @@ def _received(message: dict[str, Any]) -> datetime | None:
 class DeltaService:
     def __init__(self, graph: DeltaGateway, state: DeltaStateStore, queue: WorkQueue, mailboxes: MailboxDirectory,
                  *, subscriptions: SubscriptionService | None = None, page_size: int = 100,
-                 concurrency: int = 4, clock: Callable[[], datetime] | None = None) -> None:
+                 concurrency: int = 4, clock: Callable[[], datetime] | None = None,
+                 change_type: str | None = "created", filter_cap: int = DELTA_FILTER_CAP) -> None:
         self._graph = graph
         self._state = state
         self._queue = queue
@@ -107,6 +115,8 @@ class DeltaService:
         self._page_size = page_size
         self._concurrency = concurrency
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._change_type = change_type
+        self._filter_cap = filter_cap
 
     # -- one round ------------------------------------------------------------------------------------------
 
@@ -141,12 +151,18 @@ class DeltaService:
         link = cursor.link
         high = cursor.high_water
         floor = cursor.round_started
+        # A new round's first request carries the $filter: count what it reports (Graph's 5,000 cap).
+        seen, oldest = (0, None) if link is None else (cursor.initial_seen, cursor.initial_oldest)
         for _ in range(MAX_PAGES_PER_ROUND):
             page = await self._graph.delta_page(cursor.mailbox, cursor.folder, link,
                                                 received_after=floor if link is None else None,
-                                                page_size=self._page_size)
+                                                page_size=self._page_size,
+                                                change_type=self._change_type if link is None else None)
             report.pages += 1
             items: list[str] = []
+            if seen is not None:
+                seen += len(page.messages)
+                oldest = min([d for d in (oldest, *map(_received, page.messages)) if d is not None], default=None)
             for message in page.messages:
                 received = _received(message)
                 if message.get("isDraft") or not message.get("id"):
@@ -163,22 +179,54 @@ class DeltaService:
                 await self._queue.send_many(INBOUND_QUEUE, items[start:start + ENQUEUE_CHUNK])
             report.enqueued += len(items)
             link = page.next_link or page.delta_link
+            if page.next_link is None and seen is not None:
+                if seen >= self._filter_cap:
+                    await self._past_the_cap(cursor, floor, oldest, report)
+                seen = oldest = None
             # Saved after every page: a crash resumes mid-round instead of starting over.
-            await self._state.put(DeltaCursor(cursor.mailbox, cursor.folder, link, high, floor))
+            await self._state.put(DeltaCursor(cursor.mailbox, cursor.folder, link, high, floor, seen, oldest))
             if page.next_link is None:
                 return
         log.warning("delta round for a %s folder stopped after %d pages; continues next round",
                     cursor.folder, MAX_PAGES_PER_ROUND)
 
+    async def _past_the_cap(self, cursor: DeltaCursor, floor: datetime | None, oldest: datetime | None,
+                            report: DeltaReport) -> None:
+        """The first round reached Graph's 5,000-message cap for ``$filter``: it reported the newest ones
+        (``$orderby=receivedDateTime desc``); list the older rest (received from the floor up to the oldest reported
+        second, which is included: the ledger dedupes) and enqueue it like delta items."""
+        if oldest is None:
+            return
+        log.warning("delta round for a %s folder reached Graph's %d-message cap; listing the older messages",
+                    cursor.folder, self._filter_cap)
+        batch: list[str] = []
+        async for message in self._graph.list_messages(cursor.mailbox, cursor.folder, received_after=floor,
+                                                       received_before=oldest + timedelta(seconds=1)):
+            if not message.get("id"):
+                continue
+            batch.append(InboundItem(cursor.mailbox, str(message["id"]), "delta", folder=cursor.folder).to_json())
+            if len(batch) >= ENQUEUE_CHUNK:
+                await self._queue.send_many(INBOUND_QUEUE, batch)
+                report.backfilled += len(batch)
+                batch = []
+        if batch:
+            await self._queue.send_many(INBOUND_QUEUE, batch)
+            report.backfilled += len(batch)
+        report.enqueued += report.backfilled
+
     # -- per mailbox ----------------------------------------------------------------------------------------
 
-    async def sync_mailbox(self, address: str) -> list[DeltaReport]:
+    async def sync_mailbox(self, address: str, folders: Sequence[str] | None = None) -> list[DeltaReport]:
+        """Delta rounds for the mailbox's watched folders (only those named in ``folders``, when given)."""
         config = await self._mailboxes.get_mailbox(address)
         if config is None:
             return []
         org = await self._mailboxes.get_org_settings()
         reports: list[DeltaReport] = []
+        wanted = {f.lower() for f in folders} if folders is not None else None
         for folder in watched_folders(config, org):
+            if wanted is not None and folder.lower() not in wanted:
+                continue
             try:
                 reports.append(await self.run_round(config.address, folder,
                                                     start_from=config.process_email_received_after))
@@ -196,7 +244,8 @@ class DeltaService:
                 await self._subscriptions.recreate(item.mailbox, item.subscription_id)
             elif item.reason == "reauthorizationRequired" and item.subscription_id:
                 await self._subscriptions.reauthorize(item.mailbox, item.subscription_id)
-        return await self.sync_mailbox(item.mailbox)
+        # A lifecycle event concerns one subscription, i.e. one folder: only that folder can have missed mail.
+        return await self.sync_mailbox(item.mailbox, [item.folder] if item.folder else None)
 
     async def fan_out(self) -> int:
         """Timer: one sync item per watched mailbox on the mailbox-sync queue."""
@@ -268,9 +317,12 @@ def delta_service_for(container: Container) -> DeltaService:
     except Exception as exc:  # e.g. WEBHOOK_BASE_URL unset: delta still works, lifecycle recreation does not
         log.warning("subscriptions unavailable for lifecycle handling: %s", exc.__class__.__name__)
         subscriptions = None
+    change_type = container.settings.raw("DELTA_CHANGE_TYPE").strip().lower()
+    if change_type not in ("created", "all"):
+        raise ValueError(f"App setting 'DELTA_CHANGE_TYPE' must be created or all, got {change_type!r}")
     return DeltaService(container.graph, InboundState.for_container(container).delta, container.work_queue,
                         container.mailbox_directory,
-                        subscriptions=subscriptions)
+                        subscriptions=subscriptions, change_type=None if change_type == "all" else change_type)
 
 
 async def backfill(container: Container, mailbox: str, since: datetime,

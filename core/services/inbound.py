@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from core.adapters.dataverse import DataverseError
-from core.adapters.graph import GraphAccessDenied, GraphError, GraphNotFound
+from core.adapters.graph import AttachmentContents, GraphAccessDenied, GraphError, GraphNotFound
 from core.domain.inbound import (
     InboundContext,
     InboundPlan,
@@ -121,6 +121,9 @@ class MailGateway(Protocol):
 
     async def get_item_attachment(self, mailbox: str, message_id: str, attachment_id: str) -> dict[str, Any]: ...
 
+    async def get_attachment_contents(self, mailbox: str, message_id: str,
+                                      attachments: Sequence[Mapping[str, Any]]) -> AttachmentContents: ...
+
     async def set_categories(self, mailbox: str, message_id: str, categories: Sequence[str]) -> None: ...
 
     async def delete_message(self, mailbox: str, message_id: str) -> None: ...
@@ -163,6 +166,20 @@ def is_transient(exc: BaseException) -> bool:
 def _retry_after(exc: BaseException) -> float | None:
     value = getattr(exc, "retry_after", None)
     return float(value) if isinstance(value, int | float) else None
+
+
+def _needs_content(attachment: object, limit: int) -> bool:
+    """A file attachment listed without its content that CRM can keep (base64 size within ``limit``), or a
+    message/rfc822 file (a forwarded original, unwrapped whatever its size)."""
+    if not isinstance(attachment, Mapping) or not attachment.get("id") or "contentBytes" in attachment:
+        return False
+    if str(attachment.get("@odata.type", "")).lower() != "#microsoft.graph.fileattachment":
+        return False  # item attachments are fetched by _fetch; reference attachments have no content
+    name = str(attachment.get("name") or "").lower()
+    if str(attachment.get("contentType") or "").lower() == "message/rfc822" or name.endswith(".eml"):
+        return True
+    size = attachment.get("size")
+    return not isinstance(size, int) or 4 * ((size + 2) // 3) <= limit
 
 
 def describe_error(exc: BaseException) -> str:
@@ -253,6 +270,7 @@ class InboundProcessor:
 
         try:
             data = await self._fetch(item, counters)
+            data = await self._attachment_contents(item, data, org, counters)
         except GraphNotFound:
             return await self._terminal(item, LedgerOutcome.GONE, "gone", "the message no longer exists in the "
                                         "mailbox (deleted or moved before it was processed)", record_status=False)
@@ -297,6 +315,23 @@ class InboundProcessor:
                 expanded.append(attachment)
             data = {**data, "attachments": expanded}
         return data
+
+    async def _attachment_contents(self, item: InboundItem, data: dict[str, Any], org: OrgEmailSettings,
+                                   counters: _Counters) -> dict[str, Any]:
+        """The message was read with attachment metadata only: download the content of the file attachments CRM
+        will keep (under the org's limit; a forwarded ``.eml`` always, it is the original to unwrap). Mail without
+        attachments costs nothing here; the rest are left out by the plan with the reason."""
+        attachments = data.get("attachments")
+        if not isinstance(attachments, list):
+            return data
+        wanted = [a for a in attachments if _needs_content(a, org.max_attachment_bytes)]
+        if not wanted:
+            return data
+        fetched = await self.mail.get_attachment_contents(item.mailbox, item.message_id, wanted)
+        counters.graph += fetched.requests
+        by_id = {str(a.get("id")): a for a in fetched.attachments}
+        merged = [by_id.get(str(a.get("id")), a) if isinstance(a, dict) else a for a in attachments]
+        return {**data, "attachments": merged}
 
     async def _known_mailboxes(self) -> tuple[MailboxConfig, ...]:
         if self._snapshot is None:
@@ -412,6 +447,8 @@ class InboundProcessor:
         await self.decisions.record(item.mailbox, item.message_id, {
             "mailbox": item.mailbox, "graphId": item.message_id, "source": item.source,
             "internetMessageId": message.internet_message_id if message else None,
+            **({"from": message.originator.address if message.originator else "", "subject": message.subject[:400]}
+               if message else {}),
             "outcome": f"{outcome.value}:{code}",
             "decisions": [{"step": "processing", "outcome": code, "why": reason}]})
         await self.ledger.put(LedgerEntry(

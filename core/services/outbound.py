@@ -182,7 +182,7 @@ class MailSender(Protocol):
     async def create_draft(self, mailbox: str, message: Mapping[str, Any]) -> dict[str, Any]: ...
 
     async def upload_large_attachment(self, mailbox: str, message_id: str, *, name: str, content_type: str,
-                                      data: bytes) -> None: ...
+                                      data: bytes, is_inline: bool = False, content_id: str | None = None) -> None: ...
 
     async def send_draft(self, mailbox: str, draft_id: str) -> None: ...
 
@@ -523,7 +523,8 @@ class OutboundService:
             for large in built.large_attachments:
                 data = await self._crm.load_attachment(large.attachment_id)
                 await self._mail.upload_large_attachment(mailbox, draft_id, name=large.name,
-                                                         content_type=large.content_type, data=data)
+                                                         content_type=large.content_type, data=data,
+                                                         is_inline=large.is_inline, content_id=large.content_id)
             await self._save(attempt, replace(attempt.entry, draft_complete=True))
         # Renew the lease right before the send and note the attempt: from here on a retry must check Graph
         # before sending again.

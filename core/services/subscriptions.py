@@ -3,8 +3,15 @@
 Desired set (pure, :func:`watched_folders`): per individual-mailbox user the Inbox, plus Sent Items when sent items
 are tracked, plus each folder mapped to a regarding record; each forward (sink) mailbox's Inbox; each queue
 mailbox's Inbox. :func:`plan_reconcile` (pure) compares it with our records and with what Graph still has; the
-service applies the plan through Graph JSON ``$batch`` (20 requests each, a bounded number in flight) and records
-every subscription in the subscription table the webhook checks notifications against.
+service applies the plan and records every subscription in the subscription table the webhook checks notifications
+against:
+
+* renewals and deletions go through Graph JSON ``$batch`` (20 parallel requests each, a bounded number in flight);
+* creates are direct POSTs (``Prefer: IdType="ImmutableId"`` applies only to the request it is sent with), at most
+  ``create_concurrency`` in flight: Graph validates each new subscription with 1-2 POSTs to our webhook that must be
+  answered within 10 s, so a first reconcile of a large tenant must not flood a cold HTTP trigger;
+* every subscription write is paced below the subscription service's limit (1,000 writes per 20 s per app per
+  tenant, throttling-limits); a 429 is still honoured (``Retry-After``).
 
 Per-mailbox failures are recorded (mailbox status) and reported, never fatal for the run: a mailbox that could not
 be subscribed this time is retried on the next run, and delta catch-up covers it meanwhile.
@@ -15,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,6 +47,7 @@ __all__ = [
     "SubscriptionService",
     "SubscriptionStore",
     "SyncStatusLog",
+    "WritePacer",
     "is_watched",
     "plan_reconcile",
     "resource_for",
@@ -47,10 +57,15 @@ __all__ = [
 log = logging.getLogger("emailrouter.subscriptions")
 
 GRAPH_BATCH_LIMIT: Final = 20
-# Graph's documented safe maximum for message subscriptions is 4,230 minutes (reference/graph.md §1.4); the live
-# service allows about 10,070. Default just under the safe value.
+# Outlook message subscriptions: the current Learn subscription page allows 10,080 minutes ("under seven days"; the
+# service's own error names 10,070), older pages and national clouds 4,230. The default stays under 4,230 so it is
+# valid everywhere; SUBSCRIPTION_LIFETIME_MINUTES up to ~10,000 halves the renewals where the longer lifetime holds.
 DEFAULT_LIFETIME: Final = timedelta(minutes=4200)
 DEFAULT_RENEW_BEFORE: Final = timedelta(hours=24)
+# Subscription service limit: 1,000 writes per 20 s per app per tenant. The router paces itself a little below it
+# (another instance may be answering lifecycle events at the same time).
+SUBSCRIPTION_WRITE_WINDOW: Final = 20.0
+DEFAULT_WRITES_PER_WINDOW: Final = 950
 
 
 # ------------------------------------------------------------------------------------------------ ports
@@ -71,9 +86,9 @@ class SubscriptionGateway(Protocol):
 
     async def batch(self, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]: ...
 
-    async def list_subscriptions(self) -> list[dict[str, Any]]: ...
+    async def create_subscription(self, body: Mapping[str, Any]) -> dict[str, Any]: ...
 
-    async def reauthorize_subscription(self, subscription_id: str) -> None: ...
+    async def list_subscriptions(self) -> list[dict[str, Any]]: ...
 
     async def renew_subscription(self, subscription_id: str, expires: datetime) -> dict[str, Any]: ...
 
@@ -111,7 +126,13 @@ def watched_folders(mailbox: MailboxConfig, org: OrgEmailSettings) -> tuple[str,
 
 
 def resource_for(mailbox: str, folder: str) -> str:
-    return f"users/{quote(mailbox, safe='@')}/mailFolders('{quote(folder, safe='')}')/messages"
+    """The subscription ``resource``, with raw ids as in Learn's examples (``users/{id}/mailFolders('{id}')/...``):
+    only characters that would end a path segment or start a query/fragment are escaped."""
+    return f"users/{_raw_segment(mailbox)}/mailFolders('{_raw_segment(folder)}')/messages"
+
+
+def _raw_segment(value: str) -> str:
+    return "".join(quote(ch, safe="") if ch in "/?#% " else ch for ch in value)
 
 
 @dataclass(frozen=True)
@@ -176,8 +197,11 @@ class SubscriptionOptions:
     tenant_id: str
     lifetime: timedelta = DEFAULT_LIFETIME
     renew_before: timedelta = DEFAULT_RENEW_BEFORE
-    concurrency: int = 8  # Graph $batch requests in flight
-    max_batch_wait: float = 30.0  # longest Retry-After honoured inline for a throttled batch
+    concurrency: int = 8  # Graph $batch requests (renewals, deletions) in flight
+    create_concurrency: int = 8  # subscription creates in flight (each makes Graph validate our webhook)
+    writes_per_window: int = DEFAULT_WRITES_PER_WINDOW  # subscription writes per 20 s (Graph allows 1,000)
+    reauthorize_coalesce: timedelta = timedelta(minutes=10)  # renewed this recently: a challenge needs no PATCH
+    max_batch_wait: float = 30.0  # longest Retry-After honoured inline for a throttled batch or create
 
 
 @dataclass
@@ -201,7 +225,33 @@ class _Op:
     mailbox: str = ""
     folder: str = ""
     record: SubscriptionRecord | None = None
-    client_state: str = ""
+
+
+class WritePacer:
+    """Sliding-window pacing of subscription writes from this process: at most ``limit`` per ``window`` seconds
+    (``acquire`` waits for room). Graph's own limit still answers 429 if other writers share the budget."""
+
+    def __init__(self, limit: int, window: float, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self._limit = max(1, limit)
+        self._window = window
+        self._clock = clock
+        self._sleep = sleep
+        self._stamps: deque[float] = deque()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, writes: int = 1) -> None:
+        writes = min(max(1, writes), self._limit)
+        async with self._lock:
+            while True:
+                now = self._clock()
+                while self._stamps and now - self._stamps[0] >= self._window:
+                    self._stamps.popleft()
+                excess = len(self._stamps) + writes - self._limit
+                if excess <= 0:
+                    self._stamps.extend([now] * writes)
+                    return
+                await self._sleep(max(0.0, self._stamps[excess - 1] + self._window - now))
 
 
 def _iso(moment: datetime) -> str:
@@ -235,7 +285,8 @@ class SubscriptionService:
     def __init__(self, graph: SubscriptionGateway, store: SubscriptionStore, mailboxes: MailboxDirectory,
                  options: SubscriptionOptions, *, status: SyncStatusLog | None = None,
                  clock: Callable[[], datetime] | None = None,
-                 on_created: Callable[[str, str, datetime], Awaitable[None]] | None = None) -> None:
+                 on_created: Callable[[str, str, datetime], Awaitable[None]] | None = None,
+                 pacer: WritePacer | None = None) -> None:
         self._on_created = on_created
         self._graph = graph
         self._store = store
@@ -243,10 +294,13 @@ class SubscriptionService:
         self._options = options
         self._status = status
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._pacer = pacer or WritePacer(options.writes_per_window, SUBSCRIPTION_WRITE_WINDOW)
 
     # -- whole reconcile ------------------------------------------------------------------------------------
 
-    async def reconcile(self, *, only_mailbox: str | None = None) -> ReconcileReport:
+    async def reconcile(self, *, only_mailbox: str | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> ReconcileReport:
+        """``progress(done, total)`` is called as Graph requests complete (the CLI's progress bar)."""
         org = await self._mailboxes.get_org_settings()
         if only_mailbox is not None:
             config = await self._mailboxes.get_mailbox(only_mailbox)
@@ -270,7 +324,7 @@ class SubscriptionService:
         now = self._clock()
         plan = plan_reconcile(desired, records, graph_subs, now=now, renew_before=self._options.renew_before,
                               notification_url=self._options.notification_url)
-        return await self.apply(plan, now=now)
+        return await self.apply(plan, now=now, progress=progress)
 
     async def recreate(self, mailbox: str, subscription_id: str = "") -> ReconcileReport:
         """After ``subscriptionRemoved``: forget the removed subscription and subscribe the mailbox again."""
@@ -279,28 +333,36 @@ class SubscriptionService:
         return await self.reconcile(only_mailbox=mailbox)
 
     async def reauthorize(self, mailbox: str, subscription_id: str) -> ReconcileReport:
-        """After ``reauthorizationRequired``: reauthorize and extend; if Graph lost it, subscribe again."""
+        """After ``reauthorizationRequired``: one PATCH of the expiry, which reauthorizes *and* renews (lifecycle
+        events page: call either ``/reauthorize`` or PATCH). Coalesced: a subscription renewed within
+        ``reauthorize_coalesce`` is left alone (Graph may challenge "once every few minutes"). If Graph lost the
+        subscription, subscribe again."""
         report = ReconcileReport()
+        record = next(iter([r async for r in self._store.list() if r.id == subscription_id]), None)
+        now = self._clock()
+        lifetime = self._options.lifetime
+        if record is not None and record.expires >= now + lifetime - self._options.reauthorize_coalesce:
+            log.info("reauthorizationRequired for %s: renewed moments ago, no PATCH", subscription_id)
+            report.unchanged += 1
+            return report
+        expires = now + lifetime
         try:
-            await self._graph.reauthorize_subscription(subscription_id)
-            expires = self._clock() + self._options.lifetime
+            await self._pacer.acquire()
             body = await self._graph.renew_subscription(subscription_id, expires)
         except GraphError as exc:
             if exc.transient:
                 raise
             log.info("reauthorize of %s failed (%s %s); recreating", subscription_id, exc.status, exc.code)
             return await self.recreate(mailbox, subscription_id)
-        async for record in self._store.list():
-            if record.id == subscription_id:
-                new_expiry = _parse_time(body.get("expirationDateTime"), expires)
-                await self._store.put(_with_expiry(record, new_expiry))
-                report.renewed += 1
-                break
+        if record is not None:
+            await self._store.put(_with_expiry(record, _parse_time(body.get("expirationDateTime"), expires)))
+            report.renewed += 1
         return report
 
     # -- applying a plan ------------------------------------------------------------------------------------
 
-    async def apply(self, plan: ReconcilePlan, *, now: datetime) -> ReconcileReport:
+    async def apply(self, plan: ReconcilePlan, *, now: datetime,
+                    progress: Callable[[int, int], None] | None = None) -> ReconcileReport:
         report = ReconcileReport(unchanged=plan.keep)
         for record in plan.drop_records:
             await self._store.delete(record.id)
@@ -315,33 +377,80 @@ class SubscriptionService:
                             "headers": {"Content-Type": "application/json"},
                             "body": {"expirationDateTime": _iso(expires)}},
                            mailbox=record.mailbox, folder=record.folder, record=record))
-        for mailbox, folder in plan.create:
-            ops.append(self._create_op(mailbox, folder, expires))
-        renew_lost = await self._run(ops, report, expires)
-        if renew_lost:  # renewals Graph answered 404 for: the subscription is gone, make a new one now
-            await self._run([self._create_op(m, f, expires) for m, f in renew_lost], report, expires)
+        counter = _Progress(progress, len(ops) + len(plan.create))
+        renew_lost = await self._run(ops, report, expires, counter.advance)
+        # renewals Graph answered 404 for: the subscription is gone, make a new one now
+        counter.total += len(renew_lost)
+        await self._create_all([*plan.create, *renew_lost], report, expires, counter.advance)
         if self._status is not None:
             for mailbox, folder, reason in report.failed:
                 if mailbox != "-":
                     await self._status.record_sync(mailbox, ok=False, detail=f"subscription {folder}: {reason}")
         return report
 
-    def _create_op(self, mailbox: str, folder: str, expires: datetime) -> _Op:
-        client_state = secrets.token_urlsafe(48)  # 64 characters (Graph allows 128), a fresh one per subscription
-        body = {
+    def _create_body(self, mailbox: str, folder: str, expires: datetime) -> dict[str, Any]:
+        return {
             "changeType": "created",
             "notificationUrl": self._options.notification_url,
             "lifecycleNotificationUrl": self._options.lifecycle_url,
             "resource": resource_for(mailbox, folder),
             "expirationDateTime": _iso(expires),
-            "clientState": client_state,
+            # 64 characters (Graph allows 128), a fresh one per subscription
+            "clientState": secrets.token_urlsafe(48),
             "latestSupportedTlsVersion": "v1_2",
         }
-        return _Op({"method": "POST", "url": "/subscriptions",
-                    "headers": {"Content-Type": "application/json", "Prefer": 'IdType="ImmutableId"'},
-                    "body": body}, mailbox=mailbox, folder=folder, client_state=client_state)
 
-    async def _run(self, ops: list[_Op], report: ReconcileReport, expires: datetime) -> list[tuple[str, str]]:
+    async def _create_all(self, targets: Sequence[tuple[str, str]], report: ReconcileReport,
+                          expires: datetime, advance: Callable[[int], None] | None = None) -> None:
+        """Direct POSTs, ``create_concurrency`` in flight: Graph's validation requests to our webhook stay few."""
+        gate = asyncio.Semaphore(max(1, self._options.create_concurrency))
+
+        async def one(mailbox: str, folder: str) -> None:
+            async with gate:
+                await self._create(mailbox, folder, report, expires)
+            if advance is not None:
+                advance(1)
+
+        await asyncio.gather(*(one(m, f) for m, f in targets))
+
+    async def _create(self, mailbox: str, folder: str, report: ReconcileReport, expires: datetime) -> None:
+        body = self._create_body(mailbox, folder, expires)
+        for attempt in range(3):
+            await self._pacer.acquire()
+            try:
+                created = await self._graph.create_subscription(body)
+                break
+            except GraphError as exc:
+                wait = exc.retry_after if exc.retry_after is not None else 1.0 * (attempt + 1)
+                # A 429 means the POST was not executed: sending it again cannot create a second subscription.
+                if exc.status == 429 and attempt < 2 and wait <= self._options.max_batch_wait:
+                    await asyncio.sleep(wait)
+                    continue
+                log.warning("subscription for a mailbox folder %s failed: %s %s", folder, exc.status, exc.code)
+                report.failed.append((mailbox, folder, f"create: HTTP {exc.status} {exc.code}".strip()))
+                return
+        await self._record_created(mailbox, folder, body, created, report, expires)
+
+    async def _record_created(self, mailbox: str, folder: str, request: Mapping[str, Any],
+                              body: Mapping[str, Any], report: ReconcileReport, expires: datetime) -> None:
+        if not body.get("id"):
+            report.failed.append((mailbox, folder, "create: Graph returned no subscription id"))
+            return
+        record = SubscriptionRecord(
+            id=str(body["id"]), mailbox=mailbox.lower(), folder=folder, client_state=str(request["clientState"]),
+            tenant_id=self._options.tenant_id, resource=str(body.get("resource") or request["resource"]),
+            expires=_parse_time(body.get("expirationDateTime"), expires), change_type="created")
+        await self._store.put(record)
+        report.created += 1
+        if self._on_created is not None:
+            # Delta's first round for this folder starts now: a notification dropped from here on is
+            # recovered by delta, nothing older is imported.
+            await self._on_created(mailbox, folder, self._clock())
+        if self._status is not None:
+            await self._status.record_sync(mailbox, ok=True)
+
+    async def _run(self, ops: list[_Op], report: ReconcileReport, expires: datetime,
+                   advance: Callable[[int], None] | None = None) -> list[tuple[str, str]]:
         chunks = [ops[i:i + GRAPH_BATCH_LIMIT] for i in range(0, len(ops), GRAPH_BATCH_LIMIT)]
         gate = asyncio.Semaphore(max(1, self._options.concurrency))
         lost: list[tuple[str, str]] = []
@@ -349,6 +458,8 @@ class SubscriptionService:
         async def one(chunk: list[_Op]) -> None:
             async with gate:
                 await self._run_chunk(chunk, report, expires, lost)
+            if advance is not None:
+                advance(len(chunk))
 
         await asyncio.gather(*(one(c) for c in chunks))
         return lost
@@ -356,6 +467,7 @@ class SubscriptionService:
     async def _send_batch(self, chunk: list[_Op]) -> list[dict[str, Any]]:
         requests = [{"id": str(n), **op.request} for n, op in enumerate(chunk, start=1)]
         for attempt in range(3):
+            await self._pacer.acquire(len(requests))
             try:
                 return await self._graph.batch(requests)
             except GraphError as exc:
@@ -416,23 +528,20 @@ class SubscriptionService:
                 lost.append((op.record.mailbox, op.record.folder))
             else:
                 report.failed.append((op.mailbox, op.folder, f"renew: {_error_text(response)}"))
-            return
-        if status in (200, 201) and body.get("id"):
-            record = SubscriptionRecord(
-                id=str(body["id"]), mailbox=op.mailbox.lower(), folder=op.folder, client_state=op.client_state,
-                tenant_id=self._options.tenant_id, resource=str(body.get("resource") or op.request["body"]["resource"]),
-                expires=_parse_time(body.get("expirationDateTime"), expires), change_type="created")
-            await self._store.put(record)
-            report.created += 1
-            if self._on_created is not None:
-                # Delta's first round for this folder starts now: a notification dropped from here on is
-                # recovered by delta, nothing older is imported.
-                await self._on_created(op.mailbox, op.folder, self._clock())
-            if self._status is not None:
-                await self._status.record_sync(op.mailbox, ok=True)
-        else:
-            log.warning("subscription for a mailbox folder %s failed: %s", op.folder, _error_text(response))
-            report.failed.append((op.mailbox, op.folder, f"create: {_error_text(response)}"))
+
+
+class _Progress:
+    """Counts finished Graph writes for ``progress(done, total)`` (the CLI's progress bar)."""
+
+    def __init__(self, report: Callable[[int, int], None] | None, total: int) -> None:
+        self._report = report
+        self.total = total
+        self.done = 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self._report is not None:
+            self._report(self.done, self.total)
 
 
 def _with_expiry(record: SubscriptionRecord, expires: datetime) -> SubscriptionRecord:
@@ -457,6 +566,9 @@ def service_for(container: Container) -> SubscriptionService:
         tenant_id=s.graph_tenant_id,
         lifetime=timedelta(minutes=s.integer("SUBSCRIPTION_LIFETIME_MINUTES", minimum=45)),
         renew_before=timedelta(minutes=s.integer("SUBSCRIPTION_RENEW_BEFORE_MINUTES", minimum=1)),
+        create_concurrency=s.integer("SUBSCRIPTION_CREATE_CONCURRENCY", minimum=1),
+        writes_per_window=s.integer("SUBSCRIPTION_WRITES_PER_20S", minimum=1),
+        reauthorize_coalesce=timedelta(minutes=s.integer("SUBSCRIPTION_REAUTHORIZE_COALESCE_MINUTES", minimum=0)),
     )
     state = InboundState.for_container(container)
 

@@ -123,11 +123,15 @@ async def handle_lifecycle_notifications(
     items, subs = checked
     result = WebhookResult(202)
     work: list[MailboxSyncItem] = []
+    seen: set[tuple[str, str]] = set()
     for item in items:
         outcome = check_lifecycle_notification(item, subs.get, tenant_id)  # type: ignore[arg-type]
         if isinstance(outcome, Rejection):
             result.rejected.append(outcome)
+        elif (outcome.subscription_id, outcome.reason) in seen:
+            result.ignored += 1  # the same event twice in one POST: one PATCH / delta round is enough
         else:
+            seen.add((outcome.subscription_id, outcome.reason))
             log.info("lifecycle event %s for subscription %s", outcome.reason, outcome.subscription_id)
             work.append(outcome)
     return await _enqueue("lifecycle", queue, MAILBOX_SYNC_QUEUE, work, result)

@@ -11,6 +11,9 @@ Per mailbox the probe checks what the router needs for that mailbox's methods:
 * ``subscription`` (inbound individual, sinks): a subscription row for the mailbox exists and has not expired.
 * ``crm_owner``: the CRM user/queue (or the sink's mailbox record) exists, is enabled, and is approved when the org
   requires approval (crm-ref §2.3).
+* ``crm_write`` (on demand only: ``emailrouter mailbox test``, not the timer): the app user can write to CRM — it
+  sets ``testmailboxaccesscompletedon`` on the mailbox record to now (a column Microsoft documents as writable and
+  that means exactly "the mailbox was last tested at"; nothing else changes). Counts for both sides.
 
 Results go to the MailboxStatus table (row per mailbox) and back to the CRM ``mailbox`` record
 (``incomingemailstatus``/``outgoingemailstatus``/``mailboxstatus`` 1 Success / 2 Failure / 0 Not Run,
@@ -130,8 +133,9 @@ class ProbeOutcome:
 # ------------------------------------------------------------------------------------------------ pure core
 
 
-def checks_for(mailbox: MailboxConfig) -> dict[str, tuple[str, ...]]:
-    """Which checks decide the incoming and outgoing status of this mailbox (empty = not the router's job)."""
+def checks_for(mailbox: MailboxConfig, *, crm_write: bool = False) -> dict[str, tuple[str, ...]]:
+    """Which checks decide the incoming and outgoing status of this mailbox (empty = not the router's job);
+    ``crm_write`` adds the on-demand CRM write check to each side that has checks."""
     incoming: tuple[str, ...] = ()
     outgoing: tuple[str, ...] = ()
     if mailbox.kind is MailboxKind.FORWARD_SINK or mailbox.inbound_method is InboundMethod.INDIVIDUAL:
@@ -144,6 +148,8 @@ def checks_for(mailbox: MailboxConfig) -> dict[str, tuple[str, ...]]:
         incoming = ()
     if not mailbox.enabled_for_outgoing:
         outgoing = ()
+    if crm_write:
+        incoming, outgoing = (tuple((*side, "crm_write")) if side else () for side in (incoming, outgoing))
     return {"incoming": incoming, "outgoing": outgoing}
 
 
@@ -169,7 +175,7 @@ def next_state(
     mailbox); ``unknown -> failing``, ``ok -> failing`` and ``failing -> ok`` are alerts.
     """
     by_name = {r.name: r for r in results}
-    needed = checks_for(mailbox)
+    needed = checks_for(mailbox, crm_write="crm_write" in by_name)
     incoming, outgoing = _side(by_name, needed["incoming"]), _side(by_name, needed["outgoing"])
     sides = [h for h in (incoming, outgoing) if h is not Health.NOT_APPLICABLE]
     health = (Health.NOT_APPLICABLE if not sides
@@ -337,7 +343,7 @@ class MailboxHealthService:
                 _log.exception("health probe of %s crashed; retried next round", mailbox.address)
         return outcomes
 
-    async def probe(self, address: str) -> ProbeOutcome:
+    async def probe(self, address: str, *, crm_write: bool = False) -> ProbeOutcome:
         """Probe one mailbox now, whatever its schedule."""
         mailbox = await self._settings.get_mailbox(address)
         if mailbox is None:
@@ -346,13 +352,35 @@ class MailboxHealthService:
             row: Mapping[str, Any] | None = await self._status.get(MAILBOX_PARTITION, row_key(mailbox.address))
         except KeyError:  # EntityNotFoundError is a KeyError
             row = None
-        return await self._probe(mailbox, ProbeState.from_row(row), await self._context())
+        return await self._probe(mailbox, ProbeState.from_row(row), await self._context(), crm_write=crm_write)
 
-    async def _probe(self, mailbox: MailboxConfig, previous: ProbeState, ctx: _Context) -> ProbeOutcome:
+    async def probe_all(self, *, crm_write: bool = False,
+                        progress: Callable[[int, int], None] | None = None) -> list[ProbeOutcome]:
+        """Probe every mailbox now (``emailrouter mailbox test --all``, the Router's "Test Access"). A probe that
+        crashes is reported as a failing outcome for that mailbox; the others go on."""
+        ctx = await self._context()
+        states = {str(r.get("RowKey")): r async for r in self._status.list_partition(MAILBOX_PARTITION)}
+        mailboxes = sorted(await self._settings.list_mailboxes(), key=lambda m: m.address)
+        outcomes: list[ProbeOutcome] = []
+        for done, mailbox in enumerate(mailboxes, start=1):
+            previous = ProbeState.from_row(states.get(row_key(mailbox.address)))
+            try:
+                outcomes.append(await self._probe(mailbox, previous, ctx, crm_write=crm_write))
+            except Exception as exc:
+                _log.exception("health probe of %s crashed", mailbox.address)
+                crashed = CheckResult("probe", False, f"the probe itself failed ({type(exc).__name__})")
+                outcomes.append(ProbeOutcome(mailbox.address, Health.FAILING, Health.FAILING, Health.FAILING,
+                                             (crashed,), previous))
+            if progress is not None:
+                progress(done, len(mailboxes))
+        return outcomes
+
+    async def _probe(self, mailbox: MailboxConfig, previous: ProbeState, ctx: _Context, *,
+                     crm_write: bool = False) -> ProbeOutcome:
         now = self._clock()
-        needed = {n for names in checks_for(mailbox).values() for n in names}
+        needed = {n for names in checks_for(mailbox, crm_write=crm_write).values() for n in names}
         results: list[CheckResult] = []
-        for name in ("crm_owner", "graph_read", "forward_rule", "graph_send", "subscription"):
+        for name in ("crm_owner", "crm_write", "graph_read", "forward_rule", "graph_send", "subscription"):
             if name in needed:
                 results.append(await getattr(self, f"_check_{name}")(mailbox, ctx, now))
         state, incoming, outgoing, alert = next_state(previous, mailbox, results, now, ctx.router)
@@ -443,6 +471,18 @@ class MailboxHealthService:
             return CheckResult("crm_owner", False, f"email address not approved ({label}) and the org requires "
                                                    "approval")
         return CheckResult("crm_owner", True, "CRM record active" + (" and approved" if required else ""))
+
+    async def _check_crm_write(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
+        if mailbox.mailbox_id is None:
+            return CheckResult("crm_write", True, "no CRM mailbox record for this mailbox: nothing to write")
+        try:
+            await self._crm.update("mailboxes", mailbox.mailbox_id, {"testmailboxaccesscompletedon": format_value(now)})
+        except Exception as exc:
+            status = int(getattr(exc, "status", 0) or 0)
+            hint = " — the application user's security role needs Write on Mailbox" if status in (401, 403) else ""
+            return CheckResult("crm_write", False, f"cannot write the CRM mailbox record [{status or '-'} "
+                                                   f"{type(exc).__name__}]{hint}", status)
+        return CheckResult("crm_write", True, "wrote testmailboxaccesscompletedon on the CRM mailbox record")
 
     # -- recording -------------------------------------------------------------------------------------
 

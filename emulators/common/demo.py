@@ -12,3 +12,8 @@ APP_OBJECT_ID: Final = "c0ffee00-0000-4000-8000-0000000000a2"  # service princip
 APP_CLIENT_SECRET: Final = "local-dev-secret-not-for-production"  # noqa: S105 - emulator-only demo credential
 GRAPH_RESOURCE: Final = "https://graph.microsoft.com"
 GRAPH_APP_ROLES: Final = ("Mail.ReadWrite", "Mail.Send", "MailboxSettings.ReadWrite", "User.Read.All")
+# The router's user-assigned managed identity (federated identity credential on the app registration).
+MANAGED_IDENTITY_CLIENT_ID: Final = "c0ffee00-0000-4000-8000-0000000000b1"
+MANAGED_IDENTITY_PRINCIPAL_ID: Final = "c0ffee00-0000-4000-8000-0000000000b2"
+MANAGED_IDENTITY_HEADER: Final = "local-identity-header-not-for-production"
+TOKEN_EXCHANGE_AUDIENCE: Final = "api://AzureADTokenExchange"  # noqa: S105 - an audience, not a secret

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 import re
 import secrets
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from .config import GraphConfig
-from .limits import FaultRegistry, MailboxLimits
+from .limits import FaultRegistry, MailboxLimits, SubscriptionLimits
 from .mail import MailService, _ci
 from .notify import Notifier, check_notification_url
 from .odata import Prefer, compile_filter, parse_expand, parse_orderby, parse_prefer
@@ -136,6 +138,10 @@ class GraphApi:
         self.access_policies: dict[str, set[str]] = {
             app.lower(): {a.lower() for a in allowed} for app, allowed in config.access_policies.items()}
         self.uploads: dict[str, dict[str, Any]] = {}
+        self.subscription_limits = SubscriptionLimits(
+            config.subscription_window_s, config.subscription_writes_per_app, config.subscription_writes_per_tenant,
+            config.subscription_requests_per_app, config.subscription_requests_per_tenant)
+        self.random = random.Random(config.shuffle_seed)
         self._routes: dict[tuple[str, int], list[_Route]] = {}
         self._paths: dict[int, list[_Route]] = {}
         u = "users/{user}"
@@ -237,6 +243,8 @@ class GraphApi:
         route, params = self._find(ctx.method, ctx.segments)
         if route.roles and not (ctx.roles & route.roles):
             raise GraphError(403, "ErrorAccessDenied", ACCESS_DENIED)
+        if route.parts[0] == "subscriptions":
+            self.subscription_limits.check(ctx.app_id, ctx.method)
         fault = self.faults.match(ctx.method, "/v1.0/" + "/".join(ctx.segments))
         user_key = params.pop("user", None)
         if user_key is None:
@@ -600,14 +608,21 @@ class GraphApi:
                               "uploadUrl": upload_url, "expirationDateTime": format_dt7(expires),
                               "nextExpectedRanges": ["0-"]}, 201)
 
-    def upload_chunk(self, token: str, authtoken: str, content_range: str | None, chunk: bytes, base_url: str
-                     ) -> GraphResponse:
+    def upload_chunk(self, token: str, authtoken: str, content_range: str | None, chunk: bytes, base_url: str,
+                     content_type: str | None = None) -> GraphResponse:
         """PUT to the pre-authenticated upload URL (no bearer token; the authtoken query is the credential)."""
         session = self.uploads.get(token)
         if session is None or not secrets.compare_digest(session["auth"], authtoken or "") \
                 or session["expires"] <= now_utc():
             self.uploads.pop(token, None) if session is not None and session["expires"] <= now_utc() else None
             raise GraphError(404, "ErrorItemNotFound", "The upload session was not found or has expired.")
+        if (content_type or "").split(";")[0].strip().lower() != "application/octet-stream":
+            # outlook-large-attachments: "Content-Type ... Specify application/octet-stream. Required."
+            raise GraphError(400, "invalidRequest", "The Content-Type header must be application/octet-stream.")
+        if len(chunk) >= self.config.max_upload_chunk_bytes:
+            # "keep each byte range less than 4 MB" (the stricter, decimal reading)
+            raise GraphError(400, "invalidRange", f"Each byte range must be smaller than "
+                                                  f"{self.config.max_upload_chunk_bytes} bytes (4 MB).")
         m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", (content_range or "").strip())
         if not m:
             raise GraphError(400, "invalidRequest", "A valid Content-Range header is required.")
@@ -622,8 +637,11 @@ class GraphApi:
                              if start < len(data) else "Uploaded fragment does not start at the expected offset.")
         data.extend(chunk)
         if len(data) < session["size"]:
-            return json_response({"expirationDateTime": format_dt7(session["expires"]),
-                                  "nextExpectedRanges": [f"{len(data)}-"]})
+            # the Learn example's shape: the Outlook v2.0 context, "ExpirationDateTime", the next start offset
+            return json_response({"@odata.context": f"{base_url.rsplit('/v1.0', 1)[0]}/api/v2.0/$metadata#Users("
+                                                    f"'{session['user_id']}')/Messages/AttachmentSessions/$entity",
+                                  "ExpirationDateTime": format_dt7(session["expires"]),
+                                  "nextExpectedRanges": [str(len(data))]})
         del self.uploads[token]
         row = self.store.get_message_by_iid(session["iid"])
         if row is None:
@@ -642,11 +660,17 @@ class GraphApi:
         return GraphResponse(204)
 
     # -- delta ---------------------------------------------------------------------------------
-    def _gone(self, ctx: Ctx, user: User, folder: Folder) -> GraphError:
+    _RESETS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("syncStateNotFound", "The sync state generation is not found. The delta token is expired and data must "
+                              "be synchronized again."),
+        ("resyncRequired", "The delta token is no longer valid, and the app must reset the sync state."),
+        ("SyncStateInvalid", "The sync state is invalid. Data must be synchronized again."),
+    )
+
+    def _gone(self, ctx: Ctx, user: User, folder: Folder, reset: tuple[str, str] | None = None) -> GraphError:
+        code, message = reset or self._RESETS[0]
         location = f"{ctx.base_url}/users/{user.id}/mailFolders('{folder.id}')/messages/delta?$deltatoken="
-        return GraphError(410, "syncStateNotFound", "The sync state generation is not found. The delta token is "
-                                                    "expired and data must be synchronized again.",
-                          headers={"Location": location})
+        return GraphError(410, code, message, headers={"Location": location})
 
     async def delta(self, ctx: Ctx, user: User, folder: str) -> GraphResponse:
         fold = self._folder(user, folder)
@@ -657,6 +681,9 @@ class GraphApi:
             state = self.store.load_delta_state(skiptoken or deltatoken or "", self.config.delta_token_ttl_s)
             if state is None or state.get("folder") != fold.id:
                 raise self._gone(ctx, user, fold)
+            if self.config.delta_evict_probability and self.random.random() < self.config.delta_evict_probability:
+                # chaos: Exchange's delta token cache evicted this sync state early ("lifetime isn't fixed")
+                raise self._gone(ctx, user, fold, self.random.choice(self._RESETS))
             if deltatoken:
                 state = self._delta_round(state, fold)
         else:
@@ -699,6 +726,10 @@ class GraphApi:
         change_type = (ctx.query.get("changetype") or "").lower() or None
         if change_type not in (None, "created", "updated", "deleted"):
             raise GraphError(400, "BadRequest", "changeType must be created, updated or deleted.")
+        order_text = ctx.query.get("$orderby")
+        if order_text is not None and not re.fullmatch(r"\s*receivedDateTime\s+desc\s*", order_text, re.I):
+            raise GraphError(400, "ErrorInvalidUrlQuery",
+                             "Delta on messages supports only $orderby=receivedDateTime desc.")
         select_text = ctx.query.get("$select")
         normalise_select(select_text)  # validate now, not on the next page
         seq = self.store.max_seq()
@@ -706,7 +737,14 @@ class GraphApi:
         if filter_text:
             node = compile_filter(filter_text)
             rows = [r for r in rows if node(r.data)]
-        rows.sort(key=lambda r: (str(r.data.get("receivedDateTime") or ""), r.ord), reverse=True)
+        if order_text:
+            rows.sort(key=lambda r: (str(r.data.get("receivedDateTime") or ""), r.ord), reverse=True)
+        else:
+            # "If you don't include an $orderby expression, the return order isn't guaranteed": never newest first
+            self.random.shuffle(rows)
+        if filter_text:
+            # "Applying $filter in a delta query returns only up to 5,000 messages"
+            rows = rows[:self.config.delta_filter_cap]
         remaining = [] if change_type in ("updated", "deleted") else [[r.iid, "item", r.rid] for r in rows]
         page = None
         if "$top" in ctx.query:
@@ -855,6 +893,14 @@ class GraphApi:
                 "encryptionCertificate", "encryptionCertificateId", "notificationUrlAppId")
         return {k: sub.get(k) for k in keys}
 
+    @staticmethod
+    def _authorised(sub: dict[str, Any]) -> None:
+        """Created, renewed or reauthorized now: the next reauthorization challenge is one token lifetime away
+        and a pending one (and any pause of its notifications) is answered."""
+        sub["_authorizedAt"] = time.time()
+        sub["_challengedAt"] = None
+        sub["_challengedSince"] = None
+
     def _sub_for_app(self, ctx: Ctx, sub_id: str) -> dict[str, Any]:
         sub = self.store.get_subscription(sub_id)
         if sub is None or sub.get("applicationId", "").lower() != ctx.app_id.lower():
@@ -899,6 +945,7 @@ class GraphApi:
                "encryptionCertificateId": None, "notificationUrlAppId": None,
                "_userId": user.id, "_folderId": folder.id if folder else None,
                "_immutable": ctx.prefer.immutable_id, "_filter": filter_text}
+        self._authorised(sub)
         self.store.put_subscription(sub)
         self.notifier.invalidate()
         return json_response({"@odata.context": self._context(ctx, "subscriptions/$entity"), **self._public_sub(sub)},
@@ -929,6 +976,7 @@ class GraphApi:
         if _ci(body, "expirationDateTime") is not None:
             sub["expirationDateTime"] = self._expiry(_ci(body, "expirationDateTime"))
             sub["_reauthNotified"] = False
+        self._authorised(sub)  # "renewing your subscription also reauthorizes" (lifecycle events page)
         new_url = _ci(body, "notificationUrl")
         if new_url is not None and new_url != sub["notificationUrl"]:
             sub["notificationUrl"] = check_notification_url(new_url, self.config)
@@ -947,7 +995,7 @@ class GraphApi:
 
     async def reauthorize_subscription(self, ctx: Ctx, subscription: str) -> GraphResponse:
         sub = self._sub_for_app(ctx, subscription)
-        sub["_reauthNotified"] = False
+        self._authorised(sub)
         self.store.put_subscription(sub)
         self.notifier.invalidate()
         return GraphResponse(204)
@@ -970,32 +1018,54 @@ class GraphApi:
             seen.add(rid.lower())
             if not isinstance(req.get("method"), str) or not isinstance(req.get("url"), str):
                 raise GraphError(400, "BadRequest", f"Request '{rid}' needs method and url.")
+            deps = req.get("dependsOn")
+            if deps is not None and (not isinstance(deps, list) or any(str(d).lower() not in seen - {rid.lower()}
+                                                                       for d in deps)):
+                # stricter reading: a dependency must name a request earlier in the batch (no cycles possible)
+                raise GraphError(400, "BadRequest", f"Request '{rid}' has an invalid dependsOn: it must list ids of "
+                                                    "requests earlier in the batch.")
+        # Items without dependsOn run concurrently ("the server [processes] requests in the batch in the most
+        # efficient order"); an item with dependsOn starts when its dependencies are done, 424 if one failed.
+        finished: dict[str, asyncio.Event] = {str(r["id"]).lower(): asyncio.Event() for r in requests}
         statuses: dict[str, int] = {}
         responses: list[dict[str, Any]] = []
-        for req in requests:
+
+        async def run(req: dict[str, Any]) -> None:
             rid = str(req["id"])
-            deps = req.get("dependsOn") or []
-            failed_dep = any(statuses.get(str(d).lower(), 424) >= 400 for d in deps)
-            if failed_dep:
-                statuses[rid.lower()] = 424
-                responses.append({"id": rid, "status": 424, "headers": {"Content-Type": "application/json"},
-                                  "body": error_body("FailedDependency", "Dependent request failed.",
-                                                     ctx.request_id, ctx.request_id)})
-                continue
-            resp = await self._batch_item(ctx, req)
-            statuses[rid.lower()] = resp.status
-            out: dict[str, Any] = {"id": rid, "status": resp.status}
-            headers = dict(resp.headers)
-            if resp.media_type:
-                headers["Content-Type"] = resp.media_type
-            out["headers"] = headers
-            if resp.body:
-                if resp.media_type and resp.media_type.startswith("application/json"):
-                    out["body"] = json.loads(resp.body)
-                else:
-                    out["body"] = base64.b64encode(resp.body).decode()
-            responses.append(out)
+            try:
+                deps = [str(d).lower() for d in req.get("dependsOn") or []]
+                for dep in deps:
+                    await finished[dep].wait()
+                if any(statuses.get(dep, 424) >= 400 for dep in deps):
+                    statuses[rid.lower()] = 424
+                    responses.append({"id": rid, "status": 424, "headers": {"Content-Type": "application/json"},
+                                      "body": error_body("FailedDependency", "Dependent request failed.",
+                                                         ctx.request_id, ctx.request_id)})
+                    return
+                resp = await self._batch_item(ctx, req)
+                statuses[rid.lower()] = resp.status
+                responses.append(self._batch_response(rid, resp))
+            finally:
+                finished[rid.lower()].set()
+
+        await asyncio.gather(*(run(r) for r in requests))
+        if self.config.batch_shuffle_responses:
+            self.random.shuffle(responses)  # "Individual responses might appear in a different order"
         return json_response({"responses": responses})
+
+    @staticmethod
+    def _batch_response(rid: str, resp: GraphResponse) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": rid, "status": resp.status}
+        headers = dict(resp.headers)
+        if resp.media_type:
+            headers["Content-Type"] = resp.media_type
+        out["headers"] = headers
+        if resp.body:
+            if resp.media_type and resp.media_type.startswith("application/json"):
+                out["body"] = json.loads(resp.body)
+            else:
+                out["body"] = base64.b64encode(resp.body).decode()
+        return out
 
     async def _batch_item(self, ctx: Ctx, req: dict[str, Any]) -> GraphResponse:
         parts = urlsplit(req["url"] if req["url"].startswith("/") else "/" + req["url"])

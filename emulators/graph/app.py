@@ -33,6 +33,11 @@ log = logging.getLogger("emulators.graph")
 
 __all__ = ["GraphEmulator", "create_app"]
 
+# GraphConfig fields that /_emulator/config may change while the emulator runs (read on every use)
+RUNTIME_SETTINGS = ("delta_evict_probability", "delta_filter_cap", "batch_shuffle_responses",
+                    "reauthorize_interval_s", "reauthorize_repeat_s", "reauthorize_pause_after_s",
+                    "reauthorize_before_s", "slow_endpoint_throttling", "slow_notification_ms",
+                    "slow_min_notifications", "slow_delay_s", "slow_window_s", "missed_after_s")
 GRAPH_AUDIENCES = ("https://graph.microsoft.com", "00000003-0000-0000-c000-000000000000")
 _ALL_METHODS = ["GET", "POST", "PATCH", "PUT", "DELETE"]
 
@@ -59,6 +64,7 @@ class GraphEmulator:
             self.validator = TokenValidator(identity_url=config.identity_url, audiences=GRAPH_AUDIENCES,
                                             tenant_id=config.tenant_id, ca_bundle=config.ca_bundle, jwks=config.jwks)
         self.smtp: Any = None
+        self.runtime_defaults = {k: getattr(config, k) for k in RUNTIME_SETTINGS}
         if not self.store.list_users():  # a persisted state keeps its data across restarts
             self.seed(config.seed if config.seed is not None else default_seed())
 
@@ -79,10 +85,13 @@ class GraphEmulator:
         self.faults.remove()
         self.notification_faults.remove()
         self.limits.reset()
+        self.api.subscription_limits.reset()
         self.notifier.reset()
         self.api.uploads.clear()
         self.api.access_policies = {a.lower(): {x.lower() for x in v} for a, v in self.config.access_policies.items()}
         self.requests.clear()
+        for key, value in self.runtime_defaults.items():
+            setattr(self.config, key, value)
         if reseed:
             self.seed(self.config.seed if self.config.seed is not None else default_seed())
 
@@ -184,7 +193,8 @@ def create_app(config: GraphConfig, emulator: GraphEmulator | None = None) -> St
                 resp = emu.api.cancel_upload(token, authtoken)
             else:
                 resp = emu.api.upload_chunk(token, authtoken, request.headers.get("content-range"),
-                                            await request.body(), _base_url(request, config))
+                                            await request.body(), _base_url(request, config),
+                                            request.headers.get("content-type"))
         except GraphError as exc:
             rid = str(uuid.uuid4())
             resp = emu.api.error_response(exc, rid, rid)
@@ -289,7 +299,28 @@ def create_app(config: GraphConfig, emulator: GraphEmulator | None = None) -> St
         if event == "subscriptionRemoved":  # the event means Graph removed it: do so
             emu.store.delete_subscription(sub["id"])
             emu.notifier.invalidate()
+        elif event == "reauthorizationRequired":  # a real challenge: unanswered, notifications pause
+            now = time.time()
+
+            def challenged(stored: dict[str, Any]) -> bool:
+                stored["_challengedSince"] = stored.get("_challengedSince") or now
+                stored["_challengedAt"] = now
+                return True
+
+            emu.store.update_subscription(sub["id"], challenged)
+            emu.notifier.invalidate()
         return JSONResponse({"queued": True}, status_code=202)
+
+    async def runtime_config(request: Request) -> Response:
+        """GET the runtime-tunable settings, POST some of them (e.g. chaos runs switch delta eviction on)."""
+        if request.method == "POST":
+            body = await body_json(request)
+            if not isinstance(body, dict) or any(k not in RUNTIME_SETTINGS for k in body):
+                return bad(f"settings must be a JSON object with keys among {', '.join(RUNTIME_SETTINGS)}")
+            for key, value in body.items():
+                setattr(config, key, value)
+            emu.notifier.invalidate()
+        return JSONResponse({k: getattr(config, k) for k in RUNTIME_SETTINGS})
 
     async def access_policy(request: Request) -> Response:
         if request.method == "GET":
@@ -328,6 +359,7 @@ def create_app(config: GraphConfig, emulator: GraphEmulator | None = None) -> St
         Route("/_emulator/lifecycle", lifecycle, methods=["POST"]),
         Route("/_emulator/access-policy", access_policy, methods=["GET", "POST"]),
         Route("/_emulator/subscriptions", subscriptions, methods=["GET"]),
+        Route("/_emulator/config", runtime_config, methods=["GET", "POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.emulator = emu

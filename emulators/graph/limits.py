@@ -8,12 +8,13 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from .util import GraphError
 
-__all__ = ["Fault", "FaultRegistry", "MailboxLimits", "NotificationFault", "NotificationFaults"]
+__all__ = ["Fault", "FaultRegistry", "MailboxLimits", "NotificationFault", "NotificationFaults", "SubscriptionLimits"]
 
 
 class MailboxLimits:
@@ -63,6 +64,52 @@ class MailboxLimits:
         with self._lock:
             self._windows.clear()
             self._inflight.clear()
+
+
+class SubscriptionLimits:
+    """The subscription service's own limits (throttling-limits, "Subscription services"), sliding windows:
+
+    per app per tenant 1,000 writes (POST/PUT/PATCH/DELETE) and 5,000 requests of any kind per 20 s; per tenant
+    2,000 writes and 10,000 requests. The emulator serves one tenant, so the tenant windows span every app.
+    Over a limit: 429 with ``Retry-After`` = seconds until the oldest counted request leaves the window.
+    A refused request is not counted.
+    """
+
+    WRITES: frozenset[str] = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+    def __init__(self, window_s: float, writes_per_app: int, writes_per_tenant: int, requests_per_app: int,
+                 requests_per_tenant: int, clock: Any = time.monotonic) -> None:
+        self.window_s = window_s
+        self._limits = {"app-write": writes_per_app, "tenant-write": writes_per_tenant,
+                        "app-any": requests_per_app, "tenant-any": requests_per_tenant}
+        self._windows: dict[tuple[str, str], deque[float]] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def check(self, app_id: str, method: str) -> None:
+        now = self._clock()
+        keys = [("app-any", app_id.lower()), ("tenant-any", "")]
+        if method.upper() in self.WRITES:
+            keys += [("app-write", app_id.lower()), ("tenant-write", "")]
+        with self._lock:
+            for key in keys:
+                window = self._windows.setdefault(key, deque())
+                while window and now - window[0] >= self.window_s:
+                    window.popleft()
+                if len(window) >= self._limits[key[0]]:
+                    retry = max(1, math.ceil(window[0] + self.window_s - now))
+                    scope = "application" if key[0].startswith("app") else "tenant"
+                    kind = "write requests" if key[0].endswith("write") else "requests"
+                    raise GraphError(429, "TooManyRequests",
+                                     f"Too many subscription {kind} for this {scope} "
+                                     f"({self._limits[key[0]]} per {self.window_s:g} seconds). Please retry "
+                                     "again later.", headers={"Retry-After": str(retry)})
+            for key in keys:
+                self._windows[key].append(now)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._windows.clear()
 
 
 _ids = itertools.count(1)

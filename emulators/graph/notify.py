@@ -4,9 +4,11 @@ Store change events (any thread) are matched against subscriptions on the event 
 Graph's notification JSON and queued. A dispatcher task POSTs ``{"value": [...]}`` batches per
 notification URL (query string preserved); a non-2xx answer or no answer within 3 s is retried with
 exponential backoff until the retry window (4 h by default) closes, after which the notifications are
-discarded and a ``missed`` lifecycle event is sent, as Graph does for endpoints it gives up on.
-A sweeper removes expired subscriptions (``subscriptionRemoved``), warns before expiry
-(``reauthorizationRequired``, if configured) and emits ``missed`` after injected drops.
+discarded and a ``missed`` lifecycle event is sent, as Graph does for endpoints it gives up on. Optionally
+(``slow_endpoint_throttling``) slow endpoints are throttled as Graph documents: delayed, then dropped.
+A sweeper deletes expired subscriptions silently (Graph documents no lifecycle event for plain expiry),
+sends ``reauthorizationRequired`` on the access-token cadence (and before expiry, if configured), pauses
+change notifications of a subscription whose challenge goes unanswered, and emits ``missed`` after drops.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class _Pending:
     lifecycle: bool = field(compare=False, default=False)
     attempts: int = field(compare=False, default=0)
     first_at: float = field(compare=False, default=0.0)
+    throttled: bool = field(compare=False, default=False)  # already held back once for a slow endpoint
 
 
 @dataclass
@@ -78,6 +81,16 @@ class _Sub:
     client_state: str | None
     matcher: Callable[[dict[str, Any]], bool] | None
     raw: dict[str, Any]
+    paused_since: float | None = None  # wall clock of the first unanswered reauthorization challenge
+
+
+@dataclass
+class _SlowStats:
+    """Per notification URL: answered POSTs and slow ones since ``since`` (flushed every slow_window_s)."""
+
+    since: float
+    total: int = 0
+    slow: int = 0
 
 
 class Notifier:
@@ -98,6 +111,9 @@ class Notifier:
         self._stopping: asyncio.Event | None = None
         self.delivered = 0  # POSTs answered 2xx (for the request log / tests)
         self.attempts = 0
+        self.paused_dropped = 0  # changes lost while a subscription's reauthorization challenge was unanswered
+        self.slow_dropped = 0  # notifications dropped for a throttled slow endpoint
+        self._slow: dict[str, _SlowStats] = {}
         store.add_listener(self.publish)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -182,6 +198,7 @@ class Notifier:
     def reset(self) -> None:
         self._heap.clear()
         self._missed_due.clear()
+        self._slow.clear()
         self.invalidate()
 
     # -- subscriptions cache -------------------------------------------------------------------
@@ -199,7 +216,8 @@ class Notifier:
             sub = _Sub(raw["id"], raw["_userId"], raw.get("_folderId"),
                        frozenset(k.strip().lower() for k in str(raw["changeType"]).split(",")),
                        bool(raw.get("_immutable")), parse_dt(raw["expirationDateTime"]), raw["notificationUrl"],
-                       raw.get("lifecycleNotificationUrl"), raw.get("clientState"), matcher, raw)
+                       raw.get("lifecycleNotificationUrl"), raw.get("clientState"), matcher, raw,
+                       raw.get("_challengedSince"))
             subs.setdefault(sub.user_id, []).append(sub)
         self._subs = subs
 
@@ -255,11 +273,20 @@ class Notifier:
         else:
             loop.call_soon_threadsafe(self._on_events, events)
 
+    def _paused(self, sub: _Sub) -> bool:
+        """Graph pauses change notifications of a subscription whose reauthorization challenge is not answered;
+        changes meanwhile are lost (the app catches up with delta)."""
+        grace = self.config.reauthorize_pause_after_s
+        return sub.paused_since is not None and grace is not None and time.time() - sub.paused_since >= grace
+
     def _on_events(self, events: list[ChangeEvent]) -> None:
         now_dt = now_utc()
         for ev in events:
             for sub in self._subs.get(ev.user_id, ()):
                 if sub.expires <= now_dt:
+                    continue
+                if self._paused(sub):
+                    self.paused_dropped += 1
                     continue
                 kind = ev.kind
                 if sub.folder_id is None:
@@ -383,9 +410,54 @@ class Notifier:
             except TimeoutError:
                 pass
 
+    def _slow_verdict(self, url: str) -> str:
+        """"ok", "throttled" or "dropped" for a notification URL (change-notifications-delivery-webhooks
+        #throttling); always "ok" unless ``slow_endpoint_throttling`` is on."""
+        if not self.config.slow_endpoint_throttling:
+            return "ok"
+        stats = self._slow.get(url)
+        if stats is None or stats.total < self.config.slow_min_notifications:
+            return "ok"
+        ratio = stats.slow / stats.total
+        if ratio >= self.config.slow_drop_ratio:
+            return "dropped"
+        return "throttled" if ratio >= self.config.slow_throttle_ratio else "ok"
+
+    def _record_answer(self, url: str, elapsed_ms: float, count: int) -> None:
+        if not self.config.slow_endpoint_throttling:
+            return
+        now = time.monotonic()
+        stats = self._slow.get(url)
+        if stats is None or now - stats.since >= self.config.slow_window_s:
+            stats = self._slow[url] = _SlowStats(now)
+        stats.total += count
+        if elapsed_ms > self.config.slow_notification_ms:
+            stats.slow += count
+
     async def _post(self, url: str, batch: list[_Pending]) -> None:
         ok = False
         status: int | str = "-"
+        verdict = self._slow_verdict(url)
+        if verdict == "dropped":
+            # Graph drops notifications for an endpoint at >= 15 % slow answers; the app learns it from `missed`
+            self._inflight[url] = self._inflight.get(url, 1) - 1
+            now = time.monotonic()
+            for p in batch:
+                if not p.lifecycle:
+                    self.slow_dropped += 1
+                    self._missed_due.setdefault(p.sub_id, now + self.config.missed_after_s)
+            log.info("slow endpoint %s throttled: %d notification(s) dropped", urlsplit(url).netloc, len(batch))
+            return
+        if verdict == "throttled" and not any(p.attempts or p.throttled for p in batch):
+            # flagged endpoint: every notification is delayed by 10 minutes (slow_delay_s)
+            self._inflight[url] = self._inflight.get(url, 1) - 1
+            for p in batch:
+                p.throttled = True
+                p.due = time.monotonic() + self.config.slow_delay_s
+                p.seq = next(_seq)
+                self._push(p)
+            return
+        started = time.monotonic()
         try:
             assert self._client is not None
             self.attempts += 1
@@ -397,6 +469,7 @@ class Notifier:
             status = type(exc).__name__
         finally:
             self._inflight[url] = self._inflight.get(url, 1) - 1
+        self._record_answer(url, (time.monotonic() - started) * 1000.0, len(batch))
         if ok:
             self.delivered += len(batch)
             return
@@ -430,25 +503,48 @@ class Notifier:
             except Exception:
                 log.exception("subscription sweep failed")
 
+    def _challenge_due(self, sub: dict[str, Any], now: float) -> bool:
+        """Is a ``reauthorizationRequired`` due for this stored subscription? Marks it sent when it is."""
+        before = self.config.reauthorize_before_s
+        if before is not None and not sub.get("_reauthNotified") and \
+                (parse_dt(sub["expirationDateTime"]) - now_utc()).total_seconds() <= before:
+            sub["_reauthNotified"] = True
+            sub["_challengedSince"] = sub.get("_challengedSince") or now
+            sub["_challengedAt"] = now
+            return True
+        interval = self.config.reauthorize_interval_s
+        if interval is None:
+            return False
+        last = sub.get("_challengedAt")
+        due = (float(sub.get("_authorizedAt") or now) + interval if last is None
+               else float(last) + self.config.reauthorize_repeat_s)
+        if now < due:
+            return False
+        sub["_challengedSince"] = sub.get("_challengedSince") or now
+        sub["_challengedAt"] = now
+        return True
+
     def sweep_once(self) -> None:
         now_dt = now_utc()
         changed = False
         for subs in list(self._subs.values()):
             for sub in subs:
                 if sub.expires <= now_dt:
+                    # "If you don't renew a subscription in time, Microsoft Graph deletes the subscription": no
+                    # lifecycle event is documented for plain expiry, so none is sent.
                     self.store.delete_subscription(sub.id)
-                    self.fire_lifecycle(sub.raw, "subscriptionRemoved")
                     changed = True
                     continue
-                before = self.config.reauthorize_before_s
-                if before is not None and not sub.raw.get("_reauthNotified") and \
-                        (sub.expires - now_dt).total_seconds() <= before:
-                    sub.raw["_reauthNotified"] = True
-                    stored = self.store.get_subscription(sub.id)
-                    if stored is not None:
-                        stored["_reauthNotified"] = True
-                        self.store.put_subscription(stored)
-                    self.fire_lifecycle(sub.raw, "reauthorizationRequired")
+                now = time.time()
+                if not self._challenge_due(dict(sub.raw), now):  # cheap check on the cached copy, nothing saved
+                    continue
+                # decided again on the stored record, atomically: the API may have renewed it a moment ago
+                fire: list[bool] = []
+                stored = self.store.update_subscription(
+                    sub.id, lambda s, fire=fire, now=now: fire.append(self._challenge_due(s, now)) or fire[-1])
+                if stored is not None and fire and fire[0]:
+                    self.fire_lifecycle(stored, "reauthorizationRequired")
+                    changed = True
         now = time.monotonic()
         for sub_id, due in list(self._missed_due.items()):
             if due <= now:

@@ -511,6 +511,15 @@ class Store:
             rows = self._rows("SELECT data FROM subscriptions WHERE app_id = ? ORDER BY rowid", app_id)
         return [json.loads(r[0]) for r in rows]
 
+    def update_subscription(self, sub_id: str, change: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+        """Read-modify-write one subscription atomically; ``change`` edits it in place and returns whether to
+        save. Returns the (possibly changed) subscription, or None when it does not exist."""
+        with self.tx() as c:
+            sub = self.get_subscription(sub_id)
+            if sub is not None and change(sub):
+                c.execute("UPDATE subscriptions SET data = ? WHERE id = ?", (json.dumps(sub), sub_id))
+            return sub
+
     def count_subscriptions(self, user_id: str) -> int:
         return int(self._scalar("SELECT COUNT(*) FROM subscriptions WHERE user_id = ?", user_id) or 0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -87,6 +88,9 @@ class WebhookReceiver:
     status: int = 202
     validation_mode: str = "ok"
     slow_s: float = 0.0
+    notify_delay_s: float = 0.0  # each notification/lifecycle POST is answered this late (slow endpoints)
+    validations_in_flight: int = 0
+    max_validations_in_flight: int = 0  # the most validation handshakes this endpoint served at once
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -120,24 +124,34 @@ class WebhookReceiver:
 def start_webhook_receiver() -> WebhookReceiver:
     receiver = WebhookReceiver()
 
+    async def answer_validation(token: str) -> Response:
+        mode = receiver.validation_mode
+        if mode == "forbidden":
+            return Response(status_code=403)
+        if mode == "encoded":
+            from urllib.parse import quote
+
+            return PlainTextResponse(quote(token, safe=""))
+        # let concurrent handshakes overlap (the in-flight count is what a pacing test reads)
+        await asyncio.sleep(receiver.slow_s if mode == "slow" else 0.01)
+        return PlainTextResponse(token)
+
     async def endpoint(request: Request) -> Response:
         token = request.query_params.get("validationToken")
         if token is not None:
             with receiver.lock:
                 receiver.validations.append(token)
-            mode = receiver.validation_mode
-            if mode == "forbidden":
-                return Response(status_code=403)
-            if mode == "encoded":
-                from urllib.parse import quote
-
-                return PlainTextResponse(quote(token, safe=""))
-            if mode == "slow":
-                import asyncio
-
-                await asyncio.sleep(receiver.slow_s)
-            return PlainTextResponse(token)
+                receiver.validations_in_flight += 1
+                receiver.max_validations_in_flight = max(receiver.max_validations_in_flight,
+                                                         receiver.validations_in_flight)
+            try:
+                return await answer_validation(token)
+            finally:
+                with receiver.lock:
+                    receiver.validations_in_flight -= 1
         body = json.loads(await request.body() or b"{}")
+        if receiver.notify_delay_s:
+            await asyncio.sleep(receiver.notify_delay_s)
         with receiver.lock:
             receiver.posts.append((request.url.path, request.url.query, body))
             target = receiver.lifecycle if request.url.path.endswith("/lifecycle") else receiver.notifications

@@ -2,9 +2,14 @@
 
 Serves exactly what msal's ``ConfidentialClientApplication`` uses for app-only tokens, so production
 code runs unchanged against it: tenant discovery (OpenID configuration), instance discovery, the JWKS
-and ``/oauth2/v2.0/token`` with a client secret (form or HTTP Basic) or a certificate-signed client
-assertion. Errors use the identity platform's JSON shape and AADSTS codes. Emulator-only endpoints
-live under ``/_emulator/``.
+and ``/oauth2/v2.0/token`` with a client secret (form or HTTP Basic), a certificate-signed client
+assertion, or a federated assertion (a managed identity's token, checked against the app registration's
+federated identity credentials). Errors use the identity platform's JSON shape and AADSTS codes.
+
+It also plays the hosting platform's managed identity endpoint, as App Service / Azure Functions expose it
+to the app (``IDENTITY_ENDPOINT`` + ``IDENTITY_HEADER``, api-version 2019-08-01): ``GET /msi/token`` —
+what azure-identity's ``ManagedIdentityCredential`` (through msal's ``ManagedIdentityClient``) calls there.
+Emulator-only endpoints live under ``/_emulator/``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,17 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .keys import SigningKey
-from .seed import AppRegistration, Seed, SeedError, Tenant, demo_seed, normalise_resource, parse_seed
+from .seed import (
+    AppRegistration,
+    FederatedCredential,
+    ManagedIdentity,
+    Seed,
+    SeedError,
+    Tenant,
+    demo_seed,
+    normalise_resource,
+    parse_seed,
+)
 
 __all__ = ["IdentityConfig", "IdentityState", "create_app"]
 
@@ -64,6 +79,8 @@ class IdentityState:
     public_url: str | None
     issued_by_app: Counter[str] = field(default_factory=Counter)
     issued_by_app_resource: dict[str, Counter[str]] = field(default_factory=dict)
+    issued_by_identity: Counter[str] = field(default_factory=Counter)  # platform endpoint, by identity client id
+    token_requests: int = 0  # every POST to a token endpoint, issued or refused
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -247,11 +264,15 @@ def _check_secret(app: AppRegistration, secret: str) -> None:
         )
 
 
+def _malformed() -> OAuthError:
+    return OAuthError(401, "invalid_client", 50027, "JWT token is invalid or malformed.")
+
+
 def _check_assertion(app: AppRegistration, assertion: str, audiences: set[str], now: float) -> None:
     try:
         header = jwt.get_unverified_header(assertion)
     except jwt.PyJWTError:
-        raise OAuthError(401, "invalid_client", 50027, "JWT token is invalid or malformed.") from None
+        raise _malformed() from None
     alg = header.get("alg")
     if alg not in _ASSERTION_ALGORITHMS:
         raise OAuthError(
@@ -294,6 +315,90 @@ def _check_assertion(app: AppRegistration, assertion: str, audiences: set[str], 
     except (TypeError, ValueError):
         raise OAuthError(401, "invalid_client", 50027, "JWT token is invalid or malformed.") from None
     if now >= exp or now < nbf - 300:  # 5 minutes of clock skew accepted before nbf, like Entra ID
+        raise OAuthError(401, "invalid_client", 700024, "Client assertion is not within its valid time range.")
+
+
+def _is_federated(app: AppRegistration, assertion: str) -> bool:
+    """A client assertion is federated (workload identity federation) unless the app signed it itself: signed with
+    one of its registered certificates, or claiming the app as issuer (RFC 7523 §3 client authentication)."""
+    try:
+        header = jwt.get_unverified_header(assertion)
+        claims = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        raise _malformed() from None
+    x5t, x5t_s256 = header.get("x5t"), header.get("x5t#S256")
+    if app.certificate_by_thumbprint(x5t=x5t if isinstance(x5t, str) else None,
+                                     x5t_s256=x5t_s256 if isinstance(x5t_s256, str) else None) is not None:
+        return False
+    return claims.get("iss") != app.client_id
+
+
+def _no_match(code: int, what: str, value: str) -> OAuthError:
+    return OAuthError(
+        401, "invalid_client", code,
+        f"No matching federated identity record found for presented assertion {what} '{value}'. Check your "
+        "federated identity credential Subject, Audience and Issuer against the presented assertion. "
+        "https://learn.microsoft.com/entra/workload-id/workload-identity-federation",
+    )
+
+
+def _check_federated_assertion(state: IdentityState, base: str, credentials: tuple[FederatedCredential, ...],
+                               assertion: str, now: float) -> None:
+    """Workload identity federation, as strict as Entra: the assertion's issuer, subject (case-sensitive) and
+    audience must match one federated identity credential of the app registration; its signature must verify
+    with the issuer's published keys; it must be within its validity period."""
+    try:
+        header = jwt.get_unverified_header(assertion)
+        claims: dict[str, Any] = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        raise _malformed() from None
+    iss, sub, aud = claims.get("iss"), claims.get("sub"), claims.get("aud")
+    if not isinstance(iss, str) or not isinstance(sub, str) or aud is None or "exp" not in claims:
+        raise _malformed()
+    if not credentials:
+        raise OAuthError(
+            401, "invalid_client", 70021,
+            f"No matching federated identity record found for presented assertion. Assertion Issuer: '{iss}'. "
+            f"Assertion Subject: '{sub}'. Assertion Audience: '{aud}'. "
+            "https://learn.microsoft.com/entra/workload-id/workload-identity-federation",
+        )
+    same_issuer = [c for c in credentials if c.issuer == iss]
+    if not same_issuer:
+        raise _no_match(700211, "issuer", iss)
+    # The issuer's signing keys: only the tenants this emulator serves publish keys here (no network egress).
+    own_issuers = {f"{base}/{tenant.id}/v2.0" for tenant in state.seed.tenants.values()}
+    if iss not in own_issuers:
+        raise OAuthError(401, "invalid_client", 50166, f"Request to External OIDC endpoint failed. Issuer: '{iss}'.")
+    if header.get("alg") != "RS256" or header.get("kid") != state.signing_key.kid:
+        raise OAuthError(401, "invalid_client", 700027, "Client assertion failed signature validation. "
+                         "[Reason - The key was not found.]")
+    try:
+        jwt.decode(assertion, state.signing_key.private_key.public_key(), algorithms=["RS256"],
+                   options={"verify_exp": False, "verify_nbf": False, "verify_iat": False, "verify_aud": False})
+    except jwt.InvalidSignatureError:
+        raise OAuthError(401, "invalid_client", 700027, "Client assertion failed signature validation. [Reason - "
+                         "The provided signature value did not match the expected signature value.]") from None
+    except jwt.PyJWTError:
+        raise _malformed() from None
+    same_subject = [c for c in same_issuer if c.subject == sub]
+    if not same_subject:
+        if any(c.subject.lower() == sub.lower() for c in same_issuer):
+            raise OAuthError(
+                401, "invalid_client", 7002138,
+                f"No matching federated identity record found for presented assertion subject '{sub}'. The subject "
+                "matches with case-insensitive comparison, but not with case-sensitive comparison. Check your "
+                "federated identity credential Subject, Audience and Issuer against the presented assertion.",
+            )
+        raise _no_match(700213, "subject", sub)
+    presented = [aud] if isinstance(aud, str) else list(aud) if isinstance(aud, list) else []
+    if not any(a in c.audiences for c in same_subject for a in presented):
+        raise _no_match(700212, "audience", ", ".join(str(a) for a in presented))
+    try:
+        exp = float(claims["exp"])
+        nbf = float(claims.get("nbf", 0))
+    except (TypeError, ValueError):
+        raise _malformed() from None
+    if now >= exp or now < nbf - 300:
         raise OAuthError(401, "invalid_client", 700024, "Client assertion is not within its valid time range.")
 
 
@@ -361,6 +466,8 @@ def _issue(state: IdentityState, base: str, tenant: Tenant, app: AppRegistration
 
 async def token(request: Request) -> JSONResponse:
     state = _state(request)
+    with state.lock:
+        state.token_requests += 1
     try:
         return JSONResponse(await _token(request, state), headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
     except OAuthError as err:
@@ -421,12 +528,16 @@ async def _token(request: Request, state: IdentityState) -> dict[str, Any]:
         if assertion_type != JWT_BEARER:
             raise OAuthError(401, "invalid_client", 7000219, f"'client_assertion_type' must be '{JWT_BEARER}'.")
         base = _base_url(request, state)
-        audiences = {
-            f"{base}/{tenant.id}/oauth2/v2.0/token".lower(),
-            f"{base}/{segment}/oauth2/v2.0/token".lower(),
-            f"{base}/{tenant.id}/v2.0".lower(),
-        }
-        _check_assertion(app, assertion or "", audiences, state.clock())
+        if _is_federated(app, assertion or ""):
+            _check_federated_assertion(state, base, state.seed.federated_credentials(app.client_id),
+                                       assertion or "", state.clock())
+        else:
+            audiences = {
+                f"{base}/{tenant.id}/oauth2/v2.0/token".lower(),
+                f"{base}/{segment}/oauth2/v2.0/token".lower(),
+                f"{base}/{tenant.id}/v2.0".lower(),
+            }
+            _check_assertion(app, assertion or "", audiences, state.clock())
         auth_method = "2"
     elif secret is not None:
         _check_secret(app, secret)
@@ -437,6 +548,75 @@ async def _token(request: Request, state: IdentityState) -> dict[str, Any]:
 
     resource = _resource_from_scope(state, form.get("scope"))
     return _issue(state, _base_url(request, state), tenant, app, resource, auth_method)
+
+
+# --- the hosting platform's managed identity endpoint (App Service / Functions) -------------------------------
+MANAGED_IDENTITY_API_VERSION: Final = "2019-08-01"
+
+
+def _platform_error(status: int, message: str) -> JSONResponse:
+    # App Service's shape (msal reads "statusCode" and "message" from any non-token answer)
+    return JSONResponse({"statusCode": status, "message": message, "correlationId": str(uuid.uuid4())},
+                        status_code=status)
+
+
+async def managed_identity_token(request: Request) -> JSONResponse:
+    """``GET {IDENTITY_ENDPOINT}?api-version=2019-08-01&resource=R[&client_id=C]`` with ``X-IDENTITY-HEADER``.
+
+    Answers as App Service does: ``{"access_token", "expires_on" (epoch seconds, as text), "resource",
+    "token_type", "client_id"}``. The token is issued by the identity's tenant (``iss`` =
+    ``<authority>/<tenant>/v2.0``, ``sub`` = ``oid`` = the identity's principal id, ``aud`` = the resource).
+    """
+    state = _state(request)
+    expected = state.seed.managed_identity_header
+    presented = request.headers.get("x-identity-header")
+    if expected is None:
+        return _platform_error(404, "Managed identity is not enabled on this app.")
+    if presented is None or not hmac.compare_digest(presented.encode(), expected.encode()):
+        return _platform_error(401, "The X-IDENTITY-HEADER header is missing or invalid.")
+    params = request.query_params
+    if params.get("api-version") != MANAGED_IDENTITY_API_VERSION:
+        return _platform_error(400, f"Unsupported api-version '{params.get('api-version')}'; use "
+                                    f"'{MANAGED_IDENTITY_API_VERSION}'.")
+    resource = params.get("resource", "").strip()
+    if not resource:
+        return _platform_error(400, "The 'resource' parameter is required.")
+    selectors = [k for k in ("client_id", "object_id", "mi_res_id") if params.get(k)]
+    if len(selectors) > 1:
+        return _platform_error(400, "Specify at most one of client_id, object_id and mi_res_id.")
+    identity: ManagedIdentity | None = None
+    if params.get("client_id"):
+        identity = state.seed.managed_identity(params["client_id"])
+    elif params.get("object_id"):
+        identity = next((m for m in state.seed.managed_identities.values()
+                         if m.principal_id.lower() == params["object_id"].lower()), None)
+    if identity is None:  # no system-assigned identity is modelled; a resource id can't be matched
+        return _platform_error(400, "Unable to load the proper Managed Identity.")
+    if not state.seed.resource_known(resource):
+        return _platform_error(400, f"The resource principal named {resource} was not found in the tenant.")
+    return JSONResponse(_issue_for_identity(state, _base_url(request, state), identity, resource),
+                        headers={"Cache-Control": "no-store"})
+
+
+def _issue_for_identity(state: IdentityState, base: str, identity: ManagedIdentity, resource: str) -> dict[str, Any]:
+    now = state.clock()
+    lifetime = state.token_lifetime_s
+    issued_at = int(now)
+    expires_on = math.ceil(now + lifetime)
+    issuer = f"{base}/{identity.tenant_id}/v2.0"
+    claims = {
+        "aud": resource.rstrip("/"), "iss": issuer, "iat": issued_at, "nbf": issued_at, "exp": expires_on,
+        "aio": str(uuid.uuid4()), "appid": identity.client_id, "appidacr": "2", "azp": identity.client_id,
+        "azpacr": "2", "idp": issuer, "idtyp": "app", "oid": identity.principal_id, "sub": identity.principal_id,
+        "tid": identity.tenant_id, "uti": uuid.uuid4().hex, "ver": "2.0",
+    }
+    key = state.signing_key
+    token = jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": key.kid, "x5t": key.kid})
+    with state.lock:
+        state.issued_by_identity[identity.client_id] += 1
+    log.debug("issued managed identity token for %s, resource %s", identity.client_id, resource)
+    return {"access_token": token, "expires_on": str(expires_on), "resource": resource, "token_type": "Bearer",
+            "client_id": identity.client_id}
 
 
 # --- emulator-only endpoints ------------------------------------------------------------------------------
@@ -455,6 +635,8 @@ async def tokens_issued(request: Request) -> JSONResponse:
             "total": sum(state.issued_by_app.values()),
             "by_app": dict(state.issued_by_app),
             "by_app_resource": {app: dict(c) for app, c in state.issued_by_app_resource.items()},
+            "by_managed_identity": dict(state.issued_by_identity),
+            "requests": state.token_requests,
         }
     return JSONResponse(body)
 
@@ -464,7 +646,9 @@ async def reset_tokens_issued(request: Request) -> JSONResponse:
     with state.lock:
         state.issued_by_app.clear()
         state.issued_by_app_resource.clear()
-    return JSONResponse({"total": 0, "by_app": {}, "by_app_resource": {}})
+        state.issued_by_identity.clear()
+        state.token_requests = 0
+    return JSONResponse({"total": 0, "by_app": {}, "by_app_resource": {}, "by_managed_identity": {}, "requests": 0})
 
 
 async def replace_seed(request: Request) -> JSONResponse:
@@ -500,6 +684,7 @@ def create_app(config: IdentityConfig | None = None) -> Starlette:
         Route("/{tenant}/discovery/v2.0/keys", keys, methods=["GET"]),
         Route("/{tenant}/discovery/keys", keys, methods=["GET"]),
         Route("/{tenant}/oauth2/v2.0/token", token, methods=["POST"]),
+        Route("/msi/token", managed_identity_token, methods=["GET"]),
     ]
     app = Starlette(routes=routes)
     app.state.identity = state

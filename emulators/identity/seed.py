@@ -1,4 +1,5 @@
-"""The identity emulator's seed: tenants and app registrations (secrets, certificates, granted app roles).
+"""The identity emulator's seed: tenants, app registrations (secrets, certificates, federated identity
+credentials, granted app roles) and user-assigned managed identities.
 
 Seed JSON (documented in docs/identity-emulator.md)::
 
@@ -9,13 +10,23 @@ Seed JSON (documented in docs/identity-emulator.md)::
         "object_id": "<service principal object id>",
         "secrets": ["..."],
         "certificates": ["-----BEGIN CERTIFICATE-----..."],
+        "federated_credentials": [{"name": "router-uai", "issuer": "https://<authority host>/<tenant>/v2.0",
+                                   "subject": "<managed identity principal id>",
+                                   "audiences": ["api://AzureADTokenExchange"]}],
         "roles": {"https://graph.microsoft.com": ["Mail.ReadWrite", "Mail.Send"]}
       }],
+      "managed_identities": [{"client_id": "<guid>", "principal_id": "<guid>", "tenant_id": "<guid>",
+                              "display_name": "id-emailrouter"}],
+      "managed_identity_header": "...",  # the IDENTITY_HEADER secret the platform token endpoint requires
       "resources": null,            # optional allow-list of resource URIs; null/absent = any resource
       "token_lifetime_s": 3600      # optional; overrides the emulator's default lifetime
     }
 
 The same ``client_id`` may appear once per tenant (a multi-tenant app's service principal in each tenant).
+Federated identity credentials belong to the app *registration*, which lives in one tenant: they may be given on
+one entry per ``client_id`` only, and a token request in any tenant where the app has a service principal is
+checked against them (Entra: the managed identity and the app registration are in the same tenant, the app's
+service principal may redeem the assertion in another tenant).
 """
 
 from __future__ import annotations
@@ -31,7 +42,17 @@ from cryptography.hazmat.primitives import hashes
 
 from emulators.common import demo
 
-__all__ = ["AppRegistration", "RegisteredCertificate", "Seed", "SeedError", "Tenant", "demo_seed", "parse_seed"]
+__all__ = [
+    "AppRegistration",
+    "FederatedCredential",
+    "ManagedIdentity",
+    "RegisteredCertificate",
+    "Seed",
+    "SeedError",
+    "Tenant",
+    "demo_seed",
+    "parse_seed",
+]
 
 
 class SeedError(ValueError):
@@ -70,6 +91,29 @@ class Tenant:
 
 
 @dataclass(frozen=True)
+class FederatedCredential:
+    """A federated identity credential on an app registration (Graph ``federatedIdentityCredential``):
+    an assertion whose ``iss`` and ``sub`` equal these (case-sensitive) and whose ``aud`` is one of
+    ``audiences`` may stand in for the app's secret."""
+
+    name: str
+    issuer: str
+    subject: str
+    audiences: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ManagedIdentity:
+    """A user-assigned managed identity: ``client_id`` selects it on the platform token endpoint; its tokens carry
+    ``principal_id`` (the service principal's object id) as ``sub`` and ``oid``."""
+
+    client_id: str
+    principal_id: str
+    tenant_id: str
+    display_name: str
+
+
+@dataclass(frozen=True)
 class AppRegistration:
     client_id: str
     tenant_id: str
@@ -78,6 +122,7 @@ class AppRegistration:
     secrets: tuple[str, ...]
     certificates: tuple[RegisteredCertificate, ...]
     roles: Mapping[str, frozenset[str]]  # normalised resource -> granted application roles
+    federated_credentials: tuple[FederatedCredential, ...] = ()
 
     def roles_for(self, resource: str) -> frozenset[str]:
         return self.roles.get(normalise_resource(resource), frozenset())
@@ -99,6 +144,18 @@ class Seed:
     resources: frozenset[str] | None  # normalised allow-list; None = any
     token_lifetime_s: int | None
     domains: Mapping[str, str] = field(default_factory=dict)  # lower-case domain -> tenant id
+    managed_identities: Mapping[str, ManagedIdentity] = field(default_factory=dict)  # by lower-case client id
+    managed_identity_header: str | None = None  # None = the platform token endpoint is off
+
+    def federated_credentials(self, client_id: str) -> tuple[FederatedCredential, ...]:
+        """The app registration's federated identity credentials (whichever tenant's entry declares them)."""
+        for (_tenant, cid), app in self.apps.items():
+            if cid == client_id.lower() and app.federated_credentials:
+                return app.federated_credentials
+        return ()
+
+    def managed_identity(self, client_id: str) -> ManagedIdentity | None:
+        return self.managed_identities.get(client_id.lower())
 
     def tenant(self, id_or_domain: str) -> Tenant | None:
         key = id_or_domain.lower()
@@ -177,6 +234,10 @@ def parse_seed(document: Mapping[str, Any]) -> Seed:
             if not isinstance(granted, list) or not all(isinstance(r, str) for r in granted):
                 raise SeedError(f"{where}.roles[{resource!r}] must be a list of role names")
             roles[normalise_resource(resource)] = frozenset(granted)
+        federated = _federated_credentials(raw, where)
+        if federated and any(cid == client_id.lower() and a.federated_credentials for (_t, cid), a in apps.items()):
+            raise SeedError(f"{where}.federated_credentials: the app registration of {client_id!r} already has "
+                            "them (they belong to the registration, in one tenant)")
         app = AppRegistration(
             client_id=client_id,
             tenant_id=tenants[tenant_id.lower()].id,
@@ -185,11 +246,34 @@ def parse_seed(document: Mapping[str, Any]) -> Seed:
             secrets=tuple(_str_list(raw, "secrets", where)),
             certificates=tuple(certificates),
             roles=roles,
+            federated_credentials=federated,
         )
         key = (tenant_id.lower(), client_id.lower())
         if key in apps:
             raise SeedError(f"{where}: client_id {client_id!r} appears twice in tenant {tenant_id!r}")
         apps[key] = app
+
+    identities: dict[str, ManagedIdentity] = {}
+    raw_identities = document.get("managed_identities", [])
+    if not isinstance(raw_identities, list):
+        raise SeedError("seed.managed_identities must be a list")
+    for i, raw in enumerate(raw_identities):
+        where = f"managed_identities[{i}]"
+        if not isinstance(raw, Mapping):
+            raise SeedError(f"{where} must be an object")
+        mi_tenant = _str(raw, "tenant_id", where)
+        if mi_tenant.lower() not in tenants:
+            raise SeedError(f"{where}.tenant_id {mi_tenant!r} is not a seeded tenant")
+        identity = ManagedIdentity(client_id=_str(raw, "client_id", where),
+                                   principal_id=_str(raw, "principal_id", where),
+                                   tenant_id=tenants[mi_tenant.lower()].id,
+                                   display_name=str(raw.get("display_name", raw.get("client_id"))))
+        if identity.client_id.lower() in identities:
+            raise SeedError(f"{where}: client_id {identity.client_id!r} appears twice")
+        identities[identity.client_id.lower()] = identity
+    header = document.get("managed_identity_header")
+    if header is not None and (not isinstance(header, str) or not header):
+        raise SeedError("seed.managed_identity_header must be a non-empty string or null")
 
     raw_resources = document.get("resources")
     resources: frozenset[str] | None = None
@@ -201,10 +285,34 @@ def parse_seed(document: Mapping[str, Any]) -> Seed:
     lifetime = document.get("token_lifetime_s")
     if lifetime is not None and (not isinstance(lifetime, int) or isinstance(lifetime, bool) or lifetime < 1):
         raise SeedError("seed.token_lifetime_s must be a positive integer")
-    return Seed(tenants=tenants, apps=apps, resources=resources, token_lifetime_s=lifetime, domains=domains)
+    return Seed(tenants=tenants, apps=apps, resources=resources, token_lifetime_s=lifetime, domains=domains,
+                managed_identities=identities, managed_identity_header=header)
 
 
-_APP_FIELDS = frozenset({"client_id", "display_name", "object_id", "secrets", "certificates", "roles"})
+def _federated_credentials(raw: Mapping[str, Any], where: str) -> tuple[FederatedCredential, ...]:
+    value = raw.get("federated_credentials", [])
+    if not isinstance(value, list):
+        raise SeedError(f"{where}.federated_credentials must be a list")
+    found: list[FederatedCredential] = []
+    for j, entry in enumerate(value):
+        here = f"{where}.federated_credentials[{j}]"
+        if not isinstance(entry, Mapping):
+            raise SeedError(f"{here} must be an object")
+        audiences = _str_list(entry, "audiences", here)
+        if len(audiences) != 1:  # Graph: "audiences ... can only have one value"
+            raise SeedError(f"{here}.audiences must hold exactly one audience")
+        credential = FederatedCredential(name=_str(entry, "name", here), issuer=_str(entry, "issuer", here),
+                                         subject=_str(entry, "subject", here), audiences=tuple(audiences))
+        if any((c.issuer, c.subject) == (credential.issuer, credential.subject) for c in found):
+            raise SeedError(f"{here}: issuer and subject must be unique on the app")
+        found.append(credential)
+    if len(found) > 20:  # Entra: at most 20 federated identity credentials per application
+        raise SeedError(f"{where}.federated_credentials: at most 20 per application")
+    return tuple(found)
+
+
+_APP_FIELDS = frozenset({"client_id", "display_name", "object_id", "secrets", "certificates", "roles",
+                         "federated_credentials"})
 
 
 def demo_seed(**overrides: Any) -> dict[str, Any]:

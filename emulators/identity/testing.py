@@ -11,13 +11,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from emulators.common import demo
 from emulators.common.server import RunningServer, start_in_thread
 from emulators.common.tls import ensure_tls
 
 from .app import IdentityConfig, create_app
 from .seed import demo_seed
 
-__all__ = ["demo_seed", "make_client_certificate", "start_identity"]
+__all__ = ["demo_seed", "federated_seed", "make_client_certificate", "start_identity"]
 
 
 def start_identity(tls_dir: Path, seed: dict[str, Any] | None = None, token_lifetime_s: int = 3600) -> RunningServer:
@@ -68,3 +69,29 @@ def make_client_certificate(common_name: str = "email-router-test-client") -> tu
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode("ascii")
     return key_pem, cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def federated_seed(authority_host: str, *, secrets: list[str] | None = None,
+                   extra_tenants: list[dict[str, Any]] | None = None,
+                   extra_apps: list[dict[str, Any]] | None = None, **overrides: Any) -> dict[str, Any]:
+    """The demo seed plus the router's user-assigned managed identity, configured as a federated identity
+    credential on the demo app registration, as ``az ad app federated-credential create`` would::
+
+        issuer = <authority host>/<tenant>/v2.0, subject = the identity's principal id,
+        audiences = ["api://AzureADTokenExchange"]
+
+    ``authority_host`` is the emulator's base URL (known once it listens: load the seed with
+    ``POST /_emulator/seed``). ``secrets`` defaults to none: the app has no secret at all.
+    """
+    overrides.setdefault("federated_credentials", [{
+        "name": "email-router-uai", "issuer": f"{authority_host.rstrip('/')}/{demo.TENANT_ID}/v2.0",
+        "subject": demo.MANAGED_IDENTITY_PRINCIPAL_ID, "audiences": [demo.TOKEN_EXCHANGE_AUDIENCE],
+    }])
+    seed = demo_seed(secrets=[] if secrets is None else secrets, **overrides)
+    seed["managed_identities"] = [{"client_id": demo.MANAGED_IDENTITY_CLIENT_ID,
+                                   "principal_id": demo.MANAGED_IDENTITY_PRINCIPAL_ID,
+                                   "tenant_id": demo.TENANT_ID, "display_name": "id-emailrouter (local)"}]
+    seed["managed_identity_header"] = demo.MANAGED_IDENTITY_HEADER
+    seed["tenants"] = [*seed["tenants"], *(extra_tenants or [])]
+    seed["apps"] = [*seed["apps"], *(extra_apps or [])]
+    return seed

@@ -1,9 +1,12 @@
 // Flex Consumption plan (FC1, Linux) and the Function App (Python 3.11) running as the user-assigned
 // identity. App settings live in app/appsettings.bicep so they are applied after the role assignments.
 //
-// Never set on Flex Consumption: FUNCTIONS_WORKER_RUNTIME, FUNCTIONS_EXTENSION_VERSION,
-// WEBSITE_RUN_FROM_PACKAGE, WEBSITE_CONTENTAZUREFILECONNECTIONSTRING, WEBSITE_CONTENTSHARE,
-// SCM_DO_BUILD_DURING_DEPLOYMENT, ENABLE_ORYX_BUILD (runtime and deployment are in functionAppConfig).
+// Flex Consumption rejects or ignores many classic site properties and app settings (Learn: "Flex
+// Consumption plan deprecations"): no ftpsState, alwaysOn, linuxFxVersion, use32BitWorkerProcess,
+// functionAppScaleLimit, preWarmedInstanceCount, vnet*Enabled ... in siteConfig, and no
+// FUNCTIONS_WORKER_RUNTIME, FUNCTIONS_EXTENSION_VERSION, WEBSITE_RUN_FROM_PACKAGE, WEBSITE_CONTENT*,
+// SCM_DO_BUILD_DURING_DEPLOYMENT, ENABLE_ORYX_BUILD ... app settings: runtime, scale and deployment are
+// in functionAppConfig. tests/unit/test_infra.py lists them all and fails on any.
 
 param name string
 param planName string
@@ -28,12 +31,19 @@ param deploymentContainerName string
 ])
 param instanceMemoryMB int = 2048
 
-@minValue(40)
+@minValue(1)
 @maxValue(1000)
-param maximumInstanceCount int = 40
+param maximumInstanceCount int = 9
 
+@minValue(0)
+@description('Always-ready instances of the HTTP scale group (the Graph webhooks): no cold start within Graph\'s deadlines.')
+param httpAlwaysReady int = 1
+
+// 3.12 is supported by Flex Consumption; stay on 3.11 until remote builds run on the selected version
+// (Azure/azure-dev#8538: the remote build used Python 3.11.8 whatever runtime.version said).
 @allowed([
   '3.11'
+  '3.12'
 ])
 param pythonVersion string = '3.11'
 
@@ -68,7 +78,6 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
     keyVaultReferenceIdentity: identityId
     siteConfig: {
       minTlsVersion: '1.2'
-      ftpsState: 'Disabled'
     }
     functionAppConfig: {
       deployment: {
@@ -84,6 +93,14 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         instanceMemoryMB: instanceMemoryMB
         maximumInstanceCount: maximumInstanceCount
+        alwaysReady: httpAlwaysReady > 0
+          ? [
+              {
+                name: 'http'
+                instanceCount: httpAlwaysReady
+              }
+            ]
+          : []
       }
       runtime: {
         name: 'python'

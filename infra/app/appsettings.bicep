@@ -1,7 +1,10 @@
 // The Function App's app settings: every setting the router reads (core/config.py SETTINGS) that
 // the deployment decides, plus identity-based host storage and Entra-authenticated App Insights.
 // Secrets are Key Vault references resolved with the user-assigned identity
-// (keyVaultReferenceIdentity in app/api.bicep), never values.
+// (keyVaultReferenceIdentity in app/api.bicep), never values. With clientSecretInUse = false (the
+// recommended managed identity credential) there is no secret: GRAPH_MANAGED_IDENTITY_CLIENT_ID names the
+// identity whose token is the client assertion, and no client secret reference is set (an unresolvable
+// reference would only be noise in /api/health).
 //
 // This resource replaces the whole app-settings collection: a setting added by hand in the portal
 // is removed by the next deployment; add it here (or as a parameter) instead.
@@ -27,9 +30,17 @@ param tablePrefix string = 'emailrouter'
 
 param graphTenantId string
 param graphClientId string
-param graphAuthorityHost string = 'https://login.microsoftonline.com'
-param graphBaseUrl string = 'https://graph.microsoft.com/v1.0'
-param graphScope string = 'https://graph.microsoft.com/.default'
+
+@description('true: the app registration(s) use a client secret from Key Vault; false: the managed identity is their federated credential.')
+param clientSecretInUse bool
+
+@description('Audience of the managed identity token used as client assertion (api://AzureADTokenExchange in the public cloud).')
+param federatedTokenAudience string
+
+// No defaults: main.bicep passes the current cloud's values (environment()), never a hard-coded host.
+param graphAuthorityHost string
+param graphBaseUrl string
+param graphScope string
 
 param dataverseUrl string
 param dataverseTenantId string = ''
@@ -68,11 +79,19 @@ var hostSettings = {
 var graphSettings = {
   GRAPH_TENANT_ID: graphTenantId
   GRAPH_CLIENT_ID: graphClientId
-  GRAPH_CLIENT_SECRET: graphClientSecretRef
   GRAPH_AUTHORITY_HOST: graphAuthorityHost
   GRAPH_BASE_URL: graphBaseUrl
   GRAPH_SCOPE: graphScope
 }
+
+var graphCredentialSettings = clientSecretInUse
+  ? {
+      GRAPH_CLIENT_SECRET: graphClientSecretRef
+    }
+  : {
+      GRAPH_MANAGED_IDENTITY_CLIENT_ID: identityClientId
+      FEDERATED_TOKEN_AUDIENCE: federatedTokenAudience
+    }
 
 var dataverseSettings = {
   DATAVERSE_URL: dataverseUrl
@@ -83,11 +102,13 @@ var dataverseSettings = {
   DATAVERSE_API_VERSION: dataverseApiVersion
 }
 
-// Only a separate Dataverse app registration has its own secret; otherwise the router falls back to
-// GRAPH_CLIENT_SECRET (an unresolved reference here would hide that fallback).
-var dataverseSecretSettings = empty(dataverseClientId) ? {} : {
-  DATAVERSE_CLIENT_SECRET: dataverseClientSecretRef
-}
+// Only a separate Dataverse app registration with a secret has its own; otherwise the router uses the
+// Graph app's credential (with the managed identity, add the same federated credential to that app).
+var dataverseSecretSettings = clientSecretInUse && !empty(dataverseClientId)
+  ? {
+      DATAVERSE_CLIENT_SECRET: dataverseClientSecretRef
+    }
+  : {}
 
 var webhookSettings = {
   WEBHOOK_BASE_URL: webhookBaseUrl
@@ -112,5 +133,13 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' existing = {
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   parent: functionApp
   name: 'appsettings'
-  properties: union(hostSettings, graphSettings, dataverseSettings, dataverseSecretSettings, webhookSettings, routerSettings)
+  properties: union(
+    hostSettings,
+    graphSettings,
+    graphCredentialSettings,
+    dataverseSettings,
+    dataverseSecretSettings,
+    webhookSettings,
+    routerSettings
+  )
 }

@@ -1,8 +1,21 @@
-// Every role the router's managed identity holds, and nothing broader. Assignment names are
-// deterministic (guid(scope, principal, role)) so re-deployments update instead of duplicating.
+// Every role the router's managed identity holds, and nothing broader; and the data-plane roles of the
+// operator (principalId of main.bicep, the deployer by default), without which the emailrouter CLI,
+// Storage Explorer and secret rotation get 403 (shared keys are off, Key Vault is in RBAC mode).
+// Assignment names are deterministic (guid(scope, principal, role)) so re-deployments update instead of
+// duplicating.
 
 @description('Principal (object) id of the user-assigned managed identity.')
 param principalId string
+
+@description('Object id of the operator (user or group); empty = no operator roles.')
+param operatorPrincipalId string = ''
+
+@allowed([
+  'User'
+  'Group'
+  'ServicePrincipal'
+])
+param operatorPrincipalType string = 'User'
 
 param storageAccountName string
 param keyVaultName string
@@ -17,10 +30,22 @@ var roles = {
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb' // App Insights ingestion with Entra ID
 }
 
+// The operator's: read and fix the router's state (mailbox overrides, poison replay) and rotate secrets.
+var operatorRoles = {
+  storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88' // emailrouter poison list/replay/discard
+  storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3' // emailrouter mailbox/settings/status
+  keyVaultSecretsOfficer: 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7' // az keyvault secret set (rotation, webhook key)
+}
+
 var storageRoles = [
   roles.storageBlobDataOwner
   roles.storageQueueDataContributor
   roles.storageTableDataContributor
+]
+
+var operatorStorageRoles = [
+  operatorRoles.storageQueueDataContributor
+  operatorRoles.storageTableDataContributor
 ]
 
 resource storageAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
@@ -64,5 +89,27 @@ resource metricsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01' =
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.monitoringMetricsPublisher)
     principalId: principalId
     principalType: 'ServicePrincipal'
+  }
+}
+
+resource operatorStorageAssignments 'Microsoft.Authorization/roleAssignments@2022-04-01' = [
+  for roleId in (empty(operatorPrincipalId) ? [] : operatorStorageRoles): {
+    name: guid(storageAccount.id, operatorPrincipalId, roleId)
+    scope: storageAccount
+    properties: {
+      roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleId)
+      principalId: operatorPrincipalId
+      principalType: operatorPrincipalType
+    }
+  }
+]
+
+resource operatorSecretsOfficer 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(operatorPrincipalId)) {
+  name: guid(vault.id, operatorPrincipalId, operatorRoles.keyVaultSecretsOfficer)
+  scope: vault
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', operatorRoles.keyVaultSecretsOfficer)
+    principalId: operatorPrincipalId
+    principalType: operatorPrincipalType
   }
 }

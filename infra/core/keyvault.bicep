@@ -9,8 +9,8 @@ param name string
 param location string
 param tags object = {}
 
-@description('Turn on purge protection (irreversible).')
-param purgeProtection bool = false
+@description('Turn on purge protection (irreversible; on by default: a deleted vault and its secrets stay recoverable for the retention period).')
+param purgeProtection bool = true
 
 @description('Names of the secrets: graphClientSecret, dataverseClientSecret, webhookFunctionKey.')
 param secretNames object
@@ -38,7 +38,9 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
     enableSoftDelete: true
     softDeleteRetentionInDays: 90
     enablePurgeProtection: purgeProtection ? true : null
-    publicNetworkAccess: 'Enabled' // Key Vault references from Flex Consumption need a reachable vault
+    // Key Vault references from a Flex Consumption app without VNet integration need a reachable vault;
+    // the VNet option (private endpoints, publicNetworkAccess Disabled) is described in docs/deploy.md.
+    publicNetworkAccess: 'Enabled'
     networkAcls: {
       bypass: 'AzureServices'
       defaultAction: 'Allow'

@@ -37,6 +37,7 @@ var tableNames = [
   'Processed'
   'MailboxStatus'
   'Decisions'
+  'DecisionIndex'
   'Outbound'
   'PoisonLog'
 ]

@@ -31,6 +31,11 @@ NOTIFICATION_FAULTS: tuple[dict[str, Any], ...] = (
 )
 
 
+# Exchange evicts delta sync states when its token cache needs room ("lifetime isn't fixed"): a fifth of the
+# delta/skip token uses answer 410 syncStateNotFound / resyncRequired / SyncStateInvalid.
+DELTA_EVICTION = 0.2
+
+
 def inject(stack: Stack, *, notifications: bool = True) -> None:
     stack.clear_faults()
     for spec in GRAPH_FAULTS:
@@ -40,6 +45,7 @@ def inject(stack: Stack, *, notifications: bool = True) -> None:
     if notifications:
         for spec in NOTIFICATION_FAULTS:
             stack.emulator("graph", "POST", "notification-faults", spec)
+        stack.emulator("graph", "POST", "config", {"delta_evict_probability": DELTA_EVICTION})
 
 
 @dataclass
@@ -49,9 +55,11 @@ class FaultReport:
     dataverse_requests: int
     dataverse_faulted: Counter[int]
     notification_faults: dict[str, int]
+    delta_resets: int = 0  # delta requests answered 410 (evicted sync states)
 
     def summary(self) -> str:
-        return (f"graph {self.graph_requests} requests, faulted {dict(self.graph_faulted)}; "
+        return (f"graph {self.graph_requests} requests, faulted {dict(self.graph_faulted)}, "
+                f"{self.delta_resets} delta tokens evicted; "
                 f"dataverse {self.dataverse_requests} requests, faulted {dict(self.dataverse_faulted)}; "
                 f"notification faults fired {self.notification_faults}")
 
@@ -68,7 +76,7 @@ def read_counters(stack: Stack) -> FaultReport:
     return FaultReport(
         len(g), Counter(int(r["status"]) for r in g if int(r["status"]) in (429, 500, 502, 503, 504)),
         len(d), Counter(int(r["status"]) for r in d if int(r["status"]) in (429, 500, 502, 503, 504)),
-        fired)
+        fired, sum(1 for r in g if int(r["status"]) == 410 and "/delta" in str(r["path"])))
 
 
 def reset_counters(stack: Stack) -> None:

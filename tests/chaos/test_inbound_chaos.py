@@ -204,3 +204,4 @@ def test_inbound_chaos_tracks_every_mail_exactly_once(chaos_env: ChaosEnv) -> No
     # The chaos really happened: faults were answered and notifications were tampered with.
     assert sum(report.graph_faulted.values()) > 0 and sum(report.dataverse_faulted.values()) > 0, report.summary()
     assert report.notification_faults.get("duplicate", 0) > 0, report.summary()
+    assert report.delta_resets > 0, report.summary()  # evicted delta tokens were survived too

@@ -190,7 +190,9 @@ def expected_inbound(items: Sequence[Any]) -> list[tuple[str, str]]:
 
 
 def expected_lifecycle(items: Sequence[Any]) -> list[tuple[str, str]]:
+    """One sync item per authentic (subscription, event): the same event twice in one POST is one item."""
     out: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
     for it in items:
         if not isinstance(it, dict):
             continue
@@ -202,6 +204,8 @@ def expected_lifecycle(items: Sequence[Any]) -> list[tuple[str, str]]:
         if not isinstance(tenant, str) or tenant.lower() != TENANT.lower():
             continue
         event = it.get("lifecycleEvent")
-        if isinstance(event, str) and event in ("missed", "subscriptionRemoved", "reauthorizationRequired"):
+        if isinstance(event, str) and event in ("missed", "subscriptionRemoved", "reauthorizationRequired") \
+                and (sub.id, event) not in seen:
+            seen.add((sub.id, event))
             out.append((sub.mailbox, event))
     return out

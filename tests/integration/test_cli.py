@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import smtplib
 import uuid
@@ -74,7 +75,7 @@ def test_sync_list_show_and_set(cli: Any) -> None:
     assert shown["fields"]["Inbound"]["source"] == "crm" and shown["valid"]
 
     code, _, err = cli("mailbox", "set", ALICE, "--inbound", "pigeon")
-    assert code == 1 and "pigeon" in err and "not written" in err
+    assert code == 2 and "pigeon" in err and "not written" in err  # a usage error, found before any write
     code, _, err = cli("mailbox", "show", "nobody@nowhere.example")
     assert code == 1 and "sync-crm" in err
 
@@ -98,23 +99,39 @@ def test_settings_get_and_set(cli: Any) -> None:
     assert code == 1 and "unknown org setting" in err
 
 
-def test_mailbox_test_reports_checks(cli: Any) -> None:
+def test_mailbox_test_reports_checks(cli: Any, stack: LocalStack) -> None:
     cli("sync-crm")
     code, outcome, _ = cli("mailbox", "test", ALICE)
     names = {c["name"]: c for c in outcome["checks"]}
-    assert set(names) == {"crm_owner", "graph_read", "graph_send", "subscription"}
+    assert set(names) == {"crm_owner", "crm_write", "graph_read", "graph_send", "subscription"}
     assert names["graph_read"]["ok"] and names["graph_send"]["ok"] and names["crm_owner"]["ok"]
+    assert names["crm_write"]["ok"], names["crm_write"]
     assert not names["subscription"]["ok"]  # nothing reconciled yet
     assert code == 1 and outcome["health"] == "failing"
     code, listing, _ = cli("mailbox", "list")
-    assert next(m for m in listing["mailboxes"] if m["address"] == ALICE)["health"] == "failing"
+    alice = next(m for m in listing["mailboxes"] if m["address"] == ALICE)
+    assert alice["health"] == "failing"
+    # The CRM write check wrote the mailbox record's "last tested" column, and nothing else of ours.
+    (record,) = stack.dv("GET", f"mailboxes?$select=testmailboxaccesscompletedon&$filter=mailboxid eq "
+                                f"{alice['mailbox_id']}").json()["value"]
+    assert record["testmailboxaccesscompletedon"]
+
+    code, outcomes, _ = cli("mailbox", "test", "--all", "--no-crm-write")
+    by_address = {o["address"]: o for o in outcomes}
+    assert {ALICE, BOB, f"support@{DOMAIN}"} <= set(by_address)
+    assert all(c["name"] != "crm_write" for o in outcomes for c in o["checks"])
+    assert by_address[BOB]["health"] == "failing"  # no forward rule yet: the probe says so
+    assert any(c["name"] == "forward_rule" and not c["ok"] for c in by_address[BOB]["checks"])
+    assert code == 1  # some mailbox is failing
+    code, _, err = cli("mailbox", "test")
+    assert code == 2 and "--all" in err
 
 
 def test_subscriptions_and_unavailable_inputs(cli: Any) -> None:
     code, subs, _ = cli("subscriptions", "list")
     assert code == 0 and subs == []
     code, _, err = cli("subscriptions", "reconcile")
-    assert code == 1 and "WEBHOOK_BASE_URL" in err
+    assert code == 3 and "WEBHOOK_BASE_URL" in err  # not configured
     code, _, err = cli("explain", "<nothing@example.org>")
     assert code == 1 and "no decision recorded" in err
 
@@ -141,9 +158,13 @@ def test_poison_list_replay_discard(cli: Any, workdir: Path) -> None:
 
     code, replayed, _ = cli("poison", "replay", by_n[1]["id"])
     assert code == 0 and replayed["replayed"] == [by_n[1]["id"]]
-    code, discarded, _ = cli("poison", "discard", by_n[2]["id"])
+    code, _, err = cli("poison", "discard", by_n[2]["id"])  # destructive: no terminal, no --yes -> refused
+    assert code == 2 and "--yes" in err
+    code, listed, _ = cli("poison", "list", "inbound-mail")
+    assert [i["id"] for i in listed] == [by_n[2]["id"]]  # still there
+    code, discarded, _ = cli("poison", "discard", by_n[2]["id"], "--yes")
     assert code == 0 and discarded["discarded"] == [by_n[2]["id"]]
-    code, _, err = cli("poison", "discard", "no-such-id")
+    code, _, err = cli("poison", "discard", "no-such-id", "--yes")
     assert code == 1 and "no poisoned message" in err
 
     async def inbound_queue() -> list[str]:
@@ -163,9 +184,9 @@ def test_poison_list_replay_discard(cli: Any, workdir: Path) -> None:
 
 def test_forward_rules_deploy_produces_a_working_rule(cli: Any, stack: LocalStack, workdir: Path) -> None:
     cli("sync-crm")
-    code, first, _ = cli("forward-rules", "deploy", "--users", BOB, "--sink", SINK)
+    code, first, _ = cli("forward-rules", "deploy", "--users", BOB, "--sink", SINK, "--yes")
     assert code == 0 and first[0]["result"] == "created"
-    code, second, _ = cli("forward-rules", "deploy", "--users", BOB, "--sink", SINK)
+    code, second, _ = cli("forward-rules", "deploy", "--users", BOB, "--sink", SINK)  # nothing to change: no question
     assert code == 0 and second[0]["result"] == "unchanged"  # idempotent
     code, shown, _ = cli("mailbox", "show", BOB)
     assert shown["effective"]["forward_sink"] == SINK
@@ -223,7 +244,7 @@ def test_forward_rules_deploy_produces_a_working_rule(cli: Any, stack: LocalStac
                                  "'<quote-1@fabrikam.example>'").json()["value"]
     assert tracked["_ownerid_value"] == bob_id and tracked["subject"] == "Quote for Bob"
 
-    code, removed, _ = cli("forward-rules", "remove", "--users", BOB)
+    code, removed, _ = cli("forward-rules", "remove", "--users", BOB, "--yes")
     assert code == 0 and removed[0]["result"] == "removed"
     code, again, _ = cli("forward-rules", "remove", "--users", BOB)
     assert again[0]["result"] == "absent"
@@ -335,7 +356,7 @@ def test_poison_replay_reprocesses_the_item(cli: Any, stack: LocalStack, workdir
     code, items, _ = cli("poison", "list", "inbound-mail")
     ours = [i for i in items if ALICE in i["content"]]
     assert code == 0 and ours
-    code, replayed, _ = cli("poison", "replay", "--all", "--queue", "inbound-mail")
+    code, replayed, _ = cli("poison", "replay", "--all", "--queue", "inbound-mail", "--yes")
     assert code == 0 and ours[0]["id"] in replayed["replayed"]
 
     async def drain() -> list[str]:
@@ -348,3 +369,329 @@ def test_poison_replay_reprocesses_the_item(cli: Any, stack: LocalStack, workdir
 
     assert "tracked" in asyncio.run(drain())
     assert len(_crm_emails(stack, message_id)) == 1
+
+
+# ------------------------------------------------------------------------------------------------ conventions
+
+
+def _plain(workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+           *argv: str) -> tuple[int, str, str]:
+    """The CLI as an admin types it (no --json added), output as text (a wide terminal: rich wraps cells)."""
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("COLUMNS", "240")
+    capsys.readouterr()
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_global_options_anywhere_version_and_help_everywhere(cli: Any, workdir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from core.cli import build_parser, version
+    from core.cli.registry import COMMANDS
+
+    assert cli("sync-crm")[0] == 0
+    code, out, _ = _plain(workdir, monkeypatch, capsys, "mailbox", "list", "--json")
+    assert code == 0 and any(m["address"] == ALICE for m in json.loads(out)["mailboxes"])
+    # --settings after the command, from another directory: the file's values are used.
+    code, out, _ = _plain(tmp_path, monkeypatch, capsys, "settings", "get", "UndeliverableCategory", "--json",
+                          "--settings", str(workdir / "local.settings.json"))
+    assert code == 0 and json.loads(out)["effective"] == "Undeliverable"
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and version() in capsys.readouterr().out
+
+    build_parser()
+    assert {("forward-rules", "deploy"), ("forward-rules", "remove"), ("subscriptions", "list"), ("explain",),
+            ("skipped", "list"), ("outbound", "list"), ("status",)} <= set(COMMANDS)
+    for path, spec in COMMANDS.items():
+        with pytest.raises(SystemExit) as exited:
+            main([*path, "--help"])
+        text = capsys.readouterr().out
+        assert exited.value.code == 0 and f"usage: emailrouter {' '.join(path)}" in text, path
+        assert spec.help and "--json" in text, path
+        assert ("--dry-run" in text and "--yes" in text) == spec.destructive, path
+    with pytest.raises(SystemExit):
+        main(["mailbox", "set", "--help"])
+    text = capsys.readouterr().out
+    assert "--enabled {true,false}" in text and "--inbound {none,outlook,individual,forward}" in text
+
+
+def test_mailbox_set_allowed_values_in_help_all_parse() -> None:
+    from core.cli.commands import SET_METAVARS
+    from core.settings.rows import FIELDS
+
+    by_name = {f.name: f for f in FIELDS}
+    for name, metavar in SET_METAVARS.items():
+        if metavar.startswith("{"):
+            for value in metavar.strip("{}").split(","):
+                by_name[name].parse(value)  # raises if help lists a value the parser refuses
+
+
+def test_exit_codes(cli: Any, workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                    capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("AzureWebJobsStorage", "AzureWebJobsStorage__queueServiceUri", "AzureWebJobsStorage__tableServiceUri"):
+        monkeypatch.delenv(name, raising=False)
+    # 3: not configured (an empty directory: no local.settings.json, no stack) ...
+    code, _, err = _plain(tmp_path, monkeypatch, capsys, "mailbox", "list")
+    assert code == 3 and "AzureWebJobsStorage" in err
+    # ... with a stopped local stack, the hint says so.
+    (tmp_path / ".local").mkdir()
+    (tmp_path / ".local" / "stack.json").write_text(json.dumps({"running": False}))
+    code, _, err = _plain(tmp_path, monkeypatch, capsys, "status")
+    assert code == 3 and "make run" in err
+    # 2: usage errors come before configuration errors.
+    code, _, err = _plain(tmp_path, monkeypatch, capsys, "mailbox", "set", ALICE)
+    assert code == 2 and "nothing to set" in err
+    code, _, err = _plain(tmp_path, monkeypatch, capsys, "mailbox", "set", ALICE, "--filter", "bogus")
+    assert code == 2 and "bogus" in err
+    code, _, err = _plain(tmp_path, monkeypatch, capsys, "skipped", "list", "--since", "yesterday-ish")
+    assert code == 2 and "--since" in err
+    with pytest.raises(SystemExit) as exited:
+        main(["mailbox", "frobnicate"])
+    assert exited.value.code == 2
+    # 1: the command ran and failed.
+    monkeypatch.chdir(workdir)
+    code, _, err = cli("mailbox", "show", "nobody@nowhere.example")
+    assert code == 1 and "sync-crm" in err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_destructive_commands_show_and_ask(cli: Any, stack: LocalStack, workdir: Path,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("sync-crm")[0] == 0
+    assert cli("forward-rules", "remove", "--users", BOB, "--yes")[0] == 0
+
+    def bob_rules() -> list[dict[str, Any]]:
+        async def read() -> list[dict[str, Any]]:
+            container = Container(Settings(values(workdir)))
+            try:
+                return [r for r in await container.graph.list_inbox_rules(BOB)
+                        if r.get("displayName") == "Email Router: forward to CRM"]
+            finally:
+                await container.graph.close()
+        return asyncio.run(read())
+
+    # Without a terminal and without --yes: refused, nothing changed.
+    code, _, err = cli("forward-rules", "deploy", "--users", BOB, "--sink", SINK)
+    assert code == 2 and "--yes" in err and bob_rules() == []
+    # --dry-run lists the users and what would change, and changes nothing (the Rule Deployment Wizard's list).
+    code, out, _ = _plain(workdir, monkeypatch, capsys, "forward-rules", "deploy", "--users", BOB, "--sink", SINK,
+                          "--dry-run")
+    assert code == 0 and BOB in out and "create rule" in out and bob_rules() == []
+    code, dry, _ = cli("forward-rules", "deploy", "--users", BOB, "--sink", SINK, "--dry-run")
+    assert dry["dry_run"] and len(dry["items"]) == 1
+    assert dry["items"][0].startswith(f"{BOB}: create rule forwarding as attachment to {SINK}")
+    # At a terminal: asked; "n" changes nothing (exit 1), "y" deploys.
+    monkeypatch.setattr("sys.stdin", _Terminal("n\n"))
+    code, _, err = _plain(workdir, monkeypatch, capsys, "forward-rules", "deploy", "--users", BOB, "--sink", SINK)
+    assert code == 1 and "Proceed?" in err and "not confirmed" in err and bob_rules() == []
+    monkeypatch.setattr("sys.stdin", _Terminal("y\n"))
+    code, out, err = _plain(workdir, monkeypatch, capsys, "forward-rules", "deploy", "--users", BOB, "--sink", SINK)
+    assert code == 0 and BOB in err and "created" in out and len(bob_rules()) == 1
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no terminal again
+
+    # mailbox set: turning a mailbox off asks; other changes do not.
+    code, _, err = cli("mailbox", "set", f"dave@{DOMAIN}", "--enabled", "false")
+    assert code == 2 and "Enabled" in err
+    code, shown, _ = cli("mailbox", "show", f"dave@{DOMAIN}")
+    assert not shown["fields"]["Enabled"]["override"]
+    code, written, _ = cli("mailbox", "set", f"dave@{DOMAIN}", "--enabled", "false", "--yes")
+    assert code == 0 and written["written"] == ["Enabled"]
+    assert cli("mailbox", "set", f"dave@{DOMAIN}", "--enabled", "")[0] == 0  # back on: no question
+
+    # poison replay --all: lists the queues and counts; --dry-run moves nothing.
+    async def poison_one() -> None:
+        container = Container(Settings(values(workdir)))
+        try:
+            sender = container.storage.queue_sender(INBOUND_QUEUE + "-poison")
+            await sender.send('{"kind":"inbound","n":"dry"}')
+            await sender.close()
+        finally:
+            await container.storage.close()
+
+    asyncio.run(poison_one())
+    code, dry, _ = cli("poison", "replay", "--all", "--queue", "inbound-mail", "--dry-run")
+    assert code == 0 and dry["dry_run"] and "inbound-mail-poison" in dry["items"][0]
+    code, _, err = cli("poison", "replay", "--all", "--queue", "inbound-mail")
+    assert code == 2 and "--yes" in err
+    code, listed, _ = cli("poison", "list", "inbound-mail")
+    assert any('"dry"' in i["content"] for i in listed)
+    code, replayed, _ = cli("poison", "replay", "--all", "--queue", "inbound-mail", "--yes")
+    assert code == 0 and replayed["replayed"]
+
+
+# ------------------------------------------------------------------------------------------------ diagnosis
+
+
+def _send_from(stack: LocalStack, sender: str, to: str, subject: str) -> str:
+    message = EmailMessage()
+    message_id = f"<{uuid.uuid4().hex}@{sender.split('@')[1]}>"
+    message["From"], message["To"], message["Subject"], message["Message-ID"] = sender, to, subject, message_id
+    message.set_content("Hello")
+    assert stack.graph.smtp_port is not None
+    with smtplib.SMTP("127.0.0.1", stack.graph.smtp_port, timeout=30) as smtp:
+        smtp.send_message(message)
+    return message_id
+
+
+def test_explain_finds_mail_by_what_users_see(cli: Any, stack: LocalStack, workdir: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from core.work_items import InboundItem
+
+    assert cli("sync-crm")[0] == 0
+    assert cli("mailbox", "set", ALICE, "--filter", "replies")[0] == 0  # a stranger's mail is not a reply: skipped
+    support = f"support@{DOMAIN}"  # queue, filter all: tracked
+    tag = uuid.uuid4().hex[:8]
+    skipped_id = _send_from(stack, "nora@northwind.example", ALICE, f"Quarterly review {tag}")
+    tracked_id = _send_from(stack, "fiona@fabrikam.example", support, f"Order {tag}")
+
+    async def process() -> list[str]:
+        container = Container(Settings(values(workdir)))
+        try:
+            alice_graph_id = await _graph_id(container, ALICE, skipped_id)
+            support_graph_id = await _graph_id(container, support, tracked_id)
+            sender = container.storage.queue_sender(INBOUND_QUEUE)
+            for mailbox, graph_id in ((ALICE, alice_graph_id), (support, support_graph_id),
+                                      (f"ghost@{DOMAIN}", f"ghost-{tag}")):  # not a configured mailbox
+                await sender.send(InboundItem(mailbox, graph_id, "notification", folder="inbox").to_json())
+            await sender.close()
+            return await _drain_inbound(container)
+        finally:
+            await container.storage.close()
+            await container.graph.close()
+
+    outcomes = asyncio.run(process())
+    assert "tracked" in outcomes and "skipped:filter:not_accepted" in outcomes and "skipped:mailbox:unknown" in outcomes
+
+    # By mailbox + sender + subject (what the user can tell the admin), no Message-ID needed.
+    code, found, err = cli("explain", "--mailbox", ALICE, "--from", "nora@", "--subject", f"review {tag}")
+    assert code == 0 and len(found) == 1, err
+    assert found[0]["explanation"].startswith("NOT TRACKED (filter: not_accepted)")
+    assert found[0]["subject"] == f"Quarterly review {tag}" and found[0]["internetMessageId"] == skipped_id
+    code, found, _ = cli("explain", "--subject", f"ORDER {tag}", "--since", "1h")  # case-insensitive contains
+    assert code == 0 and [r["mailbox"] for r in found] == [support]
+    assert found[0]["explanation"].startswith(f"TRACKED as email {found[0]['activityId']}")
+    # By Message-ID, with or without the angle brackets.
+    code, found, _ = cli("explain", skipped_id.strip("<>"))
+    assert code == 0 and found[0]["mailbox"] == ALICE
+    # A record made without an Internet Message-ID (mailbox not configured) is found by mailbox.
+    code, found, _ = cli("explain", "--mailbox", f"ghost@{DOMAIN}")
+    assert code == 0 and found[0]["explanation"].startswith("NOT TRACKED (mailbox: unknown)")
+    # Narrowing that matches nothing is a failure with a hint, not an empty success.
+    code, _, err = cli("explain", "--mailbox", ALICE, "--subject", f"no such {tag}")
+    assert code == 1 and "no decision recorded" in err and "subscriptions list" in err
+
+    # The text an admin reads: the decision trail, one step per line.
+    code, text, _ = _plain(workdir, monkeypatch, capsys, "explain", "--mailbox", ALICE, "--subject", tag)
+    assert code == 0 and "NOT TRACKED (filter: not_accepted)" in text and "nora@northwind.example" in text
+    assert "skip_rule" in text and "filter" in text
+
+    # skipped list: the reasons, filterable.
+    code, skipped, _ = cli("skipped", "list", "--mailbox", ALICE, "--since", "1h")
+    mine = [i for i in skipped["items"] if i["subject"] == f"Quarterly review {tag}"]
+    assert code == 0 and len(mine) == 1 and mine[0]["reason"] == "not_accepted" and mine[0]["why"]
+    assert skipped["by_reason"]["not_accepted"] >= 1
+    code, only, _ = cli("skipped", "list", "--reason", "unknown", "--since", "1h")
+    assert only["items"] and all(i["reason"] == "unknown" for i in only["items"])
+    code, text, _ = _plain(workdir, monkeypatch, capsys, "skipped", "list", "--mailbox", ALICE)
+    assert code == 0 and "not_accepted" in text and f"Quarterly review {tag}" in text
+
+    # status: the last hour's counts and top skip reasons come from the same records.
+    code, status, _ = cli("status")
+    assert code == 0 and status["inbound"]["counts"]["tracked"] >= 1 and status["inbound"]["counts"]["skipped"] >= 2
+    assert {"not_accepted", "unknown"} <= {r["reason"] for r in status["inbound"]["skip_reasons"]}
+
+
+def test_mailbox_show_and_outbound_list_give_the_reasons(cli: Any, workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from core.adapters.inbound_state import TableMailboxStatus
+    from core.adapters.outbound_state import TableMailboxOutboundStatus, TableOutboundLedger
+    from core.names import MAILBOX_STATUS_TABLE
+    from core.services.outbound import ActiveMarker, LedgerEntry, Phase
+
+    assert cli("sync-crm")[0] == 0
+    failed_id, sent_id, active_id = (str(uuid.uuid4()) for _ in range(3))
+    now = datetime.now(UTC)
+
+    async def seed() -> None:
+        # What the pipelines record (through their own adapters): an inbound and an outbound failure of alice, an
+        # email that failed for good, one sent, one in flight.
+        container = Container(Settings(values(workdir)))
+        try:
+            await TableMailboxStatus(container.storage.table(MAILBOX_STATUS_TABLE)).record_failure(
+                ALICE, code="crm_rejected", reason="Dataverse 400 0x80040203", permanent=True)
+            await TableMailboxOutboundStatus(container.storage).record_failure(
+                ALICE, failed_id, "Graph 403 ErrorAccessDenied: mailbox outside the app's scope", now)
+            ledger = TableOutboundLedger(container.storage)
+            await ledger.put(LedgerEntry(failed_id, ALICE, Phase.FAILED, attempts=5, updated_at=now,
+                                         last_error="Graph 403 ErrorAccessDenied: mailbox outside the app's scope",
+                                         last_error_code="ErrorAccessDenied"), etag=None)
+            await ledger.put(LedgerEntry(sent_id, BOB, Phase.DONE, attempts=1, updated_at=now - timedelta(hours=3)),
+                             etag=None)
+            await ledger.put(LedgerEntry(active_id, ALICE, Phase.RETRY, attempts=2, updated_at=now,
+                                         last_error="Graph 429 throttled"), etag=None)
+            await ledger.mark_active(ActiveMarker(active_id, ALICE, enqueued_at=now, updated_at=now))
+        finally:
+            await container.storage.close()
+
+    asyncio.run(seed())
+    code, text, _ = _plain(workdir, monkeypatch, capsys, "mailbox", "show", ALICE)
+    assert code == 0 and "Dataverse 400 0x80040203" in text and "ErrorAccessDenied" in text
+    assert "inbound" in text and "outbound" in text
+
+    code, failed, _ = cli("outbound", "list", "--failed")
+    by_id = {i["email_id"]: i for i in failed["items"]}
+    assert code == 0 and failed_id in by_id and sent_id not in by_id and active_id not in by_id
+    assert by_id[failed_id]["state"] == "failed" and "ErrorAccessDenied" in by_id[failed_id]["reason"]
+    code, every, _ = cli("outbound", "list", "--since", "1d")
+    states = {i["email_id"]: i["state"] for i in every["items"]}
+    assert states[failed_id] == "failed" and states[sent_id] == "sent" and states[active_id] == "retry"
+    code, bobs, _ = cli("outbound", "list", "--mailbox", BOB)
+    assert [i["email_id"] for i in bobs["items"]] == [sent_id]
+    code, narrow, _ = cli("outbound", "list", "--since", "1h", "--mailbox", BOB)
+    assert narrow["items"] == []  # sent three hours ago: outside the window
+    code, text, _ = _plain(workdir, monkeypatch, capsys, "outbound", "list", "--failed")
+    assert code == 0 and failed_id in text and "failed" in text
+
+    code, status, _ = cli("status")
+    failures = {f["email_id"]: f for f in status["outbound"]["failures"]}
+    assert failed_id in failures and "ErrorAccessDenied" in failures[failed_id]["reason"]
+    assert status["outbound"]["in_flight"] >= 1
+
+
+def test_tracked_folder_names_are_saved_as_folder_ids(cli: Any, stack: LocalStack) -> None:
+    assert cli("sync-crm")[0] == 0
+    stack.graph_emulator("POST", "seed", {"users": [{"userPrincipalName": ALICE, "folders": [
+        {"displayName": "Projects", "parent": "inbox"}, {"displayName": "2026", "parent": "Projects"}]}]})
+    store = stack.graph.store
+    user = store.get_user(ALICE)
+    assert user is not None
+    inbox = store.folder(user.id, "inbox")
+    assert inbox is not None
+    projects = next(f for f in store.child_folders(user.id, inbox.id) if f.display_name == "Projects")
+    year = next(f for f in store.child_folders(user.id, projects.id) if f.display_name == "2026")
+    record = f"account:{uuid.uuid4()}"
+
+    # Graph's mailFolders/{x} takes ids and well-known names only: names and paths are resolved when written
+    code, written, err = cli("mailbox", "set", ALICE, "--folders",
+                             json.dumps({"projects": record, "Inbox/Projects/2026": record}))
+    assert code == 0, err
+    assert set(written["effective"]["tracked_folders"]) == {projects.id, year.id}
+    code, _, err = cli("mailbox", "set", ALICE, "--folders", json.dumps({"Nowhere": record}))
+    assert code == 1 and "no folder named 'Nowhere'" in err
+    code, _, err = cli("mailbox", "set", ALICE, "--folders", json.dumps({"Inbox": record}))
+    assert code == 1 and "always tracked" in err
+    code, shown, _ = cli("mailbox", "show", ALICE)
+    assert set(shown["effective"]["tracked_folders"]) == {projects.id, year.id}  # refused writes changed nothing
+    assert cli("mailbox", "set", ALICE, "--folders", "")[0] == 0

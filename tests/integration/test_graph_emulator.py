@@ -406,15 +406,23 @@ def test_upload_session_protocol(client: httpx.Client, bundle: ssl.SSLContext) -
     assert r.status_code == 201
     session = r.json()
     assert session["nextExpectedRanges"] == ["0-"] and "authtoken=" in session["uploadUrl"]
+    octet = {"Content-Type": "application/octet-stream"}
     with httpx.Client(verify=bundle) as raw:  # pre-authenticated URL: no bearer token
         chunk = 2 * 1024 * 1024
+        # Content-Type: application/octet-stream is required (outlook-large-attachments)
         r = raw.put(session["uploadUrl"], content=data[:chunk],
                     headers={"Content-Range": f"bytes 0-{chunk - 1}/{len(data)}"})
-        assert r.status_code == 200 and r.json()["nextExpectedRanges"] == [f"{chunk}-"]
-        r = raw.put(session["uploadUrl"], content=data[:10], headers={"Content-Range": f"bytes 0-9/{len(data)}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalidRequest"
+        r = raw.put(session["uploadUrl"], content=data[:chunk],
+                    headers={**octet, "Content-Range": f"bytes 0-{chunk - 1}/{len(data)}"})
+        # the Learn example: {"ExpirationDateTime": ..., "nextExpectedRanges": ["2097152"]}
+        assert r.status_code == 200 and r.json()["nextExpectedRanges"] == [f"{chunk}"], r.text
+        assert "ExpirationDateTime" in r.json()
+        r = raw.put(session["uploadUrl"], content=data[:10],
+                    headers={**octet, "Content-Range": f"bytes 0-9/{len(data)}"})
         assert r.status_code == 416
         r = raw.put(session["uploadUrl"], content=data[chunk:],
-                    headers={"Content-Range": f"bytes {chunk}-{len(data) - 1}/{len(data)}"})
+                    headers={**octet, "Content-Range": f"bytes {chunk}-{len(data) - 1}/{len(data)}"})
         assert r.status_code == 201 and "attachments('" in r.headers["location"]
     atts = client.get(f"/users/{ALICE}/messages/{draft['id']}/attachments").json()["value"]
     assert [(a["name"], a["size"]) for a in atts] == [("big.bin", len(data))]
@@ -586,23 +594,47 @@ def test_dropped_notifications_lead_to_missed_and_duplicates(client: httpx.Clien
     assert receiver.notifications[0]["resourceData"]["id"] == receiver.notifications[1]["resourceData"]["id"]
 
 
-def test_expiry_removal_reauthorization_and_lifecycle_endpoint(
+def test_expiry_deletes_silently_and_reauthorization_follows_the_token_cadence(
         tls_dir: Path, identity: RunningServer, bundle: ssl.SSLContext, receiver: WebhookReceiver) -> None:
-    g = start_graph(tls_dir, identity.url, smtp=False, **{**FAST, "reauthorize_before_s": 3600})
+    cadence = {"reauthorize_interval_s": 1.0, "reauthorize_repeat_s": 0.5, "reauthorize_pause_after_s": 1.0}
+    g = start_graph(tls_dir, identity.url, smtp=False, **{**FAST, **cadence})
     try:
         c = httpx.Client(base_url=g.base_url, verify=bundle, headers={
             "Authorization": f"Bearer {token_for(identity.url)}"})
-        soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
-        sub = subscribe(c, receiver, f"users/{ALICE}/messages", expirationDateTime=soon).json()
-        assert receiver.wait_for(lambda r: any(x["lifecycleEvent"] == "reauthorizationRequired"
-                                               for x in r.lifecycle))
-        assert receiver.wait_for(lambda r: any(x["lifecycleEvent"] == "subscriptionRemoved" for x in r.lifecycle))
-        assert c.get(f"/subscriptions/{sub['id']}").status_code == 404
-        other = subscribe(c, receiver, f"users/{ALICE}/messages").json()
-        r = httpx.post(f"{g.url}/_emulator/lifecycle", verify=bundle,
-                       json={"subscriptionId": other["id"], "event": "missed"})
+        e = httpx.Client(base_url=f"{g.url}/_emulator", verify=bundle)
+        # plain expiry: Graph deletes the subscription; no lifecycle event is documented for it
+        soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+        short = subscribe(c, receiver, f"users/{ALICE}/messages", expirationDateTime=soon).json()
+        deadline = time.monotonic() + 20
+        while c.get(f"/subscriptions/{short['id']}").status_code != 404 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get(f"/subscriptions/{short['id']}").status_code == 404
+        # one token lifetime after creation: reauthorizationRequired, repeated while unanswered
+        sub = subscribe(c, receiver, f"users/{ALICE}/mailFolders('inbox')/messages").json()
+
+        def challenges(r: WebhookReceiver) -> int:
+            return sum(x["lifecycleEvent"] == "reauthorizationRequired" and x["subscriptionId"] == sub["id"]
+                       for x in r.lifecycle)
+
+        assert receiver.wait_for(lambda r: challenges(r) >= 2)
+        # unanswered past the grace: change notifications pause, the changes are lost (delta catches up)
+        assert receiver.wait_for(lambda r: g.emulator.notifier._paused(
+            next(s for subs in g.emulator.notifier._subs.values() for s in subs if s.id == sub["id"])))
+        before = g.emulator.notifier.paused_dropped
+        deliver(e, external_mail("while paused"), [ALICE])
+        assert g.emulator.notifier.paused_dropped == before + 1
+        # one PATCH answers the challenge (renewing also reauthorizes): notifications flow again (no new challenge
+        # from here on, so the check below does not race the next one)
+        assert e.post("/config", json={"reauthorize_interval_s": None}).status_code == 200
+        assert c.patch(f"/subscriptions/{sub['id']}", json={"expirationDateTime": expiry(90)}).status_code == 200
+        receiver.clear()
+        deliver(e, external_mail("after renew"), [ALICE])
+        assert receiver.wait_for(lambda r: any(n["subscriptionId"] == sub["id"] for n in r.notifications))
+        assert not any(x["lifecycleEvent"] == "subscriptionRemoved" for x in receiver.lifecycle)
+        r = e.post("/lifecycle", json={"subscriptionId": sub["id"], "event": "missed"})
         assert r.status_code == 202
         assert receiver.wait_for(lambda r: sum(x["lifecycleEvent"] == "missed" for x in r.lifecycle) == 1)
+        e.close()
         c.close()
     finally:
         g.stop()

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from email.message import EmailMessage
 from typing import Any
 
@@ -110,6 +111,8 @@ class Receiver:
     server: RunningServer | None = None
     bodies: list[tuple[str, bytes]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    validating: int = 0
+    most_validating: int = 0  # the most validation handshakes answered at once (subscription create pacing)
 
     @property
     def base_url(self) -> str:
@@ -128,6 +131,12 @@ def start_receiver() -> Receiver:
     async def endpoint(request: Request) -> Response:
         token = request.query_params.get("validationToken")
         if token is not None:
+            with receiver.lock:
+                receiver.validating += 1
+                receiver.most_validating = max(receiver.most_validating, receiver.validating)
+            await asyncio.sleep(0.05)  # a webhook takes a moment: concurrent handshakes overlap
+            with receiver.lock:
+                receiver.validating -= 1
             return PlainTextResponse(token)
         if request.query_params.get("code") != KEY:
             return Response(status_code=401)
@@ -272,6 +281,7 @@ async def pipeline(env: Env, azurite: Azurite) -> AsyncIterator[Pipeline]:
         "GRAPH_CLIENT_SECRET": demo.APP_CLIENT_SECRET, "GRAPH_AUTHORITY_HOST": env.identity.url,
         "GRAPH_BASE_URL": env.graph.base_url, "DATAVERSE_URL": env.dataverse.url,
         "WEBHOOK_BASE_URL": env.receiver.base_url, "WEBHOOK_FUNCTION_KEY": KEY,
+        "SUBSCRIPTION_CREATE_CONCURRENCY": "2",
     })
     container = Container(settings)
     container.mailbox_directory = StaticMailboxDirectory(mailboxes(), ORG)  # type: ignore[attr-defined]
@@ -458,3 +468,87 @@ async def test_graph_and_dataverse_throttling_is_survived(pipeline: Pipeline) ->
     dataverse_log = (await p.emu("dataverse", "GET", "requests"))["value"]
     assert sum(1 for r in graph_log if r["status"] == 429) == 2  # the faults really fired
     assert sum(1 for r in dataverse_log if r["status"] == 429) == 3
+
+
+async def test_subscription_creates_keep_validation_handshakes_few(pipeline: Pipeline) -> None:
+    p = pipeline
+    users = ("alice", "erin", "bob", "carol", "dave", "support")
+    p.c.mailbox_directory = StaticMailboxDirectory([  # type: ignore[attr-defined]
+        MailboxConfig(f"{u}@{DOMAIN}", MailboxKind.USER, owner=ref("alice"), inbound_method=InboundMethod.INDIVIDUAL,
+                      track_sent_items=True) for u in users], ORG)
+    p.env.receiver.most_validating = 0
+    report = await p.subscribe()
+    assert report["created"] == 12 and not report["failed"]
+    # SUBSCRIPTION_CREATE_CONCURRENCY=2: two creates in flight, each validated URL by URL
+    assert 1 <= p.env.receiver.most_validating <= 2
+    creates = [r for r in (await p.emu("graph", "GET", "requests"))["value"]
+               if r["method"] == "POST" and r["path"].endswith("/subscriptions")]
+    assert len(creates) == 12  # direct POSTs (Prefer: IdType applies to the request it is sent with)
+
+
+async def test_a_reauthorization_challenge_is_one_patch_and_a_delta_of_that_folder(pipeline: Pipeline) -> None:
+    from dataclasses import replace
+
+    p = pipeline
+    alice = f"alice@{DOMAIN}"
+    p.c.mailbox_directory = StaticMailboxDirectory([  # type: ignore[attr-defined]
+        replace(m, track_sent_items=m.address == alice) for m in mailboxes()], ORG)
+    await p.subscribe()
+    records = [r async for r in p.c.subscription_directory.list()]
+    sent = next(r for r in records if r.mailbox == alice and r.folder == "sentitems")
+
+    async def challenge() -> None:
+        await p.clear_logs()
+        await p.emu("graph", "POST", "lifecycle", {"subscriptionId": sent.id, "event": "reauthorizationRequired"})
+
+        async def handled() -> bool:
+            log = (await p.emu("graph", "GET", "requests"))["value"]
+            return any("/delta" in r["path"] for r in log)
+
+        await p.drain(handled)
+
+    # just created: the challenge is answered by the fresh authorisation, no write; the folder is caught up
+    await challenge()
+    log = (await p.emu("graph", "GET", "requests"))["value"]
+    assert not [r for r in log if "/subscriptions" in r["path"]]
+    deltas = [r["path"] for r in log if "/delta" in r["path"]]
+    assert deltas and all("sentitems" in path.lower() for path in deltas)  # that folder only, not the Inbox
+    # renewed a day ago: exactly one PATCH (renewing reauthorizes), never POST .../reauthorize
+    await p.c.subscription_directory.put(replace(sent, expires=sent.expires - timedelta(days=1)))
+    await challenge()
+    log = (await p.emu("graph", "GET", "requests"))["value"]
+    writes = [(r["method"], r["path"]) for r in log if "/subscriptions" in r["path"]]
+    assert writes == [("PATCH", f"/v1.0/subscriptions/{sent.id}")]
+    (renewed,) = [r async for r in p.c.subscription_directory.list() if r.id == sent.id]
+    assert renewed.expires > sent.expires
+
+
+async def test_attachments_are_listed_by_metadata_and_only_kept_ones_downloaded(pipeline: Pipeline) -> None:
+    p = pipeline
+    await p.emu("dataverse", "POST", "seed", {"organization": {"settings": {"maxuploadfilesize": 100_000}}})
+    await p.subscribe()
+    await p.clear_logs()
+    msg = EmailMessage()
+    mid = f"<{uuid.uuid4().hex}@fabrikam.example>"
+    msg["From"], msg["To"], msg["Subject"], msg["Message-ID"] = ("fiona@fabrikam.example", f"alice@{DOMAIN}",
+                                                                  "Three files", mid)
+    msg.set_content("see attached")
+    msg.add_alternative('<p>chart: <img src="cid:chart1"></p>', subtype="html")
+    msg.get_payload()[1].add_related(b"\x89PNG small", maintype="image", subtype="png", cid="<chart1>")
+    msg.add_attachment(b"a" * 500, maintype="text", subtype="plain", filename="a.txt")
+    msg.add_attachment(b"b" * 700, maintype="application", subtype="pdf", filename="b.pdf")
+    msg.add_attachment(b"x" * 200_000, maintype="application", subtype="octet-stream", filename="big.bin")
+    port = p.env.graph.smtp_port
+    assert port is not None
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.send_message(msg)
+
+    await p.drain(has_row(p, mid))
+    (row,) = await rows_for(p, mid)
+    names = sorted(a["filename"] for a in row["email_activity_mime_attachment"])
+    assert len(names) == 3 and {"a.txt", "b.pdf"} <= set(names) and "big.bin" in row["description"]
+    log = (await p.emu("graph", "GET", "requests"))["value"]
+    reads = [(r["method"], r["path"].rsplit("/", 2)[-2:]) for r in log if r["method"] == "GET" or "$batch" in r["path"]]
+    # one GET of the message (attachment metadata only) and one $batch for the three small files; never big.bin
+    assert len([r for r in log if "$batch" in r["path"]]) == 1, reads
+    assert not [r for r in log if "/attachments" in r["path"]], reads

@@ -69,11 +69,12 @@ def test_no_http_route_collides_with_the_host_admin_api() -> None:
 
 @pytest.fixture(scope="module")
 def host(azurite: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The local Functions host alone (the stack driver with only ``functions``), over the session's Azurite."""
+    """The local Functions host alone (the stack driver with only ``functions``), over the session's Azurite; its
+    timers never fire (no schedules), as nothing here is for them."""
     values = {"AzureWebJobsStorage": azurite.connection_string, "GRAPH_TENANT_ID": demo.TENANT_ID,
               "TABLE_PREFIX": "keys" + uuid.uuid4().hex[:8]}
     with Stack(Path(tmp_path_factory.mktemp("keyhost")), services=["functions"], host_values=values,
-               host_grace=5) as h:
+               host_grace=5, timers=False) as h:
         yield h
 
 

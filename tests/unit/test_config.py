@@ -54,3 +54,89 @@ def test_import_function_app_reads_no_config(monkeypatch: pytest.MonkeyPatch) ->
     mod = importlib.import_module("function_app")
     names = list(indexed_functions(mod.app))
     assert "health" in names
+
+
+# --- Key Vault references App Service could not resolve -------------------------------------------------------
+KV_REF = "@Microsoft.KeyVault(SecretUri=https://kv-x.vault.azure.net/secrets/graph-client-secret/)"
+BASE_ENV = {"GRAPH_TENANT_ID": "t1", "GRAPH_CLIENT_ID": "c1", "DATAVERSE_URL": "https://org.example.com",
+            "WEBHOOK_BASE_URL": "https://app.example.net/api", "AzureWebJobsStorage": "UseDevelopmentStorage=true"}
+
+
+@pytest.mark.parametrize("value", [
+    KV_REF,
+    "@Microsoft.KeyVault(VaultName=kv-x;SecretName=graph-client-secret)",
+    "  @microsoft.keyvault(SecretUri=https://kv-x.vault.azure.net/secrets/x)",
+    "@Microsoft.AppConfiguration(Endpoint=https://ac.azconfig.io; Key=x)",
+])
+def test_an_unresolved_reference_is_not_a_value(value: str) -> None:
+    from core.config import UnresolvedReferenceError, is_unresolved_reference
+
+    assert is_unresolved_reference(value)
+    s = Settings(env={**BASE_ENV, "GRAPH_CLIENT_SECRET": value})
+    with pytest.raises(UnresolvedReferenceError) as err:
+        _ = s.graph_credential
+    assert err.value.setting == "GRAPH_CLIENT_SECRET"
+    assert isinstance(err.value, MissingSettingError)  # every caller that handles a missing setting handles this
+    assert "Key Vault reference not resolved" in str(err.value) and "vault.azure.net" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["s3cret", "Microsoft.KeyVault(x)", "x@Microsoft.KeyVault(y)", ""])
+def test_ordinary_values_are_not_references(value: str) -> None:
+    from core.config import is_unresolved_reference
+
+    assert not is_unresolved_reference(value)
+
+
+def test_unresolved_settings_lists_every_literal_reference() -> None:
+    from core.config import unresolved_settings
+
+    env = {**BASE_ENV, "GRAPH_CLIENT_SECRET": KV_REF, "WEBHOOK_FUNCTION_KEY": KV_REF.replace("graph-client", "x"),
+           "SOMETHING_ELSE": KV_REF, "FINE": "value"}
+    assert unresolved_settings(env) == ["GRAPH_CLIENT_SECRET", "SOMETHING_ELSE", "WEBHOOK_FUNCTION_KEY"]
+    assert Settings(env=env).unresolved() == unresolved_settings(env)
+    assert unresolved_settings(BASE_ENV) == []
+
+
+def test_configured_says_no_for_an_unresolved_dependency() -> None:
+    ok = Settings(env={**BASE_ENV, "GRAPH_CLIENT_SECRET": "s", "WEBHOOK_FUNCTION_KEY": "k"}).configured()
+    assert ok == {"storage": True, "graph": True, "dataverse": True, "webhooks": True}
+    broken = Settings(env={**BASE_ENV, "GRAPH_CLIENT_SECRET": KV_REF, "WEBHOOK_FUNCTION_KEY": KV_REF}).configured()
+    assert broken == {"storage": True, "graph": False, "dataverse": False, "webhooks": False}
+
+
+def test_webhook_key_reference_fails_where_the_url_is_built() -> None:
+    from core.config import UnresolvedReferenceError
+
+    with pytest.raises(UnresolvedReferenceError, match="WEBHOOK_FUNCTION_KEY"):
+        _ = Settings(env={**BASE_ENV, "WEBHOOK_FUNCTION_KEY": KV_REF}).webhook_function_key
+
+
+# --- which credential signs the router in ------------------------------------------------------------------------
+def test_credential_precedence_managed_identity_then_certificate_then_secret() -> None:
+    env = {**BASE_ENV, "GRAPH_CLIENT_SECRET": "s", "GRAPH_CLIENT_CERTIFICATE_PATH": "/c.pem"}
+    assert Settings(env=env).graph_credential.kind == "certificate"
+    assert Settings(env={**BASE_ENV, "GRAPH_CLIENT_SECRET": "s"}).graph_credential.kind == "secret"
+    mi = Settings(env={**env, "GRAPH_MANAGED_IDENTITY_CLIENT_ID": "uai"}).graph_credential
+    assert (mi.kind, mi.managed_identity_client_id, mi.federated_audience) == (
+        "managed_identity", "uai", "api://AzureADTokenExchange")
+    assert "hunter2" not in repr(Settings(env={**BASE_ENV, "GRAPH_CLIENT_SECRET": "hunter2"}).graph_credential)
+
+
+def test_managed_identity_makes_a_stale_secret_reference_harmless() -> None:
+    s = Settings(env={**BASE_ENV, "GRAPH_MANAGED_IDENTITY_CLIENT_ID": "uai", "GRAPH_CLIENT_SECRET": KV_REF})
+    assert s.graph_credential.kind == "managed_identity"
+    assert s.dataverse_credential.kind == "managed_identity"
+    assert s.configured()["graph"] is True
+    assert s.unresolved() == ["GRAPH_CLIENT_SECRET"]  # still reported: someone should clean it up
+
+
+def test_dataverse_own_credential_wins_over_the_graph_one() -> None:
+    env = {**BASE_ENV, "GRAPH_MANAGED_IDENTITY_CLIENT_ID": "uai", "DATAVERSE_CLIENT_SECRET": "dv"}
+    assert Settings(env=env).dataverse_credential.secret == "dv"
+    env = {**BASE_ENV, "GRAPH_CLIENT_SECRET": "g", "DATAVERSE_CLIENT_CERTIFICATE_PATH": "/dv.pem"}
+    assert Settings(env=env).dataverse_credential.certificate_path == "/dv.pem"
+    with pytest.raises(MissingSettingError, match="DATAVERSE_CLIENT_SECRET"):
+        _ = Settings(env=BASE_ENV).dataverse_credential
+    with pytest.raises(MissingSettingError, match="'DATAVERSE_CLIENT_SECRET': Key Vault reference not resolved"):
+        _ = Settings(env={**BASE_ENV, "DATAVERSE_CLIENT_SECRET": KV_REF,
+                          "GRAPH_CLIENT_SECRET": "g"}).dataverse_credential

@@ -87,3 +87,17 @@ def test_health_reports_configuration_without_values(monkeypatch: pytest.MonkeyP
     body = json.loads(resp.get_body())
     assert body["configured"]["graph"] is True
     assert "super-secret-value" not in resp.get_body().decode()
+
+
+def test_health_names_unresolved_key_vault_references(monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = "@Microsoft.KeyVault(SecretUri=https://kv-x.vault.azure.net/secrets/graph-client-secret/)"
+    for name, value in {"GRAPH_TENANT_ID": "t", "GRAPH_CLIENT_ID": "c", "GRAPH_CLIENT_SECRET": reference,
+                        "WEBHOOK_BASE_URL": "https://app/api", "WEBHOOK_FUNCTION_KEY": reference}.items():
+        monkeypatch.setenv(name, value)
+    resp = FUNCS["health"].get_user_function()(func.HttpRequest("GET", "http://h/api/health", body=b""))  # type: ignore[attr-defined]
+    body = json.loads(resp.get_body())
+    assert body["status"] == "degraded"
+    assert {"GRAPH_CLIENT_SECRET", "WEBHOOK_FUNCTION_KEY"} <= set(body["unresolved"])
+    assert body["configured"]["graph"] is False and body["configured"]["webhooks"] is False
+    assert "Key Vault reference not resolved" in body["reason"]
+    assert "vault.azure.net" not in resp.get_body().decode()

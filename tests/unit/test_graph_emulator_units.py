@@ -137,3 +137,26 @@ def test_store_move_keeps_immutable_id_and_logs_changes() -> None:
     assert events == ["created", "deleted*", "created*"]
     assert [c[3] for c in store.changes(inbox.id, 0, store.max_seq())] == ["created", "deleted"]
     assert store.get_user("U@EXAMPLE.ORG") == user
+
+
+def test_subscription_limits_slide_per_app_and_tenant() -> None:
+    from emulators.graph.limits import SubscriptionLimits
+
+    now = [100.0]
+    limits = SubscriptionLimits(20.0, writes_per_app=2, writes_per_tenant=3, requests_per_app=4,
+                                requests_per_tenant=100, clock=lambda: now[0])
+    limits.check("a", "POST")
+    now[0] += 5
+    limits.check("a", "PATCH")
+    with pytest.raises(GraphError) as err:
+        limits.check("a", "DELETE")
+    assert err.value.status == 429 and err.value.headers["Retry-After"] == "15"  # the oldest write leaves at 120
+    limits.check("a", "GET")  # reads count only against the "any request" budget
+    limits.check("b", "POST")  # the tenant's third write
+    with pytest.raises(GraphError):
+        limits.check("c", "POST")  # tenant writes exhausted for every app
+    limits.check("a", "GET")
+    with pytest.raises(GraphError):
+        limits.check("a", "GET")  # app a: 4 requests of any kind (the refused DELETE did not count)
+    now[0] += 15.0  # the first write slides out of the window
+    limits.check("a", "POST")

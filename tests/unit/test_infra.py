@@ -8,13 +8,19 @@ grammar and the facts the router depends on are read from the syntax tree:
   ``core.names.ALL_QUEUES`` and every table in ``core.names.TABLES`` (default prefix) is created;
   the defaults the template deploys equal the defaults in ``core.config``;
 * identity only: no storage keys, Key Vault references for secret settings, deterministic role names;
-* Flex Consumption (FC1, Linux, Python 3.11), host.json valid for the v2 model, pinned requirements;
+* Flex Consumption (FC1, Linux, Python 3.11): no site property or app setting that Flex rejects or ignores
+  (the Learn "Flex Consumption plan deprecations" table), a scale cap that respects Dataverse's concurrency
+  limit with the host.json batch sizes, an always-ready HTTP instance;
+* host.json valid for the v2 model; requirements.txt pinned and holding exactly what the deployed code imports
+  (what ``.funcignore`` leaves in the package);
+* azd: parameters, hooks and ``remoteBuild``; operator data-plane roles; the poison-queue alert;
 * each checker is a pure function that returns problems, and is also run on a mutated copy to prove
   that it reports drift (so none of these tests can pass vacuously).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -63,17 +69,61 @@ BROAD_ROLE_IDS = {
     "18d7d88d-d35e-4fb5-a5c3-7773c20a72d9": "User Access Administrator",
 }
 
-# Learn "App settings reference": deprecated or rejected on Flex Consumption.
-FLEX_FORBIDDEN_SETTINGS = {
-    "FUNCTIONS_WORKER_RUNTIME",
-    "FUNCTIONS_EXTENSION_VERSION",
-    "WEBSITE_RUN_FROM_PACKAGE",
-    "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
-    "WEBSITE_CONTENTSHARE",
-    "SCM_DO_BUILD_DURING_DEPLOYMENT",
-    "ENABLE_ORYX_BUILD",
-    "WEBSITE_NODE_DEFAULT_VERSION",
+# The operator's data-plane roles (principalId of main.bicep): the CLI's queues and tables, secret rotation.
+OPERATOR_ROLE_IDS = {
+    "974c5e8b-45b9-4653-ba55-5f855dd0fb88": "Storage Queue Data Contributor",
+    "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": "Storage Table Data Contributor",
+    "b86a8fe4-44ce-4948-aee5-eccb2c155cd7": "Key Vault Secrets Officer",
 }
+
+# Learn, "App settings reference for Azure Functions" > "Flex Consumption plan deprecations" (2025): app settings
+# that are deprecated on Flex Consumption (replaced by functionAppConfig, or not valid) ...
+FLEX_FORBIDDEN_SETTINGS = {
+    "ENABLE_ORYX_BUILD",
+    "FUNCTIONS_EXTENSION_VERSION",
+    "FUNCTIONS_WORKER_RUNTIME",
+    "FUNCTIONS_WORKER_RUNTIME_VERSION",
+    "FUNCTIONS_MAX_HTTP_CONCURRENCY",
+    "FUNCTIONS_WORKER_PROCESS_COUNT",
+    "FUNCTIONS_WORKER_DYNAMIC_CONCURRENCY_ENABLED",
+    "SCM_DO_BUILD_DURING_DEPLOYMENT",
+    "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
+    "WEBSITE_CONTENTOVERVNET",
+    "WEBSITE_CONTENTSHARE",
+    "WEBSITE_DNS_SERVER",
+    "WEBSITE_MAX_DYNAMIC_APPLICATION_SCALE_OUT",
+    "WEBSITE_NODE_DEFAULT_VERSION",
+    "WEBSITE_RUN_FROM_PACKAGE",
+    "WEBSITE_SKIP_CONTENTSHARE_VALIDATION",
+    "WEBSITE_VNET_ROUTE_ALL",
+}
+# ... and site properties. The table writes most as ``properties.<name>`` although ARM has them under
+# ``properties.siteConfig`` (the rejection names ``Site.SiteConfig.FtpsState``): both places are checked.
+FLEX_FORBIDDEN_SITE_PROPERTIES = {
+    "alwaysOn",
+    "containerSize",
+    "ftpsState",
+    "isReserved",
+    "IsXenon",
+    "javaVersion",
+    "linuxFxVersion",
+    "netFrameworkVersion",
+    "powerShellVersion",
+    "functionAppScaleLimit",
+    "preWarmedInstanceCount",
+    "use32BitWorkerProcess",
+    "vnetBackupRestoreEnabled",
+    "vnetContentShareEnabled",
+    "vnetImagePullEnabled",
+    "vnetRouteAllEnabled",
+    "windowsFxVersion",
+}
+
+# Scale budget (docs/deploy.md "Scaling"): Dataverse allows 52 concurrent requests per application user (per web
+# server; the strict reading counts one). Each queue-triggered instance runs batchSize + newBatchThreshold messages
+# at once with at most one Dataverse request each; the timers that read Dataverse add one each, plus one CLI.
+DATAVERSE_CONCURRENT_LIMIT = 52
+DATAVERSE_TIMERS_AND_CLI = 4
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -436,6 +486,69 @@ def check_role_assignment_names(infra: Infra) -> list[str]:
     return problems
 
 
+def _site_config_bodies(infra: Infra) -> list[tuple[Bicep, str, Node]]:
+    """(file, where, object) for every site body and every ``sites/config`` resource's properties."""
+    found: list[tuple[Bicep, str, Node]] = []
+    for f, res in infra.resources_of("Microsoft.Web/sites"):
+        if res.existing:
+            continue
+        props = get_property(res.body, "properties", f)
+        if props is not None:
+            found.append((f, "properties", props))
+        site_config = get_property(res.body, "properties.siteConfig", f)
+        if site_config is not None:
+            found.append((f, "siteConfig", site_config))
+    for f, res in infra.resources_of("Microsoft.Web/sites/config"):
+        name = evaluate(get_property(res.body, "name", f), f)  # type: ignore[arg-type]
+        props = get_property(res.body, "properties", f)
+        if props is not None:
+            found.append((f, f"config/{name}", props))
+    return found
+
+
+def check_flex_site(infra: Infra) -> list[str]:
+    """Site properties and app settings that Flex Consumption rejects or ignores, wherever they are written."""
+    forbidden_props = {p.lower() for p in FLEX_FORBIDDEN_SITE_PROPERTIES}
+    forbidden_settings = {s.lower() for s in FLEX_FORBIDDEN_SETTINGS}
+    problems = []
+    for f, where, obj in _site_config_bodies(infra):
+        if where == "config/appsettings":
+            names = [key for key, _value in object_entries(obj, f)]
+        else:
+            names = []
+            problems += [f"{f.path}: {where}.{k} is not valid on Flex Consumption"
+                         for k, _value in object_entries(obj, f) if k.lower() in forbidden_props]
+            app_settings = get_property(obj, "appSettings", f)
+            if app_settings is not None and app_settings.type == "array":
+                names = [str(evaluate(get_property(item, "name", f), f)) for item in _named(app_settings)]  # type: ignore[arg-type]
+        problems += [f"{f.path}: app setting {n} is deprecated on Flex Consumption" for n in names
+                     if n.lower() in forbidden_settings]
+    return problems
+
+
+def scale_groups(app: Any) -> int:
+    """Flex Consumption scale groups of a FunctionApp: all HTTP functions together, every other function alone."""
+    from tests.function_index import indexed_functions
+
+    kinds = [next(b.type for b in f.get_bindings() if b.type.endswith("Trigger"))
+             for f in indexed_functions(app).values()]
+    return (1 if "httpTrigger" in kinds else 0) + sum(1 for k in kinds if k != "httpTrigger")
+
+
+def check_scale_budget(max_instances: int, always_ready: int, host: Mapping[str, Any], groups: int) -> list[str]:
+    queues = (host.get("extensions") or {}).get("queues") or {}
+    per_instance = int(queues.get("batchSize", 16)) + int(queues.get("newBatchThreshold", 8))
+    worst = (max_instances - always_ready) * per_instance + DATAVERSE_TIMERS_AND_CLI
+    problems = []
+    if worst > DATAVERSE_CONCURRENT_LIMIT:
+        problems.append(f"({max_instances} - {always_ready}) instances x {per_instance} messages + "
+                        f"{DATAVERSE_TIMERS_AND_CLI} = {worst} concurrent Dataverse requests > "
+                        f"{DATAVERSE_CONCURRENT_LIMIT}")
+    if max_instances < groups:
+        problems.append(f"maximumInstanceCount {max_instances} < {groups} scale groups: some would wait")
+    return problems
+
+
 _SECRET_PATTERNS = {
     "storage account key": re.compile(r"AccountKey\s*=", re.I),
     "SAS token": re.compile(r"SharedAccessSignature\s*=|[?&]sig=[A-Za-z0-9%]", re.I),
@@ -681,8 +794,29 @@ def test_host_storage_is_identity_based(settings) -> None:
     assert "APPLICATIONINSIGHTS_CONNECTION_STRING" in settings
 
 
-def test_no_setting_that_flex_consumption_rejects(settings) -> None:
-    assert FLEX_FORBIDDEN_SETTINGS.isdisjoint(settings)
+def test_no_setting_or_site_property_that_flex_consumption_rejects(infra: Infra) -> None:
+    assert infra.resources_of("Microsoft.Web/sites")
+    assert check_flex_site(infra) == []
+
+
+@pytest.mark.parametrize(("path", "old", "new", "expected"), [
+    ("app/api.bicep", "      minTlsVersion: '1.2'\n", "      minTlsVersion: '1.2'\n      ftpsState: 'Disabled'\n",
+     "siteConfig.ftpsState"),
+    ("app/api.bicep", "      minTlsVersion: '1.2'\n", "      minTlsVersion: '1.2'\n      alwaysOn: false\n",
+     "siteConfig.alwaysOn"),
+    ("app/api.bicep", "    httpsOnly: true\n", "    httpsOnly: true\n    LinuxFxVersion: 'Python|3.11'\n",
+     "properties.LinuxFxVersion"),
+    ("app/api.bicep", "      minTlsVersion: '1.2'\n",
+     "      minTlsVersion: '1.2'\n      appSettings: [\n        {\n          name: 'WEBSITE_RUN_FROM_PACKAGE'\n"
+     "          value: '1'\n        }\n      ]\n", "WEBSITE_RUN_FROM_PACKAGE"),
+    (APP_SETTINGS_FILE, "  LOG_LEVEL: logLevel\n", "  LOG_LEVEL: logLevel\n  FUNCTIONS_WORKER_RUNTIME: 'python'\n",
+     "FUNCTIONS_WORKER_RUNTIME"),
+    (APP_SETTINGS_FILE, "  LOG_LEVEL: logLevel\n", "  LOG_LEVEL: logLevel\n  functions_extension_version: '~4'\n",
+     "functions_extension_version"),
+])
+def test_flex_check_reports_each_forbidden_key(path: str, old: str, new: str, expected: str) -> None:
+    problems = check_flex_site(mutate(path, old, new))
+    assert len(problems) == 1 and expected in problems[0], problems
 
 
 def test_webhook_base_url_is_the_apps_own_api_route(infra: Infra, settings, host_json) -> None:
@@ -808,15 +942,90 @@ def test_role_name_check_reports_a_fixed_name() -> None:
         f"{RBAC_FILE}: role assignment secretsUser is not named guid(scope, principal, role)"]
 
 
+def role_grants(infra: Infra) -> list[tuple[str, str, str, set[str]]]:
+    """(assignment, principal expression, principalType expression, role ids it can grant) per role assignment."""
+    grants = []
+    for f, res in infra.resources_of("Microsoft.Authorization/roleAssignments"):
+        role = get_property(res.body, "properties.roleDefinitionId", f)
+        assert role is not None and role.type == "call_expression"
+        arg = _text(_named(_named(role)[1])[-1])
+        if res.loop_var is not None and arg == res.loop_var:
+            candidates = re.findall(r"[A-Za-z_]\w*\.\w+", _text(res.loop_iterable))  # type: ignore[arg-type]
+            for name in re.findall(r"\b([a-z]\w*)\b", _text(res.loop_iterable)):  # type: ignore[arg-type]
+                definition = f.variables.get(name)
+                if definition is not None and definition.type == "array":
+                    candidates += [_text(item) for item in _named(definition)]
+        else:
+            candidates = [arg]
+        ids = set()
+        for candidate in candidates:
+            table, _, key = candidate.partition(".")
+            value = get_property(f.variables.get(table), key, f)
+            if value is not None:
+                ids.add(str(evaluate(value, f)))
+        principal = _text(get_property(res.body, "properties.principalId", f))  # type: ignore[arg-type]
+        kind = _text(get_property(res.body, "properties.principalType", f))  # type: ignore[arg-type]
+        grants.append((f"{f.path}:{res.symbol}", principal, kind, ids))
+    return grants
+
+
+def check_role_grants(infra: Infra) -> list[str]:
+    problems = []
+    for name, principal, kind, ids in role_grants(infra):
+        if not ids:
+            problems.append(f"{name}: role id not found")
+        allowed = OPERATOR_ROLE_IDS if principal == "operatorPrincipalId" else ROLE_IDS
+        if principal not in ("principalId", "operatorPrincipalId"):
+            problems.append(f"{name}: unexpected principal {principal}")
+        if principal == "principalId" and kind != "'ServicePrincipal'":
+            problems.append(f"{name}: the app identity is a ServicePrincipal")
+        if principal == "operatorPrincipalId" and kind != "operatorPrincipalType":
+            problems.append(f"{name}: the operator's principalType must be the operatorPrincipalType parameter")
+        problems += [f"{name}: grants {BROAD_ROLE_IDS.get(i, i)} to {principal}" for i in sorted(ids - set(allowed))]
+    return problems
+
+
 def test_roles_are_the_minimal_set(infra: Infra) -> None:
+    assert check_role_grants(infra) == []
+    granted = {(p, i) for _n, p, _k, ids in role_grants(infra) for i in ids}
+    assert {i for p, i in granted if p == "principalId"} == set(ROLE_IDS)
+    assert {i for p, i in granted if p == "operatorPrincipalId"} == set(OPERATOR_ROLE_IDS)
     sources = bicep_sources()
-    guids = set(re.findall(r"'([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})'", sources[RBAC_FILE]))
-    assert guids == set(ROLE_IDS), {g: ROLE_IDS.get(g, "unexpected") for g in guids ^ set(ROLE_IDS)}
     for path, text in sources.items():
         for role_id, role in BROAD_ROLE_IDS.items():
-            assert role_id not in text.lower(), f"{path} grants {role}"
+            if role_id not in OPERATOR_ROLE_IDS:
+                assert role_id not in text.lower(), f"{path} grants {role}"
     assignments = infra.resources_of("Microsoft.Authorization/roleAssignments")
     assert assignments and {f.path for f, _r in assignments} == {RBAC_FILE}, "one RBAC module owns every assignment"
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("  storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b' //",
+     "  storageBlobDataOwner: 'b24988ac-6180-42a0-ab88-20f7382dd24c' //", "Contributor to principalId"),
+    ("      principalId: operatorPrincipalId\n      principalType: operatorPrincipalType\n    }\n  }\n]",
+     "      principalId: operatorPrincipalId\n      principalType: 'User'\n    }\n  }\n]",
+     "operatorPrincipalType parameter"),
+    ("    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', "
+     "operatorRoles.keyVaultSecretsOfficer)\n    principalId: operatorPrincipalId",
+     "    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', "
+     "operatorRoles.keyVaultSecretsOfficer)\n    principalId: principalId\n    principalType: 'ServicePrincipal'\n"
+     "    principalType2: operatorPrincipalType", "Key Vault Secrets Officer to principalId"),
+])
+def test_role_check_reports_a_broader_grant(old: str, new: str, expected: str) -> None:
+    problems = check_role_grants(mutate(RBAC_FILE, old, new))
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_operator_roles_follow_the_deployer(infra: Infra) -> None:
+    default = infra.main.params["principalId"]
+    assert default is not None and _text(default) == "deployer().objectId"
+    params = json.loads(PARAMETERS_JSON.read_text(encoding="utf-8"))["parameters"]
+    assert params["principalId"]["value"] == "${AZURE_PRINCIPAL_ID}"
+    caller = infra.caller_argument(RBAC_FILE, "operatorPrincipalId")
+    assert caller is not None and _text(caller[1]) == "principalId"
+    [(f, _officer)] = [(f, r) for f, r in infra.resources_of("Microsoft.Authorization/roleAssignments")
+                       if r.symbol == "operatorSecretsOfficer"]
+    assert "if (!empty(operatorPrincipalId))" in _text(f.root)  # no operator, no assignment
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -953,3 +1162,287 @@ def test_deploy_doc_tells_to_build_the_bicep_first() -> None:
     doc = DEPLOY_DOC.read_text(encoding="utf-8")
     assert "az bicep build" in doc
     assert "azd up" in doc and "az deployment group create" in doc and "func azure functionapp publish" in doc
+
+
+WALK_THROUGH = ("az login", "azd auth login", "az provider register", "az ad app create", "az ad sp create",
+                "New-ManagementRoleAssignment", "azd env new", "azd env set AZURE_LOCATION",
+                "azd env set GRAPH_TENANT_ID", "azd env set GRAPH_CLIENT_ID", "azd env set DATAVERSE_URL", "azd up",
+                "/api/health", "emailrouter --settings .azure/")
+
+
+def walk_through_order(markdown: str, commands: Sequence[str]) -> list[str]:
+    """Problems with the walk-through: each command named in a numbered step, in this order."""
+    if "## Walk-through" not in markdown:
+        return ["no '## Walk-through' section"]
+    section = markdown.split("## Walk-through", 1)[1].split("\n", 1)[1].split("\n## ", 1)[0]  # below the heading
+    problems, at = [], 0
+    for command in commands:
+        found = section.find(f"`{command}", at) if f"`{command}" in section else section.find(command, at)
+        if found < 0:
+            problems.append(f"walk-through: {command!r} missing or out of order")
+        else:
+            at = found
+    return problems
+
+
+def test_walk_through_names_each_command_in_order() -> None:
+    doc = DEPLOY_DOC.read_text(encoding="utf-8")
+    assert walk_through_order(doc, WALK_THROUGH) == []
+    steps = re.findall(r"^(\d+)\. ", doc.split("## Walk-through", 1)[1].split("\n## ", 1)[0], re.M)
+    assert steps == [str(i) for i in range(1, len(steps) + 1)] and len(steps) >= 8
+    # every section the walk-through points at exists
+    for ref in set(re.findall(r"§(\d+[ab]?(?:\.\d)?)", doc)):
+        assert re.search(rf"^##+ {re.escape(ref)}\.? ", doc, re.M), f"§{ref} is referenced but not a heading"
+    for hook in ("postprovision", "postdeploy"):
+        assert hook in doc
+
+
+def test_walk_through_check_reports_a_swapped_step() -> None:
+    doc = DEPLOY_DOC.read_text(encoding="utf-8")
+    assert walk_through_order(doc, ("azd up", "azd env new")) == ["walk-through: 'azd env new' missing or out of order"]
+    assert walk_through_order("# no walk-through\n", ("azd up",)) != []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scale, always ready, hardening, alerts
+# ---------------------------------------------------------------------------------------------------
+
+
+def _main_default(infra: Infra, name: str) -> Any:
+    default = infra.main.params[name]
+    assert default is not None, f"{name} has no default"
+    return evaluate(default, infra.main)
+
+
+def test_scale_cap_respects_dataverse_with_the_host_json_batch_sizes(infra: Infra, host_json) -> None:
+    import function_app
+
+    decorators = re.search(r"@minValue\((\d+)\)\s*@maxValue\((\d+)\)\s*@description\([^\n]*\)\s*param "
+                           r"maximumInstanceCount", bicep_sources()["main.bicep"])
+    assert decorators and decorators.groups() == ("1", "1000"), "Flex allows 1..1000"
+    groups = scale_groups(function_app.app)
+    assert groups == 9, "the HTTP group, 3 queue functions, 5 timers: docs/deploy.md and main.bicep say 9"
+    maximum, ready = _main_default(infra, "maximumInstanceCount"), _main_default(infra, "httpAlwaysReady")
+    assert check_scale_budget(maximum, ready, host_json, groups) == []
+    doc = DEPLOY_DOC.read_text(encoding="utf-8")
+    queues = host_json["extensions"]["queues"]
+    per_instance = queues["batchSize"] + queues["newBatchThreshold"]
+    arithmetic = f"({maximum} − {ready}) × {per_instance} + {DATAVERSE_TIMERS_AND_CLI} = "
+    assert arithmetic in doc, f"docs/deploy.md must show the arithmetic: {arithmetic}..."
+
+
+@pytest.mark.parametrize(("maximum", "batch", "threshold", "groups"), [
+    (9, 16, 8, 9),   # the old host.json: 8 x 24 + 4 = 196
+    (40, 4, 2, 9),   # the old cap: 39 x 6 + 4 = 238
+    (5, 4, 2, 9),    # fewer instances than scale groups
+])
+def test_scale_check_reports_an_unsafe_combination(maximum: int, batch: int, threshold: int, groups: int) -> None:
+    host = {"extensions": {"queues": {"batchSize": batch, "newBatchThreshold": threshold}}}
+    assert check_scale_budget(maximum, 1, host, groups) != []
+
+
+def test_http_group_is_always_ready(infra: Infra) -> None:
+    [(f, site)] = [(f, r) for f, r in infra.resources_of("Microsoft.Web/sites") if not r.existing]
+    node = get_property(site.body, "properties.functionAppConfig.scaleAndConcurrency.alwaysReady", f)
+    assert node is not None
+    text = _text(node)
+    assert "name: 'http'" in text and "instanceCount: httpAlwaysReady" in text
+    assert _main_default(infra, "httpAlwaysReady") == 1
+    caller = infra.caller_argument(f.path, "httpAlwaysReady")
+    assert caller is not None and _text(caller[1]) == "httpAlwaysReady"
+
+
+def test_hardening_defaults(infra: Infra) -> None:
+    assert _main_default(infra, "keyVaultPurgeProtection") is True
+    assert _main_default(infra, "appCredential") == "managedIdentity"
+    assert "azd: {\n    type: 'location'" in bicep_sources()["main.bicep"]  # azd prompts with a region picker
+    [(f, vault)] = [(f, r) for f, r in infra.resources_of("Microsoft.KeyVault/vaults") if not r.existing]
+    assert _text(get_property(vault.body, "properties.enablePurgeProtection", f)).startswith("purgeProtection")  # type: ignore[arg-type]
+    appsettings = bicep_sources()[APP_SETTINGS_FILE]
+    assert "login.microsoftonline.com" not in appsettings, "no-hardcoded-env-urls: main.bicep passes environment()"
+
+
+def test_poison_queue_alert(infra: Infra) -> None:
+    [(f, rule)] = infra.resources_of("Microsoft.Insights/scheduledQueryRules")
+    query = str(evaluate(get_property(rule.body, "properties.criteria.allOf", f).named_children[0]  # type: ignore[union-attr]
+                         .named_children[0].named_children[-1], f))
+    # the Functions host's own line (as the local host mimics it) and the router's
+    assert "Moving message to queue" in query and "moving to poison" in query
+    from core.services import inbound
+
+    assert "moving to poison" in Path(inbound.__file__).read_text(encoding="utf-8")
+    local_host = (ROOT / "local" / "host" / "queues.py").read_text(encoding="utf-8")
+    assert "Moving message to queue" in local_host
+    assert "alertEmail" in infra.main.params
+
+
+# ---------------------------------------------------------------------------------------------------
+# What is deployed: .funcignore and requirements.txt
+# ---------------------------------------------------------------------------------------------------
+
+
+def funcignore_patterns() -> list[str]:
+    lines = (ROOT / ".funcignore").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def is_ignored(relative: str, patterns: Sequence[str]) -> bool:
+    """gitignore-style, as far as .funcignore uses it: 'dir/' = a directory, globs match any path component."""
+    import fnmatch
+
+    parts = relative.split("/")
+    for pattern in patterns:
+        if pattern.endswith("/"):
+            prefix = pattern.rstrip("/").split("/")
+            if parts[:len(prefix)] == prefix and len(parts) > len(prefix):
+                return True
+        elif any(fnmatch.fnmatch(part, pattern) for part in parts):
+            return True
+    return False
+
+
+def deployed_python_files(patterns: Sequence[str]) -> list[Path]:
+    files = []
+    for path in sorted(ROOT.rglob("*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        if not is_ignored(relative, patterns):
+            files.append(path)
+    return files
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+@functools.cache
+def _file_owners() -> dict[str, str]:
+    """Installed file -> its distribution (normalised name)."""
+    import importlib.metadata
+
+    owners = {}
+    for dist in importlib.metadata.distributions():
+        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"].lower())
+        for file in dist.files or ():
+            if str(file).endswith(".py"):
+                owners[str(Path(str(dist.locate_file(file))).resolve())] = name
+    return owners
+
+
+def _distribution_of(module: str) -> str | None:
+    """The installed distribution that provides ``module`` (by the file it loads from, so namespace packages such
+    as ``azure.*`` resolve to azure-core, azure-data-tables, ...)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:
+        return None
+    if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
+        return None
+    return _file_owners().get(str(Path(spec.origin).resolve()))
+
+
+def check_runtime_requirements(files: Sequence[Path], requirements: str) -> list[str]:
+    import sys
+
+    pinned = {re.sub(r"[-_.]+", "-", line.split("==")[0].strip().lower())
+              for line in requirements.splitlines() if "==" in line and not line.lstrip().startswith("#")}
+    local = {"core", "functions", "function_app"}
+    used: dict[str, str] = {}
+    for path in files:
+        for name in _top_level_imports(path):
+            top = name.split(".")[0]
+            if top in local or top in sys.stdlib_module_names:
+                continue
+            used.setdefault(name, path.relative_to(ROOT).as_posix())
+    problems = []
+    provided: set[str] = set()
+    for module, where in sorted(used.items()):
+        dist = _distribution_of(module)
+        if dist is None:
+            problems.append(f"{where} imports {module}, which no installed distribution provides")
+            continue
+        provided.add(dist)
+        if dist not in pinned and not _required_by(dist, pinned):
+            problems.append(f"{where} imports {module} ({dist}) but requirements.txt does not pin it")
+    for dist in sorted(pinned - provided):
+        problems.append(f"requirements.txt pins {dist}, which no deployed file imports (requirements-dev.txt?)")
+    return problems
+
+
+def _required_by(dist: str, pinned: set[str]) -> bool:
+    """``dist`` comes with a pinned distribution (e.g. kiota and msgraph-core with msgraph-sdk)."""
+    import importlib.metadata
+
+    seen, todo = set(), list(pinned)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for requirement in requires:
+            if "extra ==" in requirement:
+                continue
+            todo.append(re.sub(r"[-_.]+", "-", re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0].lower()))
+    return dist in seen
+
+
+def test_funcignore_ships_the_app_and_nothing_else() -> None:
+    patterns = funcignore_patterns()
+    for shipped in ("function_app.py", "host.json", "requirements.txt", "functions/health.py",
+                    "core/config.py", "core/adapters/auth.py"):
+        assert not is_ignored(shipped, patterns), shipped
+    for left_out in ("tests/unit/test_infra.py", "emulators/identity/app.py", "local/stack.py", "infra/main.bicep",
+                     "core/cli/commands.py", "docs/deploy.md", "README.md", "pyproject.toml", "bench/metrics.py",
+                     "requirements-dev.txt", "local.settings.json", "local.settings.example.json",
+                     "email_router_d365.egg-info/PKG-INFO", ".azure/prod/.env", "infra/hooks/azd_hooks.py"):
+        assert is_ignored(left_out, patterns), left_out
+
+
+def test_requirements_hold_exactly_what_the_deployed_code_imports() -> None:
+    files = deployed_python_files(funcignore_patterns())
+    assert any(p.name == "function_app.py" for p in files) and not any("tests" in p.parts for p in files)
+    assert check_runtime_requirements(files, REQUIREMENTS.read_text(encoding="utf-8")) == []
+
+
+def test_requirements_check_reports_both_directions() -> None:
+    files = deployed_python_files(funcignore_patterns())
+    text = REQUIREMENTS.read_text(encoding="utf-8")
+    problems = check_runtime_requirements(files, text.replace("nh3==", "# nh3=="))
+    assert problems == [p for p in problems if "nh3" in p] and problems, problems
+    problems = check_runtime_requirements(files, text + "croniter==7.0.0\n")
+    assert problems == ["requirements.txt pins croniter, which no deployed file imports (requirements-dev.txt?)"]
+    cli = deployed_python_files([p for p in funcignore_patterns() if p != "core/cli/"])
+    assert any("rich" in p for p in check_runtime_requirements(cli, text))  # the CLI would ship without rich
+
+
+def test_local_settings_example_runs_under_core_tools() -> None:
+    doc = json.loads((ROOT / "local.settings.example.json").read_text(encoding="utf-8"))
+    assert doc["IsEncrypted"] is False
+    values = doc["Values"]
+    known = {s.name: s for s in config.SETTINGS}
+    assert values.pop("FUNCTIONS_WORKER_RUNTIME") == "python"  # Core Tools needs it locally (Flex: never in Azure)
+    assert set(values) <= set(known), set(values) - set(known)
+    assert {s.name for s in config.SETTINGS if s.required} <= set(values)
+    for name, spec in known.items():
+        if name.endswith("_SCHEDULE"):  # timer bindings resolve %NAME% at start-up: the setting must exist
+            assert values.get(name) == spec.default, name
+    for name, value in values.items():
+        if known[name].secret and name != "AzureWebJobsStorage":
+            assert value == "", f"{name}: placeholders only, never a value"
+    assert "local.settings.json" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "local.settings.example.json" in readme and "func start" in readme

@@ -232,3 +232,15 @@ def test_decision_record_is_json_shaped() -> None:
     record = decision_record(m, plan)
     assert record["outcome"] == "tracked" and record["activityId"] == str(activity_id_for("<m1@fabrikam.com>"))
     assert all(set(d) == {"step", "outcome", "why"} for d in record["decisions"])
+
+
+def test_decision_record_of_a_forward_describes_the_original_for_the_forwarding_user() -> None:
+    ctx = context(mailbox=SINK, forward_users={"dave@contoso.com": DAVE})
+    wrapper = _wrapper()
+    record = decision_record(wrapper, plan_inbound(wrapper, ctx))
+    assert record["mailbox"] == "crm-sink@contoso.com" and record["trackedFor"] == "dave@contoso.com"
+    assert record["internetMessageId"] == "<wrap@contoso.com>"
+    assert record["originalInternetMessageId"] == "<orig@fabrikam.com>"
+    assert record["from"] == "carol@fabrikam.com"  # the original's sender, as the user saw it
+    plain = decision_record(message(), plan_inbound(message(), context()))
+    assert "trackedFor" not in plain and plain["subject"] == message().subject

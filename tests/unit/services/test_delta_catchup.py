@@ -35,20 +35,32 @@ class FakeDeltaGraph:
         self.started: list[datetime | None] = []
         self.expired: set[str] = set()
         self.listing: dict[str, list[dict[str, Any]]] = {}
+        self.change_types: list[str | None] = []
+        self.folders: list[str] = []
+        self.listed: list[tuple[datetime | None, datetime | None]] = []
 
     async def delta_page(self, mailbox: str, folder: str, link: str | None, *,
-                         received_after: datetime | None = None, page_size: int = 100) -> DeltaPage:
+                         received_after: datetime | None = None, page_size: int = 100,
+                         change_type: str | None = None) -> DeltaPage:
+        self.folders.append(folder)
         if link is None:
             self.started.append(received_after)
+            self.change_types.append(change_type)
             return self.rounds.pop(0)[0] if self.rounds else DeltaPage([], [], None, f"delta-{len(self.started)}")
+        assert change_type is None, "the links carry the initial options"
         if link in self.expired:
             raise GraphSyncStateNotFound(410, "syncStateNotFound", "expired")
         return self.links.get(link, DeltaPage([], [], None, link))
 
     async def list_messages(self, mailbox: str, folder: str, *, received_after: datetime | None = None,
-                            page_size: int = 50) -> AsyncIterator[dict[str, Any]]:
+                            received_before: datetime | None = None, page_size: int = 50
+                            ) -> AsyncIterator[dict[str, Any]]:
+        self.listed.append((received_after, received_before))
         for m in self.listing.get(folder, []):
-            yield m
+            received = datetime.fromisoformat(m["receivedDateTime"].replace("Z", "+00:00"))
+            if (received_after is None or received >= received_after) and (
+                    received_before is None or received < received_before):
+                yield m
 
 
 class FakeState:
@@ -156,6 +168,69 @@ async def test_lifecycle_events_resubscribe_then_run_delta() -> None:
         assert [r.folder for r in reports] == ["inbox"]
     assert subs.calls == [("recreate", "a@x.com", "sub-1"), ("reauthorize", "a@x.com", "sub-1")]
     assert len(graph.started) == 1  # the first round saved its delta link; later rounds continue from it
+
+
+async def test_a_lifecycle_event_syncs_only_its_subscriptions_folder() -> None:
+    graph, subs = FakeDeltaGraph(), FakeSubscriptions()
+    directory = StaticMailboxDirectory([mbx("a@x.com", track_sent_items=True)])
+    svc = DeltaService(graph, FakeState(), FakeWorkQueue(), directory, subscriptions=subs,  # type: ignore[arg-type]
+                       clock=lambda: NOW)
+    item = MailboxSyncItem("a@x.com", "reauthorizationRequired", "sub-9", folder="sentitems")
+    reports = await svc.handle_sync_item(MailboxSyncItem.from_json(item.to_json()))
+    assert [r.folder for r in reports] == ["sentitems"] and set(graph.folders) == {"sentitems"}
+    assert subs.calls == [("reauthorize", "a@x.com", "sub-9")]
+    reports = await svc.handle_sync_item(MailboxSyncItem("a@x.com", "timer"))
+    assert [r.folder for r in reports] == ["inbox", "sentitems"]
+
+
+async def test_first_round_asks_only_for_created_messages() -> None:
+    graph = FakeDeltaGraph()
+    svc = DeltaService(graph, FakeState(), FakeWorkQueue(), StaticMailboxDirectory([mbx("a@x.com")]),
+                       clock=lambda: NOW)
+    await svc.sync_mailbox("a@x.com")
+    everything = DeltaService(graph, FakeState(), FakeWorkQueue(), StaticMailboxDirectory([mbx("a@x.com")]),
+                              clock=lambda: NOW, change_type=None)
+    await everything.sync_mailbox("a@x.com")
+    assert graph.change_types == ["created", None]
+
+
+async def test_a_first_round_at_the_5000_cap_lists_the_older_rest() -> None:
+    graph, state, queue = FakeDeltaGraph(), FakeState(), FakeWorkQueue()
+    start = NOW - timedelta(days=30)
+    # Graph returns the newest messages (ordered by receivedDateTime desc) up to the cap (4 here), in two pages
+    newest = [msg(f"n{i}", NOW - timedelta(hours=i)) for i in range(4)]
+    graph.rounds.append([DeltaPage(newest[:2], [], "next-1", None)])
+    graph.links["next-1"] = DeltaPage(newest[2:], [], None, "delta-1")
+    graph.listing["inbox"] = [msg(f"o{i}", NOW - timedelta(days=i + 1)) for i in range(40)] + [newest[3]]
+    svc = DeltaService(graph, state, queue,
+                       StaticMailboxDirectory([mbx("a@x.com", process_email_received_after=start)]),
+                       clock=lambda: NOW, filter_cap=4)
+
+    (report,) = await svc.sync_mailbox("a@x.com")
+
+    oldest_reported = NOW - timedelta(hours=3)
+    assert graph.listed == [(start, oldest_reported + timedelta(seconds=1))]
+    older = [f"o{i}" for i in range(30)]  # received from the process-from date on
+    assert enqueued(queue) == [m["id"] for m in newest] + older + ["n3"]  # the boundary second again: ledger dedupes
+    assert report.backfilled == 31
+    cursor = state.cursors[("a@x.com", "inbox")]
+    assert cursor.link == "delta-1" and cursor.initial_seen is None
+    # a later round is not a first round: no listing, however many changes it reports
+    graph.links["delta-1"] = DeltaPage([msg(f"x{i}", NOW) for i in range(6)], [], None, "delta-2")
+    await svc.sync_mailbox("a@x.com")
+    assert len(graph.listed) == 1
+
+
+async def test_a_first_round_split_over_invocations_still_notices_the_cap() -> None:
+    graph, state, queue = FakeDeltaGraph(), FakeState(), FakeWorkQueue()
+    page = [msg(f"n{i}", NOW - timedelta(hours=i)) for i in range(2)]
+    state.cursors[("a@x.com", "inbox")] = DeltaCursor("a@x.com", "inbox", "next-1", NOW, NOW - timedelta(days=2),
+                                                      initial_seen=2, initial_oldest=NOW - timedelta(hours=1))
+    graph.links["next-1"] = DeltaPage(page, [], None, "delta-1")
+    svc = DeltaService(graph, state, queue, StaticMailboxDirectory([mbx("a@x.com")]), clock=lambda: NOW,
+                       filter_cap=4)
+    await svc.sync_mailbox("a@x.com")
+    assert graph.listed == [(NOW - timedelta(days=2), NOW - timedelta(hours=1) + timedelta(seconds=1))]
 
 
 async def test_backfill_enqueues_history_as_backfill_items() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from core.adapters.dataverse import BadRequestError, ThrottledError, TransientError
-from core.adapters.graph import GraphAccessDenied, GraphNotFound, GraphThrottled
+from core.adapters.graph import AttachmentContents, GraphAccessDenied, GraphNotFound, GraphThrottled
 from core.domain.correlation import CorrelationKeys, CorrelationLookup
 from core.domain.identity import activity_id_for
 from core.domain.inbound import TrackEmail
@@ -61,6 +61,8 @@ class FakeMail:
     def __init__(self) -> None:
         self.messages: dict[tuple[str, str], dict[str, Any]] = {}
         self.item_attachments: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.contents: dict[tuple[str, str, str], bytes] = {}  # file attachments listed by metadata only
+        self.content_requests: list[list[str]] = []
         self.calls: list[tuple[str, str, str]] = []
         self.categories: dict[tuple[str, str], list[str]] = {}
         self.deleted: list[tuple[str, str]] = []
@@ -81,6 +83,13 @@ class FakeMail:
     async def get_item_attachment(self, mailbox: str, message_id: str, attachment_id: str) -> dict[str, Any]:
         self.calls.append(("get_item_attachment", mailbox, message_id))
         return self.item_attachments[(mailbox, message_id, attachment_id)]
+
+    async def get_attachment_contents(self, mailbox: str, message_id: str,
+                                      attachments: Sequence[Mapping[str, Any]]) -> AttachmentContents:
+        self.calls.append(("get_attachment_contents", mailbox, message_id))
+        self.content_requests.append([str(a["id"]) for a in attachments])
+        return AttachmentContents([{**a, "contentBytes": self.contents[(mailbox, message_id, str(a["id"]))]}
+                                   for a in attachments], 1)
 
     async def set_categories(self, mailbox: str, message_id: str, categories: Sequence[str]) -> None:
         self.calls.append(("set_categories", mailbox, message_id))
@@ -474,6 +483,48 @@ async def test_attachment_refused_by_crm_is_left_out_with_a_note() -> None:
     assert [a.filename for a in plan.attachments] == ["small.txt"]
     assert [o.filename for o in plan.omitted_attachments] == ["big.bin"]
     assert "big.bin" in plan.description and plan.notifications == 1
+
+
+async def test_mail_without_attachments_costs_one_graph_call() -> None:
+    w = World()
+    w.mail.messages[("alice@contoso.com", "g1")] = graph_message("g1")
+    result = await w.processor().process(item("alice@contoso.com", "g1"))
+    assert result.outcome == "tracked" and result.graph_calls == 1
+    assert [c[0] for c in w.mail.calls] == ["get_message"]
+
+
+async def test_attachment_content_is_downloaded_only_when_crm_can_keep_it() -> None:
+    w = World(org=OrgEmailSettings(internal_domains=frozenset({"contoso.com"}), max_attachment_bytes=4000))
+    file = "#microsoft.graph.fileAttachment"
+    w.mail.messages[("alice@contoso.com", "g1")] = graph_message("g1", attachments=[
+        {"@odata.type": file, "id": "a1", "name": "small.txt", "contentType": "text/plain", "size": 10,
+         "isInline": False},
+        {"@odata.type": file, "id": "a2", "name": "logo.png", "contentType": "image/png", "size": 20,
+         "isInline": True},
+        {"@odata.type": file, "id": "a3", "name": "huge.bin", "contentType": "application/octet-stream",
+         "size": 9_000_000, "isInline": False},
+        {"@odata.type": "#microsoft.graph.referenceAttachment", "id": "a4", "name": "link", "size": 1}])
+    w.mail.contents.update({("alice@contoso.com", "g1", "a1"): b"y" * 10, ("alice@contoso.com", "g1", "a2"): b"png"})
+
+    result = await w.processor().process(item("alice@contoso.com", "g1"))
+
+    assert result.outcome == "tracked" and result.graph_calls == 2
+    assert w.mail.content_requests == [["a1", "a2"]]  # not the 9 MB file, not the cloud link
+    (plan,) = w.crm.emails.values()
+    assert [(a.filename, a.content) for a in plan.attachments] == [("small.txt", b"y" * 10), ("logo.png", b"png")]
+    omitted = {o.filename: o.reason for o in plan.omitted_attachments}
+    assert "attachment limit" in omitted["huge.bin"] and "huge.bin" in plan.description
+
+
+async def test_a_forwarded_eml_file_is_downloaded_whatever_its_size() -> None:
+    w = World(org=OrgEmailSettings(internal_domains=frozenset({"contoso.com"}), max_attachment_bytes=100))
+    w.mail.messages[("alice@contoso.com", "g1")] = graph_message("g1", attachments=[
+        {"@odata.type": "#microsoft.graph.fileAttachment", "id": "e1", "name": "original.eml",
+         "contentType": "message/rfc822", "size": 5000, "isInline": False}])
+    w.mail.contents[("alice@contoso.com", "g1", "e1")] = (
+        b"From: x@example.org\r\nTo: alice@contoso.com\r\nSubject: inner\r\n\r\n" + b"b" * 4900)
+    await w.processor().process(item("alice@contoso.com", "g1"))
+    assert w.mail.content_requests == [["e1"]]
 
 
 async def test_tracked_category_is_added_when_configured() -> None:

@@ -330,6 +330,16 @@ async def test_large_attachments_go_through_an_upload_session_small_ones_inline(
     assert h.mail.uploads == [(sent["id"], "big.bin", 4 * 1024 * 1024)]
 
 
+async def test_a_large_inline_image_keeps_is_inline_and_content_id() -> None:
+    image_id = uuid.uuid4()
+    attachments = (OutboundAttachment(image_id, "chart.png", "image/png", 4 * 1024 * 1024, content_id="chart1",
+                                      is_inline=True),)
+    h = Harness()
+    row = h.crm.add(outbound_email(1, attachments=attachments), user_ref(1), bodies={image_id: b"p" * (4 << 20)})
+    assert (await h.process(row)).outcome is SendOutcome.SENT
+    assert h.mail.upload_details == [{"name": "chart.png", "isInline": True, "contentId": "chart1"}]
+
+
 async def test_a_half_built_draft_is_replaced_not_sent() -> None:
     large_id = uuid.uuid4()
     h = Harness()

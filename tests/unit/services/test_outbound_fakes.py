@@ -218,6 +218,7 @@ class FakeMail:
         self.messages: dict[str, dict[str, Any]] = {}
         self.outbox: list[dict[str, Any]] = []
         self.uploads: list[tuple[str, str, int]] = []
+        self.upload_details: list[dict[str, Any]] = []
         self.deleted: list[str] = []
         self.faults = Faults()
         self._n = 0
@@ -232,9 +233,10 @@ class FakeMail:
         return {k: msg[k] for k in ("id", "internetMessageId", "isDraft")}
 
     async def upload_large_attachment(self, mailbox: str, message_id: str, *, name: str, content_type: str,
-                                      data: bytes) -> None:
+                                      data: bytes, is_inline: bool = False, content_id: str | None = None) -> None:
         self.faults.before("upload")
         self.uploads.append((message_id, name, len(data)))
+        self.upload_details.append({"name": name, "isInline": is_inline, "contentId": content_id})
 
     async def send_draft(self, mailbox: str, draft_id: str) -> None:
         self.faults.before("send_draft")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from core.adapters.graph import GraphAccessDenied, GraphNotFound, GraphThrottled
 from core.adapters.state import SubscriptionRecord
 from core.domain.model import (
     ApprovalStatus,
@@ -22,6 +24,7 @@ from core.domain.model import (
 from core.services.subscriptions import (
     SubscriptionOptions,
     SubscriptionService,
+    WritePacer,
     plan_reconcile,
     resource_for,
     watched_folders,
@@ -91,10 +94,16 @@ def test_plan_without_graph_list_drops_nothing_and_dedupes_records() -> None:
 
 
 class FakeGraph:
+    """Creates are direct POSTs (``create_subscription``); renewals and deletions come in ``$batch`` requests."""
+
     def __init__(self) -> None:
         self.subs: dict[str, dict[str, Any]] = {}
         self.batches: list[list[Mapping[str, Any]]] = []
+        self.creates: list[Mapping[str, Any]] = []
+        self.renewals: list[tuple[str, datetime]] = []
         self.throttle_next = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.n = 0
 
     async def batch(self, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -102,38 +111,50 @@ class FakeGraph:
         self.batches.append(list(requests))
         out = []
         for r in requests:
+            assert r["method"] in ("PATCH", "DELETE"), "creates are direct POSTs"
             if self.throttle_next:
                 self.throttle_next -= 1
                 out.append({"id": r["id"], "status": 429, "headers": {"Retry-After": "0"}})
                 continue
-            if r["method"] == "POST":
-                if "bad" in r["body"]["resource"]:
-                    out.append({"id": r["id"], "status": 403, "body": {"error": {"code": "ErrorAccessDenied"}}})
-                    continue
-                self.n += 1
-                sid = f"s{self.n}"
-                self.subs[sid] = {"id": sid, **r["body"]}
-                out.append({"id": r["id"], "status": 201, "body": self.subs[sid]})
-            elif r["method"] == "PATCH":
-                sid = r["url"].rsplit("/", 1)[1]
+            sid = r["url"].rsplit("/", 1)[1]
+            if r["method"] == "PATCH":
                 if sid not in self.subs:
                     out.append({"id": r["id"], "status": 404, "body": {"error": {"code": "ResourceNotFound"}}})
                     continue
                 self.subs[sid].update(r["body"])
                 out.append({"id": r["id"], "status": 200, "body": self.subs[sid]})
             else:
-                self.subs.pop(r["url"].rsplit("/", 1)[1], None)
+                self.subs.pop(sid, None)
                 out.append({"id": r["id"], "status": 204})
         return out
+
+    async def create_subscription(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0)  # let other creates start, as a real validation round trip would
+            self.creates.append(dict(body))
+            if self.throttle_next:
+                self.throttle_next -= 1
+                raise GraphThrottled(429, "TooManyRequests", "slow down", retry_after=0.0)
+            if "bad" in body["resource"]:
+                raise GraphAccessDenied(403, "ErrorAccessDenied", "no")
+            self.n += 1
+            sid = f"s{self.n}"
+            self.subs[sid] = {"id": sid, **body}
+            return dict(self.subs[sid])
+        finally:
+            self.in_flight -= 1
 
     async def list_subscriptions(self) -> list[dict[str, Any]]:
         return list(self.subs.values())
 
-    async def reauthorize_subscription(self, subscription_id: str) -> None:
-        raise AssertionError("not used")
-
     async def renew_subscription(self, subscription_id: str, expires: datetime) -> dict[str, Any]:
-        raise AssertionError("not used")
+        self.renewals.append((subscription_id, expires))
+        if subscription_id not in self.subs:
+            raise GraphNotFound(404, "ResourceNotFound", "gone")
+        self.subs[subscription_id]["expirationDateTime"] = expires.isoformat()
+        return dict(self.subs[subscription_id])
 
 
 class FakeStore:
@@ -160,36 +181,50 @@ class FakeSyncStatus:
 
 
 def service(graph: FakeGraph, store: FakeStore, mailboxes: list[MailboxConfig],
-            status: FakeSyncStatus | None = None) -> SubscriptionService:
-    options = SubscriptionOptions(URL, URL.replace("notifications", "lifecycle"), "tid")
-    return SubscriptionService(graph, store, StaticMailboxDirectory(mailboxes), options, status=status,
+            status: FakeSyncStatus | None = None, **options: Any) -> SubscriptionService:
+    opts = SubscriptionOptions(URL, URL.replace("notifications", "lifecycle"), "tid", **options)
+    return SubscriptionService(graph, store, StaticMailboxDirectory(mailboxes), opts, status=status,
                                clock=lambda: NOW)
 
 
-async def test_reconcile_creates_in_batches_of_20_with_secret_client_states_and_is_idempotent() -> None:
+async def test_reconcile_creates_by_direct_posts_a_few_at_a_time_with_secret_client_states() -> None:
     graph, store = FakeGraph(), FakeStore()
     mailboxes = [mbx(f"u{i}@x.com") for i in range(45)]
-    report = await service(graph, store, mailboxes).reconcile()
+    report = await service(graph, store, mailboxes, create_concurrency=5).reconcile()
 
-    assert report.created == 45 and not report.failed
-    assert [len(b) for b in graph.batches] == [20, 20, 5]
+    assert report.created == 45 and not report.failed and graph.batches == []
+    assert graph.max_in_flight == 5  # never more validation handshakes in flight than the pacing allows
     states = {r.client_state for r in store.records.values()}
     assert len(states) == 45 and all(len(s) >= 43 for s in states)  # >= 32 random bytes each
-    body = graph.batches[0][0]["body"]
+    body = graph.creates[0]
     assert body["notificationUrl"] == URL and body["lifecycleNotificationUrl"].endswith("lifecycle?code=k")
-    assert body["changeType"] == "created" and body["resource"] == "users/u0@x.com/mailFolders('inbox')/messages"
+    assert body["changeType"] == "created" and body["resource"].startswith("users/u")
 
     again = await service(graph, store, mailboxes).reconcile()
     assert (again.created, again.deleted, again.unchanged) == (0, 0, 45)
 
 
-async def test_reconcile_records_per_mailbox_failures_and_retries_throttled_items() -> None:
+async def test_reconcile_records_per_mailbox_failures_and_retries_throttled_creates() -> None:
     graph, store, status = FakeGraph(), FakeStore(), FakeSyncStatus()
     graph.throttle_next = 2
-    report = await service(graph, store, [mbx("a@x.com"), mbx("b@x.com"), mbx("bad@x.com")], status).reconcile()
+    report = await service(graph, store, [mbx("a@x.com"), mbx("b@x.com"), mbx("bad@x.com")], status,
+                           create_concurrency=1).reconcile()
     assert report.created == 2
     assert report.failed == [("bad@x.com", "inbox", "create: HTTP 403 ErrorAccessDenied")]
     assert ("bad@x.com", False, "subscription inbox: create: HTTP 403 ErrorAccessDenied") in status.rows
+    assert len(graph.creates) == 5  # two 429s answered by sending the same POST again
+
+
+async def test_renewals_go_in_batches_and_are_retried_when_throttled() -> None:
+    graph, store = FakeGraph(), FakeStore()
+    await service(graph, store, [mbx(f"u{i}@x.com") for i in range(25)]).reconcile()
+    for record in list(store.records.values()):
+        store.records[record.id] = SubscriptionRecord(record.id, record.mailbox, record.folder, record.client_state,
+                                                      record.tenant_id, record.resource, NOW + timedelta(hours=1))
+    graph.throttle_next = 3
+    report = await service(graph, store, [mbx(f"u{i}@x.com") for i in range(25)]).reconcile()
+    assert report.renewed == 25 and not report.failed
+    assert sorted(len(b) for b in graph.batches) == [3, 5, 20]
 
 
 async def test_renewal_of_a_subscription_graph_lost_recreates_it() -> None:
@@ -210,3 +245,71 @@ async def test_unwanted_subscription_is_deleted() -> None:
     report = await service(graph, store, [mbx("a@x.com")]).reconcile()
     assert report.deleted == 1
     assert [r.mailbox for r in store.records.values()] == ["a@x.com"] and len(graph.subs) == 1
+
+
+async def test_reconcile_reports_progress_as_requests_complete() -> None:
+    graph, store = FakeGraph(), FakeStore()
+    seen: list[tuple[int, int]] = []
+    report = await service(graph, store, [mbx(f"u{i}@x.com") for i in range(45)]).reconcile(
+        progress=lambda done, total: seen.append((done, total)))
+    assert report.created == 45
+    done = [d for d, _ in seen]
+    assert len(seen) == 45 and all(total == 45 for _, total in seen)  # creates are direct POSTs: one call each
+    assert done == sorted(done) and done[-1] == 45
+
+
+async def test_reauthorization_is_one_patch_and_coalesced() -> None:
+    graph, store = FakeGraph(), FakeStore()
+    await service(graph, store, [mbx("a@x.com")]).reconcile()
+    [record] = store.records.values()
+    # created moments ago with a full lifetime: the challenge needs no write at all
+    report = await service(graph, store, [mbx("a@x.com")]).reauthorize("a@x.com", record.id)
+    assert report.unchanged == 1 and graph.renewals == []
+    # renewed long ago: exactly one PATCH (renewing also reauthorizes), the record gets the new expiry
+    store.records[record.id] = _aged(record, hours=30)
+    report = await service(graph, store, [mbx("a@x.com")]).reauthorize("a@x.com", record.id)
+    assert report.renewed == 1 and [sid for sid, _ in graph.renewals] == [record.id]
+    assert store.records[record.id].expires > NOW + timedelta(days=2)
+    # a second challenge right after: coalesced
+    await service(graph, store, [mbx("a@x.com")]).reauthorize("a@x.com", record.id)
+    assert len(graph.renewals) == 1
+
+
+async def test_reauthorization_of_a_subscription_graph_lost_subscribes_again() -> None:
+    graph, store = FakeGraph(), FakeStore()
+    await service(graph, store, [mbx("a@x.com")]).reconcile()
+    [record] = store.records.values()
+    store.records[record.id] = _aged(record, hours=30)
+    graph.subs.clear()
+    report = await service(graph, store, [mbx("a@x.com")]).reauthorize("a@x.com", record.id)
+    assert report.created == 1 and record.id not in store.records
+
+
+def _aged(record: SubscriptionRecord, *, hours: int) -> SubscriptionRecord:
+    return SubscriptionRecord(record.id, record.mailbox, record.folder, record.client_state, record.tenant_id,
+                              record.resource, record.expires - timedelta(hours=hours))
+
+
+def test_resource_carries_raw_ids() -> None:
+    assert resource_for("9f3c1d2e-0000-4000-8000-000000000001", "AAMkAD=") == (
+        "users/9f3c1d2e-0000-4000-8000-000000000001/mailFolders('AAMkAD=')/messages")
+    assert resource_for("o'brien+x@contoso.com", "inbox") == "users/o'brien+x@contoso.com/mailFolders('inbox')/messages"
+    assert resource_for("a#EXT#@x.com", "a/b") == "users/a%23EXT%23@x.com/mailFolders('a%2Fb')/messages"
+
+
+async def test_write_pacer_keeps_a_sliding_window() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    pacer = WritePacer(3, 20.0, clock=lambda: now[0], sleep=sleep)
+    await pacer.acquire(2)
+    now[0] = 5.0
+    await pacer.acquire()
+    await pacer.acquire(2)  # two more: wait until both writes made at t=0 left the window (t=20)
+    assert slept == [15.0] and now[0] == 20.0
+    await pacer.acquire(50)  # more than the whole window: capped, waits for a full window
+    assert now[0] == 40.0

@@ -96,7 +96,22 @@ async def test_lifecycle_missed_becomes_sync_item() -> None:
                                                tenant_id=TENANT, max_bytes=1 << 20)
     assert res.status == 202
     sync = MailboxSyncItem.from_json(q.messages[MAILBOX_SYNC_QUEUE][0])
-    assert sync.reason == "missed" and sync.mailbox == SUB.mailbox
+    assert sync.reason == "missed" and sync.mailbox == SUB.mailbox and sync.folder == SUB.folder
+
+
+async def test_the_same_lifecycle_event_twice_in_one_post_is_one_sync_item() -> None:
+    q = FakeWorkQueue()
+    items = []
+    for event in ("reauthorizationRequired", "reauthorizationRequired", "missed"):
+        item = note(lifecycleEvent=event)
+        del item["changeType"]
+        items.append(item)
+    res = await handle_lifecycle_notifications(json.dumps({"value": items}).encode(),
+                                               directory=FakeSubscriptionDirectory([SUB]), queue=q,
+                                               tenant_id=TENANT, max_bytes=1 << 20)
+    assert res.status == 202 and res.accepted == 2 and res.ignored == 1
+    reasons = [MailboxSyncItem.from_json(m).reason for m in q.messages[MAILBOX_SYNC_QUEUE]]
+    assert reasons == ["reauthorizationRequired", "missed"]
 
 
 def test_validation_token_echo() -> None:
