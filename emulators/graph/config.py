@@ -66,6 +66,9 @@ class GraphConfig:
     upload_session_ttl_s: float = 3600.0
     request_log_size: int = 200_000
     access_policies: dict[str, list[str]] = field(default_factory=dict)  # app id -> allowed UPNs/addresses
+    # Exchange RBAC for Applications: app id -> [{"role": "Application Mail.ReadWrite", "scope": [mailboxes|"*"]}].
+    # These grants live in Exchange: the token carries no Mail.* roles for them (auth-limit-mailbox-access).
+    role_assignments: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def outbox_dir(self) -> Path | None:
