@@ -418,7 +418,7 @@ class GraphApi:
         total, unread, children = self.store.folder_counts(folder.id)
         return {"id": folder.id, "displayName": folder.display_name, "parentFolderId": folder.parent_id,
                 "childFolderCount": children, "unreadItemCount": unread, "totalItemCount": total,
-                "sizeInBytes": 0, "isHidden": folder.hidden}
+                "isHidden": folder.hidden}
 
     async def list_folders(self, ctx: Ctx, user: User, folder: str | None = None) -> GraphResponse:
         parent = self._folder(user, folder).id if folder else None
