@@ -19,6 +19,7 @@ from typing import Final, TypeVar
 
 __all__ = [
     "LOOP_MARKER_HEADER",
+    "LOOP_MARKER_PROPERTY",
     "Address",
     "ApprovalStatus",
     "Attachment",
@@ -46,6 +47,11 @@ __all__ = [
 # (graph.md §7.3: custom headers must start with "x-"). Inbound skips any message that carries it, because the CRM
 # email already exists (it is the one we sent). Shared by skip.py and outbound.py.
 LOOP_MARKER_HEADER: Final = "x-emailrouter-activityid"
+# The same marker as a named MAPI property on the draft. Exchange keeps a sent draft's properties on its Sent Items
+# copy, but that copy has no internetMessageHeaders ("internet headers just do not exist on the copy in Sent Items",
+# microsoft-graph-docs#2716): the property is how the router recognises its own mail there, read in the same GET
+# (singleValueExtendedProperties, documented id form "String {guid} Name <name>"). The GUID is ours (a uuid5).
+LOOP_MARKER_PROPERTY: Final = "String {8357d2be-790e-54ef-96fb-b42b84262542} Name x-emailrouter-activityid"
 
 
 _K = TypeVar("_K")
@@ -184,6 +190,7 @@ class MailMessage:
     categories: tuple[str, ...] = ()
     attachments: tuple[Attachment, ...] = ()
     truncations: tuple[str, ...] = ()
+    loop_marker: str | None = None  # LOOP_MARKER_HEADER or LOOP_MARKER_PROPERTY: the router sent this message
 
     @property
     def originator(self) -> Address | None:
