@@ -341,6 +341,14 @@ class MailboxConfig:
     enabled_for_outgoing: bool = True
     approval: ApprovalStatus = ApprovalStatus.APPROVED
     queue_owner: CrmRecordRef | None = None  # ownerid of the queue row, for the queue owner fallback
+    # Entra object id (or UPN) Graph addresses the mailbox by: Graph documents /users/{id | userPrincipalName}
+    # only, and a primary SMTP address can differ from the UPN. None = not resolved (the address is used).
+    graph_user_id: str | None = None
+
+    @property
+    def graph_user(self) -> str:
+        """What goes into a Graph path or subscription resource for this mailbox."""
+        return self.graph_user_id or self.address
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", self.address.strip().lower())

@@ -111,6 +111,7 @@ def watched_folders(mailbox: MailboxConfig, org: OrgEmailSettings) -> tuple[str,
 
 
 def resource_for(mailbox: str, folder: str) -> str:
+    """``mailbox``: what Graph names the user by - the Entra object id (``MailboxConfig.graph_user``) or the UPN."""
     return f"users/{quote(mailbox, safe='@')}/mailFolders('{quote(folder, safe='')}')/messages"
 
 
@@ -315,24 +316,31 @@ class SubscriptionService:
                             "headers": {"Content-Type": "application/json"},
                             "body": {"expirationDateTime": _iso(expires)}},
                            mailbox=record.mailbox, folder=record.folder, record=record))
+        graph_users = await self._graph_users() if plan.create else {}
         for mailbox, folder in plan.create:
-            ops.append(self._create_op(mailbox, folder, expires))
+            ops.append(self._create_op(mailbox, folder, expires, graph_users.get(mailbox.lower())))
         renew_lost = await self._run(ops, report, expires)
         if renew_lost:  # renewals Graph answered 404 for: the subscription is gone, make a new one now
-            await self._run([self._create_op(m, f, expires) for m, f in renew_lost], report, expires)
+            graph_users = await self._graph_users()
+            await self._run([self._create_op(m, f, expires, graph_users.get(m.lower())) for m, f in renew_lost],
+                            report, expires)
         if self._status is not None:
             for mailbox, folder, reason in report.failed:
                 if mailbox != "-":
                     await self._status.record_sync(mailbox, ok=False, detail=f"subscription {folder}: {reason}")
         return report
 
-    def _create_op(self, mailbox: str, folder: str, expires: datetime) -> _Op:
+    async def _graph_users(self) -> dict[str, str]:
+        """Address -> what Graph names that mailbox by (its Entra object id when the CRM sync resolved it)."""
+        return {m.address: m.graph_user for m in await self._mailboxes.list_mailboxes()}
+
+    def _create_op(self, mailbox: str, folder: str, expires: datetime, graph_user: str | None = None) -> _Op:
         client_state = secrets.token_urlsafe(48)  # 64 characters (Graph allows 128), a fresh one per subscription
         body = {
             "changeType": "created",
             "notificationUrl": self._options.notification_url,
             "lifecycleNotificationUrl": self._options.lifecycle_url,
-            "resource": resource_for(mailbox, folder),
+            "resource": resource_for(graph_user or mailbox, folder),
             "expirationDateTime": _iso(expires),
             "clientState": client_state,
             "latestSupportedTlsVersion": "v1_2",
