@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from core.adapters.storage import join_text
 from tests.e2e.stack_harness import (
     APPROVED,
     CONTACT_FIONA,
@@ -149,7 +150,7 @@ def decision(stack: Stack, internet_message_id: str, mailbox: str) -> dict[str, 
     """The router's decision record for one message in one mailbox (Decisions table), once it exists."""
     for row in stack.table_rows("Decisions"):
         if row.get("InternetMessageId") == internet_message_id and mailbox in str(row.get("PartitionKey", "")):
-            text = "".join(str(row.get(k) or "") for k in sorted(row) if k.startswith("Record"))
+            text = join_text(row, "Record")  # the stored format (split over Record, Record__1, ...)
             return {"outcome": row.get("Outcome"), "record": json.loads(text) if text else {}}
     return None
 
