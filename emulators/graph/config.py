@@ -26,7 +26,7 @@ class GraphConfig:
     jwks: dict[str, Any] | None = None
     auth: bool = True
     unauthenticated_roles: frozenset[str] = frozenset(
-        {"Mail.ReadWrite", "Mail.Send", "MailboxSettings.ReadWrite", "User.Read.All"}
+        {"Mail.Read", "Mail.ReadWrite", "Mail.Send", "MailboxSettings.ReadWrite", "User.Read.All"}
     )
     state_dir: Path | None = None  # None: SQLite in memory, outbox .eml files in a temporary directory
     seed: dict[str, Any] | None = None  # None: the default demo seed (emulators/graph/seed.py)
