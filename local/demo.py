@@ -445,7 +445,7 @@ def build_scenarios(mails: Mapping[str, InboundMail]) -> list[Scenario]:
         by_id = {p.object_id: p.alias for p in demo_org.PEOPLE} | {QUEUE.object_id: QUEUE.alias,
                                                                    SINK.object_id: SINK.alias}
         watched = sorted({by_id.get(str(s.get("_userId")), str(s.get("_userId"))) for s in subs})
-        want = sorted(["alice", "erin", "frank", "grace", QUEUE.alias, SINK.alias])
+        want = sorted(["alice", "erin", "frank", "grace", "hana", QUEUE.alias, SINK.alias])
         return Outcome(watched == want, "subscribed: " + (", ".join(watched) or "none"))
 
     async def two_users(org: Org, ctx: dict[str, Any]) -> Outcome:

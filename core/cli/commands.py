@@ -140,6 +140,7 @@ def _config_json(config: Any) -> dict[str, Any]:
         "process_email_from": format_value(config.process_email_received_after)
         if config.process_email_received_after else None,
         "tracked_folders": {k: f"{v.table}:{v.id}" for k, v in config.folder_regarding.items()},
+        "graph_user_id": config.graph_user_id,
     }
 
 

@@ -25,6 +25,7 @@ from core.domain.correlation import (
     CorrelationKeys,
     CorrelationLookup,
     CorrelationMethod,
+    KnownEmail,
     conversation_index_key,
     correlate,
     correlation_keys,
@@ -68,6 +69,7 @@ __all__ = [
     "PlannedAttachment",
     "Skip",
     "TrackEmail",
+    "already_in_crm",
     "decision_record",
     "explain",
     "explain_record",
@@ -77,6 +79,7 @@ __all__ = [
     "plan_email_row",
     "plan_inbound",
     "plan_state_patch",
+    "with_own_message_id",
 ]
 
 EMAIL_SUBJECT_MAX: Final = 800  # email.subject String 800 (dv-ref §2.1)
@@ -223,7 +226,29 @@ def inbound_lookups(message: MailMessage, context: InboundContext) -> InboundLoo
     if isinstance(unwrapped, NotUnwrapped):
         return InboundLookups(None, frozenset(), CorrelationKeys())
     target = unwrapped.original if isinstance(unwrapped, Unwrapped) else message
-    return InboundLookups(target, frozenset(addresses_to_look_up(target)), correlation_keys(target, context.org))
+    keys = with_own_message_id(correlation_keys(target, context.org), target)
+    return InboundLookups(target, frozenset(addresses_to_look_up(target)), keys)
+
+
+def with_own_message_id(keys: CorrelationKeys, message: MailMessage) -> CorrelationKeys:
+    """The loop guard SSS relies on: the message's own Message-ID is looked up with the correlation keys (the same
+    ``messageid`` query, no extra request). A CRM email that has it already *is* this message - typically the CRM
+    email the router sent, whose Sent Items copy or forwarded copy comes back (:func:`already_in_crm`)."""
+    if not message.internet_message_id:
+        return keys
+    try:
+        own = canonical_message_id(message.internet_message_id)
+    except ValueError:
+        return keys
+    if own in keys.message_ids:
+        return keys
+    return replace(keys, message_ids=(*keys.message_ids, own))
+
+
+def already_in_crm(plan: TrackEmail, lookup: CorrelationLookup) -> KnownEmail | None:
+    """The CRM email that already has this plan's Message-ID (looked up by :func:`with_own_message_id`), if any:
+    the message is then tracked already and nothing is written."""
+    return lookup.by_message_id.get(plan.message_id)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

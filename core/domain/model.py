@@ -19,6 +19,7 @@ from typing import Final, TypeVar
 
 __all__ = [
     "LOOP_MARKER_HEADER",
+    "LOOP_MARKER_PROPERTY",
     "Address",
     "ApprovalStatus",
     "Attachment",
@@ -46,6 +47,11 @@ __all__ = [
 # (graph.md §7.3: custom headers must start with "x-"). Inbound skips any message that carries it, because the CRM
 # email already exists (it is the one we sent). Shared by skip.py and outbound.py.
 LOOP_MARKER_HEADER: Final = "x-emailrouter-activityid"
+# The same marker as a named MAPI property on the draft. Exchange keeps a sent draft's properties on its Sent Items
+# copy, but that copy has no internetMessageHeaders ("internet headers just do not exist on the copy in Sent Items",
+# microsoft-graph-docs#2716): the property is how the router recognises its own mail there, read in the same GET
+# (singleValueExtendedProperties, documented id form "String {guid} Name <name>"). The GUID is ours (a uuid5).
+LOOP_MARKER_PROPERTY: Final = "String {8357d2be-790e-54ef-96fb-b42b84262542} Name x-emailrouter-activityid"
 
 
 _K = TypeVar("_K")
@@ -184,6 +190,7 @@ class MailMessage:
     categories: tuple[str, ...] = ()
     attachments: tuple[Attachment, ...] = ()
     truncations: tuple[str, ...] = ()
+    loop_marker: str | None = None  # LOOP_MARKER_HEADER or LOOP_MARKER_PROPERTY: the router sent this message
 
     @property
     def originator(self) -> Address | None:
@@ -334,6 +341,14 @@ class MailboxConfig:
     enabled_for_outgoing: bool = True
     approval: ApprovalStatus = ApprovalStatus.APPROVED
     queue_owner: CrmRecordRef | None = None  # ownerid of the queue row, for the queue owner fallback
+    # Entra object id (or UPN) Graph addresses the mailbox by: Graph documents /users/{id | userPrincipalName}
+    # only, and a primary SMTP address can differ from the UPN. None = not resolved (the address is used).
+    graph_user_id: str | None = None
+
+    @property
+    def graph_user(self) -> str:
+        """What goes into a Graph path or subscription resource for this mailbox."""
+        return self.graph_user_id or self.address
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", self.address.strip().lower())

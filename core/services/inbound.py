@@ -1,7 +1,7 @@
 """Inbound processor: one work item (mailbox + Graph message id) -> at most one CRM email, exactly once.
 
-Imperative shell around ``core.domain.inbound``: ledger check -> fetch once -> normalise -> (forward unwrap: item
-attachment fetched when Graph did not expand it) -> look up parties and correlation keys (one coalesced Dataverse
+Imperative shell around ``core.domain.inbound``: ledger check -> fetch once -> normalise -> (forward unwrap: the
+attached original's raw MIME) -> look up parties and correlation keys (one coalesced Dataverse
 request, short-TTL caches) -> ``plan_inbound`` (pure) -> write (one change set, deterministic activityid) ->
 category / delete the forward wrapper -> ledger + decision record.
 
@@ -33,17 +33,26 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from core.adapters.dataverse import DataverseError
 from core.adapters.graph import AttachmentContents, GraphAccessDenied, GraphError, GraphNotFound
+from core.domain.correlation import KnownEmail
 from core.domain.inbound import (
     InboundContext,
     InboundPlan,
     Skip,
     TrackEmail,
+    already_in_crm,
     decision_record,
     inbound_lookups,
     plan_inbound,
 )
-from core.domain.model import FolderKind, InboundMethod, MailboxConfig, MailMessage, OrgEmailSettings
-from core.domain.normalize import InvalidMessage, normalize_graph_message
+from core.domain.model import (
+    FolderKind,
+    InboundMethod,
+    MailboxConfig,
+    MailboxKind,
+    MailMessage,
+    OrgEmailSettings,
+)
+from core.domain.normalize import LIMITS, InvalidMessage, normalize_graph_message
 from core.names import INBOUND_QUEUE
 from core.ports import MailboxDirectory, WorkQueue
 from core.services.inbound_crm import (
@@ -145,7 +154,7 @@ class MailGateway(Protocol):
     async def get_message(self, mailbox: str, message_id: str, *, with_attachments: bool = True
                           ) -> dict[str, Any]: ...
 
-    async def get_item_attachment(self, mailbox: str, message_id: str, attachment_id: str) -> dict[str, Any]: ...
+    async def get_attachment_mime(self, mailbox: str, message_id: str, attachment_id: str) -> bytes: ...
 
     async def get_attachment_contents(self, mailbox: str, message_id: str,
                                       attachments: Sequence[Mapping[str, Any]]) -> AttachmentContents: ...
@@ -200,7 +209,7 @@ def _needs_content(attachment: object, limit: int) -> bool:
     if not isinstance(attachment, Mapping) or not attachment.get("id") or "contentBytes" in attachment:
         return False
     if str(attachment.get("@odata.type", "")).lower() != "#microsoft.graph.fileattachment":
-        return False  # item attachments are fetched by _fetch; reference attachments have no content
+        return False  # item attachments are read as MIME by _attached_messages; reference ones have no content
     name = str(attachment.get("name") or "").lower()
     if str(attachment.get("contentType") or "").lower() == "message/rfc822" or name.endswith(".eml"):
         return True
@@ -297,6 +306,7 @@ class InboundProcessor:
         try:
             data = await self._fetch(item, counters)
             data = await self._attachment_contents(item, data, org, counters)
+            attached = await self._attached_messages(item, data, mailbox, counters)
         except GraphNotFound:
             return await self._terminal(item, LedgerOutcome.GONE, "gone", "the message no longer exists in the "
                                         "mailbox (deleted or moved before it was processed)", record_status=False)
@@ -307,7 +317,8 @@ class InboundProcessor:
 
         try:
             message = normalize_graph_message(mailbox.address, data, folder_kind_of(item.folder),
-                                              item.folder if folder_kind_of(item.folder) is FolderKind.OTHER else "")
+                                              item.folder if folder_kind_of(item.folder) is FolderKind.OTHER else "",
+                                              attached_mime=attached)
         except InvalidMessage as exc:
             return await self._permanent(item, None, "invalid_message", exc.reason, tag=(mailbox.address, []))
 
@@ -325,22 +336,25 @@ class InboundProcessor:
 
     async def _fetch(self, item: InboundItem, counters: _Counters) -> dict[str, Any]:
         counters.graph += 1
-        data = await self.mail.get_message(item.mailbox, item.message_id)
-        # A forward wrapper's original is an item attachment. `$expand=attachments` does not always include the
-        # attached item itself: fetch it (one call per item attachment, forward sinks only).
+        return await self.mail.get_message(item.mailbox, item.message_id)
+
+    async def _attached_messages(self, item: InboundItem, data: Mapping[str, Any], mailbox: MailboxConfig,
+                                 counters: _Counters) -> dict[str, bytes]:
+        """A forward wrapper's original is an item attachment; ``$expand=attachments`` leaves the item out and an
+        expanded item has default properties only (no headers: no In-Reply-To/References, no Auto-Submitted, no
+        loop marker). Its raw MIME (``$value``) has them all: one call per item attachment, in sinks only (anywhere
+        else an attached Outlook item is not stored in CRM)."""
         attachments = data.get("attachments")
-        if isinstance(attachments, list):
-            expanded: list[Any] = []
-            for attachment in attachments:
-                if (isinstance(attachment, dict)
-                        and str(attachment.get("@odata.type", "")).lower() == "#microsoft.graph.itemattachment"
-                        and not attachment.get("item") and attachment.get("id")):
-                    counters.graph += 1
-                    attachment = await self.mail.get_item_attachment(item.mailbox, item.message_id,
-                                                                     str(attachment["id"]))
-                expanded.append(attachment)
-            data = {**data, "attachments": expanded}
-        return data
+        if mailbox.kind is not MailboxKind.FORWARD_SINK or not isinstance(attachments, list):
+            return {}
+        found: dict[str, bytes] = {}
+        for attachment in attachments[:LIMITS.max_attachments]:
+            if (isinstance(attachment, dict) and attachment.get("id")
+                    and str(attachment.get("@odata.type", "")).lower() == "#microsoft.graph.itemattachment"):
+                counters.graph += 1
+                found[str(attachment["id"])] = await self.mail.get_attachment_mime(
+                    item.mailbox, item.message_id, str(attachment["id"]))
+        return found
 
     async def _attachment_contents(self, item: InboundItem, data: dict[str, Any], org: OrgEmailSettings,
                                    counters: _Counters) -> dict[str, Any]:
@@ -383,6 +397,9 @@ class InboundProcessor:
                 await self._record(item, message, plan, LedgerOutcome.SKIPPED)
                 return ProcessResult(f"skipped:{plan.stage}:{plan.code}", graph_calls=counters.graph,
                                      crm_requests=counters.crm)
+            existing = already_in_crm(plan, context.correlation)
+            if existing is not None:
+                return await self._already_tracked(item, message, plan, existing, counters)
             try:
                 counters.crm += 1
                 written = await self.crm.write(plan)
@@ -418,6 +435,17 @@ class InboundProcessor:
         return ProcessResult(outcome.value, activity_id=str(plan.activity_id), graph_calls=counters.graph,
                              crm_requests=counters.crm)
 
+    async def _already_tracked(self, item: InboundItem, message: MailMessage, plan: TrackEmail, existing: KnownEmail,
+                               counters: _Counters) -> ProcessResult:
+        """The Message-ID is in CRM already (the loop guard): written by someone, most often the router's own send
+        coming back from Sent Items or through a forward rule. Nothing is written; the wrapper/category steps run as
+        after a write."""
+        await self._after_write(item, message, plan, counters)
+        await self._record(item, message, plan, LedgerOutcome.ALREADY_TRACKED, activity_id=str(existing.activity_id),
+                           note=f"CRM email {existing.activity_id} already has this Message-ID: not written again")
+        return ProcessResult(LedgerOutcome.ALREADY_TRACKED.value, activity_id=str(existing.activity_id),
+                             graph_calls=counters.graph, crm_requests=counters.crm)
+
     @staticmethod
     def _tag_target(message: MailMessage, plan: InboundPlan) -> tuple[str, list[str]] | None:
         # For a forward sink, the wrapper is the Outlook item we can tag (the original is only an attachment).
@@ -446,16 +474,19 @@ class InboundProcessor:
     # -- outcomes ---------------------------------------------------------------------------------------------
 
     async def _record(self, item: InboundItem, message: MailMessage, plan: InboundPlan, outcome: LedgerOutcome,
-                      *, note: str | None = None) -> None:
+                      *, note: str | None = None, activity_id: str | None = None) -> None:
         record = decision_record(message, plan)
         record["source"] = item.source
         if note:
             record["note"] = note
             record["outcome"] = outcome.value
+        if activity_id is not None:
+            record["activityId"] = activity_id
         await self.decisions.record(item.mailbox, item.message_id, record)
         await self.ledger.put(LedgerEntry(
             item.mailbox, item.message_id, outcome,
-            activity_id=str(plan.activity_id) if isinstance(plan, TrackEmail) else "",
+            activity_id=activity_id if activity_id is not None else
+            str(plan.activity_id) if isinstance(plan, TrackEmail) else "",
             internet_message_id=message.internet_message_id or "",
             reason=record["outcome"], at=self.clock()))
 

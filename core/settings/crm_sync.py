@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -45,6 +45,7 @@ __all__ = [
     "CrmSyncService",
     "SyncPlan",
     "SyncReport",
+    "UserDirectory",
     "crm_mailboxes",
     "org_crm_values",
     "plan_org_sync",
@@ -68,6 +69,12 @@ MAILBOX_SELECT = ("mailboxid", "emailaddress", "_regardingobjectid_value", "inco
                   "processemailreceivedafter", "statecode")
 USERSETTINGS_SELECT = ("systemuserid", "incomingemailfilteringmethod")
 ORG_SELECT = tuple(k.crm for k in ORG_KEYS if k.crm)
+
+
+class UserDirectory(Protocol):
+    """Mailbox address -> Entra object id (``core.adapters.graph.GraphMailClient.find_user_ids`` fits)."""
+
+    async def find_user_ids(self, addresses: Sequence[str]) -> dict[str, str]: ...
 
 
 class CrmSource(Protocol):
@@ -307,6 +314,7 @@ class CrmSyncService:
         org: RowStore,
         status: RowStore | None = None,
         *,
+        users: UserDirectory | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         page_size: int = 500,
         write_concurrency: int = 16,
@@ -315,6 +323,7 @@ class CrmSyncService:
         self._mailboxes = mailboxes
         self._org = org
         self._status = status
+        self._users = users
         self._clock = clock
         self._page_size = page_size
         self._gate = asyncio.Semaphore(write_concurrency)
@@ -340,6 +349,7 @@ class CrmSyncService:
 
         found, errors = crm_mailboxes(users, queues, mailboxes, usersettings)
         existing = [row async for row in self._mailboxes.list_partition(MAILBOX_PARTITION)]
+        found = await self._with_graph_user_ids(found, existing, errors)
         plan = plan_sync(found, existing, now)
         plan.report.errors.extend(errors)
         org_writes = plan_org_sync(org_crm_values(orgs[0]) if orgs else {},
@@ -373,6 +383,30 @@ class CrmSyncService:
         return report
 
 
+    async def _with_graph_user_ids(self, found: list[CrmMailbox], existing: Sequence[Mapping[str, Any]],
+                                   errors: list[str]) -> list[CrmMailbox]:
+        """``CrmGraphUserId`` for each mailbox not resolved yet: its Entra object id, found by address in the
+        directory (mail, UPN, then proxy addresses). Graph documents ``/users/{id | userPrincipalName}`` only, and
+        CRM holds the primary SMTP address, which can differ from the UPN (audit graph-fidelity #3). Resolved once:
+        an object id never changes; clear the column (or set ``OverrideGraphUserId``) to change it."""
+        if self._users is None:
+            return found
+        resolved = {str(r.get("RowKey", "")): r.get("CrmGraphUserId") for r in existing}
+        missing = [m.address for m in found if not resolved.get(row_key(m.address))]
+        if not missing:
+            return found
+        try:
+            ids = await self._users.find_user_ids(missing)
+        except Exception as exc:  # no User.Read.All, Graph down: the sync of CRM values goes on
+            errors.append(f"Graph directory lookup failed ({type(exc).__name__} {getattr(exc, 'status', '')}): "
+                          f"{len(missing)} mailbox(es) stay addressed by their SMTP address (needs User.Read.All)")
+            return found
+        errors.extend(f"{a}: no Entra user has this address (mail, UPN or proxy address); Graph calls use the "
+                      "address" for a in missing if a not in ids)
+        return [replace(m, columns={**m.columns, "CrmGraphUserId": ids[m.address]}) if m.address in ids else m
+                for m in found]
+
+
 # ------------------------------------------------------------------------------------------------ wiring
 
 
@@ -381,7 +415,7 @@ def sync_service_for(container: Any) -> CrmSyncService:
 
     storage = container.storage
     return CrmSyncService(container.dataverse, storage.table(MAILBOXES_TABLE), storage.table(ORG_SETTINGS_TABLE),
-                          storage.table(MAILBOX_STATUS_TABLE))
+                          storage.table(MAILBOX_STATUS_TABLE), users=container.graph)
 
 
 def sync_due(last_run: datetime | None, now: datetime, interval_minutes: int) -> bool:

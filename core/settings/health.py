@@ -4,10 +4,13 @@ Per mailbox the probe checks what the router needs for that mailbox's methods:
 
 * ``graph_read`` (inbound individual, forward sinks): list one message of the Inbox.
 * ``forward_rule`` (forward users): the user's Inbox has a rule forwarding as attachment to their sink.
-* ``graph_send`` (outbound = router): the Graph token carries the ``Mail.Send`` application role **and** a draft can
-  be created and deleted in the mailbox (proves the mailbox is inside the app's access-policy scope and writable).
-  Nothing is sent: SSS sends a test mail to the user, which clutters mailboxes; Graph has no "may I send" query, and
-  an application access policy scopes all Mail.* roles of the app alike, so role + mailbox scope is the check.
+* ``graph_send`` (outbound = router): a draft can be created and deleted in the mailbox (proves Mail.ReadWrite and
+  that the mailbox is inside the app's scope: the router's outbound creates a draft, then sends it). Mail.Send is
+  shown by the token's ``roles`` when granted in Entra; with Exchange RBAC for Applications the grant lives in
+  Exchange and the token has no Mail.* roles (auth-limit-mailbox-access), so absent roles are *unknown*, not a
+  failure: the router's own sends prove it (``LastOutboundSentAt`` on the status row), and a send refused with 403
+  after the last good one fails the check. Nothing is sent by the probe: SSS sends a test mail to the user, which
+  clutters mailboxes, and Graph has no "may I send" query.
 * ``subscription`` (inbound individual, sinks): a subscription row for the mailbox exists and has not expired.
 * ``crm_owner``: the CRM user/queue (or the sink's mailbox record) exists, is enabled, and is approved when the org
   requires approval (crm-ref §2.3).
@@ -58,6 +61,7 @@ __all__ = [
     "crm_mailbox_update",
     "health_service_for",
     "next_state",
+    "send_permission",
     "token_roles",
 ]
 
@@ -225,6 +229,42 @@ def crm_mailbox_update(outcome: ProbeOutcome, now: datetime) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True)
+class SendPermission:
+    ok: bool
+    detail: str
+
+
+def send_permission(roles: frozenset[str] | None, status_row: Mapping[str, Any] | None) -> SendPermission:
+    """What is known about Mail.Send for one mailbox, without sending anything. Pure (unit-tested).
+
+    The token's ``roles`` show Entra grants only; an Exchange RBAC for Applications grant is invisible there
+    (auth-limit-mailbox-access), so a missing role is unknown, and the router's own sends decide: the last one went
+    through (``LastOutboundSentAt``), or it was refused with 403 (``LastOutboundError`` after that)."""
+    if roles is not None and "Mail.Send" in roles:
+        return SendPermission(True, "Mail.Send granted (token)")
+    row = status_row or {}
+    sent, failed = _when(row.get("LastOutboundSentAt")), _when(row.get("LastOutboundErrorAt"))
+    error = str(row.get("LastOutboundError") or "")
+    if failed is not None and "403" in error and (sent is None or failed > sent):
+        return SendPermission(False, f"the last send was refused: {error[:200]}")
+    if sent is not None:
+        return SendPermission(True, f"Mail.Send proven by a send at {format_value(sent)}")
+    return SendPermission(True, "Mail.Send not in the token (granted in Exchange with RBAC for Applications?): "
+                                "not proven until the first send")
+
+
+def _when(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        return _aware(value)
+    if isinstance(value, str) and value:
+        try:
+            return _aware(parse_datetime(value))
+        except ValueError:
+            return None
+    return None
+
+
 def token_roles(token: str) -> frozenset[str]:
     """The ``roles`` claim of our own access token (read, not verified: the token came from our identity provider
     and only tells us what we were granted)."""
@@ -289,6 +329,7 @@ class _Context:
     router: RouterSettings
     subscriptions: dict[str, list[Any]] = field(default_factory=dict)
     roles: frozenset[str] | None = None
+    status_rows: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # MailboxStatus rows by RowKey
 
 
 class MailboxHealthService:
@@ -330,6 +371,7 @@ class MailboxHealthService:
         now = self._clock()
         ctx = await self._context()
         states = {str(r.get("RowKey")): r async for r in self._status.list_partition(MAILBOX_PARTITION)}
+        ctx.status_rows = states
         outcomes: list[ProbeOutcome] = []
         for mailbox in await self._settings.list_mailboxes():
             state = ProbeState.from_row(states.get(row_key(mailbox.address)))
@@ -352,7 +394,9 @@ class MailboxHealthService:
             row: Mapping[str, Any] | None = await self._status.get(MAILBOX_PARTITION, row_key(mailbox.address))
         except KeyError:  # EntityNotFoundError is a KeyError
             row = None
-        return await self._probe(mailbox, ProbeState.from_row(row), await self._context(), crm_write=crm_write)
+        ctx = await self._context()
+        ctx.status_rows = {row_key(mailbox.address): row} if row else {}
+        return await self._probe(mailbox, ProbeState.from_row(row), ctx, crm_write=crm_write)
 
     async def probe_all(self, *, crm_write: bool = False,
                         progress: Callable[[int, int], None] | None = None) -> list[ProbeOutcome]:
@@ -360,6 +404,7 @@ class MailboxHealthService:
         crashes is reported as a failing outcome for that mailbox; the others go on."""
         ctx = await self._context()
         states = {str(r.get("RowKey")): r async for r in self._status.list_partition(MAILBOX_PARTITION)}
+        ctx.status_rows = states
         mailboxes = sorted(await self._settings.list_mailboxes(), key=lambda m: m.address)
         outcomes: list[ProbeOutcome] = []
         for done, mailbox in enumerate(mailboxes, start=1):
@@ -415,18 +460,19 @@ class MailboxHealthService:
                            f"no enabled inbox rule forwards as attachment to {sink} (emailrouter forward-rules deploy)")
 
     async def _check_graph_send(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
-        if ctx.roles is not None and "Mail.Send" not in ctx.roles:
-            return CheckResult("graph_send", False, "the app's token has no Mail.Send application role", 403)
         try:
             draft = await self._graph.create_draft(mailbox.address, {"subject": PROBE_SUBJECT,
                                                                      "body": {"contentType": "text", "content": ""}})
         except Exception as exc:
-            return _graph_failure("graph_send", "cannot create a draft (mailbox outside the app's scope?)", exc)
+            return _graph_failure("graph_send", "cannot create a draft: Mail.ReadWrite missing or the mailbox is "
+                                                "outside the app's scope", exc)
         try:
             await self._graph.delete_message(mailbox.address, str(draft.get("id", "")))
         except Exception as exc:
             return _graph_failure("graph_send", "draft created but could not be deleted", exc)
-        return CheckResult("graph_send", True, "Mail.Send granted; draft created and deleted")
+        verdict = send_permission(ctx.roles, ctx.status_rows.get(row_key(mailbox.address)))
+        return CheckResult("graph_send", verdict.ok, f"draft created and deleted (Mail.ReadWrite); {verdict.detail}",
+                           0 if verdict.ok else 403)
 
     async def _check_subscription(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
         records = ctx.subscriptions.get(mailbox.address, [])

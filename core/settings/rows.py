@@ -211,6 +211,18 @@ def parse_optional_address(value: object) -> str:
     return normalise_address(value)
 
 
+def parse_graph_user(value: object) -> str:
+    """An Entra object id (GUID) or a user principal name: the two keys of ``/users/{id | userPrincipalName}``."""
+    text = str(value).strip()
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        pass
+    if "@" in text and not any(c.isspace() or c in "/?#" for c in text):
+        return text.lower()
+    raise ValueError(f"{text!r} is neither an object id (GUID) nor a user principal name")
+
+
 # ------------------------------------------------------------------------------------------------ mailbox fields
 
 
@@ -248,6 +260,9 @@ FIELDS: Final[tuple[FieldSpec, ...]] = (
               "--folders"),
     FieldSpec("Enabled", parse_bool, False, "router master switch for this mailbox (false = ignore it)",
               "--enabled"),
+    FieldSpec("GraphUserId", parse_graph_user, True,
+              "Entra object id (or UPN) the router addresses the mailbox by in Graph; resolved from the address at "
+              "CRM sync (User.Read.All)", "--graph-user-id"),
 )
 _BY_NAME: Final[Mapping[str, FieldSpec]] = {f.name.lower(): f for f in FIELDS}
 
@@ -382,6 +397,7 @@ def parse_mailbox_row(entity: Mapping[str, Any], router: RouterSettings | None =
         approval=get("Approval", ApprovalStatus.EMPTY),
         queue_owner=CrmRecordRef("systemuser", queue_owner_id) if queue_owner_id and kind is MailboxKind.QUEUE
         else None,
+        graph_user_id=get("GraphUserId", None),
     )
 
 
