@@ -63,7 +63,8 @@ async def test_message_get_expands_attachments_and_the_extended_properties(seen:
     await client(handler).get_message("alice@contoso.example", "m1")
     query = parse_qs(urlsplit(str(seen[0].url)).query)
     expand = query["$expand"][0]
-    assert expand.startswith("attachments,singleValueExtendedProperties($filter=")
+    assert expand.startswith("attachments($select=id,name,contentType,size,isInline),"
+                             "singleValueExtendedProperties($filter=")
     for prop in ("String 0x1042", "String 0x1039", LOOP_MARKER_PROPERTY):
         assert f"id eq '{prop}'" in expand
     assert "internetMessageHeaders" in query["$select"][0].split(",")
