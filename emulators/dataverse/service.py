@@ -76,7 +76,8 @@ class Options:
     sendemail_outcome: dict[int, str] = field(default_factory=lambda: {0: "error", 1: "pending", 2: "pending"})
     email_party_masks: tuple[int, ...] = (1, 2, 3, 4)  # 8 Regarding / 9 Owner are platform-maintained -> rejected
     allow_state_on_create: bool = True  # statecode/statuscode in the create POST (NOT VERIFIED): accepted if valid
-    tracking_counter_digits: int = 3  # counter width; organization.maximumtrackingnumber = 10**digits - 1
+    # counter width when organization.maximumtrackingnumber is unset (the seed sets 999: three digits)
+    tracking_counter_digits: int = 3
 
 
 @dataclass
@@ -986,8 +987,11 @@ class Dataverse:
                 if want("Microsoft.Dynamics.CRM.lookuplogicalname"):
                     out[f"{key}@Microsoft.Dynamics.CRM.lookuplogicalname"] = kind
                 if want("Microsoft.Dynamics.CRM.associatednavigationproperty"):
-                    nav = col.name if len(col.targets) == 1 or col.name == "ownerid" else f"{col.name}_{kind}"
-                    out[f"{key}@Microsoft.Dynamics.CRM.associatednavigationproperty"] = nav
+                    # The declared single-valued navigation property for this column and target (what a client
+                    # binds to write the same lookup), e.g. regardingobjectid_contact_email.
+                    nav = self._associated_nav(ent, col.name, kind)
+                    if nav is not None:
+                        out[f"{key}@Microsoft.Dynamics.CRM.associatednavigationproperty"] = nav
                 target_ent = ENTITIES.get(kind)
                 if target_ent is not None and want(fv):
                     target = self.store.get(target_ent, value)
@@ -995,6 +999,12 @@ class Dataverse:
                         formatted = target.get(target_ent.primary_name)
         if formatted is not None and want(fv):
             out[f"{key}@{fv}"] = formatted
+
+    def _associated_nav(self, ent: EntityDef, column: str, target: str) -> str | None:
+        for nav in self.navs(ent).values():
+            if nav.column == column and target in nav.targets:
+                return nav.name
+        return None
 
     def _expand(self, req: ApiRequest, ent: EntityDef, row: Row, item: ExpandItem, prefer: Prefer) -> Any:
         if item.nav.endswith("/$ref"):
@@ -1040,29 +1050,33 @@ class Dataverse:
     def next_tracking_token(self, user_id: str) -> str:
         """Prefix + online digit (0) + user number (trackingtokeniddigits) + per-user counter, wrapping to 0.
 
-        crm-email-behaviour.md §6.2: "4 character prefix and a 7-digit identifier" by default (CRM:0 001 001);
-        the counter restarts at 000 after 999. The user number is trackingtokenidbase + the user's ordinal.
+        crm-email-behaviour.md §6.2: "4 character prefix and a 7-digit identifier" by default (CRM:0 001 001).
+        The counters live where the reference puts them (audit dataverse-fidelity §2): the user's number in
+        ``usersettings.trackingtokenid``, the next counter value in ``usersettings.nexttrackingnumber``, and the
+        counter recycles after ``organization.maximumtrackingnumber`` (its width is the counter's digit count).
         """
         org = self.organization()
-        org_ent, user_ent = ENTITIES["organization"], ENTITIES["systemuser"]
+        org_ent, settings_ent = ENTITIES["organization"], ENTITIES["usersettings"]
         prefix = str(org.get("trackingprefix") or "CRM:").split(";")[0]
         digits = int(org.get("trackingtokeniddigits") or 3)
-        counter_digits = self.options.tracking_counter_digits
-        user = self.store.get(user_ent, user_id)
-        if user is None:
+        maximum = int(org.get("maximumtrackingnumber") or (10 ** self.options.tracking_counter_digits - 1))
+        counter_digits = len(str(maximum))
+        if self.store.get(ENTITIES["systemuser"], user_id) is None:
             raise DataverseError.does_not_exist("systemuser", user_id)
-        number = user.get("~trackingnumber")
+        settings = self.store.get(settings_ent, user_id)
+        if settings is None:
+            raise DataverseError.does_not_exist("usersettings", user_id)
+        number = settings.get("trackingtokenid")
         if number is None:
             ordinal = int(org.get("~nextuserordinal") or 1)
             org["~nextuserordinal"] = ordinal + 1
             number = int(org.get("trackingtokenidbase") or 0) + ordinal
-            user["~trackingnumber"] = number
-        counter = (int(user.get("~trackingcounter") or 0) + 1) % (10 ** counter_digits)
-        user["~trackingcounter"] = counter
-        org["nexttrackingnumber"] = counter
-        self.store.replace(user_ent, user_id, user)
-        self.store.replace(org_ent, org["organizationid"], org)
-        return f"{prefix}0{number:0{digits}d}{counter:0{counter_digits}d}"
+            settings["trackingtokenid"] = number
+            self.store.replace(org_ent, org["organizationid"], org)
+        counter = int(settings.get("nexttrackingnumber") or 1)
+        settings["nexttrackingnumber"] = counter % maximum + 1
+        self.store.replace(settings_ent, user_id, settings)
+        return f"{prefix}0{int(number):0{digits}d}{counter % (maximum + 1):0{counter_digits}d}"
 
     def get_tracking_token(self, req: ApiRequest, caller: Caller) -> ApiResponse:
         body = self._body(req)
