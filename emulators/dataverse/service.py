@@ -73,7 +73,9 @@ class Options:
     missing_bind_code: str = "0x80040217"
     # SendEmail IssueSend=true outcome by the sender's outgoingemaildeliverymethod: "pending" (statecode 1 /
     # statuscode 6), "sent" (1/3) or "error" (400).
-    sendemail_outcome: dict[int, str] = field(default_factory=lambda: {0: "error", 1: "pending", 2: "pending"})
+    # NOT VERIFIED: the only source (crm-email-behaviour.md §13.6, a support blog) says such emails stay in Pending
+    # Send when the mailbox is not set up, so method 0 defaults to "pending" too; "error" is the stricter option.
+    sendemail_outcome: dict[int, str] = field(default_factory=lambda: {0: "pending", 1: "pending", 2: "pending"})
     email_party_masks: tuple[int, ...] = (1, 2, 3, 4)  # 8 Regarding / 9 Owner are platform-maintained -> rejected
     allow_state_on_create: bool = True  # statecode/statuscode in the create POST (NOT VERIFIED): accepted if valid
     # counter width when organization.maximumtrackingnumber is unset (the seed sets 999: three digits)
