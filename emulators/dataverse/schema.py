@@ -416,20 +416,6 @@ def _queue() -> EntityDef:
     )
 
 
-def _usersettings() -> EntityDef:
-    return EntityDef(
-        "usersettings", "usersettingscollection", "systemuserid", "systemuserid", 150,
-        _cols(
-            Column("systemuserid", GUID), _o("incomingemailfilteringmethod", FILTERING), _i("timezonecode"),
-            _i("uilanguageid"), _i("localeid"), _lk("businessunitid", "businessunit", ro=True),
-            # Tracking-token counters (audit dataverse-fidelity §2: usersettings.md has both columns).
-            _i("trackingtokenid", lo=0), _i("nexttrackingnumber", lo=0),
-            _d("createdon", ro=True), _d("modifiedon", ro=True), Column("versionnumber", INT, read_only=True),
-        ),
-        ownership="None", creatable=False,
-    )
-
-
 def _organization() -> EntityDef:
     return EntityDef(
         "organization", "organizations", "organizationid", "name", 1019,
@@ -483,7 +469,7 @@ def _all() -> list[EntityDef]:
                   _o("servertype", {0: "Exchange", 1: "Other (POP/SMTP)", 3: "Exchange Online (Hybrid)",
                                     4: "Exchange Online", 5: "Gmail"}),
                   _s("incomingserverlocation", 2048), _s("outgoingserverlocation", 2048))
-    hand = [_contact(), _account(), _lead(), _systemuser(), _queue(), _usersettings(), _organization(), opp, inc, bu,
+    hand = [_contact(), _account(), _lead(), _systemuser(), _queue(), _organization(), opp, inc, bu,
             team, esp]
     return _page_entities() + [_hand_written(e) for e in hand]
 
