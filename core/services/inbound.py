@@ -566,6 +566,7 @@ def processor_for(container: Container) -> InboundProcessor:
     if processor is None:
         from core.adapters.inbound_state import InboundState
         from core.services.inbound_crm import DataverseInboundCrm
+        from core.services.org_schema import org_schema_for
 
         state = InboundState.for_container(container)
         processor = InboundProcessor(
@@ -573,6 +574,8 @@ def processor_for(container: Container) -> InboundProcessor:
             crm=DataverseInboundCrm(
                 container.dataverse,
                 party_ttl=float(container.settings.integer("CRM_PARTY_CACHE_SECONDS", minimum=0)),
+                correlation_days=container.settings.integer("CRM_CORRELATION_DAYS", minimum=0),
+                schema=org_schema_for(container),
             ),
             mailboxes=container.mailbox_directory,
             ledger=state.ledger, decisions=state.decisions, status=state.status, poison=state.poison,
