@@ -44,7 +44,7 @@ def outbound_service() -> OutboundService:
 
             settings = OutboundSettings.from_settings(container.settings)
             service = OutboundService(
-                crm=DataverseOutboundCrm(container.dataverse, record_via_reopen=settings.record_via_reopen),
+                crm=DataverseOutboundCrm(container.dataverse),
                 ledger=TableOutboundLedger(container.storage),
                 directory=container.mailbox_directory,
                 mail=container.graph,

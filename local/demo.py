@@ -43,6 +43,7 @@ from typing import IO, Any, Final
 
 import httpx
 
+from core.domain.identity import outbound_activity_id
 from local import demo_org
 from local.demo_org import CASE, CONTACTS, LEADS, OPPORTUNITY, QUEUE, QUEUE_OWNER, SINK, person
 from local.send_test_mail import build_message, send_mail
@@ -482,12 +483,17 @@ def build_scenarios(mails: Mapping[str, InboundMail]) -> list[Scenario]:
             if row.get("deliveryattempts"):
                 detail += f", {row.get('deliveryattempts')} attempt(s)"
             return Outcome(False, detail), None
-        mid = str(row.get("messageid") or "")
         token = str(row.get("trackingtoken") or "")
-        out = [m for m in await org.outbox() if str(m.get("messageId", "")).strip("<>") == mid.strip("<>")]
+        # CRM keeps no messageid for sent mail (the email is never re-opened); the router's Message-ID names the
+        # CRM email (core.domain.identity.outbound_message_id), the tracking token is in the subject.
+        out = [m for m in await org.outbox()
+               if str(outbound_activity_id(str(m.get("messageId", "")))) == str(sent["activityid"])
+               or (token and token in str(m.get("subject", "")))]
         if not out:
-            return Outcome(False, f"CRM Sent, messageid {mid or '-'}; not in the outbox"), None
+            return Outcome(False, f"CRM Sent (token {token or '-'}); not in the outbox"), None
         msg = out[0]
+        mid = str(msg.get("messageId") or "")
+        ctx.setdefault("sent_message_ids", {})[key] = mid
         sent_items = await org.graph_get(f"users/{alice.object_id}/mailFolders/sentitems/messages", {
             "$filter": f"internetMessageId eq '{mid}'", "$select": "id,subject"})
         in_sent = bool(sent_items.get("value"))
@@ -716,12 +722,11 @@ async def run_scenario(stack: Mapping[str, Any], deadline: float, say: Callable[
         # 4. the external replies, once the outbound mails left (the loop closes)
         await _poll(scenarios, org, ctx, ["o1", "o2"], min(deadline, time.monotonic() + 60), scan)
         if "o1" in state and by_key["o1"].outcome.passed:
-            sent = await org.email(state["o1"]["activityid"])
             reply = InboundMail("reply-inreplyto", fiona.email, (person("alice").address,), "Re: Rollout plan",
                                 "Thanks Alice, looks good.", "Fiona Fabrikam", message_id=_mid("reply-irt"))
             msg = build_message(sender=reply.sender, sender_name=reply.sender_name, to=reply.to,
                                 subject=reply.subject, body=reply.body, message_id=reply.message_id,
-                                in_reply_to=str(sent.get("messageid")))
+                                in_reply_to=str(ctx.get("sent_message_ids", {}).get("o1") or ""))
             await asyncio.to_thread(send_mail, org.smtp, msg)
             mails[reply.key] = reply
         if "o2" in state and by_key["o2"].outcome.passed:

@@ -38,7 +38,7 @@ from core.adapters.dataverse import (
 )
 from core.adapters.odata import BatchRequest, BatchResponse, ChangeSet, build_query, in_, or_
 from core.domain.correlation import CorrelationKeys, CorrelationLookup, KnownEmail
-from core.domain.identity import canonical_message_id
+from core.domain.identity import canonical_message_id, outbound_activity_id
 from core.domain.inbound import (
     TrackEmail,
     plan_attachment_rows,
@@ -172,6 +172,16 @@ def party_candidates(spec: PartyTable, row: Mapping[str, Any]) -> tuple[list[str
     )
     addresses = [str(row[c]).strip().lower() for c in spec.address_columns if row.get(c)]
     return addresses, candidate
+
+
+def _router_message_ids(message_ids: Sequence[str]) -> dict[str, str]:
+    """activity id -> Message-ID for the ids among ``message_ids`` that the router chose for mail it sent."""
+    found: dict[str, str] = {}
+    for message_id in message_ids:
+        activity_id = outbound_activity_id(message_id)
+        if activity_id is not None:
+            found.setdefault(str(activity_id), message_id)
+    return found
 
 
 def known_email(row: Mapping[str, Any]) -> KnownEmail | None:
@@ -346,10 +356,15 @@ class DataverseInboundCrm:
         return out
 
     @staticmethod
-    def _email_request(message_ids: Sequence[str], tokens: Sequence[str], indexes: Sequence[str]) -> BatchRequest:
+    def _email_request(message_ids: Sequence[str], tokens: Sequence[str], indexes: Sequence[str],
+                       activity_ids: Sequence[str] = ()) -> BatchRequest:
         conditions = []
         if message_ids:
             conditions.append(in_("messageid", message_ids))
+        if activity_ids:
+            # Message-IDs the router chose for mail it sent name their CRM email (identity.outbound_message_id):
+            # a Sent email keeps no messageid in CRM, so the reply finds it by its activity id.
+            conditions.append(in_("activityid", activity_ids))
         if tokens:
             conditions.append(in_("trackingtoken", tokens))
         if indexes:
@@ -384,8 +399,10 @@ class DataverseInboundCrm:
 
         party_plan = self._party_requests(missing)
         requests = [req for _, req in party_plan]
+        sent_by_router = _router_message_ids(missing_keys["m"])
         if any(missing_keys.values()):
-            requests.append(self._email_request(missing_keys["m"], missing_keys["t"], missing_keys["c"]))
+            requests.append(self._email_request(missing_keys["m"], missing_keys["t"], missing_keys["c"],
+                                                sorted(sent_by_router)))
         if requests:
             responses = await self._coalescer.run(requests)
             found: dict[str, list[PartyCandidate]] = {a: [] for a in missing}
@@ -404,7 +421,7 @@ class DataverseInboundCrm:
                 self._parties.put(address, value)
             if any(missing_keys.values()):
                 rows = self._rows(responses[len(party_plan)])
-                self._remember_emails(rows, missing_keys, known)
+                self._remember_emails(rows, missing_keys, known, sent_by_router)
 
         lookup = CorrelationLookup(
             by_message_id={k[2:]: v for k, v in known.items() if k.startswith("m:") and v is not None},
@@ -425,7 +442,8 @@ class DataverseInboundCrm:
         return rows
 
     def _remember_emails(self, rows: list[dict[str, Any]], asked: Mapping[str, list[str]],
-                         known: dict[str, KnownEmail | None]) -> None:
+                         known: dict[str, KnownEmail | None], sent_by_router: Mapping[str, str] | None = None
+                         ) -> None:
         # Deterministic choice when several emails share a key: the lowest activity id.
         rows = sorted(rows, key=lambda r: str(r.get("activityid")))
         results: dict[str, KnownEmail] = {}
@@ -433,6 +451,9 @@ class DataverseInboundCrm:
             email = known_email(row)
             if email is None:
                 continue
+            router_id = (sent_by_router or {}).get(str(email.activity_id))
+            if router_id is not None:
+                results.setdefault(f"m:{router_id}", email)
             if row.get("messageid"):
                 try:
                     results.setdefault(f"m:{canonical_message_id(str(row['messageid']))}", email)

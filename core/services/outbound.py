@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 # vocabulary of the MailSender port.
 from core.adapters.graph import GraphError
 from core.config import Settings
+from core.domain.identity import outbound_message_id
 from core.domain.model import ApprovalStatus, MailboxConfig, MailboxKind, OrgEmailSettings, OutboundMethod
 from core.domain.outbound import (
     GRAPH_INLINE_LIMIT,
@@ -118,7 +119,10 @@ class OutboundSettings:
     send_settle: timedelta = timedelta(seconds=60)  # after a send attempt, wait this long before re-sending a draft
     finish_retry: timedelta = timedelta(seconds=30)  # delay before retrying a failed "mark Sent"
     save_to_sent_items: bool = True
-    record_via_reopen: bool = True  # see core/services/outbound_crm.py
+    # Give the draft a Message-ID of our own (core.domain.identity.outbound_message_id) before it exists. Graph
+    # documents internetMessageId as updatable while isDraft; whether Exchange Online keeps it on send is NOT
+    # VERIFIED: the router records whatever the draft reports and warns when it differs (docs/outbound.md).
+    choose_message_id: bool = True
 
     def __post_init__(self) -> None:
         if self.lease >= self.sending_timeout:
@@ -138,7 +142,7 @@ class OutboundSettings:
             retry_base=secs("OUTBOUND_RETRY_BASE_SECONDS"),
             retry_max=secs("OUTBOUND_RETRY_MAX_SECONDS"),
             send_settle=secs("OUTBOUND_SEND_SETTLE_SECONDS"),
-            record_via_reopen=settings.flag("OUTBOUND_RECORD_VIA_REOPEN"),
+            choose_message_id=settings.flag("OUTBOUND_CHOOSE_MESSAGE_ID"),
         )
 
     def with_router(self, router: RouterSettings) -> OutboundSettings:
@@ -299,6 +303,7 @@ class _Attempt:
     mailbox: str
     entry: LedgerEntry
     etag: str
+    resumed: bool = False  # an earlier attempt of this send generation may have left a draft
 
 
 # ------------------------------------------------------------------------------------------------ the service
@@ -496,8 +501,10 @@ class OutboundService:
                              Claimed(now))
         claimed = replace(base, phase=Phase.CLAIMED, sender_mailbox=mailbox.address, owner=self._worker,
                           attempts=sending.delivery_attempts, lease_until=now + self.settings.lease,
-                          claimed_at=sending.claimed_at, not_before=None)
-        attempt = _Attempt(email_id, mailbox.address, claimed, "")
+                          claimed_at=sending.claimed_at, not_before=None,
+                          internet_message_id=base.internet_message_id or self._planned_message_id(
+                              email_id, mailbox.address))
+        attempt = _Attempt(email_id, mailbox.address, claimed, "", resumed=not fresh)
         try:
             attempt.etag = await self._ledger.put(replace(claimed, updated_at=now), etag=etag)
         except LedgerConflict:
@@ -510,10 +517,17 @@ class OutboundService:
             log.warning("outbound %s: %s; stopping", email_id, exc)
             return SendResult(SendOutcome.SKIPPED, "lease lost to another worker")
 
+    def _planned_message_id(self, email_id: uuid.UUID, sender: str) -> str:
+        """The Message-ID this send generation will use, recorded with the claim (before any draft exists), so a
+        crash between creating the draft and recording it leaves a draft the retry can find and remove."""
+        if not self.settings.choose_message_id:
+            return ""
+        return outbound_message_id(email_id, uuid.uuid4().hex[:12], sender.rpartition("@")[2])
+
     async def _attempt(self, attempt: _Attempt, loaded: LoadedEmail, mailbox: MailboxConfig) -> SendResult:
         try:
             org = await self._directory.get_org_settings()
-            email = await self._with_inline_content(loaded.email)
+            email = await self._with_inline_content(await self._with_parent_message_id(loaded))
             built = build_outbound_message(email, mailbox, org)
             if isinstance(built, OutboundRejected):
                 return await self._permanent(attempt, f"{built.code.value}: {built.why}", built.code.value)
@@ -531,6 +545,18 @@ class OutboundService:
         except (CrmRejected, ClaimLost) as exc:
             return await self._permanent(attempt, exc.reason, exc.code)
 
+    async def _with_parent_message_id(self, loaded: LoadedEmail) -> CrmOutboundEmail:
+        """A reply composed in CRM to an email the router sent: CRM keeps no ``messageid`` for that parent (the
+        column is for received email and a Sent email is read-only), so the Message-ID Exchange used comes from
+        the ledger; the reply then threads under it (In-Reply-To)."""
+        email = loaded.email
+        if email.in_reply_to or loaded.parent_id is None:
+            return email
+        got = await self._ledger.get(str(loaded.parent_id))
+        if got is None or not got[0].internet_message_id:
+            return email
+        return replace(email, in_reply_to=got[0].internet_message_id)
+
     async def _with_inline_content(self, email: CrmOutboundEmail) -> CrmOutboundEmail:
         """Load the bodies of attachments that travel inside the draft POST (< 3 MB); larger ones are uploaded
         to the draft later, one at a time, so at most one large body is in memory."""
@@ -546,7 +572,7 @@ class OutboundService:
     async def _send(self, attempt: _Attempt, built: OutboundMessage, mailbox: str) -> SendResult:
         entry = attempt.entry
         draft_id = ""
-        if entry.draft_id:
+        if entry.draft_id or (attempt.resumed and entry.internet_message_id):
             verdict, draft_id = await self._resume(attempt, mailbox)
             if verdict == "sent":
                 await self._save(attempt, replace(attempt.entry, phase=Phase.SENT, lease_until=None))
@@ -556,7 +582,9 @@ class OutboundService:
                     attempt, "send outcome not visible yet: the draft is gone and no sent copy was found",
                     "send_unknown", None)
         if not draft_id:
-            draft = await self._mail.create_draft(mailbox, built.graph_message)
+            planned = attempt.entry.internet_message_id
+            message = {**built.graph_message, "internetMessageId": planned} if planned else built.graph_message
+            draft = await self._mail.create_draft(mailbox, message)
             draft_id = str(draft.get("id") or "")
             imid = str(draft.get("internetMessageId") or "")
             if not draft_id:
@@ -564,6 +592,11 @@ class OutboundService:
             if not imid:
                 log.warning("outbound %s: the draft has no internetMessageId; crash recovery will be blind",
                             attempt.email_id)
+                imid = planned
+            elif planned and imid != planned:
+                log.warning("outbound %s: Exchange gave the draft its own Message-ID instead of the chosen one; "
+                            "recorded %s (replies correlate by it only through the tracking token)",
+                            attempt.email_id, imid)
             await self._save(attempt, replace(attempt.entry, phase=Phase.DRAFT, draft_id=draft_id,
                                               internet_message_id=imid, draft_complete=False,
                                               send_attempted_at=None))
@@ -614,7 +647,7 @@ class OutboundService:
         if entry.phase is Phase.DONE:
             attempts = entry.attempts
         try:
-            await self._crm.mark_sent(email_id, message_id=entry.internet_message_id, delivery_attempts=attempts)
+            await self._crm.mark_sent(email_id)
         except EmailGone:
             log.warning("outbound %s: sent, but the CRM email was deleted meanwhile", email_id)
         except OutboundCrmError as exc:

@@ -61,8 +61,14 @@ class Options:
     strict: bool = True  # read-only columns in a payload: strict -> 400, lenient -> silently ignored
     duplicate_status: int = 412  # HTTP status of "Cannot insert duplicate key" (0x80040237)
     # SendEmail IssueSend=true outcome by the sender's outgoingemaildeliverymethod: "pending" (statecode 1 /
-    # statuscode 6), "sent" (1/3) or "error" (400).
-    sendemail_outcome: dict[int, str] = field(default_factory=lambda: {0: "error", 1: "pending", 2: "pending"})
+    # statuscode 6), "sent" (1/3) or "error" (400). NOT VERIFIED for 0 (None): Microsoft Q&A / support blogs say the
+    # email "will stay in Pending Send if email integration and the user's mailbox are not correctly configured",
+    # so the default is "pending" (the router must then leave it alone: the stricter test of the router).
+    sendemail_outcome: dict[int, str] = field(default_factory=lambda: {0: "pending", 1: "pending", 2: "pending"})
+    # The platform fills the read-only senton ("Date Sent") when a state change puts an email in Sent {1,3}: SSS
+    # marks sent mail Sent "through a 'SetState' operation" (SupportArticles-docs sssadminprod.md) and sent mail
+    # shows a Date Sent. NOT VERIFIED directly; False models a platform that leaves it empty.
+    senton_on_sent_status: bool = True
     email_party_masks: tuple[int, ...] = (1, 2, 3, 4)  # 8 Regarding / 9 Owner are platform-maintained -> rejected
     allow_state_on_create: bool = True  # statecode/statuscode in the create POST (NOT VERIFIED): accepted if valid
     tracking_counter_digits: int = 3  # "Digits for incremental message counter": no column confirmed
@@ -735,7 +741,8 @@ class Dataverse:
                         row["statecode"] = st
                         break
             self._apply_state(ent, row, creating=False)
-            if ent.logical_name == "email" and row.get("statuscode") == 3 and before.get("statuscode") != 3:
+            if (ent.logical_name == "email" and row.get("statuscode") == 3 and before.get("statuscode") != 3
+                    and self.options.senton_on_sent_status):
                 row.setdefault("senton", None)
                 row["senton"] = row["senton"] or now_iso()
         if ent.logical_name in ("contact", "lead", "systemuser"):
