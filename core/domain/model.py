@@ -411,6 +411,10 @@ class OrgEmailSettings:
     # newsletters and ticket systems set them on mail users do want tracked (see docs/tracking-rules.md).
     treat_auto_response_suppress_as_auto_reply: bool = False
     treat_precedence_bulk_as_auto_reply: bool = False
+    # Queue items for tracked incoming email (OrgDbOrgSettings of the same names; core/domain/queue_items.py).
+    create_queue_items_for_accepting_queue_recipients: bool = True
+    create_queue_item_for_synchronizing_mailbox: bool = True
+    create_additional_queue_items_for_already_tracked_email: bool = False  # SSSCreateAdditionalQueueItems...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "internal_domains", frozenset(d.lower() for d in self.internal_domains))

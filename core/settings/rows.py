@@ -570,6 +570,15 @@ ORG_KEYS: Final[tuple[OrgKey, ...]] = (
            "X-Auto-Response-Suppress marks automatic mail"),
     OrgKey("TreatPrecedenceBulkAsAutoReply", "org", "treat_precedence_bulk_as_auto_reply", parse_bool,
            "Precedence: bulk marks automatic mail"),
+    # queue items (core/domain/queue_items.py)
+    OrgKey("CreateQueueItemsForAcceptingQueueRecipients", "org", "create_queue_items_for_accepting_queue_recipients",
+           parse_bool, "a queue item for each resolved queue recipient of tracked incoming email"),
+    OrgKey("CreateQueueItemForSynchronizingMailbox", "org", "create_queue_item_for_synchronizing_mailbox",
+           parse_bool, "a queue item for the queue whose mailbox tracked the email (DL member, Bcc)"),
+    OrgKey("CreateAdditionalQueueItemsForAlreadyTrackedEmail", "org",
+           "create_additional_queue_items_for_already_tracked_email", parse_bool,
+           "SSSCreateAdditionalQueueItemsForAlreadyTrackedEmail: the processing queue's item for mail tracked "
+           "from another mailbox first"),
     OrgKey("WrapperRequireInternalAuth", "wrapper", "require_internal_auth", parse_bool,
            "forward wrappers must be submitted inside the tenant"),
     OrgKey("WrapperAuthAsHeader", "wrapper", "auth_as_header", parse_text, "header Exchange stamps on wrappers"),
