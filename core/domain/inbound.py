@@ -43,6 +43,7 @@ from core.domain.model import (
     MailMessage,
     OrgEmailSettings,
 )
+from core.domain.org_schema import DOCUMENTED, OrgSchema
 from core.domain.owner import choose_owner
 from core.domain.parties import (
     Direction,
@@ -76,6 +77,7 @@ __all__ = [
     "plan_email_row",
     "plan_inbound",
     "plan_state_patch",
+    "unbound_relationships",
 ]
 
 EMAIL_SUBJECT_MAX: Final = 800  # email.subject String 800 (dv-ref §2.1)
@@ -86,12 +88,9 @@ ADDRESSUSED_MAX: Final = 320  # activityparty.addressused String 320 (dv-ref §2
 RECEIVED: Final = (1, 4)
 SENT: Final = (1, 3)
 
-# Navigation property names (dv-ref §2.2-§2.3). parentactivityid / receivingmailboxid / acceptingentityid_*:
-# NOT VERIFIED on a live org (community code uses "parentactivityid@odata.bind"; acceptingentityid is polymorphic
-# queue/systemuser, hence the suffixed navs).
-NAV_OWNER: Final = "ownerid"
-NAV_PARENT: Final = "parentactivityid"
-NAV_RECEIVING_MAILBOX: Final = "receivingmailboxid"
+# Navigation property names are the org's (core.domain.org_schema.OrgSchema, read from EntityDefinitions): the row
+# builders below take the schema as a value and bind only what the org declares. The deep-insert collection name is
+# the one-to-many relationship's ReferencedEntityNavigationPropertyName (email.md).
 NAV_PARTIES: Final = "email_activity_parties"
 
 
@@ -200,6 +199,11 @@ class TrackEmail:
     wrapper_graph_id: str | None
     delete_wrapper: bool
     decisions: tuple[Decision, ...]
+    # The CRM email this one correlated to (email.correlatedactivityid, as SSS sets it; audit 1c #21).
+    correlated_activity_id: uuid.UUID | None = None
+    # The navigation property the correlated email's regarding was bound through
+    # (Microsoft.Dynamics.CRM.associatednavigationproperty): binding the copy through the same name is exact.
+    regarding_nav: str | None = None
 
 
 InboundPlan = Skip | TrackEmail
@@ -447,6 +451,9 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
         wrapper_graph_id=wrapper_graph_id,
         delete_wrapper=wrapper_graph_id is not None and context.mailbox.delete_after_processing,
         decisions=tuple(decisions),
+        correlated_activity_id=correlation.matched.activity_id if correlation.matched is not None else None,
+        regarding_nav=(correlation.matched.regarding_nav if correlation.matched is not None
+                       and not tracking.folder_regarding and regarding == correlation.regarding else None),
     )
 
 
@@ -465,20 +472,41 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def _party_row(party: ResolvedParty) -> dict[str, Any]:
+def _bind(row: dict[str, Any], schema: OrgSchema, entity: str, attribute: str, target: CrmRecordRef | str,
+          record_id: uuid.UUID | None = None, *, nav: str | None = None) -> bool:
+    """Add ``<nav>@odata.bind`` when the org declares the relationship; report whether it did. An undeclared
+    relationship is left out (the row stays valid) instead of failing the whole change set with 0x80048d19."""
+    table = target.table if isinstance(target, CrmRecordRef) else target
+    rid = target.id if isinstance(target, CrmRecordRef) else record_id
+    name = nav or schema.nav(entity, attribute, table)
+    path = schema.bind_path(table, rid) if rid is not None else None
+    if isinstance(target, CrmRecordRef) and target.entity_set_override:
+        path = target.bind_path
+    if name is None or path is None:
+        return False
+    row[f"{name}@odata.bind"] = path
+    return True
+
+
+def _party_row(party: ResolvedParty, schema: OrgSchema) -> dict[str, Any]:
     row: dict[str, Any] = {"participationtypemask": int(party.mask),
                            "addressused": party.address.address[:ADDRESSUSED_MAX]}
     if party.record is not None:
-        row[f"partyid_{party.record.table}@odata.bind"] = party.record.bind_path
+        _bind(row, schema, "activityparty", "partyid", party.record)
     return row
 
 
-def plan_email_row(plan: TrackEmail, *, include_read_only_columns: bool = False) -> dict[str, Any]:
+def plan_email_row(plan: TrackEmail, schema: OrgSchema = DOCUMENTED, *,
+                   include_read_only_columns: bool = False) -> dict[str, Any]:
     """The ``POST /emails`` body (dv-ref §2.5): client-set ``activityid``, deep-inserted parties, binds.
+
+    Every bind goes through the navigation property ``schema`` says the org declares; a relationship it does not
+    declare is simply not bound. ``acceptingentityid`` is declared under ONE name for queue and systemuser
+    (email.md), which :meth:`OrgSchema.nav` treats as ambiguous: the router leaves it to the platform.
 
     Created Open/Draft; the state change to Received/Sent is a separate PATCH (:func:`plan_state_patch`) because
     state/status in the create POST is NOT VERIFIED (dv-ref §2.4). ``conversationindex``, ``inreplyto`` and
-    ``senton`` are read-only in the reference (dv-ref §2.1): only sent when ``include_read_only_columns``
+    ``senton`` are read-only in the reference (email.md): only sent when ``include_read_only_columns``
     (an org/emulator that accepts them); ``correlationmethod`` is system-only and never sent.
     """
     row: dict[str, Any] = {
@@ -489,7 +517,7 @@ def plan_email_row(plan: TrackEmail, *, include_read_only_columns: bool = False)
         "messageid": plan.message_id,
         "actualend": _iso(plan.actual_end),
         "prioritycode": plan.priority_code,
-        NAV_PARTIES: [_party_row(p) for p in plan.parties.parties],
+        NAV_PARTIES: [_party_row(p, schema) for p in plan.parties.parties],
     }
     if plan.tracking_token:
         row["trackingtoken"] = plan.tracking_token
@@ -498,15 +526,17 @@ def plan_email_row(plan: TrackEmail, *, include_read_only_columns: bool = False)
     if plan.is_duplicate_sender_unresolved:
         row["isduplicatesenderunresolved"] = True
     if plan.regarding is not None:
-        row[f"regardingobjectid_{plan.regarding.table}_email@odata.bind"] = plan.regarding.bind_path
+        _bind(row, schema, "email", "regardingobjectid", plan.regarding, nav=plan.regarding_nav)
     if plan.owner is not None:
-        row[f"{NAV_OWNER}@odata.bind"] = plan.owner.bind_path
+        _bind(row, schema, "email", "ownerid", plan.owner)
     if plan.parent_activity_id is not None:
-        row[f"{NAV_PARENT}@odata.bind"] = f"/emails({plan.parent_activity_id})"
+        _bind(row, schema, "email", "parentactivityid", "email", plan.parent_activity_id)
+    if plan.correlated_activity_id is not None:
+        _bind(row, schema, "email", "correlatedactivityid", "email", plan.correlated_activity_id)
     if plan.receiving_mailbox_id is not None:
-        row[f"{NAV_RECEIVING_MAILBOX}@odata.bind"] = f"/mailboxes({plan.receiving_mailbox_id})"
-    if plan.accepting_entity is not None and plan.accepting_entity.table in (CrmTable.SYSTEMUSER, CrmTable.QUEUE):
-        row[f"acceptingentityid_{plan.accepting_entity.table}@odata.bind"] = plan.accepting_entity.bind_path
+        _bind(row, schema, "email", "receivingmailboxid", "mailbox", plan.receiving_mailbox_id)
+    if plan.accepting_entity is not None:
+        _bind(row, schema, "email", "acceptingentityid", plan.accepting_entity)
     if include_read_only_columns:
         if plan.conversation_index:
             row["conversationindex"] = plan.conversation_index
@@ -517,19 +547,37 @@ def plan_email_row(plan: TrackEmail, *, include_read_only_columns: bool = False)
     return row
 
 
+def unbound_relationships(plan: TrackEmail, schema: OrgSchema) -> list[str]:
+    """The links of ``plan`` the org declares no navigation property for (logged; a doctor finding)."""
+    wanted: list[tuple[str, str, str]] = []
+    if plan.regarding is not None and plan.regarding_nav is None:
+        wanted.append(("email", "regardingobjectid", plan.regarding.table))
+    if plan.owner is not None:
+        wanted.append(("email", "ownerid", plan.owner.table))
+    if plan.parent_activity_id is not None:
+        wanted.append(("email", "parentactivityid", "email"))
+    if plan.correlated_activity_id is not None:
+        wanted.append(("email", "correlatedactivityid", "email"))
+    if plan.receiving_mailbox_id is not None:
+        wanted.append(("email", "receivingmailboxid", "mailbox"))
+    if plan.accepting_entity is not None:
+        wanted.append(("email", "acceptingentityid", plan.accepting_entity.table))
+    wanted += [("activityparty", "partyid", p.record.table) for p in plan.parties.parties if p.record is not None]
+    return sorted({f"{e}.{a}->{t}" for e, a, t in wanted if schema.nav(e, a, t) is None})
+
+
 def plan_state_patch(plan: TrackEmail) -> dict[str, int]:
     """``PATCH /emails(<id>)`` after the create: Received {1,4} or Sent {1,3} (dv-ref §2.4)."""
     return {"statecode": plan.state_code, "statuscode": plan.status_code}
 
 
-def plan_attachment_rows(plan: TrackEmail) -> list[dict[str, Any]]:
+def plan_attachment_rows(plan: TrackEmail, schema: OrgSchema = DOCUMENTED) -> list[dict[str, Any]]:
     """``POST /activitymimeattachments`` bodies (dv-ref §3), each with a deterministic id; created before the
     state change (completed email is read-only)."""
     rows: list[dict[str, Any]] = []
     for attachment in plan.attachments:
         row: dict[str, Any] = {
             "activitymimeattachmentid": str(attachment.attachment_id),
-            "objectid_email@odata.bind": f"/emails({plan.activity_id})",
             "objecttypecode": "email",
             "filename": attachment.filename,
             "mimetype": attachment.mimetype,
@@ -537,11 +585,14 @@ def plan_attachment_rows(plan: TrackEmail) -> list[dict[str, Any]]:
         }
         if attachment.content_id:
             row["attachmentcontentid"] = attachment.content_id[:250]
-        rows.append(row)
+        # objectid_email (activitymimeattachment.md); an attachment that can't be tied to its email is useless,
+        # so an org without that relationship gets none (unbound_relationships reports it).
+        if _bind(row, schema, "activitymimeattachment", "objectid", "email", plan.activity_id):
+            rows.append(row)
     return rows
 
 
-def plan_contact_row(plan: TrackEmail) -> dict[str, Any] | None:
+def plan_contact_row(plan: TrackEmail, schema: OrgSchema = DOCUMENTED) -> dict[str, Any] | None:
     contact = plan.new_contact
     if contact is None:
         return None
@@ -550,7 +601,7 @@ def plan_contact_row(plan: TrackEmail) -> dict[str, Any] | None:
     if contact.first_name:
         row["firstname"] = contact.first_name
     if contact.owner is not None:
-        row[f"{NAV_OWNER}@odata.bind"] = contact.owner.bind_path
+        _bind(row, schema, "contact", "ownerid", contact.owner)
     return row
 
 

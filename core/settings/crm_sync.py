@@ -284,7 +284,10 @@ def org_crm_values(org_row: Mapping[str, Any]) -> dict[str, str]:
         if spec.crm is None or org_row.get(spec.crm) is None:
             continue
         value = org_row[spec.crm]
-        out[spec.key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if spec.from_crm is not None:
+            out[spec.key] = spec.from_crm(value)
+        else:
+            out[spec.key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
     return out
 
 

@@ -197,19 +197,26 @@ def next_state(
 _CRM_STATUS = {Health.OK: 1, Health.FAILING: 2, Health.NOT_APPLICABLE: 0, Health.UNKNOWN: 0}
 
 
+# mailbox.lastsyncerror is String(2048) in mailbox.md: a longer value fails the whole PATCH with 0x80044331.
+LAST_SYNC_ERROR_MAX = 2048
+
+
 def crm_mailbox_update(outcome: ProbeOutcome, now: datetime) -> dict[str, Any]:
-    """The CRM ``mailbox`` columns for an outcome (crm-ref §2.1: 0 Not Run, 1 Success, 2 Failure)."""
+    """The CRM ``mailbox`` columns for an outcome (crm-ref §2.1: 0 Not Run, 1 Success, 2 Failure).
+
+    Only columns mailbox.md lists as writable: ``mailboxstatus`` and ``transientfailurecount`` are read-only
+    (Dataverse ignores them), so the overall health and the failure count stay in the router's own status table.
+    """
     stamp = format_value(now)
     body: dict[str, Any] = {
         "incomingemailstatus": _CRM_STATUS[outcome.incoming],
         "outgoingemailstatus": _CRM_STATUS[outcome.outgoing],
-        "mailboxstatus": _CRM_STATUS[outcome.health],
         "testmailboxaccesscompletedon": stamp,
-        "transientfailurecount": outcome.state.failures,
     }
     failing = [c for c in outcome.checks if not c.ok]
     if outcome.health is Health.FAILING and failing:
-        body["lastsyncerror"] = ("Email Router: " + "; ".join(f"{c.name}: {c.detail}" for c in failing))[:4000]
+        text = "Email Router: " + "; ".join(f"{c.name}: {c.detail}" for c in failing)
+        body["lastsyncerror"] = text[:LAST_SYNC_ERROR_MAX]
         body["lastsyncerrorcode"] = failing[0].code
         body["lastsyncerroroccurredon"] = stamp
     elif outcome.health is Health.OK:

@@ -513,6 +513,7 @@ class OrgKey:
     parse: Callable[[object], Any]
     help: str
     crm: str | None = None
+    from_crm: Callable[[Any], str] | None = None  # the CRM column's value -> this setting's text
 
 
 def _frozen(parse: Callable[[object], tuple[str, ...]]) -> Callable[[object], frozenset[str]]:
@@ -526,8 +527,10 @@ ORG_KEYS: Final[tuple[OrgKey, ...]] = (
     OrgKey("UseTrackingToken", "org", "use_tracking_token", parse_bool, "correlate on tracking tokens"),
     OrgKey("TrackingUserDigits", "org", "tracking_user_digits", _parse_int(1, 10), "digits for user numbers",
            "trackingtokeniddigits"),
+    # organization.maximumtrackingnumber ("maximum tracking number before recycling takes place") fixes the counter
+    # width: 999 -> 3 digits (audit dataverse-fidelity 1c #20).
     OrgKey("TrackingCounterDigits", "org", "tracking_counter_digits", _parse_int(1, 9),
-           "digits for the message counter"),
+           "digits for the message counter", "maximumtrackingnumber", lambda v: str(len(str(abs(int(v)))))),
     OrgKey("UseCorrelation", "org", "use_correlation", parse_bool, "header-based correlation",
            "emailcorrelationenabled"),
     OrgKey("IgnoreConversationIndexAndInReplyTo", "org", "ignore_conversation_index_and_in_reply_to", parse_bool,

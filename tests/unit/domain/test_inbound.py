@@ -66,10 +66,13 @@ def test_tracks_a_received_email_with_everything_planned() -> None:
     assert row["messageid"] == "<m1@fabrikam.com>"
     assert row["trackingtoken"] == "CRM:0001234"
     assert row["regardingobjectid_incident_email@odata.bind"] == f"/incidents({CASE.id})"
-    assert row["ownerid@odata.bind"] == f"/systemusers({ALICE.id})"
+    # the names email.md declares (the documented schema; the gateway passes the org's own)
+    assert row["ownerid_email@odata.bind"] == f"/systemusers({ALICE.id})"
     assert row["parentactivityid@odata.bind"] == f"/emails({reply_to.activity_id})"
-    assert row["receivingmailboxid@odata.bind"] == f"/mailboxes({uuid.UUID(int=9001)})"
-    assert row["acceptingentityid_systemuser@odata.bind"] == f"/systemusers({ALICE.id})"
+    assert row["CorrelatedActivityId_Email@odata.bind"] == f"/emails({reply_to.activity_id})"
+    assert row["ReceivingMailboxId_Email@odata.bind"] == f"/mailboxes({uuid.UUID(int=9001)})"
+    # acceptingentityid is ONE name for queue and systemuser: ambiguous, so never bound (audit 1a #2)
+    assert not any(k.startswith("acceptingentityid") for k in row)
     assert row["email_activity_parties"] == [
         {"participationtypemask": 1, "addressused": "carol@fabrikam.com",
          "partyid_contact@odata.bind": f"/contacts({CAROL_CONTACT.id})"},

@@ -103,8 +103,13 @@ def test_crm_columns_for_failure_and_success() -> None:
     failing = ProbeOutcome("a@x.example", Health.FAILING, Health.FAILING, Health.OK,
                            (CheckResult("graph_read", False, "denied", 403),), ProbeState(Health.FAILING, 3))
     body = crm_mailbox_update(failing, NOW)
-    assert (body["incomingemailstatus"], body["outgoingemailstatus"], body["mailboxstatus"]) == (2, 1, 2)
-    assert body["lastsyncerrorcode"] == 403 and body["transientfailurecount"] == 3
+    assert (body["incomingemailstatus"], body["outgoingemailstatus"]) == (2, 1)
+    assert body["lastsyncerrorcode"] == 403
+    # read-only in mailbox.md: kept in the router's status table, never written to CRM (audit 1a #5)
+    assert "mailboxstatus" not in body and "transientfailurecount" not in body
+    long = ProbeOutcome("a@x.example", Health.FAILING, Health.FAILING, Health.OK,
+                        (CheckResult("graph_read", False, "x" * 5000, 403),), ProbeState(Health.FAILING, 1))
+    assert len(crm_mailbox_update(long, NOW)["lastsyncerror"]) == 2048
     healthy = ProbeOutcome("a@x.example", Health.OK, Health.OK, Health.NOT_APPLICABLE, (), ProbeState(Health.OK))
     body = crm_mailbox_update(healthy, NOW)
     assert body["outgoingemailstatus"] == 0 and body["lastsyncerror"] == "" and "lastsuccessfulsynccompletedon" in body
