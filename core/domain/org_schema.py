@@ -60,10 +60,13 @@ BINDS: Final[tuple[WantedBind, ...]] = (
     WantedBind("activityparty", "partyid", "lead", "activity party"),
     WantedBind("activitymimeattachment", "objectid", "email", "attachment of email"),
     WantedBind("contact", "ownerid", "systemuser", "owner of auto-created contact"),
+    WantedBind("queueitem", "objectid", "email", "queue item of tracked email"),
+    WantedBind("queueitem", "queueid", "queue", "queue of a queue item"),
 )
 
 # Tables whose ManyToOne relationships the router reads; and the tables whose entity set names it needs.
-RELATIONSHIP_TABLES: Final[tuple[str, ...]] = ("email", "activityparty", "activitymimeattachment", "contact")
+RELATIONSHIP_TABLES: Final[tuple[str, ...]] = ("email", "activityparty", "activitymimeattachment", "contact",
+                                               "queueitem")
 ENTITY_SET_TABLES: Final[tuple[str, ...]] = (
     "email", "activityparty", "activitymimeattachment", "contact", "account", "lead", "systemuser", "queue",
     "mailbox", "team", "organization", "usersettings", "opportunity", "incident", "queueitem",
@@ -98,6 +101,8 @@ def _documented_relationships() -> dict[str, tuple[Relationship, ...]]:
         "activitymimeattachment": (
             Relationship("email_activity_mime_attachment", "objectid", "email", "objectid_email"),),
         "contact": (Relationship("owner_contacts", "ownerid", "owner", "ownerid"),),
+        "queueitem": (Relationship("Email_QueueItem", "objectid", "email", "objectid_email"),
+                      Relationship("queue_entries", "queueid", "queue", "queueid")),
     }
 
 

@@ -539,19 +539,22 @@ def processor_for(container: Container) -> InboundProcessor:
     if processor is None:
         from core.adapters.inbound_state import InboundState
         from core.services.inbound_crm import DataverseInboundCrm
+        from core.services.org_schema import OrgSchemaCache
         from core.services.queue_items_crm import DataverseQueueItems
 
         state = InboundState.for_container(container)
+        schema = OrgSchemaCache(container.dataverse)  # one metadata read shared by both gateways
         processor = InboundProcessor(
             mail=container.graph,
             crm=DataverseInboundCrm(
                 container.dataverse,
                 party_ttl=float(container.settings.integer("CRM_PARTY_CACHE_SECONDS", minimum=0)),
+                schema=schema,
             ),
             mailboxes=container.mailbox_directory,
             ledger=state.ledger, decisions=state.decisions, status=state.status, poison=state.poison,
             queue=container.work_queue, options=options_from_settings(container),
-            queue_items=DataverseQueueItems(container.dataverse),
+            queue_items=DataverseQueueItems(container.dataverse, schema=schema),
         )
         _PROCESSORS[container] = processor
     return processor
