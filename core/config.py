@@ -108,6 +108,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "How often mailboxes due for a health probe are looked at (each mailbox backs off on its own)."),
     # Pipelines (engineering knobs; admin-facing behaviour lives in the OrgSettings table)
     Setting("CRM_PARTY_CACHE_SECONDS", "120", "How long resolved sender/recipient lookups are cached per instance."),
+    Setting("CRM_CORRELATION_DAYS", "90",
+            "Correlation looks at CRM emails created this many days back (0 = no bound), like SSS smart matching."),
     Setting("INBOUND_MAX_ATTEMPTS", "20",
             "Transient failures of one inbound message before it is recorded as failed and poisoned."),
     Setting("INBOUND_MAX_RETRY_DELAY_SECONDS", "900", "Longest visibility delay when an inbound item is retried."),

@@ -40,6 +40,9 @@ class WantedBind:
     attribute: str
     target: str
     purpose: str
+    # Optional: bound only where the org declares an unambiguous name; its absence is normal (acceptingentityid is
+    # one name for queue and systemuser on every documented org, and SSS fills it anyway).
+    optional: bool = False
 
 
 # Every bind the router makes, so the adapter knows which relationships to read and the doctor what to check.
@@ -49,8 +52,8 @@ BINDS: Final[tuple[WantedBind, ...]] = (
     WantedBind("email", "receivingmailboxid", "mailbox", "receiving mailbox"),
     WantedBind("email", "parentactivityid", "email", "parent activity of a reply"),
     WantedBind("email", "correlatedactivityid", "email", "correlated activity"),
-    WantedBind("email", "acceptingentityid", "systemuser", "accepting user"),
-    WantedBind("email", "acceptingentityid", "queue", "accepting queue"),
+    WantedBind("email", "acceptingentityid", "systemuser", "accepting user", optional=True),
+    WantedBind("email", "acceptingentityid", "queue", "accepting queue", optional=True),
     WantedBind("email", "regardingobjectid", "contact", "regarding"),
     WantedBind("email", "regardingobjectid", "account", "regarding"),
     WantedBind("activityparty", "partyid", "systemuser", "activity party"),
@@ -143,8 +146,9 @@ class OrgSchema:
             return None
         return name
 
-    def missing(self, wanted: Iterable[WantedBind] = BINDS) -> list[WantedBind]:
-        return [w for w in wanted if self.nav(w.entity, w.attribute, w.target) is None]
+    def missing(self, wanted: Iterable[WantedBind] = BINDS, *, include_optional: bool = False) -> list[WantedBind]:
+        return [w for w in wanted if (include_optional or not w.optional)
+                and self.nav(w.entity, w.attribute, w.target) is None]
 
     def concurrency_enabled(self, table: str) -> bool | None:
         return self.optimistic_concurrency.get(table)

@@ -539,16 +539,17 @@ def processor_for(container: Container) -> InboundProcessor:
     if processor is None:
         from core.adapters.inbound_state import InboundState
         from core.services.inbound_crm import DataverseInboundCrm
-        from core.services.org_schema import OrgSchemaCache
+        from core.services.org_schema import org_schema_for
         from core.services.queue_items_crm import DataverseQueueItems
 
         state = InboundState.for_container(container)
-        schema = OrgSchemaCache(container.dataverse)  # one metadata read shared by both gateways
+        schema = org_schema_for(container)  # one metadata read shared by both gateways (and the CRM sync)
         processor = InboundProcessor(
             mail=container.graph,
             crm=DataverseInboundCrm(
                 container.dataverse,
                 party_ttl=float(container.settings.integer("CRM_PARTY_CACHE_SECONDS", minimum=0)),
+                correlation_days=container.settings.integer("CRM_CORRELATION_DAYS", minimum=0),
                 schema=schema,
             ),
             mailboxes=container.mailbox_directory,

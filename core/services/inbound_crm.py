@@ -558,7 +558,7 @@ class DataverseInboundCrm:
             except (DuplicateRecordError, PreconditionFailedError) as exc:
                 role = self._failed_role(exc, roles)
                 if role == "email" or (role is None and await self._email_exists(plan.activity_id)):
-                    self._remember_write(plan)
+                    self._remember_write(plan, schema)
                     return WriteOutcome.ALREADY_TRACKED
                 if role in ("contact", None) and with_contact:
                     with_contact = False  # another message created this sender's contact first: bind to it
@@ -585,7 +585,7 @@ class DataverseInboundCrm:
                 # we cached about this message and let the caller look up and plan again.
                 self._forget(plan)
                 raise StaleReference(str(exc)) from exc
-            self._remember_write(plan)
+            self._remember_write(plan, schema)
             return WriteOutcome.CREATED
         raise AssertionError("unreachable: the write loop returns or raises")
 
@@ -594,9 +594,12 @@ class DataverseInboundCrm:
             self._parties.pop(party.address.address)
         self._keys.clear()
 
-    def _remember_write(self, plan: TrackEmail) -> None:
+    def _remember_write(self, plan: TrackEmail, schema: OrgSchema) -> None:
+        nav = plan.regarding_nav
+        if nav is None and plan.regarding is not None:
+            nav = schema.nav("email", "regardingobjectid", plan.regarding.table)
         email = KnownEmail(plan.activity_id, regarding=plan.regarding, owner=plan.owner, sent_on=plan.sent_on,
-                           regarding_nav=plan.regarding_nav)
+                           regarding_nav=nav)
         self._keys.put(f"m:{plan.message_id}", email)
         if plan.tracking_token:
             self._keys.put(f"t:{plan.tracking_token}", email)

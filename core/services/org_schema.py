@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
@@ -30,7 +31,7 @@ from core.domain.org_schema import (
     Relationship,
 )
 
-__all__ = ["OrgSchemaCache", "OrgSchemaSource", "read_org_schema", "schema_requests"]
+__all__ = ["OrgSchemaCache", "OrgSchemaSource", "org_schema_for", "read_org_schema", "schema_requests"]
 
 log = logging.getLogger("emailrouter.crm.schema")
 
@@ -143,3 +144,14 @@ class OrgSchemaCache:
 
 def _names(schema: OrgSchema) -> tuple[Mapping[str, str], Mapping[str, tuple[Relationship, ...]]]:
     return schema.entity_sets, schema.relationships
+
+
+_CACHES: weakref.WeakKeyDictionary[Any, OrgSchemaCache] = weakref.WeakKeyDictionary()
+
+
+def org_schema_for(container: Any) -> OrgSchemaCache:
+    """The process-wide schema cache of a container (shared by the pipelines and refreshed by the CRM sync)."""
+    cache = _CACHES.get(container)
+    if cache is None:
+        cache = _CACHES[container] = OrgSchemaCache(container.dataverse)
+    return cache

@@ -414,4 +414,11 @@ async def run_scheduled_sync(container: Any, *, now: datetime | None = None) -> 
     report = await sync_service_for(container).run()
     # This process's pipelines see the new rows at once, not after the cache TTL (other instances: within it).
     directory.invalidate()
+    # The org's names (entity sets, navigation properties) are re-read with the sync; what the org does not
+    # declare becomes a finding in the sync report (and a doctor check), not a failed email.
+    from core.services.org_schema import describe_missing, org_schema_for
+
+    schema = await org_schema_for(container).refresh()
+    if schema.from_org:
+        report.errors.extend(f"org schema: {finding}" for finding in describe_missing(schema))
     return report
