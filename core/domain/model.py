@@ -304,6 +304,19 @@ class ApprovalStatus(IntEnum):
     REJECTED = 3
 
 
+class SssStatus(StrEnum):
+    """Whether Server-Side Synchronization also serves a mailbox in one direction (audit dataverse-fidelity #12).
+
+    The router's mailboxes use delivery method 2, "Server-Side Synchronization or Email Router" (mailbox.md): the
+    same value SSS uses. SSS only processes a mailbox that has an email server profile; it then syncs the direction
+    that is enabled and has passed Test & Enable (status Success). Both would then act on the same mail.
+    """
+
+    NONE = "none"  # no email server profile (or the direction is not SSS/router): SSS leaves this direction alone
+    CONFIGURED = "configured"  # a profile, but not enabled/tested for this direction: a Test & Enable would start SSS
+    ACTIVE = "active"  # a profile, enabled and tested: SSS processes this direction too
+
+
 class MailboxKind(StrEnum):
     """A user's mailbox, a queue's mailbox, or a forward (sink) mailbox that only collects forwarded copies
     (crm-ref §3: a sink has no regarding user/queue and outgoing None)."""
@@ -334,6 +347,8 @@ class MailboxConfig:
     enabled_for_outgoing: bool = True
     approval: ApprovalStatus = ApprovalStatus.APPROVED
     queue_owner: CrmRecordRef | None = None  # ownerid of the queue row, for the queue owner fallback
+    sss_incoming: SssStatus = SssStatus.NONE  # Server-Side Synchronization on this mailbox (CRM sync, #12)
+    sss_outgoing: SssStatus = SssStatus.NONE  # ACTIVE: the router does not send for it (both would send)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", self.address.strip().lower())

@@ -41,7 +41,14 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from core.adapters.graph import GraphError
 from core.config import Settings
 from core.domain.identity import outbound_message_id
-from core.domain.model import ApprovalStatus, MailboxConfig, MailboxKind, OrgEmailSettings, OutboundMethod
+from core.domain.model import (
+    ApprovalStatus,
+    MailboxConfig,
+    MailboxKind,
+    OrgEmailSettings,
+    OutboundMethod,
+    SssStatus,
+)
 from core.domain.outbound import (
     GRAPH_INLINE_LIMIT,
     Claimed,
@@ -74,6 +81,7 @@ from core.services.outbound_crm import (
 from core.work_items import InvalidWorkItem, OutboundItem
 
 if TYPE_CHECKING:
+    from core.services.org_schema import OrgSchemaSource
     from core.settings.rows import RouterSettings
 
 __all__ = [
@@ -281,6 +289,8 @@ class ScanResult:
     not_router: int = 0
     row_limit_hit: bool = False
     items: list[OutboundItem] = field(default_factory=list)
+    blocked: str | None = None  # outbound does not run at all (why)
+    sss_refused: dict[str, str] = field(default_factory=dict)  # mailbox -> an email left to SSS
 
 
 @dataclass
@@ -322,6 +332,7 @@ class OutboundService:
         settings: OutboundSettings | None = None,
         clock: Clock = _utcnow,
         worker_id: str | None = None,
+        schema: OrgSchemaSource | None = None,
     ) -> None:
         self._crm = crm
         self._ledger = ledger
@@ -333,6 +344,7 @@ class OutboundService:
         self.settings = self._base_settings  # refreshed with the admin's table values at each entry point
         self._clock = clock
         self._worker = worker_id or uuid.uuid4().hex
+        self._schema = schema  # the org's metadata: optimistic concurrency on email (None = not checked)
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -345,6 +357,29 @@ class OutboundService:
         exponential = s.retry_base.total_seconds() * 2 ** max(0, attempts - 1)
         wanted = max(exponential, retry_after or 0.0)
         return int(min(wanted, s.retry_max.total_seconds()) + 0.999)
+
+    async def _blocked(self) -> str | None:
+        """Why outbound must not claim anything now (None = it may): the org has optimistic concurrency off on
+        email, so the If-Match claim would fail (0x8006088d) and every email would end Failed (audit #11)."""
+        if self._schema is None:
+            return None
+        try:
+            schema = await self._schema.get()
+        except Exception as exc:  # the cache keeps its last good read; an unexpected failure must not stop sends
+            log.warning("outbound: org metadata not readable (%s)", type(exc).__name__)
+            return None
+        if schema.concurrency_enabled("email") is False:
+            return ("optimistic concurrency is off on the email table (EntityDefinitions IsOptimisticConcurrencyEnabled"
+                    " = false): the claim needs If-Match, so the router sends nothing until it is on again")
+        return None
+
+    async def _sss_senders(self) -> dict[tuple[str, uuid.UUID], MailboxConfig]:
+        """Router-outbound mailboxes the router refuses because Server-Side Synchronization is active for their
+        outgoing email too (both would send the same Pending Send email; audit #12). SSS sends them."""
+        org = await self._directory.get_org_settings()
+        return {(mb.owner.table, mb.owner.id): mb for mb in await self._directory.list_mailboxes()
+                if mb.owner is not None and mb.sss_outgoing is SssStatus.ACTIVE
+                and _may_send(replace(mb, sss_outgoing=SssStatus.NONE), org)}
 
     async def _router_senders(self) -> tuple[dict[tuple[str, uuid.UUID], MailboxConfig], dict[uuid.UUID,
                                                                                               MailboxConfig]]:
@@ -391,7 +426,13 @@ class OutboundService:
         await self._refresh_settings()
         now = self._now()
         result = ScanResult(scan_id=uuid.uuid4().hex)
+        blocked = await self._blocked()
+        if blocked is not None:
+            log.error("outbound scan: not running: %s", blocked)
+            result.blocked = blocked
+            return result
         by_owner, by_mailbox = await self._router_senders()
+        refused = await self._sss_senders()
         if not by_owner and not by_mailbox:
             return result
         active = {m.email_id: m for m in await self._ledger.list_active()}
@@ -401,6 +442,9 @@ class OutboundService:
             result.seen += 1
             mb = self._match(state, by_owner, by_mailbox)
             if mb is None:
+                sss = refused.get((state.sender.table, state.sender.id)) if state.sender is not None else None
+                if sss is not None:
+                    result.sss_refused.setdefault(sss.address, str(state.activity_id))
                 result.not_router += 1  # Outlook / None / SSS senders: left alone
                 continue
             marker = active.get(str(state.activity_id))
@@ -428,6 +472,9 @@ class OutboundService:
 
             await asyncio.gather(*(mark(i) for i in result.items))
         result.enqueued = len(result.items)
+        for address, email_id in result.sss_refused.items():
+            log.warning("outbound scan: %s: %s", address, SSS_REFUSAL)
+            await self._status.record_failure(address, email_id, SSS_REFUSAL, now)
         log.info("outbound scan %s: %d pending seen, %d enqueued, %d in flight, %d not router senders",
                  result.scan_id, result.seen, result.enqueued, result.in_flight, result.not_router)
         return result
@@ -483,6 +530,14 @@ class OutboundService:
             # Not a router sender (Outlook, None, unknown): left alone, not even claimed.
             await self._ledger.clear_active(key)
             return SendResult(SendOutcome.SKIPPED, f"{item.sender_mailbox} is not a router-outbound mailbox")
+        if mailbox.sss_outgoing is SssStatus.ACTIVE:
+            await self._ledger.clear_active(key)
+            return SendResult(SendOutcome.SKIPPED, SSS_REFUSAL)
+        blocked = await self._blocked()
+        if blocked is not None:
+            await self._ledger.clear_active(key)  # stays Pending Send; the scan enqueues it once outbound may run
+            log.error("outbound %s: not claimed: %s", email_id, blocked)
+            return SendResult(SendOutcome.SKIPPED, blocked)
 
         # Claim: one winner per version of the email.
         try:
@@ -836,8 +891,15 @@ class OutboundService:
         return cleared
 
 
+SSS_REFUSAL: Final = ("not sent by the router: Server-Side Synchronization is also active for outgoing email on this "
+                      "mailbox (email server profile, Test & Enable passed), and both would send it; SSS sends it. "
+                      "Remove the profile in CRM (or override SssOutgoing) to have the router send")
+
+
 def _may_send(mb: MailboxConfig, org: OrgEmailSettings) -> bool:
     if mb.kind is MailboxKind.FORWARD_SINK or mb.outbound_method is not OutboundMethod.ROUTER:
+        return False
+    if mb.sss_outgoing is SssStatus.ACTIVE:
         return False
     if not mb.enabled_for_outgoing:
         return False

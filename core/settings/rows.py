@@ -35,6 +35,7 @@ from core.domain.model import (
     OrgEmailSettings,
     OutboundMethod,
     QueueOwnerFallback,
+    SssStatus,
     TrackingFilter,
     WrapperTrustPolicy,
 )
@@ -135,6 +136,7 @@ parse_filter = _enum_parser(TrackingFilter, {
     "records": TrackingFilter.FROM_EMAIL_ENABLED_RECORDS,
 })
 parse_approval = _enum_parser(ApprovalStatus, {"pending_approval": ApprovalStatus.PENDING})
+parse_sss = _enum_parser(SssStatus, {"": SssStatus.NONE, "off": SssStatus.NONE})
 parse_kind = _enum_parser(MailboxKind, {"sink": MailboxKind.FORWARD_SINK, "forward": MailboxKind.FORWARD_SINK,
                                         "systemuser": MailboxKind.USER})
 
@@ -248,6 +250,12 @@ FIELDS: Final[tuple[FieldSpec, ...]] = (
               "--folders"),
     FieldSpec("Enabled", parse_bool, False, "router master switch for this mailbox (false = ignore it)",
               "--enabled"),
+    FieldSpec("SssIncoming", parse_sss, True,
+              "Server-Side Sync on incoming mail: none | configured | active (email server profile + status)",
+              "--sss-incoming"),
+    FieldSpec("SssOutgoing", parse_sss, True,
+              "Server-Side Sync on outgoing mail: none | configured | active; active = the router does not send",
+              "--sss-outgoing"),
 )
 _BY_NAME: Final[Mapping[str, FieldSpec]] = {f.name.lower(): f for f in FIELDS}
 
@@ -382,6 +390,8 @@ def parse_mailbox_row(entity: Mapping[str, Any], router: RouterSettings | None =
         approval=get("Approval", ApprovalStatus.EMPTY),
         queue_owner=CrmRecordRef("systemuser", queue_owner_id) if queue_owner_id and kind is MailboxKind.QUEUE
         else None,
+        sss_incoming=get("SssIncoming", SssStatus.NONE),
+        sss_outgoing=get("SssOutgoing", SssStatus.NONE),
     )
 
 

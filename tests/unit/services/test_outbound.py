@@ -48,6 +48,7 @@ class Harness:
     mailboxes: list[MailboxConfig] = field(default_factory=lambda: [router_mailbox(1), router_mailbox(2)])
     org: OrgEmailSettings = field(default_factory=OrgEmailSettings)
     settings: OutboundSettings = field(default_factory=OutboundSettings)
+    schema: Any = None  # an OrgSchemaSource, or None (not checked)
 
     def service(self, worker: str = "w1") -> OutboundService:
         # The admin-facing knobs reach the service through the OrgSettings table (RouterSettings): mirror the
@@ -58,7 +59,7 @@ class Harness:
         directory = StaticMailboxDirectory(self.mailboxes, self.org, router)
         return OutboundService(crm=self.crm, ledger=self.ledger, directory=directory, mail=self.mail,
                                queue=self.queue, status=self.status, settings=self.settings, clock=self.clock,
-                               worker_id=worker)
+                               worker_id=worker, schema=self.schema)
 
     def add(self, sender: int = 1, **kwargs: Any) -> FakeEmail:
         return self.crm.add(outbound_email(sender, **kwargs), user_ref(sender))
