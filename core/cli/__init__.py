@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("message_id", help="Internet Message-ID, e.g. <abc@x>")
 
     sub.add_parser("status", help="one screen: mailbox health, queues, poison, last runs")
+
+    doctor = sub.add_parser("doctor", help="check the org after deploying: metadata, privileges, Server-Side Sync, "
+                                           "settings; --sandbox also writes and deletes throw-away records")
+    doctor.add_argument("--sandbox", action="store_true",
+                        help="create one throw-away email, exercise every bind and the outbound state path, delete it")
+    doctor.add_argument("--mailbox", help="router mailbox for the Graph draft check (default: the first router-"
+                                          "outbound mailbox in the settings table)")
     return p
 
 

@@ -664,6 +664,12 @@ async def status(container: Any, args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
+async def _doctor(container: Any, args: argparse.Namespace, out: Out) -> int:
+    from .doctor import doctor  # core/cli/doctor.py (issue 13): its own module, registered here
+
+    return await doctor(container, args, out)
+
+
 _HANDLERS: dict[tuple[str, str | None], Callable[..., Any]] = {
     ("mailbox", "list"): mailbox_list,
     ("mailbox", "show"): mailbox_show,
@@ -682,4 +688,5 @@ _HANDLERS: dict[tuple[str, str | None], Callable[..., Any]] = {
     ("forward-rules", "remove"): forward_rules,
     ("explain", None): explain,
     ("status", None): status,
+    ("doctor", None): _doctor,
 }

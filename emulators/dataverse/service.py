@@ -254,6 +254,9 @@ class Dataverse:
             seg = rest[0]
             if seg == "Microsoft.Dynamics.CRM.SendEmail" and ent.logical_name == "email" and method == "POST":
                 return self.send_email(req, rid, caller)
+            if (seg.removesuffix("()") == "Microsoft.Dynamics.CRM.RetrieveUserPrivileges"
+                    and ent.logical_name == "systemuser" and method == "GET"):
+                return self.retrieve_user_privileges(req, rid)
             if seg == "SendEmail":
                 raise DataverseError.bad_request("Request message has unresolved parameters.")
             if method == "GET":
@@ -1099,6 +1102,25 @@ class Dataverse:
         return ApiResponse.json(200, {
             "@odata.context": f"{req.api_url}/$metadata#Microsoft.Dynamics.CRM.GetTrackingTokenEmailResponse",
             "TrackingToken": token})
+
+    def retrieve_user_privileges(self, req: ApiRequest, rid: str) -> ApiResponse:
+        """``systemusers(<id>)/Microsoft.Dynamics.CRM.RetrieveUserPrivileges()``: the user's privileges through roles
+        (and teams) as RolePrivilege {Depth, PrivilegeId, BusinessUnitId, PrivilegeName}. The emulator has no roles:
+        a seeded user's ``privileges`` (names, or {"name", "depth"}) are what it holds; depth defaults to Global."""
+        user = self.store.get(ENTITIES["systemuser"], rid)
+        if user is None:
+            raise DataverseError.does_not_exist("systemuser", rid)
+        granted = []
+        for entry in user.get("~privileges") or []:
+            name, depth = (entry, "Global") if isinstance(entry, str) else (entry.get("name"), entry.get("depth"))
+            if not name:
+                continue
+            granted.append({"Depth": depth or "Global", "PrivilegeName": name,
+                            "PrivilegeId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"dataverse-emulator/privilege/{name}")),
+                            "BusinessUnitId": user.get("_businessunitid_value")})
+        return ApiResponse.json(200, {
+            "@odata.context": f"{req.api_url}/$metadata#Microsoft.Dynamics.CRM.RetrieveUserPrivilegesResponse",
+            "RolePrivileges": granted})
 
     def send_email(self, req: ApiRequest, rid: str, caller: Caller) -> ApiResponse:
         body = self._body(req)
