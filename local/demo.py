@@ -528,6 +528,17 @@ def build_scenarios(mails: Mapping[str, InboundMail]) -> list[Scenario]:
 
         return check
 
+    async def queue_item(org: Org, ctx: dict[str, Any]) -> Outcome:
+        # Queue mail lands in its queue as a queue item (CreateQueueItemForSynchronizingMailbox, issue 13), once.
+        row, why = await one_email(org, "queue-attachment")
+        if row is None:
+            return Outcome(False, why)
+        items = (await org.dv_get("queueitems", {"$filter": f"_objectid_value eq {row['activityid']}",
+                                                 "$select": "queueitemid,_queueid_value"})).get("value", [])
+        queues = [str(i.get("_queueid_value")) for i in items]
+        return Outcome(queues == [QUEUE.record_id], f"{len(items)} queue item(s), in "
+                       f"{', '.join('Support' if q == QUEUE.record_id else q for q in queues) or 'no queue'}")
+
     return [
         Scenario("settings", "CRM sync: delivery methods -> settings", "a row per mailbox, methods and filters "
                  "as in CRM; bob forwards to crm-sink", settings),
@@ -545,6 +556,8 @@ def build_scenarios(mails: Mapping[str, InboundMail]) -> list[Scenario]:
                  not_tracked("filter1-new", reason_words=("filter", "nocorrelationmatch", "not_accepted"))),
         Scenario("queue-attachment", "Queue mailbox, filter 0, attachment", f"stranger -> support: tracked, "
                  f"owner {person(QUEUE_OWNER).name} (queue owner), invoice.pdf attached", queue_attachment),
+        Scenario("queue-item", "Queue mail is a queue item", "the support mail: one queue item in the Support "
+                 "queue (queue views, case-creation rules see it)", queue_item),
         Scenario("two-users", "Same mail to two users", "lead -> erin + frank: ONE CRM email, both in To",
                  two_users),
         Scenario("auto-reply", "Automatic reply", "Auto-Submitted: auto-replied -> support: skipped",

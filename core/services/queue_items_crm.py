@@ -132,7 +132,8 @@ class DataverseQueueItems:
             elif error.retryable:
                 raise error
             else:
-                why = "the queue or the email no longer exists" if isinstance(error, NotFoundError) else \
+                gone = isinstance(error, NotFoundError) or "does not exist" in error.message.lower()
+                why = "the queue or the email no longer exists" if gone else \
                     f"Dataverse {error.status} {error.code} {error.message[:200]}".rstrip()
                 result.refused[queue_id] = why
         if len(responses) < len(items):  # a batch cut short: the rest is unknown, so retry the message

@@ -597,6 +597,8 @@ class Dataverse:
             self._party_rules(row)
         if name == "activitymimeattachment" and creating:
             self._attachment_rules(row, parent_id)
+        if name == "queueitem" and creating:
+            self._queue_item_rules(row)
         if name == "systemuser" and creating:
             row.setdefault("isdisabled", False)
             row.setdefault("incomingemaildeliverymethod", 2)
@@ -616,6 +618,21 @@ class Dataverse:
                          ("incomingemaildeliverymethod", 0), ("outgoingemaildeliverymethod", 0),
                          ("actdeliverymethod", 2)):
                 row.setdefault(k, v)
+
+    def _queue_item_rules(self, row: Row) -> None:
+        """What the platform fills on a new queue item (queueitem.md, of the columns the emulator carries): Entered
+        Queue (enteredon); for email, Sender and To copied from it; state Active. objectid and queueid are
+        ApplicationRequired."""
+        object_id, object_type = row.get("_objectid_value"), row.get("~objectid")
+        if not object_id or not row.get("_queueid_value"):
+            raise DataverseError.bad_request("A queue item needs objectid and queueid.", code="0x80040203")
+        target = self.store.get(ENTITIES[object_type], object_id) if object_type in ENTITIES else None
+        if target is not None and object_type == "email":
+            row["sender"] = (target.get("sender") or "")[:250] or None
+            row["torecipients"] = (target.get("torecipients") or "")[:500] or None
+        row["enteredon"] = now_iso()
+        row.setdefault("statecode", 0)
+        row.setdefault("statuscode", 1)
 
     def _party_rules(self, row: Row) -> None:
         mask = row.get("participationtypemask")
