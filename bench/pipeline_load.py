@@ -116,10 +116,12 @@ def seed_org(stack: BenchStack, org: BenchOrg) -> None:
     contacts = [{"contactid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench-pipeline/contact/{c}")),
                  "firstname": "Customer", "lastname": c.split("@")[0], "emailaddress1": c} for c in org.contacts]
     stack.emulator("dataverse", "POST", "seed", {"systemusers": systemusers, "contacts": contacts})
-    stack.dv("POST", "mailboxes", {  # the CRM forward mailbox record: no seed section exists for it
-        "name": "Bench forward mailbox", "emailaddress": org.sink.address, "isforwardmailbox": True,
+    # The CRM forward mailbox record (no seed section exists for it). No regarding user/queue: Dataverse makes it
+    # a forward mailbox (isforwardmailbox is read-only, default Yes); only create-valid columns (mailbox.md).
+    stack.dv("POST", "mailboxes", {
+        "name": "Bench forward mailbox", "emailaddress": org.sink.address,
         "incomingemaildeliverymethod": ROUTER, "outgoingemaildeliverymethod": NONE, "emailrouteraccessapproval": 1,
-        "enabledforincomingemail": True, "enabledforoutgoingemail": False, "processanddeleteemails": False})
+        "processanddeleteemails": False})
 
 
 def table_client(stack: BenchStack, logical: str, *, prefix: str | None = None) -> Any:

@@ -341,13 +341,13 @@ def dataverse_seed() -> dict[str, Any]:
 
 def crm_runtime_records() -> list[tuple[str, str, dict[str, Any]]]:
     """CRM rows the seed format has no section for, as ``(entity set, id, create payload)``: the forward mailbox
-    record (``isforwardmailbox``, no regarding user or queue) — an admin creates it in CRM, and the router's CRM
-    sync turns it into the sink bob's mailbox forwards to."""
+    record (no regarding user or queue) — an admin creates it in CRM, and the router's CRM sync turns it into the
+    sink bob's mailbox forwards to. Only columns valid for create (mailbox.md): ``isforwardmailbox`` is read-only
+    and defaults to Yes for a mailbox created this way; the ``enabledfor*`` flags default to Yes."""
     return [("mailboxes", SINK.record_id, {
-        "mailboxid": SINK.record_id, "name": SINK.name, "emailaddress": SINK.address, "isforwardmailbox": True,
+        "mailboxid": SINK.record_id, "name": SINK.name, "emailaddress": SINK.address,
         "incomingemaildeliverymethod": ROUTER, "outgoingemaildeliverymethod": NONE,
-        "emailrouteraccessapproval": APPROVED, "enabledforincomingemail": True, "enabledforoutgoingemail": False,
-        "processanddeleteemails": False,
+        "emailrouteraccessapproval": APPROVED, "processanddeleteemails": False,
     })]
 
 

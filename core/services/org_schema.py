@@ -14,6 +14,7 @@ fails, the last good schema is kept; before the first success the documented nam
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import weakref
@@ -108,6 +109,7 @@ class OrgSchemaCache:
         self._clock = clock
         self._schema: OrgSchema | None = None
         self._expires = 0.0
+        self._lock: asyncio.Lock | None = None  # created in the running loop; one read for concurrent callers
         self.reads = 0
 
     @property
@@ -116,7 +118,11 @@ class OrgSchemaCache:
 
     async def get(self) -> OrgSchema:
         if self._schema is None or self._clock() >= self._expires:
-            await self.refresh()
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self._schema is None or self._clock() >= self._expires:  # another caller may have read it
+                    await self.refresh()
         return self.current
 
     async def refresh(self) -> OrgSchema:

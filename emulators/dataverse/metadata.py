@@ -306,6 +306,9 @@ def _csdl(variant_key: str = "") -> bytes:
              "<edmx:DataServices>",
              f'<Schema Namespace="{ns}" Alias="mscrm" xmlns="http://docs.oasis-open.org/odata/ns/edm">']
     parts.append('<EntityType Name="crmbaseentity" Abstract="true"/>')
+    # owner lookups are typed by the abstract principal (systemuser and team), as in Dataverse's CSDL
+    parts.append('<EntityType Name="principal" BaseType="mscrm.crmbaseentity" Abstract="true">'
+                 '<Property Name="ownerid" Type="Edm.Guid"/></EntityType>')
     for ent in ENTITIES.values():
         parts.append(f'<EntityType Name="{ent.logical_name}" BaseType="mscrm.crmbaseentity">')
         parts.append(f'<Key><PropertyRef Name="{ent.primary_id}"/></Key>')
@@ -316,8 +319,7 @@ def _csdl(variant_key: str = "") -> bytes:
             # typed by the first; a multi-target owner is typed mscrm.principal as in Dataverse.
             target = "principal" if nav.targets == ("systemuser", "team") else nav.targets[0]
             ref = ENTITIES[target].primary_id if target in ENTITIES else "ownerid" if target == "principal" else "id"
-            parts.append(f'<NavigationProperty Name="{nav.name}" Type="mscrm.{target}" Nullable="true" '
-                         f'Partner="{escape(nav.relationships[0])}">'
+            parts.append(f'<NavigationProperty Name="{nav.name}" Type="mscrm.{target}" Nullable="true">'
                          f'<ReferentialConstraint Property="_{nav.column}_value" ReferencedProperty="{ref}"/>'
                          "</NavigationProperty>")
         for cnav in ent.collections.values():

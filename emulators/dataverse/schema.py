@@ -327,6 +327,11 @@ _HAND_NAVS: Final[dict[str, dict[str, tuple[str, tuple[str, ...]]]]] = {
 def _hand_written(ent: EntityDef) -> EntityDef:
     rels = []
     for nav, (col, targets) in _HAND_NAVS.get(ent.logical_name, {}).items():
+        if targets == ("systemuser", "team"):
+            # owner lookups are one relationship to the abstract "owner" (e.g. contact.md owner_contacts)
+            rels.append({"schema_name": f"owner_{ent.entity_set}", "referenced_entity": "owner",
+                         "referenced_attribute": "ownerid", "referencing_attribute": col, "navigation_property": nav})
+            continue
         for t in targets:
             rels.append({"schema_name": f"{t}_{ent.logical_name}_{nav}", "referenced_entity": t,
                          "referenced_attribute": f"{t}id", "referencing_attribute": col, "navigation_property": nav})

@@ -15,7 +15,7 @@ from emulators.common import demo
 
 from .errors import DataverseError
 from .schema import ENTITIES
-from .service import Caller, Dataverse, Options, now_iso
+from .service import Caller, Dataverse, now_iso
 from .store import Row
 
 __all__ = ["DEFAULT_ORG_SETTINGS", "ROUTER_APP_PRIVILEGES", "SYSTEM_USER_ID", "SeedError", "apply_seed", "demo_seed",
@@ -173,8 +173,9 @@ def apply_seed(dv: Dataverse, seed: dict[str, Any]) -> dict[str, int]:
     unknown = [k for k in seed if k not in (*_SEED_SETS, "organization", "usersettings")]
     if unknown:
         raise SeedError(f"unknown seed sections: {', '.join(sorted(unknown))}")
-    # Seeds may carry system-maintained columns; apply them leniently (never fail a seed on a read-only column).
-    seeder = Dataverse(dv.store, Options(**{**dv.options.__dict__, "strict": False}))
+    # Seeds may carry system-maintained columns (read-only for API clients): they are the platform's own state, so
+    # they are written, not refused or dropped.
+    seeder = Dataverse(dv.store, dv.options, dv.variant, system_writes=True)
     counts: dict[str, int] = {}
     try:
         with dv.store.transaction():

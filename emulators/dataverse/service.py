@@ -184,10 +184,13 @@ def etag(row: Row) -> str:
 
 
 class Dataverse:
-    def __init__(self, store: Store, options: Options | None = None, variant: OrgVariant | None = None) -> None:
+    def __init__(self, store: Store, options: Options | None = None, variant: OrgVariant | None = None, *,
+                 system_writes: bool = False) -> None:
         self.store = store
         self.options = options or Options()
         self.variant = variant or OrgVariant()
+        # Seeds describe state the platform itself wrote: they may set columns no API client can (read-only ones).
+        self.system_writes = system_writes
 
     def navs(self, ent: EntityDef) -> dict[str, NavProperty]:
         """The single-valued navigation properties this org declares on ``ent`` (exact, case-sensitive)."""
@@ -398,7 +401,7 @@ class Dataverse:
                     raise DataverseError.undeclared_nav(nav)
                 col_name, allowed = declared.column, declared.targets
                 col = ent.columns[col_name]
-                if not col.writable(creating=creating):
+                if not col.writable(creating=creating) and not self.system_writes:
                     self._read_only(ent, col_name, creating=creating)
                     continue
                 if value is None:
@@ -432,7 +435,7 @@ class Dataverse:
                 if not creating and value is not None and str(value).lower() != row.get(ent.primary_id):
                     raise DataverseError.bad_request("The primary key of a record cannot be changed.")
                 continue
-            if not col.writable(creating=creating):
+            if not col.writable(creating=creating) and not self.system_writes:
                 self._read_only(ent, col.name, creating=creating)
                 continue
             row[col.value_key] = self.coerce(ent, col, value)
@@ -611,9 +614,12 @@ class Dataverse:
             row.setdefault("incomingemailfilteringmethod", 0)
             row.setdefault("emailrouteraccessapproval", 0)
         if name == "mailbox" and creating:
+            # isforwardmailbox is read-only with DefaultValue 1 (mailbox.md): a mailbox created over the Web API
+            # (no regarding user/queue) is a forward mailbox; users' and queues' mailboxes are the platform's own.
+            row.setdefault("isforwardmailbox", not row.get("_regardingobjectid_value"))
             for k, v in (("enabledforincomingemail", True), ("enabledforoutgoingemail", True), ("enabledforact", True),
                          ("incomingemailstatus", 0), ("outgoingemailstatus", 0), ("actstatus", 0),
-                         ("mailboxstatus", 0), ("isforwardmailbox", False), ("processanddeleteemails", False),
+                         ("mailboxstatus", 0), ("processanddeleteemails", False),
                          ("isemailaddressapprovedbyo365admin", False), ("emailrouteraccessapproval", 0),
                          ("incomingemaildeliverymethod", 0), ("outgoingemaildeliverymethod", 0),
                          ("actdeliverymethod", 2)):

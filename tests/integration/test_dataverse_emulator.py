@@ -486,13 +486,14 @@ def test_send_email_router_user_goes_pending_send_with_tracking_token(api: Api) 
 def test_send_email_non_router_users(api: Api) -> None:
     dave_mail = _created_id(api.request("POST", "emails", json_body=_email_body(f"/systemusers({DAVE})",
                                                                                 f"/contacts({FIONA})")))
-    # outgoing method None: NOT VERIFIED; the default models "stays in Pending Send" (docs/dataverse-emulator.md),
-    # the option "error" the refusal
-    api.emulator("POST", "options", {"sendemail_outcome": {"0": "error"}})
-    status, _code, message = _error(api.request("POST", f"emails({dave_mail})/Microsoft.Dynamics.CRM.SendEmail",
-                                                json_body={"IssueSend": True}))
-    assert status == 400 and "outgoing email delivery method" in message
-    api.emulator("POST", "options", {"sendemail_outcome": {"0": "pending", "1": "pending", "2": "pending"}})
+    # outgoing method None: stays Pending Send by default (the documented reading, NOT VERIFIED); "error" is an option
+    api.emulator("POST", "options", {"sendemail_outcome": {"0": "error", "1": "pending", "2": "pending"}})
+    try:
+        status, _code, message = _error(api.request(
+            "POST", f"emails({dave_mail})/Microsoft.Dynamics.CRM.SendEmail", json_body={"IssueSend": True}))
+        assert status == 400 and "outgoing email delivery method" in message
+    finally:
+        api.emulator("POST", "options", {"sendemail_outcome": {"0": "pending", "1": "pending", "2": "pending"}})
     none_mail = _created_id(api.request("POST", "emails", json_body=_email_body(f"/systemusers({DAVE})",
                                                                                f"/contacts({FIONA})")))
     assert api.request("POST", f"emails({none_mail})/Microsoft.Dynamics.CRM.SendEmail",
