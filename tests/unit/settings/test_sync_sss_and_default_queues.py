@@ -74,3 +74,45 @@ def test_default_queues_of_users_and_teams_are_not_mailboxes() -> None:
     found, errors = crm_mailboxes(users, queues, [], [], teams)
     assert errors == []
     assert sorted(m.address for m in found) == ["alice@x.example", "support@x.example"]
+
+
+def test_health_never_writes_test_statuses_to_a_mailbox_with_a_server_profile() -> None:
+    from datetime import UTC, datetime
+
+    from core.settings.health import CheckResult, Health, ProbeOutcome, ProbeState, crm_mailbox_update
+
+    outcome = ProbeOutcome("a@x.example", Health.OK, Health.OK, Health.OK, (CheckResult("graph_read", True, ""),),
+                           ProbeState())
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    assert crm_mailbox_update(outcome, now)["outgoingemailstatus"] == 1
+    quiet = crm_mailbox_update(outcome, now, statuses=False)
+    assert "outgoingemailstatus" not in quiet and "incomingemailstatus" not in quiet
+    assert quiet["testmailboxaccesscompletedon"]
+
+
+async def test_the_health_checks_for_sss_and_concurrency() -> None:
+    from dataclasses import dataclass
+
+    from core.domain.model import CrmRecordRef, InboundMethod, MailboxConfig, MailboxKind, OutboundMethod
+    from core.domain.org_schema import OrgSchema
+    from core.settings.health import MailboxHealthService
+
+    @dataclass
+    class Schema:
+        schema: OrgSchema
+
+        async def get(self) -> OrgSchema:
+            return self.schema
+
+    mailbox = MailboxConfig(address="a@x.example", kind=MailboxKind.USER,
+                            owner=CrmRecordRef("systemuser", uuid.uuid4()),
+                            inbound_method=InboundMethod.INDIVIDUAL, outbound_method=OutboundMethod.ROUTER,
+                            sss_outgoing=SssStatus.ACTIVE, sss_incoming=SssStatus.CONFIGURED)
+    service = MailboxHealthService(None, None, None, None, None,  # type: ignore[arg-type]
+                                   schema=Schema(OrgSchema(optimistic_concurrency={"email": False})))
+    out = await service._check_sss_outgoing(mailbox, None, None)  # type: ignore[arg-type]
+    assert not out.ok and "both would send" in out.detail
+    inc = await service._check_sss_incoming(mailbox, None, None)  # type: ignore[arg-type]
+    assert inc.ok and "Test & Enable" in inc.detail
+    conc = await service._check_crm_concurrency(mailbox, None, None)  # type: ignore[arg-type]
+    assert not conc.ok and "optimistic concurrency is off" in conc.detail
