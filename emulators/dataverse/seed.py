@@ -56,6 +56,7 @@ ROUTER_APP_PRIVILEGES: Final[tuple[str, ...]] = (
     "prvCreateActivity", "prvReadActivity", "prvWriteActivity", "prvAppendActivity", "prvAppendToActivity",
     "prvAssignActivity", "prvDeleteActivity",
     "prvReadContact", "prvCreateContact", "prvReadAccount", "prvReadLead", "prvReadUser", "prvReadQueue",
+    "prvAppendToContact", "prvAppendToAccount", "prvAppendToLead",
     "prvAppendToQueue", "prvReadMailbox", "prvWriteMailbox", "prvReadOrganization", "prvReadUserSettings",
     "prvReadTeam",
 )
