@@ -41,6 +41,7 @@ SANDBOX_SUBJECT: Final = "Email Router doctor sandbox (deleted automatically)"
 _REQUIRED_TABLES: Final = frozenset({"email", "activityparty", "activitymimeattachment", "contact", "account", "lead",
                                      "systemuser", "queue", "mailbox", "organization", "usersettings", "queueitem",
                                      "team"})
+_TABLES: Final = (*sorted(_REQUIRED_TABLES), "opportunity", "incident")  # whose entity set the doctor shows
 # Binds the router leaves out on purpose when the org declares one name for several targets (see OrgSchema.nav).
 _OPTIONAL_BINDS: Final = frozenset({("email", "acceptingentityid")})
 
@@ -130,11 +131,11 @@ class DoctorReport:
 
 def metadata_checks(schema: Any) -> list[Check]:
     """``OrgSchema`` read from the org -> checks: entity sets, every bind's navigation property, concurrency."""
-    from core.domain.org_schema import BINDS, DOCUMENTED, ENTITY_SET_TABLES
+    from core.domain.org_schema import BINDS, DOCUMENTED
 
     checks: list[Check] = []
-    missing_sets = [t for t in ENTITY_SET_TABLES if not schema.entity_set(t)]
-    found = {t: schema.entity_set(t) for t in ENTITY_SET_TABLES if schema.entity_set(t)}
+    missing_sets = [t for t in _TABLES if not schema.entity_set(t)]
+    found = {t: schema.entity_set(t) for t in _TABLES if schema.entity_set(t)}
     required_missing = [t for t in missing_sets if t in _REQUIRED_TABLES]
     if required_missing:
         checks.append(Check("metadata", "entity sets", Outcome.FAIL,

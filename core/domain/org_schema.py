@@ -67,13 +67,9 @@ BINDS: Final[tuple[WantedBind, ...]] = (
     WantedBind("queueitem", "queueid", "queue", "queue of a queue item"),
 )
 
-# Tables whose ManyToOne relationships the router reads; and the tables whose entity set names it needs.
+# Tables whose ManyToOne relationships the router reads (entity set names are read for every table).
 RELATIONSHIP_TABLES: Final[tuple[str, ...]] = ("email", "activityparty", "activitymimeattachment", "contact",
                                                "queueitem")
-ENTITY_SET_TABLES: Final[tuple[str, ...]] = (
-    "email", "activityparty", "activitymimeattachment", "contact", "account", "lead", "systemuser", "queue",
-    "mailbox", "team", "organization", "usersettings", "opportunity", "incident", "queueitem",
-)
 
 # The documented names (powerapps-docs entity reference, emulators/dataverse/reference/tables/*.json): used until
 # the org's own metadata has been read, and by unit tests. Nothing here is assumed once the org has answered.

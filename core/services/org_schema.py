@@ -2,8 +2,9 @@
 
 One ``$batch`` of GETs:
 
-* ``EntityDefinitions?$select=LogicalName,EntitySetName,IsOptimisticConcurrencyEnabled&$filter=LogicalName eq ...``
-  for the entity set names (never guessed as ``<logical>s``) and whether optimistic concurrency is on;
+* ``EntityDefinitions?$select=LogicalName,EntitySetName,IsOptimisticConcurrencyEnabled`` for every table's entity
+  set name (never guessed as ``<logical>s``: a correlated email's regarding can be any table, custom ones included)
+  and whether optimistic concurrency is on;
 * ``EntityDefinitions(LogicalName='<t>')/ManyToOneRelationships?$select=SchemaName,ReferencingAttribute,
   ReferencedEntity,ReferencingEntityNavigationPropertyName&$filter=ReferencingAttribute eq ...`` for each table the
   router binds on (email, activityparty, activitymimeattachment, contact).
@@ -26,7 +27,6 @@ from core.adapters.odata import BatchRequest, BatchResponse, build_query
 from core.domain.org_schema import (
     BINDS,
     DOCUMENTED,
-    ENTITY_SET_TABLES,
     RELATIONSHIP_TABLES,
     OrgSchema,
     Relationship,
@@ -55,9 +55,8 @@ def _quoted(value: str) -> str:
 
 def schema_requests() -> list[BatchRequest]:
     """The GETs (in order: entity definitions, then one per relationship table). Pure."""
-    names = " or ".join(f"LogicalName eq {_quoted(t)}" for t in ENTITY_SET_TABLES)
     requests = [BatchRequest("GET", "EntityDefinitions?" + build_query(
-        select=("LogicalName", "EntitySetName", "IsOptimisticConcurrencyEnabled"), filter=names))]
+        select=("LogicalName", "EntitySetName", "IsOptimisticConcurrencyEnabled")))]
     for table in RELATIONSHIP_TABLES:
         attributes = sorted({b.attribute for b in BINDS if b.entity == table})
         condition = " or ".join(f"ReferencingAttribute eq {_quoted(a)}" for a in attributes)

@@ -317,7 +317,6 @@ _HAND_NAVS: Final[dict[str, dict[str, tuple[str, tuple[str, ...]]]]] = {
     "incident": {"ownerid": ("ownerid", ("systemuser", "team")), "customerid_account": ("customerid", ("account",)),
                  "customerid_contact": ("customerid", ("contact",))},
     "systemuser": {"businessunitid": ("businessunitid", ("businessunit",))},
-    "queue": {"ownerid": ("ownerid", ("systemuser", "team")), "businessunitid": ("businessunitid", ("businessunit",))},
     "team": {"businessunitid": ("businessunitid", ("businessunit",))},
     "businessunit": {"parentbusinessunitid": ("parentbusinessunitid", ("businessunit",))},
     "emailserverprofile": {"ownerid": ("ownerid", ("systemuser", "team"))},
@@ -399,37 +398,6 @@ def _systemuser() -> EntityDef:
     )
 
 
-def _queue() -> EntityDef:
-    return EntityDef(
-        "queue", "queues", "queueid", "name", 2020,
-        _cols(
-            Column("queueid", GUID), _s("name", 400), _s("emailaddress"),
-            _o("incomingemaildeliverymethod", {0: "None", 2: "Server-Side Synchronization or Email Router",
-                                               3: "Forward Mailbox"}),
-            _o("outgoingemaildeliverymethod", {0: "None", 2: "Server-Side Synchronization or Email Router"}),
-            _o("incomingemailfilteringmethod", FILTERING), _o("emailrouteraccessapproval", APPROVAL),
-            _b("isemailaddressapprovedbyo365admin"), _lk("defaultmailbox", "mailbox", ro=True),
-            _o("queueviewtype", {0: "Public", 1: "Private"}), _lk("businessunitid", "businessunit"),
-            *_state(ACTIVE_STATES, ACTIVE_STATUSES), *_OWNED, *_AUDIT,
-        ),
-        state_status=dict(_ACTIVE_INACTIVE),
-    )
-
-
-def _usersettings() -> EntityDef:
-    return EntityDef(
-        "usersettings", "usersettingscollection", "systemuserid", "systemuserid", 150,
-        _cols(
-            Column("systemuserid", GUID), _o("incomingemailfilteringmethod", FILTERING), _i("timezonecode"),
-            _i("uilanguageid"), _i("localeid"), _lk("businessunitid", "businessunit", ro=True),
-            # Tracking-token counters (audit dataverse-fidelity §2: usersettings.md has both columns).
-            _i("trackingtokenid", lo=0), _i("nexttrackingnumber", lo=0),
-            _d("createdon", ro=True), _d("modifiedon", ro=True), Column("versionnumber", INT, read_only=True),
-        ),
-        ownership="None", creatable=False,
-    )
-
-
 def _organization() -> EntityDef:
     return EntityDef(
         "organization", "organizations", "organizationid", "name", 1019,
@@ -484,7 +452,7 @@ def _all() -> list[EntityDef]:
                   _o("servertype", {0: "Exchange", 1: "Other (POP/SMTP)", 3: "Exchange Online (Hybrid)",
                                     4: "Exchange Online", 5: "Gmail"}),
                   _s("incomingserverlocation", 2048), _s("outgoingserverlocation", 2048))
-    hand = [_contact(), _account(), _lead(), _systemuser(), _queue(), _usersettings(), _organization(), opp, inc, bu,
+    hand = [_contact(), _account(), _lead(), _systemuser(), _organization(), opp, inc, bu,
             team, esp]
     return _page_entities() + [_hand_written(e) for e in hand]
 

@@ -773,9 +773,10 @@ class Dataverse:
             if not self.store.exists(us_ent, rid):
                 now = now_iso()
                 # DefaultFormValue 2 per the usersettings reference (a support blog says 1; always read it).
+                # businessunitid is a plain Uniqueidentifier on usersettings (usersettings.md), not a lookup.
                 us: Row = {"systemuserid": rid, "incomingemailfilteringmethod": 2, "timezonecode": 85,
-                           "uilanguageid": 1033, "localeid": 1033, "createdon": now, "modifiedon": now,
-                           "_businessunitid_value": row.get("_businessunitid_value"), "~businessunitid": "businessunit"}
+                           "uilanguageid": 1033, "localeid": 1033, "createdon": now,
+                           "businessunitid": row.get("_businessunitid_value")}
                 self.store.insert(us_ent, rid, us)
 
     # ================================================================================================================
