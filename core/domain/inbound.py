@@ -83,6 +83,8 @@ __all__ = [
 EMAIL_SUBJECT_MAX: Final = 800  # email.subject String 800 (dv-ref §2.1)
 MESSAGEID_MAX: Final = 320  # email.messageid String 320 (dv-ref §2.1)
 ADDRESSUSED_MAX: Final = 320  # activityparty.addressused String 320 (dv-ref §2.2)
+CONTACT_NAME_MAX: Final = 50  # contact.firstname / lastname String 50 (contact.md)
+CONTACT_EMAIL_MAX: Final = 100  # contact.emailaddress1 String 100 (contact.md)
 
 # State/status pairs (dv-ref §2.4): Received {1,4} for incoming mail, Sent {1,3} for mail from Sent Items.
 RECEIVED: Final = (1, 4)
@@ -305,11 +307,11 @@ def _split_name(display: str, address: str) -> tuple[str, str]:
     display = " ".join(display.replace('"', "").split())
     if "," in display:  # "Last, First"
         last, _, first = display.partition(",")
-        return first.strip()[:50], last.strip()[:50] or address
+        return first.strip()[:CONTACT_NAME_MAX], last.strip()[:CONTACT_NAME_MAX] or address[:CONTACT_NAME_MAX]
     if " " in display:
         first, _, last = display.rpartition(" ")
-        return first[:50], last[:50]
-    return "", (display or address.partition("@")[0])[:50]
+        return first[:CONTACT_NAME_MAX], last[:CONTACT_NAME_MAX]
+    return "", (display or address.partition("@")[0])[:CONTACT_NAME_MAX]
 
 
 def _new_contact(parties: ResolvedParties, mailbox: MailboxConfig, direction: Direction,
@@ -317,7 +319,8 @@ def _new_contact(parties: ResolvedParties, mailbox: MailboxConfig, direction: Di
     sender = parties.sender
     if (not mailbox.auto_create_contacts or mailbox.kind is not MailboxKind.USER
             or direction is not Direction.INCOMING or sender is None or sender.record is not None
-            or sender.ambiguous or org.is_internal(sender.address.address)):
+            or sender.ambiguous or org.is_internal(sender.address.address)
+            or len(sender.address.address) > CONTACT_EMAIL_MAX):  # the contact could not hold the address
         return None
     first, last = _split_name(sender.address.name, sender.address.address)
     return NewContact(contact_id_for(sender.address.address), sender.address.address, first, last, owner)

@@ -303,9 +303,6 @@ def _page_entities() -> list[EntityDef]:
 
 # Declared single-valued navigation names of the hand-written tables, by table: name -> (column, targets).
 _HAND_NAVS: Final[dict[str, dict[str, tuple[str, tuple[str, ...]]]]] = {
-    "contact": {"ownerid": ("ownerid", ("systemuser", "team")),
-                "parentcustomerid_account": ("parentcustomerid", ("account",)),
-                "parentcustomerid_contact": ("parentcustomerid", ("contact",))},
     "account": {"ownerid": ("ownerid", ("systemuser", "team")), "primarycontactid": ("primarycontactid", ("contact",)),
                 "parentaccountid": ("parentaccountid", ("account",))},
     "lead": {"ownerid": ("ownerid", ("systemuser", "team"))},
@@ -348,13 +345,6 @@ def _person(logical: str, set_name: str, pk: str, otc: int, *extra: Column) -> E
             _b("donotemail"), *extra, *_OWNED, *_AUDIT,
         ),
     )
-
-
-def _contact() -> EntityDef:
-    e = _person("contact", "contacts", "contactid", 2, _s("jobtitle", 100),
-                _lk("parentcustomerid", "account", "contact"), *_state(ACTIVE_STATES, ACTIVE_STATUSES))
-    e.state_status = dict(_ACTIVE_INACTIVE)
-    return e
 
 
 def _lead() -> EntityDef:
@@ -452,7 +442,7 @@ def _all() -> list[EntityDef]:
                   _o("servertype", {0: "Exchange", 1: "Other (POP/SMTP)", 3: "Exchange Online (Hybrid)",
                                     4: "Exchange Online", 5: "Gmail"}),
                   _s("incomingserverlocation", 2048), _s("outgoingserverlocation", 2048))
-    hand = [_contact(), _account(), _lead(), _systemuser(), _organization(), opp, inc, bu,
+    hand = [_account(), _lead(), _systemuser(), _organization(), opp, inc, bu,
             team, esp]
     return _page_entities() + [_hand_written(e) for e in hand]
 

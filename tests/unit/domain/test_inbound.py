@@ -235,3 +235,15 @@ def test_decision_record_is_json_shaped() -> None:
     record = decision_record(m, plan)
     assert record["outcome"] == "tracked" and record["activityId"] == str(activity_id_for("<m1@fabrikam.com>"))
     assert all(set(d) == {"step", "outcome", "why"} for d in record["decisions"])
+
+
+def test_auto_created_contact_fits_the_contact_columns() -> None:
+    # contact.md: firstname/lastname String(50), emailaddress1 String(100); a longer value fails the change set
+    long_local = "x" * 60
+    m = message(from_=addr(f"{long_local}@fabrikam.example", ""))
+    plan = plan_inbound(m, context(directory={}, mailbox=user_mailbox(auto_create_contacts=True)))
+    assert isinstance(plan, TrackEmail) and plan.new_contact is not None
+    assert len(plan.new_contact.last_name) <= 50 and len(plan.new_contact.first_name) <= 50
+    too_long = message(from_=addr(("y" * 95) + "@fabrikam.example", "Y"))
+    plan = plan_inbound(too_long, context(directory={}, mailbox=user_mailbox(auto_create_contacts=True)))
+    assert isinstance(plan, TrackEmail) and plan.new_contact is None
