@@ -433,7 +433,7 @@ class OutboundService:
             return result
         by_owner, by_mailbox = await self._router_senders()
         refused = await self._sss_senders()
-        if not by_owner and not by_mailbox:
+        if not by_owner and not by_mailbox and not refused:
             return result
         active = {m.email_id: m for m in await self._ledger.list_active()}
         pending: list[PendingEmail] = []

@@ -57,3 +57,11 @@ async def test_sss_only_configured_does_not_stop_the_router() -> None:
     row = h.add()
     assert (await h.service().scan()).enqueued == 1
     assert (await h.process(row)).outcome is SendOutcome.SENT
+
+
+async def test_the_reason_is_recorded_also_when_every_router_mailbox_is_left_to_sss() -> None:
+    h = Harness(mailboxes=[router_mailbox(1, sss_outgoing=SssStatus.ACTIVE)])
+    theirs = h.add(sender=1)
+    scan = await h.service().scan()
+    assert scan.enqueued == 0 and scan.sss_refused == {"user1@contoso.example": str(theirs.email.activity_id)}
+    assert h.status.failures == [("user1@contoso.example", str(theirs.email.activity_id), SSS_REFUSAL)]
