@@ -183,9 +183,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("OUTBOUND_RETRY_MAX_SECONDS", "3600", "Longest back-off between send attempts."),
     Setting("OUTBOUND_SEND_SETTLE_SECONDS", "60",
             "After a crash, wait this long before re-sending a draft whose send may have been accepted."),
-    Setting("OUTBOUND_RECORD_VIA_REOPEN", "true",
-            "Write messageid by briefly re-opening the email before marking it Sent (NOT VERIFIED on real "
-            "Dataverse; false = messageid stays in the router's ledger only)."),
+    Setting("OUTBOUND_CHOOSE_MESSAGE_ID", "true",
+            "Give each outbound draft a Message-ID carrying the CRM activity id before it is created (Graph: "
+            "internetMessageId is updatable while isDraft); false = Exchange's own id."),
     # Logging
     Setting("LOG_LEVEL", "INFO", "Log level of the router's own loggers."),
 )

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from emulators.common import demo
+from emulators.dataverse.seed import ROUTER_APP_PRIVILEGES
 
 __all__ = [
     "ACCOUNTS",
@@ -304,7 +305,7 @@ def dataverse_seed() -> dict[str, Any]:
              "internalemailaddress": f"emailrouter-app@{DOMAIN}", "applicationid": demo.APP_CLIENT_ID,
              "azureactivedirectoryobjectid": demo.APP_OBJECT_ID, "accessmode": 4,
              "incomingemaildeliverymethod": NONE, "outgoingemaildeliverymethod": NONE,
-             "privileges": ["prvActOnBehalfOfAnotherUser"]},
+             "privileges": list(ROUTER_APP_PRIVILEGES)},
             *(_systemuser(p) for p in PEOPLE),
         ],
         "queues": [{

@@ -810,6 +810,14 @@ class DataverseClient:
         data: dict[str, Any] = response.json()
         return data
 
+    async def retrieve_user_privileges(self, user_id: str | uuid.UUID) -> builtins.list[dict[str, Any]]:
+        """``systemusers(<id>)/Microsoft.Dynamics.CRM.RetrieveUserPrivileges()``: the user's privileges through
+        roles and teams, as RolePrivilege objects (``PrivilegeName``, ``Depth``, ``PrivilegeId``, ...)."""
+        path = f"{entity_path('systemusers', user_id)}/Microsoft.Dynamics.CRM.RetrieveUserPrivileges()"
+        response = await self._request("GET", path, idempotent=True)
+        data = response.json() or {}
+        return list(data.get("RolePrivileges") or [])
+
     async def send_email(
         self,
         email_id: str | uuid.UUID,

@@ -492,6 +492,8 @@ async def sync_crm(container: Any, args: argparse.Namespace, out: Out) -> int:
             console.print(f"  [red]-[/red] {a} (removed from CRM: disabled)")
         for e in report.errors:
             console.print(f"  [red]error[/red] {e}")
+        for w in report.warnings:
+            console.print(f"  [yellow]warning[/yellow] {w}")
 
     out.emit(report.to_json(), render)
     return 0

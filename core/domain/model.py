@@ -311,6 +311,19 @@ class ApprovalStatus(IntEnum):
     REJECTED = 3
 
 
+class SssStatus(StrEnum):
+    """Whether Server-Side Synchronization also serves a mailbox in one direction (audit dataverse-fidelity #12).
+
+    The router's mailboxes use delivery method 2, "Server-Side Synchronization or Email Router" (mailbox.md): the
+    same value SSS uses. SSS only processes a mailbox that has an email server profile; it then syncs the direction
+    that is enabled and has passed Test & Enable (status Success). Both would then act on the same mail.
+    """
+
+    NONE = "none"  # no email server profile (or the direction is not SSS/router): SSS leaves this direction alone
+    CONFIGURED = "configured"  # a profile, but not enabled/tested for this direction: a Test & Enable would start SSS
+    ACTIVE = "active"  # a profile, enabled and tested: SSS processes this direction too
+
+
 class MailboxKind(StrEnum):
     """A user's mailbox, a queue's mailbox, or a forward (sink) mailbox that only collects forwarded copies
     (crm-ref §3: a sink has no regarding user/queue and outgoing None)."""
@@ -341,6 +354,8 @@ class MailboxConfig:
     enabled_for_outgoing: bool = True
     approval: ApprovalStatus = ApprovalStatus.APPROVED
     queue_owner: CrmRecordRef | None = None  # ownerid of the queue row, for the queue owner fallback
+    sss_incoming: SssStatus = SssStatus.NONE  # Server-Side Synchronization on this mailbox (CRM sync, #12)
+    sss_outgoing: SssStatus = SssStatus.NONE  # ACTIVE: the router does not send for it (both would send)
     # Entra object id (or UPN) Graph addresses the mailbox by: Graph documents /users/{id | userPrincipalName}
     # only, and a primary SMTP address can differ from the UPN. None = not resolved (the address is used).
     graph_user_id: str | None = None
@@ -426,6 +441,10 @@ class OrgEmailSettings:
     # newsletters and ticket systems set them on mail users do want tracked (see docs/tracking-rules.md).
     treat_auto_response_suppress_as_auto_reply: bool = False
     treat_precedence_bulk_as_auto_reply: bool = False
+    # Queue items for tracked incoming email (OrgDbOrgSettings of the same names; core/domain/queue_items.py).
+    create_queue_items_for_accepting_queue_recipients: bool = True
+    create_queue_item_for_synchronizing_mailbox: bool = True
+    create_additional_queue_items_for_already_tracked_email: bool = False  # SSSCreateAdditionalQueueItems...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "internal_domains", frozenset(d.lower() for d in self.internal_domains))

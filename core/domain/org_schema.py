@@ -63,10 +63,13 @@ BINDS: Final[tuple[WantedBind, ...]] = (
     WantedBind("activityparty", "partyid", "lead", "activity party"),
     WantedBind("activitymimeattachment", "objectid", "email", "attachment of email"),
     WantedBind("contact", "ownerid", "systemuser", "owner of auto-created contact"),
+    WantedBind("queueitem", "objectid", "email", "queue item of tracked email"),
+    WantedBind("queueitem", "queueid", "queue", "queue of a queue item"),
 )
 
 # Tables whose ManyToOne relationships the router reads (entity set names are read for every table).
-RELATIONSHIP_TABLES: Final[tuple[str, ...]] = ("email", "activityparty", "activitymimeattachment", "contact")
+RELATIONSHIP_TABLES: Final[tuple[str, ...]] = ("email", "activityparty", "activitymimeattachment", "contact",
+                                               "queueitem")
 
 # The documented names (powerapps-docs entity reference, emulators/dataverse/reference/tables/*.json): used until
 # the org's own metadata has been read, and by unit tests. Nothing here is assumed once the org has answered.
@@ -97,6 +100,8 @@ def _documented_relationships() -> dict[str, tuple[Relationship, ...]]:
         "activitymimeattachment": (
             Relationship("email_activity_mime_attachment", "objectid", "email", "objectid_email"),),
         "contact": (Relationship("owner_contacts", "ownerid", "owner", "ownerid"),),
+        "queueitem": (Relationship("Email_QueueItem", "objectid", "email", "objectid_email"),
+                      Relationship("queue_entries", "queueid", "queue", "queueid")),
     }
 
 

@@ -53,6 +53,7 @@ from core.domain.model import (
     OrgEmailSettings,
 )
 from core.domain.normalize import LIMITS, InvalidMessage, normalize_graph_message
+from core.domain.queue_items import plan_queue_items
 from core.names import INBOUND_QUEUE
 from core.ports import MailboxDirectory, WorkQueue
 from core.services.inbound_crm import (
@@ -66,6 +67,7 @@ from core.work_items import InboundItem, InvalidWorkItem
 
 if TYPE_CHECKING:
     from core.bootstrap import Container
+    from core.services.queue_items_crm import QueueItemGateway
 
 __all__ = [
     "MAX_DEQUEUE_COUNT",
@@ -260,6 +262,7 @@ class InboundProcessor:
     poison: PoisonLog
     queue: WorkQueue
     options: InboundOptions = field(default_factory=InboundOptions)
+    queue_items: QueueItemGateway | None = None  # None: no queue items (tests that do not look at them)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     monotonic: Callable[[], float] = time.monotonic
     _snapshot: _MailboxSnapshot | None = field(default=None, init=False, repr=False)
@@ -427,11 +430,14 @@ class InboundProcessor:
             break
 
         outcome = LedgerOutcome.TRACKED if written is WriteOutcome.CREATED else LedgerOutcome.ALREADY_TRACKED
+        queued = await self._queue_items(plan, context.mailbox, org, written, counters)
         await self._after_write(item, message, plan, counters)
-        await self._record(item, message, plan, outcome, note=(
-            None if outcome is LedgerOutcome.TRACKED else
+        notes = [] if outcome is LedgerOutcome.TRACKED else [
             "an email with this Message-ID is already in CRM (redelivery, or tracked from another mailbox first): "
-            "kept as it is"))
+            "kept as it is"]
+        if queued:
+            notes.append(queued)
+        await self._record(item, message, plan, outcome, note="; ".join(notes) or None)
         return ProcessResult(outcome.value, activity_id=str(plan.activity_id), graph_calls=counters.graph,
                              crm_requests=counters.crm)
 
@@ -445,6 +451,41 @@ class InboundProcessor:
                            note=f"CRM email {existing.activity_id} already has this Message-ID: not written again")
         return ProcessResult(LedgerOutcome.ALREADY_TRACKED.value, activity_id=str(existing.activity_id),
                              graph_calls=counters.graph, crm_requests=counters.crm)
+
+    async def _queue_items(self, plan: TrackEmail, mailbox: MailboxConfig, org: OrgEmailSettings,
+                           written: WriteOutcome, counters: _Counters) -> str | None:
+        """The email's queue items (core/domain/queue_items.py), once per email per queue: deterministic ids make a
+        repeat a no-op, and for an email that was already there the queues holding an item are read first. A
+        transient failure propagates (the message is retried; the email, already written, is then "already
+        tracked" and only the missing items are made). Returns a note for the decision record."""
+        if self.queue_items is None:
+            return None
+        base = {"email_id": plan.activity_id, "direction": plan.direction, "parties": plan.parties,
+                "mailbox": mailbox, "org": org}
+        if not plan_queue_items(**base):
+            return None  # no queue involved: no extra request
+        if written is WriteOutcome.ALREADY_TRACKED:
+            counters.crm += 1
+            held = await self.queue_items.tracked_email_queues(plan.activity_id)
+            # Our own earlier, interrupted attempt (the router binds its mailbox) owes every item; another mailbox
+            # having tracked it first owes only what CreateAdditionalQueueItemsForAlreadyTrackedEmail allows.
+            own = plan.receiving_mailbox_id is None or held.receiving_mailbox_id == plan.receiving_mailbox_id
+            items = plan_queue_items(**base, already_tracked=True, created_by_this_mailbox=own,
+                                     existing_queues=held.queues)
+        else:
+            items = plan_queue_items(**base)
+        if not items:
+            return None
+        counters.crm += 1
+        result = await self.queue_items.create_queue_items(items)
+        for queue_id, why in result.refused.items():
+            log.warning("queue item for email %s in queue %s refused: %s", plan.activity_id, queue_id, why)
+        parts = []
+        if result.created:
+            parts.append(f"queue items created in {len(result.created)} queue(s)")
+        if result.refused:
+            parts.append("queue items refused: " + "; ".join(f"queue {q}: {w}" for q, w in result.refused.items()))
+        return ", ".join(parts) or None
 
     @staticmethod
     def _tag_target(message: MailMessage, plan: InboundPlan) -> tuple[str, list[str]] | None:
@@ -567,19 +608,22 @@ def processor_for(container: Container) -> InboundProcessor:
         from core.adapters.inbound_state import InboundState
         from core.services.inbound_crm import DataverseInboundCrm
         from core.services.org_schema import org_schema_for
+        from core.services.queue_items_crm import DataverseQueueItems
 
         state = InboundState.for_container(container)
+        schema = org_schema_for(container)  # one metadata read shared by both gateways (and the CRM sync)
         processor = InboundProcessor(
             mail=container.graph,
             crm=DataverseInboundCrm(
                 container.dataverse,
                 party_ttl=float(container.settings.integer("CRM_PARTY_CACHE_SECONDS", minimum=0)),
                 correlation_days=container.settings.integer("CRM_CORRELATION_DAYS", minimum=0),
-                schema=org_schema_for(container),
+                schema=schema,
             ),
             mailboxes=container.mailbox_directory,
             ledger=state.ledger, decisions=state.decisions, status=state.status, poison=state.poison,
             queue=container.work_queue, options=options_from_settings(container),
+            queue_items=DataverseQueueItems(container.dataverse, schema=schema),
         )
         _PROCESSORS[container] = processor
     return processor

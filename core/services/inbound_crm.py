@@ -40,7 +40,7 @@ from core.adapters.dataverse import (
 )
 from core.adapters.odata import BatchRequest, BatchResponse, ChangeSet, build_query, in_, literal, or_
 from core.domain.correlation import CorrelationKeys, CorrelationLookup, KnownEmail
-from core.domain.identity import canonical_message_id
+from core.domain.identity import canonical_message_id, outbound_activity_id
 from core.domain.inbound import (
     TrackEmail,
     plan_attachment_rows,
@@ -184,6 +184,16 @@ def party_candidates(spec: PartyTable, row: Mapping[str, Any]) -> tuple[list[str
     )
     addresses = [str(row[c]).strip().lower() for c in spec.address_columns if row.get(c)]
     return addresses, candidate
+
+
+def _router_message_ids(message_ids: Sequence[str]) -> dict[str, str]:
+    """activity id -> Message-ID for the ids among ``message_ids`` that the router chose for mail it sent."""
+    found: dict[str, str] = {}
+    for message_id in message_ids:
+        activity_id = outbound_activity_id(message_id)
+        if activity_id is not None:
+            found.setdefault(str(activity_id), message_id)
+    return found
 
 
 def known_email(row: Mapping[str, Any]) -> KnownEmail | None:
@@ -367,9 +377,12 @@ class DataverseInboundCrm:
                 out.append((spec, BatchRequest("GET", f"{spec.entity_set}?{query}", headers=_ANNOTATIONS)))
         return out
 
-    def _email_requests(self, missing: Mapping[str, Sequence[str]]) -> list[tuple[str, BatchRequest]]:
+    def _email_requests(self, missing: Mapping[str, Sequence[str]],
+                        sent_by_router: Mapping[str, str] | None = None) -> list[tuple[str, BatchRequest]]:
         """One GET per key kind (message ids, tracking tokens, conversation indexes), each bounded by createdon:
-        three simple indexed queries instead of one OR across columns."""
+        three simple indexed queries instead of one OR across columns. Plus, for Message-IDs the router chose for
+        mail it sent (identity.outbound_message_id), a GET by the activity id they name: a Sent email keeps no
+        messageid in CRM, so a reply finds it by its primary key (no date bound: a reply may come months later)."""
         column = {"m": "messageid", "t": "trackingtoken", "c": "conversationindex"}
         since = None
         if self._correlation_days > 0:
@@ -382,6 +395,9 @@ class DataverseInboundCrm:
             condition = in_(column[kind], values)
             query = build_query(select=_EMAIL_SELECT, filter=f"{condition} and {since}" if since else condition)
             out.append((kind, BatchRequest("GET", f"emails?{query}", headers=_EMAIL_ANNOTATIONS)))
+        if sent_by_router:
+            query = build_query(select=_EMAIL_SELECT, filter=in_("activityid", sorted(sent_by_router)))
+            out.append(("a", BatchRequest("GET", f"emails?{query}", headers=_EMAIL_ANNOTATIONS)))
         return out
 
     async def lookup(self, addresses: Collection[str], keys: CorrelationKeys) -> CrmLookup:
@@ -410,7 +426,8 @@ class DataverseInboundCrm:
                     missing_keys[kind].append(value)
 
         party_plan = self._party_requests(missing)
-        email_plan = self._email_requests(missing_keys)
+        sent_by_router = _router_message_ids(missing_keys["m"])
+        email_plan = self._email_requests(missing_keys, sent_by_router)
         requests = [req for _, req in party_plan] + [req for _, req in email_plan]
         if requests:
             responses = await self._coalescer.run(requests)
@@ -430,7 +447,7 @@ class DataverseInboundCrm:
                 self._parties.put(address, value)
             if email_plan:
                 rows = [row for response in responses[len(party_plan):] for row in self._rows(response)]
-                self._remember_emails(rows, missing_keys, known)
+                self._remember_emails(rows, missing_keys, known, sent_by_router)
 
         lookup = CorrelationLookup(
             by_message_id={k[2:]: v for k, v in known.items() if k.startswith("m:") and v is not None},
@@ -451,7 +468,8 @@ class DataverseInboundCrm:
         return rows
 
     def _remember_emails(self, rows: list[dict[str, Any]], asked: Mapping[str, list[str]],
-                         known: dict[str, KnownEmail | None]) -> None:
+                         known: dict[str, KnownEmail | None], sent_by_router: Mapping[str, str] | None = None
+                         ) -> None:
         # Deterministic choice when several emails share a key: the lowest activity id.
         rows = sorted(rows, key=lambda r: str(r.get("activityid")))
         results: dict[str, KnownEmail] = {}
@@ -459,6 +477,9 @@ class DataverseInboundCrm:
             email = known_email(row)
             if email is None:
                 continue
+            router_id = (sent_by_router or {}).get(str(email.activity_id))
+            if router_id is not None:
+                results.setdefault(f"m:{router_id}", email)
             if row.get("messageid"):
                 try:
                     results.setdefault(f"m:{canonical_message_id(str(row['messageid']))}", email)

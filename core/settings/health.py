@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.domain.model import (
     ApprovalStatus,
@@ -45,7 +45,11 @@ from core.domain.model import (
     MailboxKind,
     OrgEmailSettings,
     OutboundMethod,
+    SssStatus,
 )
+
+if TYPE_CHECKING:
+    from core.services.org_schema import OrgSchemaSource
 
 from .rows import MAILBOX_PARTITION, RouterSettings, format_value, parse_datetime, row_key
 from .store import RowStore
@@ -146,8 +150,10 @@ def checks_for(mailbox: MailboxConfig, *, crm_write: bool = False) -> dict[str, 
         incoming = ("graph_read", "subscription", "crm_owner")
     elif mailbox.inbound_method is InboundMethod.FORWARD:
         incoming = ("forward_rule", "crm_owner")
+    if incoming:
+        incoming = (*incoming, "sss_incoming")
     if mailbox.outbound_method is OutboundMethod.ROUTER and mailbox.kind is not MailboxKind.FORWARD_SINK:
-        outgoing = ("graph_send", "crm_owner")
+        outgoing = ("graph_send", "crm_owner", "sss_outgoing", "crm_concurrency")
     if not mailbox.enabled_for_incoming:
         incoming = ()
     if not mailbox.enabled_for_outgoing:
@@ -211,18 +217,20 @@ _CRM_STATUS = {Health.OK: 1, Health.FAILING: 2, Health.NOT_APPLICABLE: 0, Health
 LAST_SYNC_ERROR_MAX = 2048
 
 
-def crm_mailbox_update(outcome: ProbeOutcome, now: datetime) -> dict[str, Any]:
+def crm_mailbox_update(outcome: ProbeOutcome, now: datetime, *, statuses: bool = True) -> dict[str, Any]:
     """The CRM ``mailbox`` columns for an outcome (crm-ref §2.1: 0 Not Run, 1 Success, 2 Failure).
 
     Only columns mailbox.md lists as writable: ``mailboxstatus`` and ``transientfailurecount`` are read-only
     (Dataverse ignores them), so the overall health and the failure count stay in the router's own status table.
+    ``statuses=False`` leaves ``incomingemailstatus``/``outgoingemailstatus`` alone: on a mailbox with an email server
+    profile they are Server-Side Synchronization's own Test & Enable results, and a Success written by the router
+    could make SSS start processing the mailbox too.
     """
     stamp = format_value(now)
-    body: dict[str, Any] = {
-        "incomingemailstatus": _CRM_STATUS[outcome.incoming],
-        "outgoingemailstatus": _CRM_STATUS[outcome.outgoing],
-        "testmailboxaccesscompletedon": stamp,
-    }
+    body: dict[str, Any] = {"testmailboxaccesscompletedon": stamp}
+    if statuses:
+        body["incomingemailstatus"] = _CRM_STATUS[outcome.incoming]
+        body["outgoingemailstatus"] = _CRM_STATUS[outcome.outgoing]
     failing = [c for c in outcome.checks if not c.ok]
     if outcome.health is Health.FAILING and failing:
         text = "Email Router: " + "; ".join(f"{c.name}: {c.detail}" for c in failing)
@@ -351,6 +359,7 @@ class MailboxHealthService:
         status: RowStore,
         *,
         roles: Callable[[], Awaitable[frozenset[str]]] | None = None,
+        schema: OrgSchemaSource | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._settings = settings
@@ -359,6 +368,7 @@ class MailboxHealthService:
         self._subscriptions = subscriptions
         self._status = status
         self._roles = roles
+        self._schema = schema  # the org's metadata (optimistic concurrency on email)
         self._clock = clock
 
     async def _context(self) -> _Context:
@@ -432,7 +442,8 @@ class MailboxHealthService:
         now = self._clock()
         needed = {n for names in checks_for(mailbox, crm_write=crm_write).values() for n in names}
         results: list[CheckResult] = []
-        for name in ("crm_owner", "crm_write", "graph_read", "forward_rule", "graph_send", "subscription"):
+        for name in ("crm_owner", "crm_write", "graph_read", "forward_rule", "graph_send", "subscription",
+                     "sss_incoming", "sss_outgoing", "crm_concurrency"):
             if name in needed:
                 results.append(await getattr(self, f"_check_{name}")(mailbox, ctx, now))
         state, incoming, outgoing, alert = next_state(previous, mailbox, results, now, ctx.router)
@@ -490,6 +501,28 @@ class MailboxHealthService:
         if records:
             return CheckResult("subscription", False, "subscription expired (reconcile renews it)")
         return CheckResult("subscription", False, "no Graph subscription yet (created at the next reconcile)")
+
+    async def _check_sss_incoming(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
+        return _sss_check("sss_incoming", mailbox.sss_incoming, "incoming",
+                          "SSS tracks the same mail: duplicate CRM emails")
+
+    async def _check_sss_outgoing(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
+        return _sss_check("sss_outgoing", mailbox.sss_outgoing, "outgoing",
+                          "both would send its Pending Send email, so the router does not send for it")
+
+    async def _check_crm_concurrency(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
+        if self._schema is None:
+            return CheckResult("crm_concurrency", True, "not checked")
+        try:
+            enabled = (await self._schema.get()).concurrency_enabled("email")
+        except Exception as exc:
+            return CheckResult("crm_concurrency", False, f"CRM metadata not readable ({type(exc).__name__})",
+                               int(getattr(exc, "status", 0) or 0))
+        if enabled is False:
+            return CheckResult("crm_concurrency", False, "optimistic concurrency is off on the email table "
+                               "(IsOptimisticConcurrencyEnabled): the outbound claim needs If-Match, so outbound "
+                               "is stopped")
+        return CheckResult("crm_concurrency", True, "optimistic concurrency on for email")
 
     async def _check_crm_owner(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
         from core.adapters.dataverse import NotFoundError
@@ -561,7 +594,9 @@ class MailboxHealthService:
                                                or outcome.health is not previous.health):
             # Written on changes and while failing (failure count moves); a steady healthy mailbox costs no CRM call.
             try:
-                await self._crm.update("mailboxes", mailbox.mailbox_id, crm_mailbox_update(outcome, now))
+                no_sss = SssStatus.NONE == mailbox.sss_incoming == mailbox.sss_outgoing
+                await self._crm.update("mailboxes", mailbox.mailbox_id,
+                                       crm_mailbox_update(outcome, now, statuses=no_sss))
             except Exception as exc:
                 _log.warning("health: could not write status to CRM mailbox of %s (%s)", mailbox.address,
                              type(exc).__name__)
@@ -578,6 +613,17 @@ class MailboxHealthService:
             await self._graph.send_mail(router.alert_sender, message, save_to_sent_items=False)
         except Exception as exc:
             _log.warning("health: alert email from %s failed (%s)", router.alert_sender, type(exc).__name__)
+
+
+def _sss_check(name: str, state: SssStatus, direction: str, effect: str) -> CheckResult:
+    if state is SssStatus.ACTIVE:
+        return CheckResult(name, False, f"Server-Side Synchronization is also active for {direction} email (an "
+                           f"email server profile is set on the CRM mailbox and it passed Test & Enable): {effect}; "
+                           "remove the profile, or let SSS serve this mailbox and set the router's method to none")
+    if state is SssStatus.CONFIGURED:
+        return CheckResult(name, True, f"an email server profile is set; a Test & Enable in CRM would start SSS for "
+                           f"{direction} email too")
+    return CheckResult(name, True, "no Server-Side Synchronization")
 
 
 def _aware(value: datetime) -> datetime:
@@ -607,6 +653,9 @@ def health_service_for(container: Any) -> MailboxHealthService:
     async def roles() -> frozenset[str]:
         return token_roles(await tokens.get_token_async())
 
+    from core.services.org_schema import org_schema_for
+
     directory = getattr(container, "mailbox_directory", None) or TableMailboxDirectory.from_account(container.storage)
     return MailboxHealthService(directory, container.graph, container.dataverse, container.subscription_directory,
-                                container.storage.table(MAILBOX_STATUS_TABLE), roles=roles)
+                                container.storage.table(MAILBOX_STATUS_TABLE), roles=roles,
+                                schema=org_schema_for(container))

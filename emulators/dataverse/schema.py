@@ -436,6 +436,7 @@ def _all() -> list[EntityDef]:
                  _lk("parentbusinessunitid", "businessunit"), states=False, ownership="BusinessOwned")
     team = _simple("team", "teams", "teamid", "name", 9, _lk("businessunitid", "businessunit"),
                    _o("teamtype", {0: "Owner", 1: "Access", 2: "Security Group", 3: "Office Group"}),
+                   _lk("queueid", "queue", ro=True),  # team.md: QueueId, the team's default queue (read-only)
                    states=False, ownership="BusinessOwned")
     esp = _simple("emailserverprofile", "emailserverprofiles", "emailserverprofileid", "name", 9605,
                   _o("servertype", {0: "Exchange", 1: "Other (POP/SMTP)", 3: "Exchange Online (Hybrid)",

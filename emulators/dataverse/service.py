@@ -72,10 +72,16 @@ class Options:
     missing_bind_status: int = 400
     missing_bind_code: str = "0x80040217"
     # SendEmail IssueSend=true outcome by the sender's outgoingemaildeliverymethod: "pending" (statecode 1 /
-    # statuscode 6), "sent" (1/3) or "error" (400).
-    # NOT VERIFIED: the only source (crm-email-behaviour.md §13.6, a support blog) says such emails stay in Pending
-    # Send when the mailbox is not set up, so method 0 defaults to "pending" too; "error" is the stricter option.
+    # statuscode 6), "sent" (1/3) or "error" (400). NOT VERIFIED for 0 (None): Microsoft Q&A / support blogs say the
+    # email "will stay in Pending Send if email integration and the user's mailbox are not correctly configured",
+    # so the default is "pending" (the router must then leave it alone: the stricter test of the router).
     sendemail_outcome: dict[int, str] = field(default_factory=lambda: {0: "pending", 1: "pending", 2: "pending"})
+    # Whether the platform fills the read-only senton ("Date Sent") when a status change puts an email in Sent
+    # {1,3}. NOT VERIFIED: SSS marks sent mail Sent "through a 'SetState' operation" (SupportArticles-docs
+    # sssadminprod.md) and its sent mail shows a Date Sent, but SSS may stamp it internally. Default False, the
+    # stricter reading (nothing the router does fills it); True models the platform doing it.
+    # `emailrouter doctor --sandbox` reports what a real org does.
+    senton_on_sent_status: bool = False
     email_party_masks: tuple[int, ...] = (1, 2, 3, 4)  # 8 Regarding / 9 Owner are platform-maintained -> rejected
     allow_state_on_create: bool = True  # statecode/statuscode in the create POST (NOT VERIFIED): accepted if valid
     # counter width when organization.maximumtrackingnumber is unset (the seed sets 999: three digits)
@@ -251,6 +257,9 @@ class Dataverse:
             seg = rest[0]
             if seg == "Microsoft.Dynamics.CRM.SendEmail" and ent.logical_name == "email" and method == "POST":
                 return self.send_email(req, rid, caller)
+            if (seg.removesuffix("()") == "Microsoft.Dynamics.CRM.RetrieveUserPrivileges"
+                    and ent.logical_name == "systemuser" and method == "GET"):
+                return self.retrieve_user_privileges(req, rid)
             if seg == "SendEmail":
                 raise DataverseError.bad_request("Request message has unresolved parameters.")
             if method == "GET":
@@ -591,6 +600,8 @@ class Dataverse:
             self._party_rules(row)
         if name == "activitymimeattachment" and creating:
             self._attachment_rules(row, parent_id)
+        if name == "queueitem" and creating:
+            self._queue_item_rules(row)
         if name == "systemuser" and creating:
             row.setdefault("isdisabled", False)
             row.setdefault("incomingemaildeliverymethod", 2)
@@ -613,6 +624,21 @@ class Dataverse:
                          ("incomingemaildeliverymethod", 0), ("outgoingemaildeliverymethod", 0),
                          ("actdeliverymethod", 2)):
                 row.setdefault(k, v)
+
+    def _queue_item_rules(self, row: Row) -> None:
+        """What the platform fills on a new queue item (queueitem.md, of the columns the emulator carries): Entered
+        Queue (enteredon); for email, Sender and To copied from it; state Active. objectid and queueid are
+        ApplicationRequired."""
+        object_id, object_type = row.get("_objectid_value"), row.get("~objectid")
+        if not object_id or not row.get("_queueid_value"):
+            raise DataverseError.bad_request("A queue item needs objectid and queueid.", code="0x80040203")
+        target = self.store.get(ENTITIES[object_type], object_id) if object_type in ENTITIES else None
+        if target is not None and object_type == "email":
+            row["sender"] = (target.get("sender") or "")[:250] or None
+            row["torecipients"] = (target.get("torecipients") or "")[:500] or None
+        row["enteredon"] = now_iso()
+        row.setdefault("statecode", 0)
+        row.setdefault("statuscode", 1)
 
     def _party_rules(self, row: Row) -> None:
         mask = row.get("participationtypemask")
@@ -811,6 +837,10 @@ class Dataverse:
             # senton is read-only (email.md) and a PATCH to Sent does not fill it: only the platform's send path
             # (SendEmail / the mail server) stamps it -- see send_email().
             self._apply_state(ent, row, creating=False)
+            if (ent.logical_name == "email" and row.get("statuscode") == 3 and before.get("statuscode") != 3
+                    and self.options.senton_on_sent_status):
+                row.setdefault("senton", None)
+                row["senton"] = row["senton"] or now_iso()
         if ent.logical_name in ("contact", "lead", "systemuser"):
             self._entity_rules(ent, row, caller, creating=False, parent_id=None)
         if "_ownerid_value" in row and row.get("_ownerid_value") != before.get("_ownerid_value"):
@@ -1096,6 +1126,25 @@ class Dataverse:
         return ApiResponse.json(200, {
             "@odata.context": f"{req.api_url}/$metadata#Microsoft.Dynamics.CRM.GetTrackingTokenEmailResponse",
             "TrackingToken": token})
+
+    def retrieve_user_privileges(self, req: ApiRequest, rid: str) -> ApiResponse:
+        """``systemusers(<id>)/Microsoft.Dynamics.CRM.RetrieveUserPrivileges()``: the user's privileges through roles
+        (and teams) as RolePrivilege {Depth, PrivilegeId, BusinessUnitId, PrivilegeName}. The emulator has no roles:
+        a seeded user's ``privileges`` (names, or {"name", "depth"}) are what it holds; depth defaults to Global."""
+        user = self.store.get(ENTITIES["systemuser"], rid)
+        if user is None:
+            raise DataverseError.does_not_exist("systemuser", rid)
+        granted = []
+        for entry in user.get("~privileges") or []:
+            name, depth = (entry, "Global") if isinstance(entry, str) else (entry.get("name"), entry.get("depth"))
+            if not name:
+                continue
+            granted.append({"Depth": depth or "Global", "PrivilegeName": name,
+                            "PrivilegeId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"dataverse-emulator/privilege/{name}")),
+                            "BusinessUnitId": user.get("_businessunitid_value")})
+        return ApiResponse.json(200, {
+            "@odata.context": f"{req.api_url}/$metadata#Microsoft.Dynamics.CRM.RetrieveUserPrivilegesResponse",
+            "RolePrivileges": granted})
 
     def send_email(self, req: ApiRequest, rid: str, caller: Caller) -> ApiResponse:
         body = self._body(req)

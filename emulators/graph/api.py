@@ -498,10 +498,11 @@ class GraphApi:
                   "isreadreceiptrequested": "isReadReceiptRequested"}
     _DRAFT_ONLY: ClassVar[dict[str, str]] = {"subject": "subject", "body": "body", "torecipients": "toRecipients",
                    "ccrecipients": "ccRecipients", "bccrecipients": "bccRecipients", "replyto": "replyTo",
-                   "from": "from", "sender": "sender", "internetmessageheaders": "internetMessageHeaders"}
+                   "from": "from", "sender": "sender", "internetmessageheaders": "internetMessageHeaders",
+                   "internetmessageid": "internetMessageId"}
 
     async def update_message(self, ctx: Ctx, user: User, message: str) -> GraphResponse:
-        from .mail import _recipient, validate_custom_headers
+        from .mail import _recipient, chosen_internet_message_id, validate_custom_headers
         from .render import body_preview
 
         row = self._message(user, message)
@@ -528,6 +529,8 @@ class GraphApi:
                     # a draft keeps them for its MIME; Graph shows no internetMessageHeaders on it (graph.md §7.2)
                     changes[DRAFT_HEADERS] = validate_custom_headers(value)
                     continue
+                elif name == "internetMessageId":
+                    value = chosen_internet_message_id(value)
                 elif name == "body":
                     value = {"contentType": str(_ci(value, "contentType") or "text").lower(),
                              "content": str(_ci(value, "content") or "")}

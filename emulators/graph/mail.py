@@ -46,6 +46,18 @@ _PROPERTY_ID = re.compile(
     r"(?:Name\s+\S.*|Id\s+0x[0-9A-Fa-f]{1,4}))$")
 
 
+def chosen_internet_message_id(value: Any) -> str:
+    """A client-chosen internetMessageId for a draft: an RFC 5322 msg-id ``<left@right>`` (at most 320 characters,
+    no whitespace). What Exchange does with anything else is not documented: refused here (the stricter reading)."""
+    text = value if isinstance(value, str) else ""
+    left, at, right = text[1:-1].partition("@")
+    if (len(text) > 320 or not (text.startswith("<") and text.endswith(">")) or not at or not left or not right
+            or any(c.isspace() or c in "<>" for c in text[1:-1]) or "@" in right):
+        raise GraphError(400, "ErrorInvalidProperty", "The internetMessageId must be an RFC 5322 msg-id such as "
+                         "<id@domain>.")
+    return text
+
+
 def _ci(mapping: Mapping[str, Any], name: str, default: Any = None) -> Any:
     """Case-insensitive key lookup: sendMail's parameters arrive PascalCase from the SDK (graph.md §7.1)."""
     if name in mapping:
@@ -231,6 +243,9 @@ class MailService:
 
     def create_draft(self, user: User, payload: Mapping[str, Any], folder_ref: str = "drafts") -> MessageRow:
         data, attachments = self._message_from_payload(user, payload)
+        chosen = _ci(payload, "internetMessageId")
+        if chosen is not None:  # "Updatable only if isDraft = true" (message-update): a draft may carry its own
+            data["internetMessageId"] = chosen_internet_message_id(chosen)
         folder = self.store.folder(user.id, folder_ref)
         if folder is None:
             raise GraphError(404, "ErrorItemNotFound", "The specified object was not found in the store.")

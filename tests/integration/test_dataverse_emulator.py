@@ -494,6 +494,12 @@ def test_send_email_non_router_users(api: Api) -> None:
         assert status == 400 and "outgoing email delivery method" in message
     finally:
         api.emulator("POST", "options", {"sendemail_outcome": {"0": "pending", "1": "pending", "2": "pending"}})
+    none_mail = _created_id(api.request("POST", "emails", json_body=_email_body(f"/systemusers({DAVE})",
+                                                                               f"/contacts({FIONA})")))
+    assert api.request("POST", f"emails({none_mail})/Microsoft.Dynamics.CRM.SendEmail",
+                       json_body={"IssueSend": True}).status_code == 200
+    row = api.request("GET", f"emails({none_mail})", params={"$select": "statecode,statuscode"}).json()
+    assert (row["statecode"], row["statuscode"]) == (1, 6)
     # IssueSend false records it as sent, whatever the method
     resp = api.request("POST", f"emails({dave_mail})/Microsoft.Dynamics.CRM.SendEmail",
                        json_body={"IssueSend": False, "TrackingToken": "CRM:0001999"})

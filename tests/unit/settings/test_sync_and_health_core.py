@@ -77,11 +77,11 @@ def mailbox(**kw: object) -> MailboxConfig:
 
 
 def test_checks_depend_on_methods() -> None:
-    assert checks_for(mailbox()) == {"incoming": ("graph_read", "subscription", "crm_owner"),
-                                     "outgoing": ("graph_send", "crm_owner")}
+    assert checks_for(mailbox()) == {"incoming": ("graph_read", "subscription", "crm_owner", "sss_incoming"),
+                                     "outgoing": ("graph_send", "crm_owner", "sss_outgoing", "crm_concurrency")}
     assert checks_for(mailbox(enabled_for_outgoing=False))["outgoing"] == ()
     forward = mailbox(inbound_method=InboundMethod.FORWARD, outbound_method=OutboundMethod.NONE)
-    assert checks_for(forward) == {"incoming": ("forward_rule", "crm_owner"), "outgoing": ()}
+    assert checks_for(forward) == {"incoming": ("forward_rule", "crm_owner", "sss_incoming"), "outgoing": ()}
 
 
 def test_transitions_raise_alerts_except_first_baseline() -> None:
