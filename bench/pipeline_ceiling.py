@@ -65,8 +65,8 @@ def _email_row(owner_id: str, contact_id: str) -> tuple[str, dict[str, Any]]:
              "addressused": "customer00@customer0.example"},
             {"participationtypemask": 2, "partyid_systemuser@odata.bind": f"/systemusers({owner_id})",
              "addressused": "ind00@contoso.example"}],
-        "ownerid@odata.bind": f"/systemusers({owner_id})",
-        "acceptingentityid_systemuser@odata.bind": f"/systemusers({owner_id})",
+        # the names email.md declares (what the router binds on the documented org)
+        "ownerid_email@odata.bind": f"/systemusers({owner_id})",
     }
 
 

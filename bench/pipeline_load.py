@@ -107,11 +107,12 @@ class BenchOrg:
         return {"systemusers": systemusers, "contacts": contacts}
 
     def crm_records(self) -> Sequence[tuple[str, Mapping[str, Any]]]:
-        return [("mailboxes", {  # the CRM forward mailbox record: no seed section exists for it
-            "name": "Bench forward mailbox", "emailaddress": self.sink.address, "isforwardmailbox": True,
+        # The CRM forward mailbox record (no seed section exists for it). No regarding user/queue: Dataverse makes
+        # it a forward mailbox (isforwardmailbox is read-only, default Yes); only create-valid columns (mailbox.md).
+        return [("mailboxes", {
+            "name": "Bench forward mailbox", "emailaddress": self.sink.address,
             "incomingemaildeliverymethod": ROUTER, "outgoingemaildeliverymethod": NONE,
-            "emailrouteraccessapproval": 1, "enabledforincomingemail": True, "enabledforoutgoingemail": False,
-            "processanddeleteemails": False})]
+            "emailrouteraccessapproval": 1, "processanddeleteemails": False})]
 
     @property
     def mailbox_addresses(self) -> Collection[str]:

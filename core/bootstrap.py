@@ -76,7 +76,13 @@ class Container:
         from core.adapters.graph import GraphMailClient
 
         s = self.settings
-        return GraphMailClient(s.graph_base_url, graph_access_token_provider(s))
+
+        async def graph_user_id(address: str) -> str | None:
+            # Graph names a mailbox by object id or UPN; the settings row has the id the CRM sync resolved.
+            mailbox = await self.mailbox_directory.get_mailbox(address)
+            return mailbox.graph_user_id if mailbox is not None else None
+
+        return GraphMailClient(s.graph_base_url, graph_access_token_provider(s), user_ids=graph_user_id)
 
     @cached_property
     def dataverse(self) -> DataverseClient:

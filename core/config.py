@@ -156,6 +156,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "How often mailboxes due for a health probe are looked at (each mailbox backs off on its own)."),
     # Pipelines (engineering knobs; admin-facing behaviour lives in the OrgSettings table)
     Setting("CRM_PARTY_CACHE_SECONDS", "120", "How long resolved sender/recipient lookups are cached per instance."),
+    Setting("CRM_CORRELATION_DAYS", "90",
+            "Correlation looks at CRM emails created this many days back (0 = no bound), like SSS smart matching."),
     Setting("INBOUND_MAX_ATTEMPTS", "20",
             "Transient failures of one inbound message before it is recorded as failed and poisoned."),
     Setting("INBOUND_MAX_RETRY_DELAY_SECONDS", "900", "Longest visibility delay when an inbound item is retried."),
@@ -181,9 +183,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("OUTBOUND_RETRY_MAX_SECONDS", "3600", "Longest back-off between send attempts."),
     Setting("OUTBOUND_SEND_SETTLE_SECONDS", "60",
             "After a crash, wait this long before re-sending a draft whose send may have been accepted."),
-    Setting("OUTBOUND_RECORD_VIA_REOPEN", "true",
-            "Write messageid by briefly re-opening the email before marking it Sent (NOT VERIFIED on real "
-            "Dataverse; false = messageid stays in the router's ledger only)."),
+    Setting("OUTBOUND_CHOOSE_MESSAGE_ID", "true",
+            "Give each outbound draft a Message-ID carrying the CRM activity id before it is created (Graph: "
+            "internetMessageId is updatable while isDraft); false = Exchange's own id."),
     # Logging
     Setting("LOG_LEVEL", "INFO", "Log level of the router's own loggers."),
 )

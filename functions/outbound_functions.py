@@ -39,18 +39,20 @@ def outbound_service() -> OutboundService:
         service = _services.get(id(container))
         if service is None:
             from core.adapters.outbound_state import TableMailboxOutboundStatus, TableOutboundLedger
+            from core.services.org_schema import org_schema_for
             from core.services.outbound import OutboundService, OutboundSettings
             from core.services.outbound_crm import DataverseOutboundCrm
 
             settings = OutboundSettings.from_settings(container.settings)
             service = OutboundService(
-                crm=DataverseOutboundCrm(container.dataverse, record_via_reopen=settings.record_via_reopen),
+                crm=DataverseOutboundCrm(container.dataverse),
                 ledger=TableOutboundLedger(container.storage),
                 directory=container.mailbox_directory,
                 mail=container.graph,
                 queue=container.work_queue,
                 status=TableMailboxOutboundStatus(container.storage),
                 settings=settings,
+                schema=org_schema_for(container),
             )
             _services.clear()
             _services[id(container)] = service
@@ -66,7 +68,7 @@ async def outbound_scan(timer: func.TimerRequest) -> None:
     if reaped.returned or reaped.finished or reaped.failed:
         log.info("outbound reaper: %d returned to Pending Send, %d finished as Sent, %d failed",
                  reaped.returned, reaped.finished, reaped.failed)
-    del scanned  # the service logs the scan itself
+    del scanned  # the service logs the scan itself (and why it did not run, when it did not)
 
 
 @bp.function_name("outbound_send")

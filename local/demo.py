@@ -40,6 +40,7 @@ from typing import Any, Final
 
 import httpx
 
+from core.domain.identity import outbound_activity_id
 from local import demo_org
 from local.demo_org import CASE, CONTACTS, LEADS, OPPORTUNITY, QUEUE, QUEUE_OWNER, SINK, person
 from local.send_test_mail import build_message, send_mail
@@ -366,7 +367,7 @@ def build_scenarios(mails: Mapping[str, InboundMail]) -> list[Scenario]:
         by_id = {p.object_id: p.alias for p in demo_org.PEOPLE} | {QUEUE.object_id: QUEUE.alias,
                                                                    SINK.object_id: SINK.alias}
         watched = sorted({by_id.get(str(s.get("_userId")), str(s.get("_userId"))) for s in subs})
-        want = sorted(["alice", "erin", "frank", "grace", QUEUE.alias, SINK.alias])
+        want = sorted(["alice", "erin", "frank", "grace", "hana", QUEUE.alias, SINK.alias])
         return Outcome(watched == want, "subscribed: " + (", ".join(watched) or "none"))
 
     async def two_users(org: Org, ctx: dict[str, Any]) -> Outcome:
@@ -403,12 +404,17 @@ def build_scenarios(mails: Mapping[str, InboundMail]) -> list[Scenario]:
             if row.get("deliveryattempts"):
                 detail += f", {row.get('deliveryattempts')} attempt(s)"
             return Outcome(False, detail), None
-        mid = str(row.get("messageid") or "")
         token = str(row.get("trackingtoken") or "")
-        out = [m for m in await org.outbox() if str(m.get("messageId", "")).strip("<>") == mid.strip("<>")]
+        # CRM keeps no messageid for sent mail (the email is never re-opened); the router's Message-ID names the
+        # CRM email (core.domain.identity.outbound_message_id), the tracking token is in the subject.
+        out = [m for m in await org.outbox()
+               if str(outbound_activity_id(str(m.get("messageId", "")))) == str(sent["activityid"])
+               or (token and token in str(m.get("subject", "")))]
         if not out:
-            return Outcome(False, f"CRM Sent, messageid {mid or '-'}; not in the outbox"), None
+            return Outcome(False, f"CRM Sent (token {token or '-'}); not in the outbox"), None
         msg = out[0]
+        mid = str(msg.get("messageId") or "")
+        ctx.setdefault("sent_message_ids", {})[key] = mid
         sent_items = await org.graph_get(f"users/{alice.object_id}/mailFolders/sentitems/messages", {
             "$filter": f"internetMessageId eq '{mid}'", "$select": "id,subject"})
         in_sent = bool(sent_items.get("value"))
@@ -443,6 +449,17 @@ def build_scenarios(mails: Mapping[str, InboundMail]) -> list[Scenario]:
 
         return check
 
+    async def queue_item(org: Org, ctx: dict[str, Any]) -> Outcome:
+        # Queue mail lands in its queue as a queue item (CreateQueueItemForSynchronizingMailbox, issue 13), once.
+        row, why = await one_email(org, "queue-attachment")
+        if row is None:
+            return Outcome(False, why)
+        items = (await org.dv_get("queueitems", {"$filter": f"_objectid_value eq {row['activityid']}",
+                                                 "$select": "queueitemid,_queueid_value"})).get("value", [])
+        queues = [str(i.get("_queueid_value")) for i in items]
+        return Outcome(queues == [QUEUE.record_id], f"{len(items)} queue item(s), in "
+                       f"{', '.join('Support' if q == QUEUE.record_id else q for q in queues) or 'no queue'}")
+
     return [
         Scenario("settings", "CRM sync: delivery methods -> settings", "a row per mailbox, methods and filters "
                  "as in CRM; bob forwards to crm-sink", settings),
@@ -460,6 +477,8 @@ def build_scenarios(mails: Mapping[str, InboundMail]) -> list[Scenario]:
                  not_tracked("filter1-new", reason_words=("filter", "nocorrelationmatch", "not_accepted"))),
         Scenario("queue-attachment", "Queue mailbox, filter 0, attachment", f"stranger -> support: tracked, "
                  f"owner {person(QUEUE_OWNER).name} (queue owner), invoice.pdf attached", queue_attachment),
+        Scenario("queue-item", "Queue mail is a queue item", "the support mail: one queue item in the Support "
+                 "queue (queue views, case-creation rules see it)", queue_item),
         Scenario("two-users", "Same mail to two users", "lead -> erin + frank: ONE CRM email, both in To",
                  two_users),
         Scenario("auto-reply", "Automatic reply", "Auto-Submitted: auto-replied -> support: skipped",
@@ -637,12 +656,11 @@ async def run_scenario(stack: Mapping[str, Any], deadline: float, say: Callable[
         # 4. the external replies, once the outbound mails left (the loop closes)
         await _poll(scenarios, org, ctx, ["o1", "o2"], min(deadline, time.monotonic() + 60), scan)
         if "o1" in state and by_key["o1"].outcome.passed:
-            sent = await org.email(state["o1"]["activityid"])
             reply = InboundMail("reply-inreplyto", fiona.email, (person("alice").address,), "Re: Rollout plan",
                                 "Thanks Alice, looks good.", "Fiona Fabrikam", message_id=_mid("reply-irt"))
             msg = build_message(sender=reply.sender, sender_name=reply.sender_name, to=reply.to,
                                 subject=reply.subject, body=reply.body, message_id=reply.message_id,
-                                in_reply_to=str(sent.get("messageid")))
+                                in_reply_to=str(ctx.get("sent_message_ids", {}).get("o1") or ""))
             await asyncio.to_thread(send_mail, org.smtp, msg)
             mails[reply.key] = reply
         if "o2" in state and by_key["o2"].outcome.passed:

@@ -17,6 +17,7 @@ dave        none               none         1 (default)             not approved
 erin        individual (SSS)   none         2 leads/contacts/accts  only customer mail is tracked
 frank       individual (SSS)   none         3 email-enabled records also colleagues' mail is tracked
 grace       individual (SSS)   none         4 no email messages     nothing is tracked automatically
+hana        individual (SSS)   router       0 all email messages    UPN hana.hill@, mail hana@: Graph by object id
 support     queue, individual  router       0 all                   shared mailbox owned by alice
 crm-sink    forward mailbox    -            -                       collects bob's forwarded mail
 ==========  =================  ===========  ======================  ==========================================
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from emulators.common import demo
+from emulators.dataverse.seed import ROUTER_APP_PRIVILEGES
 
 __all__ = [
     "ACCOUNTS",
@@ -114,10 +116,16 @@ class Person:
     approval: int = APPROVED
     title: str = ""
     story: str = ""
+    upn_alias: str = ""  # when the user principal name differs from the primary SMTP address (renamed users)
 
     @property
     def address(self) -> str:
+        """The primary SMTP address: what CRM holds (``internalemailaddress``) and mail is sent to."""
         return f"{self.alias}@{DOMAIN}"
+
+    @property
+    def upn(self) -> str:
+        return f"{self.upn_alias or self.alias}@{DOMAIN}"
 
     @property
     def name(self) -> str:
@@ -177,6 +185,8 @@ PEOPLE: Final[tuple[Person, ...]] = (
            story="tracks mail from any email-enabled record (colleagues too)"),
     Person("grace", "Grace", "Green", ROUTER, NONE, FILTER_NONE, title="Finance",
            story="individual mailbox, but the filter tracks nothing automatically"),
+    Person("hana", "Hana", "Hill", ROUTER, ROUTER, FILTER_ALL, title="Partner Manager", upn_alias="hana.hill",
+           story="UPN hana.hill@ differs from her mail address hana@: Graph reaches her by object id"),
 )
 
 QUEUE: Final = Mailbox("support", "Support", "c0ffee00-0000-4000-8000-0000000000e1")
@@ -252,8 +262,10 @@ def graph_seed() -> dict[str, Any]:
     bob's forward-as-attachment rule deployed. No access policy: the app may use every mailbox."""
     users: list[dict[str, Any]] = []
     for p in PEOPLE:
-        user: dict[str, Any] = {"id": p.object_id, "userPrincipalName": p.address, "displayName": p.name,
+        user: dict[str, Any] = {"id": p.object_id, "userPrincipalName": p.upn, "displayName": p.name,
                                 "mail": p.address}
+        if p.upn != p.address:
+            user["proxyAddresses"] = [f"SMTP:{p.address}", f"smtp:{p.upn}"]
         if p.incoming == FORWARD:
             user["rules"] = [forward_rule()]
         users.append(user)
@@ -269,7 +281,7 @@ def graph_seed() -> dict[str, Any]:
 def _systemuser(p: Person) -> dict[str, Any]:
     return {
         "systemuserid": p.systemuser_id, "firstname": p.first, "lastname": p.last, "title": p.title,
-        "internalemailaddress": p.address, "domainname": p.address,
+        "internalemailaddress": p.address, "domainname": p.upn,
         "azureactivedirectoryobjectid": p.object_id, "incomingemaildeliverymethod": p.incoming,
         "outgoingemaildeliverymethod": p.outgoing, "emailrouteraccessapproval": p.approval,
         "isemailaddressapprovedbyo365admin": p.approval == APPROVED,
@@ -293,7 +305,7 @@ def dataverse_seed() -> dict[str, Any]:
              "internalemailaddress": f"emailrouter-app@{DOMAIN}", "applicationid": demo.APP_CLIENT_ID,
              "azureactivedirectoryobjectid": demo.APP_OBJECT_ID, "accessmode": 4,
              "incomingemaildeliverymethod": NONE, "outgoingemaildeliverymethod": NONE,
-             "privileges": ["prvActOnBehalfOfAnotherUser"]},
+             "privileges": list(ROUTER_APP_PRIVILEGES)},
             *(_systemuser(p) for p in PEOPLE),
         ],
         "queues": [{
@@ -340,13 +352,13 @@ def dataverse_seed() -> dict[str, Any]:
 
 def crm_runtime_records() -> list[tuple[str, str, dict[str, Any]]]:
     """CRM rows the seed format has no section for, as ``(entity set, id, create payload)``: the forward mailbox
-    record (``isforwardmailbox``, no regarding user or queue) — an admin creates it in CRM, and the router's CRM
-    sync turns it into the sink bob's mailbox forwards to."""
+    record (no regarding user or queue) — an admin creates it in CRM, and the router's CRM sync turns it into the
+    sink bob's mailbox forwards to. Only columns valid for create (mailbox.md): ``isforwardmailbox`` is read-only
+    and defaults to Yes for a mailbox created this way; the ``enabledfor*`` flags default to Yes."""
     return [("mailboxes", SINK.record_id, {
-        "mailboxid": SINK.record_id, "name": SINK.name, "emailaddress": SINK.address, "isforwardmailbox": True,
+        "mailboxid": SINK.record_id, "name": SINK.name, "emailaddress": SINK.address,
         "incomingemaildeliverymethod": ROUTER, "outgoingemaildeliverymethod": NONE,
-        "emailrouteraccessapproval": APPROVED, "enabledforincomingemail": True, "enabledforoutgoingemail": False,
-        "processanddeleteemails": False,
+        "emailrouteraccessapproval": APPROVED, "processanddeleteemails": False,
     })]
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import email.utils
+import http.cookiejar
 import json
 import logging
 import ssl
@@ -404,6 +405,43 @@ def _annotations(value: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+class _InFlightLimit:
+    """Caps requests in flight; the cap follows the org's ``x-ms-dop-hint`` (the degree of parallelism the service
+    recommends for this org, api-limits.md "Use the x-ms-dop-hint response header"), never above the pool size."""
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = max(1, ceiling)
+        self.limit = self.ceiling
+        self._active = 0
+        self._changed = asyncio.Condition()
+
+    def hint(self, value: str | None) -> None:
+        if not value:
+            return
+        try:
+            hinted = int(value.strip())
+        except ValueError:
+            return
+        if hinted > 0:
+            self.limit = min(hinted, self.ceiling)
+
+    async def __aenter__(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._active < self.limit)
+            self._active += 1
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        async with self._changed:
+            self._active -= 1
+            self._changed.notify_all()
+
+
+def _no_cookies() -> http.cookiejar.CookieJar:
+    """A jar that stores nothing: Dataverse sets ARR affinity cookies, and following them pins every request of
+    this client to one web server (api-limits.md recommends disabling affinity for service-to-service load)."""
+    return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
+
 class DataverseClient:
     """Async Dataverse Web API client. Create one per process/event loop and reuse it (connection pool).
 
@@ -433,7 +471,9 @@ class DataverseClient:
         self._token = token
         self.retry_policy = retry_policy or RetryPolicy()
         self._sleep = sleep
+        self._in_flight = _InFlightLimit(max_connections)
         self._http = httpx.AsyncClient(
+            cookies=_no_cookies(),
             verify=verify,
             timeout=timeout,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
@@ -449,6 +489,11 @@ class DataverseClient:
 
     async def close(self) -> None:
         await self._http.aclose()
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Requests this client lets run at once (the pool size, lowered by the org's ``x-ms-dop-hint``)."""
+        return self._in_flight.limit
 
     async def __aenter__(self) -> DataverseClient:
         return self
@@ -491,11 +536,14 @@ class DataverseClient:
             token = await self._token()
             started = time.perf_counter()
             try:
-                response = await self._http.request(
-                    method, url, content=content, headers={**request_headers, "Authorization": f"Bearer {token}"}
-                )
+                async with self._in_flight:
+                    response = await self._http.request(
+                        method, url, content=content,
+                        headers={**request_headers, "Authorization": f"Bearer {token}"},
+                    )
             except httpx.TransportError as exc:
                 raise _transport_error(exc) from exc
+            self._in_flight.hint(response.headers.get("x-ms-dop-hint"))
             # URLs can hold addresses (filters): DEBUG only.
             _log.debug("%s %s -> %d (%.0f ms)", method, url, response.status_code,
                        (time.perf_counter() - started) * 1000)
@@ -761,6 +809,14 @@ class DataverseClient:
         response = await self._request("GET", "WhoAmI", idempotent=True)
         data: dict[str, Any] = response.json()
         return data
+
+    async def retrieve_user_privileges(self, user_id: str | uuid.UUID) -> builtins.list[dict[str, Any]]:
+        """``systemusers(<id>)/Microsoft.Dynamics.CRM.RetrieveUserPrivileges()``: the user's privileges through
+        roles and teams, as RolePrivilege objects (``PrivilegeName``, ``Depth``, ``PrivilegeId``, ...)."""
+        path = f"{entity_path('systemusers', user_id)}/Microsoft.Dynamics.CRM.RetrieveUserPrivileges()"
+        response = await self._request("GET", path, idempotent=True)
+        data = response.json() or {}
+        return list(data.get("RolePrivileges") or [])
 
     async def send_email(
         self,

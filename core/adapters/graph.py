@@ -19,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
+
+from core.domain.model import LOOP_MARKER_PROPERTY
 
 if TYPE_CHECKING:  # msgraph is heavy (~1.5 s to import): only imported when a client is built
     import httpx
@@ -44,6 +47,7 @@ __all__ = [
     "GraphSyncStateNotFound",
     "GraphThrottled",
     "GraphTransient",
+    "MailboxUserIds",
 ]
 
 # Everything the processor reads, fetched once per message (reference/graph.md §6).
@@ -63,6 +67,13 @@ DELTA_RESET_CODES: frozenset[str] = frozenset({"syncstatenotfound", "syncstatein
 # Upload-session byte ranges: "keep each byte range less than 4 MB" (outlook-large-attachments).
 UPLOAD_CHUNK_BYTES = 3 * 1024 * 1024
 GRAPH_BATCH_ITEMS = 20
+# Read in the same GET as the message: In-Reply-To / References as MAPI properties (they are not in the Sent Items
+# copy's internetMessageHeaders, which do not exist there) and the router's own loop-marker property.
+MESSAGE_EXTENDED_PROPERTIES: tuple[str, ...] = ("String 0x1042", "String 0x1039", LOOP_MARKER_PROPERTY)
+
+
+MailboxUserIds = Callable[[str], Awaitable[str | None]]
+"""Mailbox address -> its Entra object id (the settings row's ``GraphUserId``), or None when unknown."""
 
 
 class GraphError(Exception):
@@ -161,6 +172,7 @@ class GraphMailClient:
         base_url: str,
         token_provider: AccessTokenProvider,
         *,
+        user_ids: MailboxUserIds | None = None,
         http_client: httpx.AsyncClient | None = None,
         per_mailbox_concurrency: int = 4,
         max_inline_wait: float = 2.0,
@@ -182,6 +194,7 @@ class GraphMailClient:
         self._locks: dict[str, asyncio.Semaphore] = {}
         self._max_inline_wait = max_inline_wait
         self._max_inline_retries = max_inline_retries
+        self._user_ids = user_ids
         self.stats = _Stats()
 
     @property
@@ -210,6 +223,19 @@ class GraphMailClient:
             ri.headers.try_add(name, value)
         return ri
 
+    async def _user_path(self, mailbox: str) -> str | None:
+        """The ``/users/{...}`` segment for a mailbox named by its address, when its Entra object id is known.
+
+        Graph documents ``/users/{id | userPrincipalName}`` only; a primary SMTP address that differs from the UPN
+        fails (audit graph-fidelity #3). The settings sync resolves each mailbox to its object id
+        (``GraphUserId``); every path is built with the address and redirected here, in one place."""
+        if self._user_ids is None or "@" not in mailbox:
+            return None
+        user_id = await self._user_ids(mailbox)
+        if not user_id or user_id.lower() == mailbox.lower():
+            return None
+        return quote(user_id, safe="@")
+
     async def _send(
         self,
         kind: str,
@@ -220,8 +246,11 @@ class GraphMailClient:
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes, Mapping[str, str]]:
         attempt = 0
+        user_path = await self._user_path(mailbox) if mailbox else None
         while True:
             ri = self._prepare(build(), headers)
+            if user_path is not None and mailbox is not None:
+                ri.url = _with_user_path(ri.url, mailbox, user_path)
             lock = self._mailbox_lock(mailbox) if mailbox else None
             self.stats.requests += 1
             self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
@@ -251,7 +280,7 @@ class GraphMailClient:
                 continue
             raise err
 
-    def _raw(self, method: str, url: str, body: Any = None) -> Any:
+    def _raw(self, method: str, url: str, body: Any = None, *, accept: str = "application/json") -> Any:
         from kiota_abstractions.method import Method
         from kiota_abstractions.request_information import RequestInformation
 
@@ -259,7 +288,7 @@ class GraphMailClient:
             ri = RequestInformation()
             ri.http_method = Method[method]
             ri.url = url if url.startswith("http") else f"{self._base_url}{url}"
-            ri.headers.try_add("Accept", "application/json")
+            ri.headers.try_add("Accept", accept)
             if body is not None:
                 ri.set_stream_content(json.dumps(body).encode(), "application/json")
             return ri
@@ -276,11 +305,14 @@ class GraphMailClient:
     # -- messages ------------------------------------------------------------------------------
 
     async def get_message(self, mailbox: str, message_id: str, *, with_attachments: bool = True) -> dict[str, Any]:
-        """One GET: the fields the processor needs, headers included, attachments listed by metadata (their
-        content is fetched separately, only when CRM will keep it: :meth:`get_attachment_contents`)."""
-        query = "$select=" + ",".join(MESSAGE_SELECT)
+        """One GET: the fields the processor needs, headers and MESSAGE_EXTENDED_PROPERTIES included, attachments
+        listed by metadata (their content is fetched separately, only when CRM will keep it:
+        :meth:`get_attachment_contents`)."""
+        wanted = " or ".join(f"id eq '{p}'" for p in MESSAGE_EXTENDED_PROPERTIES)
+        expand = [f"singleValueExtendedProperties($filter={wanted})"]
         if with_attachments:
-            query += f"&$expand=attachments($select={','.join(ATTACHMENT_METADATA)})"
+            expand.insert(0, f"attachments($select={','.join(ATTACHMENT_METADATA)})")
+        query = "$select=" + ",".join(MESSAGE_SELECT) + "&$expand=" + quote(",".join(expand), safe="$=,'()")
         url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}?{query}"
         _, body, _ = await self._send(
             "get_message", mailbox, self._raw("GET", url), idempotent=True,
@@ -288,13 +320,14 @@ class GraphMailClient:
         )
         return self._json(body)
 
-    async def get_item_attachment(self, mailbox: str, message_id: str, attachment_id: str) -> dict[str, Any]:
-        """An item attachment with the attached message (forward-as-attachment wrappers)."""
+    async def get_attachment_mime(self, mailbox: str, message_id: str, attachment_id: str) -> bytes:
+        """The raw MIME of an attached message (``.../attachments/{id}/$value``, documented for item attachments
+        that are messages): every header of a forwarded original, which the expanded item does not carry."""
         url = (f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}/attachments/"
-               f"{quote(attachment_id, safe='')}?$expand=microsoft.graph.itemAttachment/item")
-        _, body, _ = await self._send("get_attachment", mailbox, self._raw("GET", url), idempotent=True,
-                                      headers={"Prefer": 'IdType="ImmutableId"'})
-        return self._json(body)
+               f"{quote(attachment_id, safe='')}/$value")
+        _, body, _ = await self._send("get_attachment_mime", mailbox, self._raw("GET", url, accept="*/*"),
+                                      idempotent=True)
+        return body
 
     async def get_attachment(self, mailbox: str, message_id: str, attachment_id: str) -> dict[str, Any]:
         """One attachment with its content (a fileAttachment's ``contentBytes``, ``contentId``)."""
@@ -370,7 +403,7 @@ class GraphMailClient:
 
     async def get_mime(self, mailbox: str, message_id: str) -> bytes:
         url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}/$value"
-        _, body, _ = await self._send("get_mime", mailbox, self._raw("GET", url), idempotent=True)
+        _, body, _ = await self._send("get_mime", mailbox, self._raw("GET", url, accept="*/*"), idempotent=True)
         return body
 
     async def set_categories(self, mailbox: str, message_id: str, categories: Sequence[str]) -> None:
@@ -496,7 +529,13 @@ class GraphMailClient:
         order). ``mailbox``: all items address that mailbox, so the batch takes one of its concurrency slots."""
         if len(requests) > GRAPH_BATCH_ITEMS:
             raise ValueError("a Graph JSON batch holds at most 20 requests")
-        _, body, _ = await self._send("batch", mailbox, self._raw("POST", "/$batch", {"requests": list(requests)}),
+        items = list(requests)
+        user_path = await self._user_path(mailbox) if mailbox else None
+        if user_path is not None and mailbox is not None:
+            # The outer /$batch URL names no mailbox: each item's /users/<address> becomes the object id too.
+            items = [{**r, "url": _with_user_path(str(r["url"]), mailbox, user_path)} if "url" in r else dict(r)
+                     for r in items]
+        _, body, _ = await self._send("batch", mailbox, self._raw("POST", "/$batch", {"requests": items}),
                                       idempotent=False)
         responses = {str(r.get("id")): r for r in self._json(body).get("responses", [])}
         return [responses.get(str(r["id"]), {"id": r["id"], "status": 0}) for r in requests]
@@ -585,6 +624,38 @@ class GraphMailClient:
             next_url = page.get("@odata.nextLink")
         return out
 
+    async def find_user_ids(self, addresses: Sequence[str]) -> dict[str, str]:
+        """Address -> Entra object id, for mailboxes named by an SMTP address (needs User.Read.All).
+
+        First ``mail eq`` / ``userPrincipalName eq`` (a default directory filter); addresses not found then by
+        ``proxyAddresses/any(...)`` (an alias), an advanced query: ``ConsistencyLevel: eventual`` + ``$count``.
+        Both as JSON batches of 20. Addresses that match no user, or several, are left out."""
+        found: dict[str, str] = {}
+        wanted = sorted({a.strip().lower() for a in addresses if a and "@" in a})
+
+        def by_mail(address: str) -> dict[str, Any]:
+            value = address.replace("'", "''")
+            where = quote(f"mail eq '{value}' or userPrincipalName eq '{value}'", safe="")
+            return {"method": "GET", "url": f"/users?$filter={where}&$select=id,mail,userPrincipalName"}
+
+        def by_proxy(address: str) -> dict[str, Any]:
+            value = address.replace("'", "''")
+            where = quote(f"proxyAddresses/any(p:p eq 'smtp:{value}')", safe="")
+            return {"method": "GET", "url": f"/users?$filter={where}&$count=true&$select=id",
+                    "headers": {"ConsistencyLevel": "eventual"}}
+
+        for lookup in (by_mail, by_proxy):
+            pending = [a for a in wanted if a not in found]
+            for start in range(0, len(pending), 20):
+                chunk = pending[start:start + 20]
+                responses = await self.batch([{"id": str(n), **lookup(a)} for n, a in enumerate(chunk, start=1)])
+                for address, response in zip(chunk, responses, strict=True):
+                    users = (response.get("body") or {}).get("value") if int(response.get("status") or 0) == 200 \
+                        else None
+                    if isinstance(users, list) and len(users) == 1 and users[0].get("id"):
+                        found[address] = str(users[0]["id"])
+        return found
+
     async def list_inbox_rules(self, mailbox: str) -> list[dict[str, Any]]:
         url = f"/users/{quote(mailbox)}/mailFolders/inbox/messageRules"
         _, body, _ = await self._send("list_rules", mailbox, self._raw("GET", url), idempotent=True)
@@ -610,6 +681,16 @@ class GraphMailClient:
 
 def _stamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _with_user_path(url: str, mailbox: str, user_segment: str) -> str:
+    """``.../users/<address>[/...|?...]`` -> ``.../users/<object id>...`` in the path only (next and delta links
+    from Graph already carry the id and are left alone)."""
+    path, sep, query = url.partition("?")
+    names = "|".join(re.escape(n) for n in {quote(mailbox), quote(mailbox, safe="@"), mailbox})
+    path = re.sub(rf"/users/(?:{names})(?=/|$)", lambda _: f"/users/{user_segment}", path, count=1,
+                  flags=re.IGNORECASE)
+    return f"{path}{sep}{query}"
 
 
 def _is_transport_error(exc: BaseException) -> bool:

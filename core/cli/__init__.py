@@ -48,6 +48,7 @@ __all__ = ["COMMAND_MODULES", "build_parser", "main", "version"]
 COMMAND_MODULES: tuple[str, ...] = (
     "core.cli.commands",
     "core.cli.diagnose",
+    "core.cli.doctor",
 )
 
 

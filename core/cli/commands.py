@@ -140,6 +140,7 @@ def _config_json(config: Any) -> dict[str, Any]:
         "process_email_from": format_value(config.process_email_received_after)
         if config.process_email_received_after else None,
         "tracked_folders": {k: f"{v.table}:{v.id}" for k, v in config.folder_regarding.items()},
+        "graph_user_id": config.graph_user_id,
     }
 
 
@@ -491,6 +492,8 @@ async def sync_crm(container: Any, args: argparse.Namespace, out: Out) -> int:
             console.print(f"  [red]-[/red] {a} (removed from CRM: disabled)")
         for e in report.errors:
             console.print(f"  [red]error[/red] {e}")
+        for w in report.warnings:
+            console.print(f"  [yellow]warning[/yellow] {w}")
 
     out.emit(report.to_json(), render)
     return 0

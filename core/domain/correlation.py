@@ -78,6 +78,8 @@ class KnownEmail:
     regarding: CrmRecordRef | None = None
     owner: CrmRecordRef | None = None
     sent_on: datetime | None = None
+    # The navigation property its regarding is bound through (Microsoft.Dynamics.CRM.associatednavigationproperty).
+    regarding_nav: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

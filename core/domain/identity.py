@@ -9,6 +9,12 @@
   mailbox; the issue asks for one email per message, and SSS itself dedups on Message-ID (``messageiddupcheck``,
   crm-ref §11).
 
+* ``outbound_message_id(activity_id, nonce, domain)``: the Message-ID the router gives an email it sends for CRM,
+  chosen before the Graph draft exists (Graph: a message's ``internetMessageId`` is "Updatable only if isDraft =
+  true", message-update). It carries the CRM activity id, so a reply's In-Reply-To/References lead straight back to
+  the CRM email (:func:`outbound_activity_id`) although a Sent email keeps no ``messageid`` in CRM; and a worker
+  that crashed between creating the draft and recording it can find that draft again by the id.
+
 * Normalisation of a Message-ID: surrounding whitespace and the angle brackets are removed (RFC 5322 §3.6.4: "the
   angle bracket characters are not part of the msg-id"); folding whitespace inside is removed. Case is KEPT: RFC
   5322 defines no case-insensitive comparison for msg-id and the generator (left part) may well be case-sensitive
@@ -31,6 +37,8 @@ __all__ = [
     "canonical_message_id",
     "contact_id_for",
     "normalize_message_id",
+    "outbound_activity_id",
+    "outbound_message_id",
 ]
 
 # Fixed namespaces (never change them: every id already written to CRM depends on them). Derived once from
@@ -40,6 +48,8 @@ ATTACHMENT_NAMESPACE: Final = uuid.UUID("163786eb-1d3c-5e33-b3d8-2f37dfc19c08")
 CONTACT_NAMESPACE: Final = uuid.UUID("16db876f-ff16-5916-a3b9-1bd7819a41d1")
 
 _WHITESPACE: Final = re.compile(r"\s+")
+_OUTBOUND_ID: Final = re.compile(r"^er\.([0-9a-f]{32})\.[0-9a-z]{1,16}@[^@\s]+$")
+_NONCE: Final = re.compile(r"^[0-9a-z]{1,16}$")
 
 
 def normalize_message_id(message_id: str) -> str:
@@ -72,3 +82,24 @@ def contact_id_for(address: str) -> uuid.UUID:
     """Deterministic id for an auto-created contact: two mailboxes racing to create the same unknown sender
     produce one contact (the second create is a duplicate key)."""
     return uuid.uuid5(CONTACT_NAMESPACE, address.strip().lower())
+
+
+def outbound_message_id(activity_id: uuid.UUID, nonce: str, domain: str) -> str:
+    """``<er.<activityid hex>.<nonce>@<domain>>``: globally unique (activity id + a nonce per send generation),
+    RFC 5322 dot-atom on both sides, and recognisable by :func:`outbound_activity_id`."""
+    if not _NONCE.match(nonce):
+        raise ValueError(f"nonce {nonce!r} must be 1-16 lower-case letters or digits")
+    host = domain.strip().strip("<>@").lower()
+    if not host or any(c.isspace() or c in "<>@" for c in host):
+        raise ValueError(f"{domain!r} is not a domain")
+    return f"<er.{activity_id.hex}.{nonce}@{host}>"
+
+
+def outbound_activity_id(message_id: str) -> uuid.UUID | None:
+    """The CRM activity id inside a Message-ID the router chose (:func:`outbound_message_id`), else None."""
+    try:
+        core = normalize_message_id(message_id)
+    except ValueError:
+        return None
+    found = _OUTBOUND_ID.match(core.lower())
+    return uuid.UUID(hex=found.group(1)) if found else None

@@ -25,6 +25,7 @@ from core.domain.correlation import (
     CorrelationKeys,
     CorrelationLookup,
     CorrelationMethod,
+    KnownEmail,
     conversation_index_key,
     correlate,
     correlation_keys,
@@ -43,6 +44,7 @@ from core.domain.model import (
     MailMessage,
     OrgEmailSettings,
 )
+from core.domain.org_schema import DOCUMENTED, OrgSchema
 from core.domain.owner import choose_owner
 from core.domain.parties import (
     Direction,
@@ -68,6 +70,7 @@ __all__ = [
     "PlannedAttachment",
     "Skip",
     "TrackEmail",
+    "already_in_crm",
     "decision_record",
     "explain",
     "explain_record",
@@ -77,22 +80,23 @@ __all__ = [
     "plan_email_row",
     "plan_inbound",
     "plan_state_patch",
+    "unbound_relationships",
+    "with_own_message_id",
 ]
 
 EMAIL_SUBJECT_MAX: Final = 800  # email.subject String 800 (dv-ref §2.1)
 MESSAGEID_MAX: Final = 320  # email.messageid String 320 (dv-ref §2.1)
 ADDRESSUSED_MAX: Final = 320  # activityparty.addressused String 320 (dv-ref §2.2)
+CONTACT_NAME_MAX: Final = 50  # contact.firstname / lastname String 50 (contact.md)
+CONTACT_EMAIL_MAX: Final = 100  # contact.emailaddress1 String 100 (contact.md)
 
 # State/status pairs (dv-ref §2.4): Received {1,4} for incoming mail, Sent {1,3} for mail from Sent Items.
 RECEIVED: Final = (1, 4)
 SENT: Final = (1, 3)
 
-# Navigation property names (dv-ref §2.2-§2.3). parentactivityid / receivingmailboxid / acceptingentityid_*:
-# NOT VERIFIED on a live org (community code uses "parentactivityid@odata.bind"; acceptingentityid is polymorphic
-# queue/systemuser, hence the suffixed navs).
-NAV_OWNER: Final = "ownerid"
-NAV_PARENT: Final = "parentactivityid"
-NAV_RECEIVING_MAILBOX: Final = "receivingmailboxid"
+# Navigation property names are the org's (core.domain.org_schema.OrgSchema, read from EntityDefinitions): the row
+# builders below take the schema as a value and bind only what the org declares. The deep-insert collection name is
+# the one-to-many relationship's ReferencedEntityNavigationPropertyName (email.md).
 NAV_PARTIES: Final = "email_activity_parties"
 
 
@@ -203,6 +207,11 @@ class TrackEmail:
     delete_wrapper: bool
     decisions: tuple[Decision, ...]
     original: MailMessage | None = None  # the forwarded original, when the message was an unwrapped wrapper
+    # The CRM email this one correlated to (email.correlatedactivityid, as SSS sets it; audit 1c #21).
+    correlated_activity_id: uuid.UUID | None = None
+    # The navigation property the correlated email's regarding was bound through
+    # (Microsoft.Dynamics.CRM.associatednavigationproperty): binding the copy through the same name is exact.
+    regarding_nav: str | None = None
 
 
 InboundPlan = Skip | TrackEmail
@@ -223,7 +232,29 @@ def inbound_lookups(message: MailMessage, context: InboundContext) -> InboundLoo
     if isinstance(unwrapped, NotUnwrapped):
         return InboundLookups(None, frozenset(), CorrelationKeys())
     target = unwrapped.original if isinstance(unwrapped, Unwrapped) else message
-    return InboundLookups(target, frozenset(addresses_to_look_up(target)), correlation_keys(target, context.org))
+    keys = with_own_message_id(correlation_keys(target, context.org), target)
+    return InboundLookups(target, frozenset(addresses_to_look_up(target)), keys)
+
+
+def with_own_message_id(keys: CorrelationKeys, message: MailMessage) -> CorrelationKeys:
+    """The loop guard SSS relies on: the message's own Message-ID is looked up with the correlation keys (the same
+    ``messageid`` query, no extra request). A CRM email that has it already *is* this message - typically the CRM
+    email the router sent, whose Sent Items copy or forwarded copy comes back (:func:`already_in_crm`)."""
+    if not message.internet_message_id:
+        return keys
+    try:
+        own = canonical_message_id(message.internet_message_id)
+    except ValueError:
+        return keys
+    if own in keys.message_ids:
+        return keys
+    return replace(keys, message_ids=(*keys.message_ids, own))
+
+
+def already_in_crm(plan: TrackEmail, lookup: CorrelationLookup) -> KnownEmail | None:
+    """The CRM email that already has this plan's Message-ID (looked up by :func:`with_own_message_id`), if any:
+    the message is then tracked already and nothing is written."""
+    return lookup.by_message_id.get(plan.message_id)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -308,11 +339,11 @@ def _split_name(display: str, address: str) -> tuple[str, str]:
     display = " ".join(display.replace('"', "").split())
     if "," in display:  # "Last, First"
         last, _, first = display.partition(",")
-        return first.strip()[:50], last.strip()[:50] or address
+        return first.strip()[:CONTACT_NAME_MAX], last.strip()[:CONTACT_NAME_MAX] or address[:CONTACT_NAME_MAX]
     if " " in display:
         first, _, last = display.rpartition(" ")
-        return first[:50], last[:50]
-    return "", (display or address.partition("@")[0])[:50]
+        return first[:CONTACT_NAME_MAX], last[:CONTACT_NAME_MAX]
+    return "", (display or address.partition("@")[0])[:CONTACT_NAME_MAX]
 
 
 def _new_contact(parties: ResolvedParties, mailbox: MailboxConfig, direction: Direction,
@@ -320,7 +351,8 @@ def _new_contact(parties: ResolvedParties, mailbox: MailboxConfig, direction: Di
     sender = parties.sender
     if (not mailbox.auto_create_contacts or mailbox.kind is not MailboxKind.USER
             or direction is not Direction.INCOMING or sender is None or sender.record is not None
-            or sender.ambiguous or org.is_internal(sender.address.address)):
+            or sender.ambiguous or org.is_internal(sender.address.address)
+            or len(sender.address.address) > CONTACT_EMAIL_MAX):  # the contact could not hold the address
         return None
     first, last = _split_name(sender.address.name, sender.address.address)
     return NewContact(contact_id_for(sender.address.address), sender.address.address, first, last, owner)
@@ -457,6 +489,9 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
         delete_wrapper=wrapper_graph_id is not None and context.mailbox.delete_after_processing,
         decisions=tuple(decisions),
         original=original,
+        correlated_activity_id=correlation.matched.activity_id if correlation.matched is not None else None,
+        regarding_nav=(correlation.matched.regarding_nav if correlation.matched is not None
+                       and not tracking.folder_regarding and regarding == correlation.regarding else None),
     )
 
 
@@ -475,20 +510,41 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def _party_row(party: ResolvedParty) -> dict[str, Any]:
+def _bind(row: dict[str, Any], schema: OrgSchema, entity: str, attribute: str, target: CrmRecordRef | str,
+          record_id: uuid.UUID | None = None, *, nav: str | None = None) -> bool:
+    """Add ``<nav>@odata.bind`` when the org declares the relationship; report whether it did. An undeclared
+    relationship is left out (the row stays valid) instead of failing the whole change set with 0x80048d19."""
+    table = target.table if isinstance(target, CrmRecordRef) else target
+    rid = target.id if isinstance(target, CrmRecordRef) else record_id
+    name = nav or schema.nav(entity, attribute, table)
+    path = schema.bind_path(table, rid) if rid is not None else None
+    if isinstance(target, CrmRecordRef) and target.entity_set_override:
+        path = target.bind_path
+    if name is None or path is None:
+        return False
+    row[f"{name}@odata.bind"] = path
+    return True
+
+
+def _party_row(party: ResolvedParty, schema: OrgSchema) -> dict[str, Any]:
     row: dict[str, Any] = {"participationtypemask": int(party.mask),
                            "addressused": party.address.address[:ADDRESSUSED_MAX]}
     if party.record is not None:
-        row[f"partyid_{party.record.table}@odata.bind"] = party.record.bind_path
+        _bind(row, schema, "activityparty", "partyid", party.record)
     return row
 
 
-def plan_email_row(plan: TrackEmail, *, include_read_only_columns: bool = False) -> dict[str, Any]:
+def plan_email_row(plan: TrackEmail, schema: OrgSchema = DOCUMENTED, *,
+                   include_read_only_columns: bool = False) -> dict[str, Any]:
     """The ``POST /emails`` body (dv-ref §2.5): client-set ``activityid``, deep-inserted parties, binds.
+
+    Every bind goes through the navigation property ``schema`` says the org declares; a relationship it does not
+    declare is simply not bound. ``acceptingentityid`` is declared under ONE name for queue and systemuser
+    (email.md), which :meth:`OrgSchema.nav` treats as ambiguous: the router leaves it to the platform.
 
     Created Open/Draft; the state change to Received/Sent is a separate PATCH (:func:`plan_state_patch`) because
     state/status in the create POST is NOT VERIFIED (dv-ref §2.4). ``conversationindex``, ``inreplyto`` and
-    ``senton`` are read-only in the reference (dv-ref §2.1): only sent when ``include_read_only_columns``
+    ``senton`` are read-only in the reference (email.md): only sent when ``include_read_only_columns``
     (an org/emulator that accepts them); ``correlationmethod`` is system-only and never sent.
     """
     row: dict[str, Any] = {
@@ -499,7 +555,7 @@ def plan_email_row(plan: TrackEmail, *, include_read_only_columns: bool = False)
         "messageid": plan.message_id,
         "actualend": _iso(plan.actual_end),
         "prioritycode": plan.priority_code,
-        NAV_PARTIES: [_party_row(p) for p in plan.parties.parties],
+        NAV_PARTIES: [_party_row(p, schema) for p in plan.parties.parties],
     }
     if plan.tracking_token:
         row["trackingtoken"] = plan.tracking_token
@@ -508,15 +564,17 @@ def plan_email_row(plan: TrackEmail, *, include_read_only_columns: bool = False)
     if plan.is_duplicate_sender_unresolved:
         row["isduplicatesenderunresolved"] = True
     if plan.regarding is not None:
-        row[f"regardingobjectid_{plan.regarding.table}_email@odata.bind"] = plan.regarding.bind_path
+        _bind(row, schema, "email", "regardingobjectid", plan.regarding, nav=plan.regarding_nav)
     if plan.owner is not None:
-        row[f"{NAV_OWNER}@odata.bind"] = plan.owner.bind_path
+        _bind(row, schema, "email", "ownerid", plan.owner)
     if plan.parent_activity_id is not None:
-        row[f"{NAV_PARENT}@odata.bind"] = f"/emails({plan.parent_activity_id})"
+        _bind(row, schema, "email", "parentactivityid", "email", plan.parent_activity_id)
+    if plan.correlated_activity_id is not None:
+        _bind(row, schema, "email", "correlatedactivityid", "email", plan.correlated_activity_id)
     if plan.receiving_mailbox_id is not None:
-        row[f"{NAV_RECEIVING_MAILBOX}@odata.bind"] = f"/mailboxes({plan.receiving_mailbox_id})"
-    if plan.accepting_entity is not None and plan.accepting_entity.table in (CrmTable.SYSTEMUSER, CrmTable.QUEUE):
-        row[f"acceptingentityid_{plan.accepting_entity.table}@odata.bind"] = plan.accepting_entity.bind_path
+        _bind(row, schema, "email", "receivingmailboxid", "mailbox", plan.receiving_mailbox_id)
+    if plan.accepting_entity is not None:
+        _bind(row, schema, "email", "acceptingentityid", plan.accepting_entity)
     if include_read_only_columns:
         if plan.conversation_index:
             row["conversationindex"] = plan.conversation_index
@@ -527,19 +585,36 @@ def plan_email_row(plan: TrackEmail, *, include_read_only_columns: bool = False)
     return row
 
 
+def unbound_relationships(plan: TrackEmail, schema: OrgSchema) -> list[str]:
+    """The links of ``plan`` the org declares no navigation property for (logged; a doctor finding)."""
+    wanted: list[tuple[str, str, str]] = []
+    if plan.regarding is not None and plan.regarding_nav is None:
+        wanted.append(("email", "regardingobjectid", plan.regarding.table))
+    if plan.owner is not None:
+        wanted.append(("email", "ownerid", plan.owner.table))
+    if plan.parent_activity_id is not None:
+        wanted.append(("email", "parentactivityid", "email"))
+    if plan.correlated_activity_id is not None:
+        wanted.append(("email", "correlatedactivityid", "email"))
+    if plan.receiving_mailbox_id is not None:
+        wanted.append(("email", "receivingmailboxid", "mailbox"))
+    # acceptingentityid is left out on purpose where the org declares it ambiguously (every documented org): not a gap
+    wanted += [("activityparty", "partyid", p.record.table) for p in plan.parties.parties if p.record is not None]
+    return sorted({f"{e}.{a}->{t}" for e, a, t in wanted if schema.nav(e, a, t) is None})
+
+
 def plan_state_patch(plan: TrackEmail) -> dict[str, int]:
     """``PATCH /emails(<id>)`` after the create: Received {1,4} or Sent {1,3} (dv-ref §2.4)."""
     return {"statecode": plan.state_code, "statuscode": plan.status_code}
 
 
-def plan_attachment_rows(plan: TrackEmail) -> list[dict[str, Any]]:
+def plan_attachment_rows(plan: TrackEmail, schema: OrgSchema = DOCUMENTED) -> list[dict[str, Any]]:
     """``POST /activitymimeattachments`` bodies (dv-ref §3), each with a deterministic id; created before the
     state change (completed email is read-only)."""
     rows: list[dict[str, Any]] = []
     for attachment in plan.attachments:
         row: dict[str, Any] = {
             "activitymimeattachmentid": str(attachment.attachment_id),
-            "objectid_email@odata.bind": f"/emails({plan.activity_id})",
             "objecttypecode": "email",
             "filename": attachment.filename,
             "mimetype": attachment.mimetype,
@@ -547,11 +622,14 @@ def plan_attachment_rows(plan: TrackEmail) -> list[dict[str, Any]]:
         }
         if attachment.content_id:
             row["attachmentcontentid"] = attachment.content_id[:250]
-        rows.append(row)
+        # objectid_email (activitymimeattachment.md); an attachment that can't be tied to its email is useless,
+        # so an org without that relationship gets none (unbound_relationships reports it).
+        if _bind(row, schema, "activitymimeattachment", "objectid", "email", plan.activity_id):
+            rows.append(row)
     return rows
 
 
-def plan_contact_row(plan: TrackEmail) -> dict[str, Any] | None:
+def plan_contact_row(plan: TrackEmail, schema: OrgSchema = DOCUMENTED) -> dict[str, Any] | None:
     contact = plan.new_contact
     if contact is None:
         return None
@@ -560,7 +638,7 @@ def plan_contact_row(plan: TrackEmail) -> dict[str, Any] | None:
     if contact.first_name:
         row["firstname"] = contact.first_name
     if contact.owner is not None:
-        row[f"{NAV_OWNER}@odata.bind"] = contact.owner.bind_path
+        _bind(row, schema, "contact", "ownerid", contact.owner)
     return row
 
 

@@ -19,6 +19,7 @@ from typing import Final, TypeVar
 
 __all__ = [
     "LOOP_MARKER_HEADER",
+    "LOOP_MARKER_PROPERTY",
     "Address",
     "ApprovalStatus",
     "Attachment",
@@ -46,6 +47,11 @@ __all__ = [
 # (graph.md §7.3: custom headers must start with "x-"). Inbound skips any message that carries it, because the CRM
 # email already exists (it is the one we sent). Shared by skip.py and outbound.py.
 LOOP_MARKER_HEADER: Final = "x-emailrouter-activityid"
+# The same marker as a named MAPI property on the draft. Exchange keeps a sent draft's properties on its Sent Items
+# copy, but that copy has no internetMessageHeaders ("internet headers just do not exist on the copy in Sent Items",
+# microsoft-graph-docs#2716): the property is how the router recognises its own mail there, read in the same GET
+# (singleValueExtendedProperties, documented id form "String {guid} Name <name>"). The GUID is ours (a uuid5).
+LOOP_MARKER_PROPERTY: Final = "String {8357d2be-790e-54ef-96fb-b42b84262542} Name x-emailrouter-activityid"
 
 
 _K = TypeVar("_K")
@@ -184,6 +190,7 @@ class MailMessage:
     categories: tuple[str, ...] = ()
     attachments: tuple[Attachment, ...] = ()
     truncations: tuple[str, ...] = ()
+    loop_marker: str | None = None  # LOOP_MARKER_HEADER or LOOP_MARKER_PROPERTY: the router sent this message
 
     @property
     def originator(self) -> Address | None:
@@ -304,6 +311,19 @@ class ApprovalStatus(IntEnum):
     REJECTED = 3
 
 
+class SssStatus(StrEnum):
+    """Whether Server-Side Synchronization also serves a mailbox in one direction (audit dataverse-fidelity #12).
+
+    The router's mailboxes use delivery method 2, "Server-Side Synchronization or Email Router" (mailbox.md): the
+    same value SSS uses. SSS only processes a mailbox that has an email server profile; it then syncs the direction
+    that is enabled and has passed Test & Enable (status Success). Both would then act on the same mail.
+    """
+
+    NONE = "none"  # no email server profile (or the direction is not SSS/router): SSS leaves this direction alone
+    CONFIGURED = "configured"  # a profile, but not enabled/tested for this direction: a Test & Enable would start SSS
+    ACTIVE = "active"  # a profile, enabled and tested: SSS processes this direction too
+
+
 class MailboxKind(StrEnum):
     """A user's mailbox, a queue's mailbox, or a forward (sink) mailbox that only collects forwarded copies
     (crm-ref §3: a sink has no regarding user/queue and outgoing None)."""
@@ -334,6 +354,16 @@ class MailboxConfig:
     enabled_for_outgoing: bool = True
     approval: ApprovalStatus = ApprovalStatus.APPROVED
     queue_owner: CrmRecordRef | None = None  # ownerid of the queue row, for the queue owner fallback
+    sss_incoming: SssStatus = SssStatus.NONE  # Server-Side Synchronization on this mailbox (CRM sync, #12)
+    sss_outgoing: SssStatus = SssStatus.NONE  # ACTIVE: the router does not send for it (both would send)
+    # Entra object id (or UPN) Graph addresses the mailbox by: Graph documents /users/{id | userPrincipalName}
+    # only, and a primary SMTP address can differ from the UPN. None = not resolved (the address is used).
+    graph_user_id: str | None = None
+
+    @property
+    def graph_user(self) -> str:
+        """What goes into a Graph path or subscription resource for this mailbox."""
+        return self.graph_user_id or self.address
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", self.address.strip().lower())
@@ -411,6 +441,10 @@ class OrgEmailSettings:
     # newsletters and ticket systems set them on mail users do want tracked (see docs/tracking-rules.md).
     treat_auto_response_suppress_as_auto_reply: bool = False
     treat_precedence_bulk_as_auto_reply: bool = False
+    # Queue items for tracked incoming email (OrgDbOrgSettings of the same names; core/domain/queue_items.py).
+    create_queue_items_for_accepting_queue_recipients: bool = True
+    create_queue_item_for_synchronizing_mailbox: bool = True
+    create_additional_queue_items_for_already_tracked_email: bool = False  # SSSCreateAdditionalQueueItems...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "internal_domains", frozenset(d.lower() for d in self.internal_domains))

@@ -26,7 +26,17 @@ from datetime import UTC, datetime
 from email import policy
 from typing import Any, Final
 
-from core.domain.model import Address, Attachment, Folder, FolderKind, Headers, Importance, MailMessage
+from core.domain.model import (
+    LOOP_MARKER_HEADER,
+    LOOP_MARKER_PROPERTY,
+    Address,
+    Attachment,
+    Folder,
+    FolderKind,
+    Headers,
+    Importance,
+    MailMessage,
+)
 
 __all__ = [
     "LIMITS",
@@ -258,7 +268,8 @@ def _categories(value: object, notes: _Notes) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------------ Graph JSON
 
 
-def _attachments(value: object, mailbox: str, depth: int, notes: _Notes) -> tuple[Attachment, ...]:
+def _attachments(value: object, mailbox: str, depth: int, notes: _Notes,
+                 attached_mime: Mapping[str, bytes] | None = None) -> tuple[Attachment, ...]:
     if not isinstance(value, Sequence) or isinstance(value, str | bytes):
         return ()
     if len(value) > LIMITS.max_attachments:
@@ -268,13 +279,14 @@ def _attachments(value: object, mailbox: str, depth: int, notes: _Notes) -> tupl
     for entry in value:
         if not isinstance(entry, Mapping):
             continue
-        attachment = _attachment(entry, mailbox, depth, notes)
+        attachment = _attachment(entry, mailbox, depth, notes, attached_mime)
         if attachment is not None:
             found.append(attachment)
     return tuple(found)
 
 
-def _attachment(entry: Mapping[str, Any], mailbox: str, depth: int, notes: _Notes) -> Attachment | None:
+def _attachment(entry: Mapping[str, Any], mailbox: str, depth: int, notes: _Notes,
+                attached_mime: Mapping[str, bytes] | None = None) -> Attachment | None:
     odata_type = str(entry.get("@odata.type", "")).lower()
     name = _clean_line(entry.get("name") if isinstance(entry.get("name"), str) else "")[:255] or "attachment"
     content_type = entry.get("contentType") if isinstance(entry.get("contentType"), str) else None
@@ -289,8 +301,13 @@ def _attachment(entry: Mapping[str, Any], mailbox: str, depth: int, notes: _Note
     if is_item:
         item_data = entry.get("item")
         item: MailMessage | None = None
+        raw = (attached_mime or {}).get(str(entry.get("id") or ""))
         if depth >= LIMITS.max_nesting_depth:
             notes.add(f"attachments: nesting deeper than {LIMITS.max_nesting_depth} not followed")
+        elif raw is not None:
+            # The attached message's own MIME (its $value): every header of the original, which the expanded item
+            # does not carry (graph.md §6.1: default properties only).
+            item = _mime(mailbox, raw, depth + 1, notes)
         elif isinstance(item_data, Mapping):
             item = _message(mailbox, item_data, Folder(FolderKind.OTHER), depth + 1, notes, nested=True)
         return Attachment(name=name, content_type=content_type or "message/rfc822", size=size,
@@ -317,7 +334,7 @@ def _attachment(entry: Mapping[str, Any], mailbox: str, depth: int, notes: _Note
 
 
 def _message(mailbox: str, data: Mapping[str, Any], folder: Folder, depth: int, notes: _Notes,
-             *, nested: bool) -> MailMessage:
+             *, nested: bool, attached_mime: Mapping[str, bytes] | None = None) -> MailMessage:
     graph_id = data.get("id")
     if not nested and (not isinstance(graph_id, str) or not graph_id.strip()):
         raise InvalidMessage("message has no Graph id")
@@ -378,20 +395,27 @@ def _message(mailbox: str, data: Mapping[str, Any], folder: Folder, depth: int, 
         in_reply_to=in_reply_to_ids[0] if in_reply_to_ids else None,
         references=references,
         categories=_categories(data.get("categories"), notes),
-        attachments=_attachments(data.get("attachments"), mailbox, depth, notes),
+        attachments=_attachments(data.get("attachments"), mailbox, depth, notes, attached_mime),
         truncations=(),
+        loop_marker=_loop_marker(headers.get(LOOP_MARKER_HEADER) or _extended_property(data, LOOP_MARKER_PROPERTY)),
     )
 
 
 def normalize_graph_message(mailbox: str, data: Mapping[str, Any], folder_kind: FolderKind,
-                            folder_id: str = "") -> MailMessage:
+                            folder_id: str = "", *, attached_mime: Mapping[str, bytes] | None = None) -> MailMessage:
     """Normalise one Graph message (fetched with ``$select`` incl. ``internetMessageHeaders`` and
-    ``$expand=attachments``) seen in ``mailbox``'s folder of ``folder_kind``."""
+    ``$expand=attachments``) seen in ``mailbox``'s folder of ``folder_kind``. ``attached_mime``: attachment id ->
+    the raw MIME of an attached message (``.../attachments/{id}/$value``), read instead of the expanded item."""
     if not isinstance(data, Mapping):
         raise InvalidMessage("message is not a JSON object")
     notes = _Notes()
-    message = _message(mailbox, data, Folder(folder_kind, folder_id), 0, notes, nested=False)
+    message = _message(mailbox, data, Folder(folder_kind, folder_id), 0, notes, nested=False,
+                       attached_mime=attached_mime)
     return _with_notes(message, notes)
+
+
+def _loop_marker(value: str | None) -> str | None:
+    return _clean_line(value).strip()[:64] or None if value else None
 
 
 def _with_notes(message: MailMessage, notes: _Notes) -> MailMessage:
@@ -493,6 +517,7 @@ def _from_mime(mailbox: str, msg: email.message.Message, depth: int, notes: _Not
             content=content))
 
     importance_header = (headers.get("Importance") or "").lower()
+    thread_index = headers.get("Thread-Index")
     return MailMessage(
         mailbox=mailbox.strip().lower(),
         graph_id="",
@@ -514,6 +539,10 @@ def _from_mime(mailbox: str, msg: email.message.Message, depth: int, notes: _Not
         in_reply_to=(extract_message_ids(headers.get("In-Reply-To"), limit=1) or (None,))[0],
         references=extract_message_ids(headers.get("References")),
         attachments=tuple(attachments),
+        # Thread-Index: the MIME form of the conversation index (PidTagConversationIndex)
+        conversation_index=_b64(thread_index.strip(), notes, "Thread-Index", max_decoded=4096) if thread_index
+        else None,
+        loop_marker=_loop_marker(headers.get(LOOP_MARKER_HEADER)),
     )
 
 

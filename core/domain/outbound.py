@@ -22,6 +22,7 @@ from typing import Any, Final
 from core.domain.correlation import find_tracking_tokens
 from core.domain.model import (
     LOOP_MARKER_HEADER,
+    LOOP_MARKER_PROPERTY,
     ApprovalStatus,
     CrmRecordRef,
     Importance,
@@ -290,15 +291,15 @@ def build_outbound_message(email: CrmOutboundEmail, sender: MailboxConfig, org: 
         message["attachments"] = inline
     # In-Reply-To/References cannot be set as internet headers (graph.md §7.3: names must start with "x-"); the
     # MAPI properties 0x1042/0x1039 are the documented third-party route (NOT VERIFIED on Exchange Online).
-    extended: list[dict[str, str]] = []
+    # The marker again as a MAPI property: the Sent Items copy keeps it, though it has no internet headers.
+    extended: list[dict[str, str]] = [{"id": LOOP_MARKER_PROPERTY, "value": marker}]
     if email.in_reply_to:
         extended.append({"id": "String 0x1042", "value": email.in_reply_to})
         references = [*email.references]
         if email.in_reply_to not in references:
             references.append(email.in_reply_to)
         extended.append({"id": "String 0x1039", "value": " ".join(references[-32:])})
-    if extended:
-        message["singleValueExtendedProperties"] = extended
+    message["singleValueExtendedProperties"] = extended
     return OutboundMessage(message, tuple(large), sender.address, marker)
 
 

@@ -89,10 +89,12 @@ def _folder(s: _SkipInput) -> SkipReason | None:
 
 
 def _own_outbound(s: _SkipInput) -> SkipReason | None:
-    marker = s.message.headers.get(LOOP_MARKER_HEADER)
+    # The header travels with delivered copies (and a forwarded original's MIME); the Sent Items copy has no
+    # internet headers, only the marker property (the normaliser puts either into loop_marker).
+    marker = s.message.loop_marker or s.message.headers.get(LOOP_MARKER_HEADER)
     if marker is not None:
         return SkipReason(SkipCode.OWN_OUTBOUND,
-                          f"sent by this router for CRM email {marker.strip()[:64]} (loop marker header)")
+                          f"sent by this router for CRM email {marker.strip()[:64]} (loop marker)")
     return None
 
 

@@ -1,7 +1,7 @@
 """Inbound processor: one work item (mailbox + Graph message id) -> at most one CRM email, exactly once.
 
-Imperative shell around ``core.domain.inbound``: ledger check -> fetch once -> normalise -> (forward unwrap: item
-attachment fetched when Graph did not expand it) -> look up parties and correlation keys (one coalesced Dataverse
+Imperative shell around ``core.domain.inbound``: ledger check -> fetch once -> normalise -> (forward unwrap: the
+attached original's raw MIME) -> look up parties and correlation keys (one coalesced Dataverse
 request, short-TTL caches) -> ``plan_inbound`` (pure) -> write (one change set, deterministic activityid) ->
 category / delete the forward wrapper -> ledger + decision record.
 
@@ -32,17 +32,27 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from core.adapters.dataverse import DataverseError
 from core.adapters.graph import AttachmentContents, GraphAccessDenied, GraphError, GraphNotFound
+from core.domain.correlation import KnownEmail
 from core.domain.inbound import (
     InboundContext,
     InboundPlan,
     Skip,
     TrackEmail,
+    already_in_crm,
     decision_record,
     inbound_lookups,
     plan_inbound,
 )
-from core.domain.model import FolderKind, InboundMethod, MailboxConfig, MailMessage, OrgEmailSettings
-from core.domain.normalize import InvalidMessage, normalize_graph_message
+from core.domain.model import (
+    FolderKind,
+    InboundMethod,
+    MailboxConfig,
+    MailboxKind,
+    MailMessage,
+    OrgEmailSettings,
+)
+from core.domain.normalize import LIMITS, InvalidMessage, normalize_graph_message
+from core.domain.queue_items import plan_queue_items
 from core.domain.records import InboundLedgerEntry as LedgerEntry
 from core.domain.records import LedgerOutcome
 from core.names import INBOUND_QUEUE
@@ -58,6 +68,7 @@ from core.work_items import InboundItem, InvalidWorkItem
 
 if TYPE_CHECKING:
     from core.bootstrap import Container
+    from core.services.queue_items_crm import QueueItemGateway
 
 __all__ = [
     "MAX_DEQUEUE_COUNT",
@@ -119,7 +130,7 @@ class MailGateway(Protocol):
     async def get_message(self, mailbox: str, message_id: str, *, with_attachments: bool = True
                           ) -> dict[str, Any]: ...
 
-    async def get_item_attachment(self, mailbox: str, message_id: str, attachment_id: str) -> dict[str, Any]: ...
+    async def get_attachment_mime(self, mailbox: str, message_id: str, attachment_id: str) -> bytes: ...
 
     async def get_attachment_contents(self, mailbox: str, message_id: str,
                                       attachments: Sequence[Mapping[str, Any]]) -> AttachmentContents: ...
@@ -174,7 +185,7 @@ def _needs_content(attachment: object, limit: int) -> bool:
     if not isinstance(attachment, Mapping) or not attachment.get("id") or "contentBytes" in attachment:
         return False
     if str(attachment.get("@odata.type", "")).lower() != "#microsoft.graph.fileattachment":
-        return False  # item attachments are fetched by _fetch; reference attachments have no content
+        return False  # item attachments are read as MIME by _attached_messages; reference ones have no content
     name = str(attachment.get("name") or "").lower()
     if str(attachment.get("contentType") or "").lower() == "message/rfc822" or name.endswith(".eml"):
         return True
@@ -225,6 +236,7 @@ class InboundProcessor:
     poison: PoisonLog
     queue: WorkQueue
     options: InboundOptions = field(default_factory=InboundOptions)
+    queue_items: QueueItemGateway | None = None  # None: no queue items (tests that do not look at them)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     monotonic: Callable[[], float] = time.monotonic
     _snapshot: _MailboxSnapshot | None = field(default=None, init=False, repr=False)
@@ -271,6 +283,7 @@ class InboundProcessor:
         try:
             data = await self._fetch(item, counters)
             data = await self._attachment_contents(item, data, org, counters)
+            attached = await self._attached_messages(item, data, mailbox, counters)
         except GraphNotFound:
             return await self._terminal(item, LedgerOutcome.GONE, "gone", "the message no longer exists in the "
                                         "mailbox (deleted or moved before it was processed)", record_status=False)
@@ -281,7 +294,8 @@ class InboundProcessor:
 
         try:
             message = normalize_graph_message(mailbox.address, data, folder_kind_of(item.folder),
-                                              item.folder if folder_kind_of(item.folder) is FolderKind.OTHER else "")
+                                              item.folder if folder_kind_of(item.folder) is FolderKind.OTHER else "",
+                                              attached_mime=attached)
         except InvalidMessage as exc:
             return await self._permanent(item, None, "invalid_message", exc.reason, tag=(mailbox.address, []))
 
@@ -299,22 +313,25 @@ class InboundProcessor:
 
     async def _fetch(self, item: InboundItem, counters: _Counters) -> dict[str, Any]:
         counters.graph += 1
-        data = await self.mail.get_message(item.mailbox, item.message_id)
-        # A forward wrapper's original is an item attachment. `$expand=attachments` does not always include the
-        # attached item itself: fetch it (one call per item attachment, forward sinks only).
+        return await self.mail.get_message(item.mailbox, item.message_id)
+
+    async def _attached_messages(self, item: InboundItem, data: Mapping[str, Any], mailbox: MailboxConfig,
+                                 counters: _Counters) -> dict[str, bytes]:
+        """A forward wrapper's original is an item attachment; ``$expand=attachments`` leaves the item out and an
+        expanded item has default properties only (no headers: no In-Reply-To/References, no Auto-Submitted, no
+        loop marker). Its raw MIME (``$value``) has them all: one call per item attachment, in sinks only (anywhere
+        else an attached Outlook item is not stored in CRM)."""
         attachments = data.get("attachments")
-        if isinstance(attachments, list):
-            expanded: list[Any] = []
-            for attachment in attachments:
-                if (isinstance(attachment, dict)
-                        and str(attachment.get("@odata.type", "")).lower() == "#microsoft.graph.itemattachment"
-                        and not attachment.get("item") and attachment.get("id")):
-                    counters.graph += 1
-                    attachment = await self.mail.get_item_attachment(item.mailbox, item.message_id,
-                                                                     str(attachment["id"]))
-                expanded.append(attachment)
-            data = {**data, "attachments": expanded}
-        return data
+        if mailbox.kind is not MailboxKind.FORWARD_SINK or not isinstance(attachments, list):
+            return {}
+        found: dict[str, bytes] = {}
+        for attachment in attachments[:LIMITS.max_attachments]:
+            if (isinstance(attachment, dict) and attachment.get("id")
+                    and str(attachment.get("@odata.type", "")).lower() == "#microsoft.graph.itemattachment"):
+                counters.graph += 1
+                found[str(attachment["id"])] = await self.mail.get_attachment_mime(
+                    item.mailbox, item.message_id, str(attachment["id"]))
+        return found
 
     async def _attachment_contents(self, item: InboundItem, data: dict[str, Any], org: OrgEmailSettings,
                                    counters: _Counters) -> dict[str, Any]:
@@ -357,6 +374,9 @@ class InboundProcessor:
                 await self._record(item, message, plan, LedgerOutcome.SKIPPED)
                 return ProcessResult(f"skipped:{plan.stage}:{plan.code}", graph_calls=counters.graph,
                                      crm_requests=counters.crm)
+            existing = already_in_crm(plan, context.correlation)
+            if existing is not None:
+                return await self._already_tracked(item, message, plan, existing, counters)
             try:
                 counters.crm += 1
                 written = await self.crm.write(plan)
@@ -384,13 +404,62 @@ class InboundProcessor:
             break
 
         outcome = LedgerOutcome.TRACKED if written is WriteOutcome.CREATED else LedgerOutcome.ALREADY_TRACKED
+        queued = await self._queue_items(plan, context.mailbox, org, written, counters)
         await self._after_write(item, message, plan, counters)
-        await self._record(item, message, plan, outcome, note=(
-            None if outcome is LedgerOutcome.TRACKED else
+        notes = [] if outcome is LedgerOutcome.TRACKED else [
             "an email with this Message-ID is already in CRM (redelivery, or tracked from another mailbox first): "
-            "kept as it is"))
+            "kept as it is"]
+        if queued:
+            notes.append(queued)
+        await self._record(item, message, plan, outcome, note="; ".join(notes) or None)
         return ProcessResult(outcome.value, activity_id=str(plan.activity_id), graph_calls=counters.graph,
                              crm_requests=counters.crm)
+
+    async def _already_tracked(self, item: InboundItem, message: MailMessage, plan: TrackEmail, existing: KnownEmail,
+                               counters: _Counters) -> ProcessResult:
+        """The Message-ID is in CRM already (the loop guard): written by someone, most often the router's own send
+        coming back from Sent Items or through a forward rule. Nothing is written; the wrapper/category steps run as
+        after a write."""
+        await self._after_write(item, message, plan, counters)
+        await self._record(item, message, plan, LedgerOutcome.ALREADY_TRACKED, activity_id=str(existing.activity_id),
+                           note=f"CRM email {existing.activity_id} already has this Message-ID: not written again")
+        return ProcessResult(LedgerOutcome.ALREADY_TRACKED.value, activity_id=str(existing.activity_id),
+                             graph_calls=counters.graph, crm_requests=counters.crm)
+
+    async def _queue_items(self, plan: TrackEmail, mailbox: MailboxConfig, org: OrgEmailSettings,
+                           written: WriteOutcome, counters: _Counters) -> str | None:
+        """The email's queue items (core/domain/queue_items.py), once per email per queue: deterministic ids make a
+        repeat a no-op, and for an email that was already there the queues holding an item are read first. A
+        transient failure propagates (the message is retried; the email, already written, is then "already
+        tracked" and only the missing items are made). Returns a note for the decision record."""
+        if self.queue_items is None:
+            return None
+        base = {"email_id": plan.activity_id, "direction": plan.direction, "parties": plan.parties,
+                "mailbox": mailbox, "org": org}
+        if not plan_queue_items(**base):
+            return None  # no queue involved: no extra request
+        if written is WriteOutcome.ALREADY_TRACKED:
+            counters.crm += 1
+            held = await self.queue_items.tracked_email_queues(plan.activity_id)
+            # Our own earlier, interrupted attempt (the router binds its mailbox) owes every item; another mailbox
+            # having tracked it first owes only what CreateAdditionalQueueItemsForAlreadyTrackedEmail allows.
+            own = plan.receiving_mailbox_id is None or held.receiving_mailbox_id == plan.receiving_mailbox_id
+            items = plan_queue_items(**base, already_tracked=True, created_by_this_mailbox=own,
+                                     existing_queues=held.queues)
+        else:
+            items = plan_queue_items(**base)
+        if not items:
+            return None
+        counters.crm += 1
+        result = await self.queue_items.create_queue_items(items)
+        for queue_id, why in result.refused.items():
+            log.warning("queue item for email %s in queue %s refused: %s", plan.activity_id, queue_id, why)
+        parts = []
+        if result.created:
+            parts.append(f"queue items created in {len(result.created)} queue(s)")
+        if result.refused:
+            parts.append("queue items refused: " + "; ".join(f"queue {q}: {w}" for q, w in result.refused.items()))
+        return ", ".join(parts) or None
 
     @staticmethod
     def _tag_target(message: MailMessage, plan: InboundPlan) -> tuple[str, list[str]] | None:
@@ -420,16 +489,19 @@ class InboundProcessor:
     # -- outcomes ---------------------------------------------------------------------------------------------
 
     async def _record(self, item: InboundItem, message: MailMessage, plan: InboundPlan, outcome: LedgerOutcome,
-                      *, note: str | None = None) -> None:
+                      *, note: str | None = None, activity_id: str | None = None) -> None:
         record = decision_record(message, plan)
         record["source"] = item.source
         if note:
             record["note"] = note
             record["outcome"] = outcome.value
+        if activity_id is not None:
+            record["activityId"] = activity_id
         await self.decisions.record(item.mailbox, item.message_id, record)
         await self.ledger.put(LedgerEntry(
             item.mailbox, item.message_id, outcome,
-            activity_id=str(plan.activity_id) if isinstance(plan, TrackEmail) else "",
+            activity_id=activity_id if activity_id is not None else
+            str(plan.activity_id) if isinstance(plan, TrackEmail) else "",
             internet_message_id=message.internet_message_id or "",
             reason=record["outcome"], at=self.clock()))
 
@@ -509,17 +581,23 @@ def processor_for(container: Container) -> InboundProcessor:
     if processor is None:
         from core.adapters.inbound_state import InboundState
         from core.services.inbound_crm import DataverseInboundCrm
+        from core.services.org_schema import org_schema_for
+        from core.services.queue_items_crm import DataverseQueueItems
 
         state = InboundState.for_container(container)
+        schema = org_schema_for(container)  # one metadata read shared by both gateways (and the CRM sync)
         processor = InboundProcessor(
             mail=container.graph,
             crm=DataverseInboundCrm(
                 container.dataverse,
                 party_ttl=float(container.settings.integer("CRM_PARTY_CACHE_SECONDS", minimum=0)),
+                correlation_days=container.settings.integer("CRM_CORRELATION_DAYS", minimum=0),
+                schema=schema,
             ),
             mailboxes=container.mailbox_directory,
             ledger=state.ledger, decisions=state.decisions, status=state.status, poison=state.poison,
             queue=container.work_queue, options=options_from_settings(container),
+            queue_items=DataverseQueueItems(container.dataverse, schema=schema),
         )
         _PROCESSORS[container] = processor
     return processor

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
 from core.adapters.dataverse import (
     AttachmentTooLargeError,
+    BadRequestError,
     DataverseClient,
     DataverseError,
     DuplicateRecordError,
@@ -36,18 +38,21 @@ from core.adapters.dataverse import (
     PreconditionFailedError,
     map_error,
 )
-from core.adapters.odata import BatchRequest, BatchResponse, ChangeSet, build_query, in_, or_
+from core.adapters.odata import BatchRequest, BatchResponse, ChangeSet, build_query, in_, literal, or_
 from core.domain.correlation import CorrelationKeys, CorrelationLookup, KnownEmail
-from core.domain.identity import canonical_message_id
+from core.domain.identity import canonical_message_id, outbound_activity_id
 from core.domain.inbound import (
     TrackEmail,
     plan_attachment_rows,
     plan_contact_row,
     plan_email_row,
     plan_state_patch,
+    unbound_relationships,
 )
 from core.domain.model import CrmRecordRef, CrmTable, PartyCandidate
+from core.domain.org_schema import OrgSchema
 from core.domain.parties import PartyDirectory
+from core.services.org_schema import OrgSchemaCache, OrgSchemaSource
 
 __all__ = [
     "AttachmentRejected",
@@ -62,7 +67,14 @@ __all__ = [
 log = logging.getLogger("emailrouter.inbound.crm")
 
 _LOGICAL_NAME: Final = "Microsoft.Dynamics.CRM.lookuplogicalname"
+_ASSOCIATED_NAV: Final = "Microsoft.Dynamics.CRM.associatednavigationproperty"
 _ANNOTATIONS: Final = {"Prefer": f'odata.include-annotations="{_LOGICAL_NAME}"'}
+# Email lookups also ask for the navigation property each lookup is bound through: the regarding of a correlated
+# email is copied through exactly that name (audit 1a #6), not a name spelled from the table.
+_EMAIL_ANNOTATIONS: Final = {"Prefer": f'odata.include-annotations="{_LOGICAL_NAME},{_ASSOCIATED_NAV}"'}
+# "A record with the specified key values does not exist in <entity> entity" (a bind target is gone); its status is
+# NOT VERIFIED (400 or 404), so the text decides.
+_DOES_NOT_EXIST: Final = re.compile(r"does not exist", re.IGNORECASE)
 # Addresses / keys per inner GET: far below the 64 KB URL limit of a batch operation (dv-ref §5).
 _VALUES_PER_QUERY: Final = 100
 _MAX_OPS_PER_BATCH: Final = 200  # well below Dataverse's 1000 operations per $batch
@@ -174,6 +186,16 @@ def party_candidates(spec: PartyTable, row: Mapping[str, Any]) -> tuple[list[str
     return addresses, candidate
 
 
+def _router_message_ids(message_ids: Sequence[str]) -> dict[str, str]:
+    """activity id -> Message-ID for the ids among ``message_ids`` that the router chose for mail it sent."""
+    found: dict[str, str] = {}
+    for message_id in message_ids:
+        activity_id = outbound_activity_id(message_id)
+        if activity_id is not None:
+            found.setdefault(str(activity_id), message_id)
+    return found
+
+
 def known_email(row: Mapping[str, Any]) -> KnownEmail | None:
     """An ``emails`` row -> :class:`KnownEmail`. Pure (unit-tested)."""
     try:
@@ -189,7 +211,9 @@ def known_email(row: Mapping[str, Any]) -> KnownEmail | None:
             sent_on = datetime.fromisoformat(raw_sent.replace("Z", "+00:00"))
         except ValueError:
             sent_on = None
-    return KnownEmail(activity_id, regarding=regarding, owner=owner, sent_on=sent_on)
+    nav = row.get(f"_regardingobjectid_value@{_ASSOCIATED_NAV}")
+    return KnownEmail(activity_id, regarding=regarding, owner=owner, sent_on=sent_on,
+                      regarding_nav=str(nav) if regarding is not None and nav else None)
 
 
 # ------------------------------------------------------------------------------------------------ caches
@@ -319,9 +343,17 @@ class DataverseInboundCrm:
         correlation_ttl: float = 60.0,
         coalesce_window: float = 0.01,
         include_read_only_columns: bool = False,
+        correlation_days: int = 90,
+        schema: OrgSchemaSource | None = None,
         clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._client = client
+        # Correlation looks back this many days (createdon lower bound), like SSS smart matching's default window;
+        # 0 = no bound. Keeps the three key lookups index-friendly on orgs with millions of emails.
+        self._correlation_days = correlation_days
+        self._now = now
+        self._schema = schema if schema is not None else OrgSchemaCache(client)
         self._tables = tuple(tables)
         self._parties = _TtlCache(party_ttl, clock)
         self._keys = _TtlCache(correlation_ttl, clock)
@@ -345,17 +377,28 @@ class DataverseInboundCrm:
                 out.append((spec, BatchRequest("GET", f"{spec.entity_set}?{query}", headers=_ANNOTATIONS)))
         return out
 
-    @staticmethod
-    def _email_request(message_ids: Sequence[str], tokens: Sequence[str], indexes: Sequence[str]) -> BatchRequest:
-        conditions = []
-        if message_ids:
-            conditions.append(in_("messageid", message_ids))
-        if tokens:
-            conditions.append(in_("trackingtoken", tokens))
-        if indexes:
-            conditions.append(in_("conversationindex", indexes))
-        query = build_query(select=_EMAIL_SELECT, filter=or_(*conditions))
-        return BatchRequest("GET", f"emails?{query}", headers=_ANNOTATIONS)
+    def _email_requests(self, missing: Mapping[str, Sequence[str]],
+                        sent_by_router: Mapping[str, str] | None = None) -> list[tuple[str, BatchRequest]]:
+        """One GET per key kind (message ids, tracking tokens, conversation indexes), each bounded by createdon:
+        three simple indexed queries instead of one OR across columns. Plus, for Message-IDs the router chose for
+        mail it sent (identity.outbound_message_id), a GET by the activity id they name: a Sent email keeps no
+        messageid in CRM, so a reply finds it by its primary key (no date bound: a reply may come months later)."""
+        column = {"m": "messageid", "t": "trackingtoken", "c": "conversationindex"}
+        since = None
+        if self._correlation_days > 0:
+            since = f"createdon ge {literal(self._now() - timedelta(days=self._correlation_days))}"
+        out: list[tuple[str, BatchRequest]] = []
+        for kind in ("m", "t", "c"):
+            values = missing.get(kind) or []
+            if not values:
+                continue
+            condition = in_(column[kind], values)
+            query = build_query(select=_EMAIL_SELECT, filter=f"{condition} and {since}" if since else condition)
+            out.append((kind, BatchRequest("GET", f"emails?{query}", headers=_EMAIL_ANNOTATIONS)))
+        if sent_by_router:
+            query = build_query(select=_EMAIL_SELECT, filter=in_("activityid", sorted(sent_by_router)))
+            out.append(("a", BatchRequest("GET", f"emails?{query}", headers=_EMAIL_ANNOTATIONS)))
+        return out
 
     async def lookup(self, addresses: Collection[str], keys: CorrelationKeys) -> CrmLookup:
         wanted = sorted({a.strip().lower() for a in addresses if a and a.strip()})
@@ -383,9 +426,9 @@ class DataverseInboundCrm:
                     missing_keys[kind].append(value)
 
         party_plan = self._party_requests(missing)
-        requests = [req for _, req in party_plan]
-        if any(missing_keys.values()):
-            requests.append(self._email_request(missing_keys["m"], missing_keys["t"], missing_keys["c"]))
+        sent_by_router = _router_message_ids(missing_keys["m"])
+        email_plan = self._email_requests(missing_keys, sent_by_router)
+        requests = [req for _, req in party_plan] + [req for _, req in email_plan]
         if requests:
             responses = await self._coalescer.run(requests)
             found: dict[str, list[PartyCandidate]] = {a: [] for a in missing}
@@ -402,9 +445,9 @@ class DataverseInboundCrm:
                 value = tuple(candidates)
                 directory[address] = value
                 self._parties.put(address, value)
-            if any(missing_keys.values()):
-                rows = self._rows(responses[len(party_plan)])
-                self._remember_emails(rows, missing_keys, known)
+            if email_plan:
+                rows = [row for response in responses[len(party_plan):] for row in self._rows(response)]
+                self._remember_emails(rows, missing_keys, known, sent_by_router)
 
         lookup = CorrelationLookup(
             by_message_id={k[2:]: v for k, v in known.items() if k.startswith("m:") and v is not None},
@@ -425,7 +468,8 @@ class DataverseInboundCrm:
         return rows
 
     def _remember_emails(self, rows: list[dict[str, Any]], asked: Mapping[str, list[str]],
-                         known: dict[str, KnownEmail | None]) -> None:
+                         known: dict[str, KnownEmail | None], sent_by_router: Mapping[str, str] | None = None
+                         ) -> None:
         # Deterministic choice when several emails share a key: the lowest activity id.
         rows = sorted(rows, key=lambda r: str(r.get("activityid")))
         results: dict[str, KnownEmail] = {}
@@ -433,6 +477,9 @@ class DataverseInboundCrm:
             email = known_email(row)
             if email is None:
                 continue
+            router_id = (sent_by_router or {}).get(str(email.activity_id))
+            if router_id is not None:
+                results.setdefault(f"m:{router_id}", email)
             if row.get("messageid"):
                 try:
                     results.setdefault(f"m:{canonical_message_id(str(row['messageid']))}", email)
@@ -453,17 +500,21 @@ class DataverseInboundCrm:
 
     # -- write --------------------------------------------------------------------------------------------
 
-    def _write_requests(self, plan: TrackEmail, *, with_contact: bool) -> list[tuple[str, BatchRequest]]:
+    def _write_requests(self, plan: TrackEmail, schema: OrgSchema, *, with_contact: bool
+                        ) -> list[tuple[str, BatchRequest]]:
         requests: list[tuple[str, BatchRequest]] = []
-        contact = plan_contact_row(plan) if with_contact else None
+        emails = schema.entity_set("email") or "emails"
+        contact = plan_contact_row(plan, schema) if with_contact else None
         if contact is not None:
-            requests.append(("contact", BatchRequest("POST", "contacts", contact, idempotent=True)))
+            requests.append(("contact", BatchRequest("POST", schema.entity_set("contact") or "contacts", contact,
+                                                     idempotent=True)))
         requests.append(("email", BatchRequest(
-            "POST", "emails", plan_email_row(plan, include_read_only_columns=self._include_ro), idempotent=True)))
-        for index, row in enumerate(plan_attachment_rows(plan)):
-            requests.append((f"attachment:{index}", BatchRequest("POST", "activitymimeattachments", row,
-                                                                 idempotent=True)))
-        requests.append(("state", BatchRequest("PATCH", f"emails({plan.activity_id})", plan_state_patch(plan))))
+            "POST", emails, plan_email_row(plan, schema, include_read_only_columns=self._include_ro),
+            idempotent=True)))
+        attachments = schema.entity_set("activitymimeattachment") or "activitymimeattachments"
+        for index, row in enumerate(plan_attachment_rows(plan, schema)):
+            requests.append((f"attachment:{index}", BatchRequest("POST", attachments, row, idempotent=True)))
+        requests.append(("state", BatchRequest("PATCH", f"{emails}({plan.activity_id})", plan_state_patch(plan))))
         # Content-IDs are 1..n in order: the failed part of a change set is recognised by its Content-ID.
         return [(role, BatchRequest(r.method, r.url, r.body, r.headers, str(n), r.idempotent))
                 for n, (role, r) in enumerate(requests, start=1)]
@@ -492,9 +543,14 @@ class DataverseInboundCrm:
         return True
 
     async def write(self, plan: TrackEmail) -> WriteOutcome:
+        schema = await self._schema.get()
+        unbound = unbound_relationships(plan, schema)
+        if unbound:
+            log.info("email %s: the org declares no navigation property for %s; tracked without those links",
+                     plan.activity_id, ", ".join(unbound))
         with_contact = plan.new_contact is not None
         for _ in range(2):  # second round only without the contact (it existed already)
-            numbered = self._write_requests(plan, with_contact=with_contact)
+            numbered = self._write_requests(plan, schema, with_contact=with_contact)
             roles = [role for role, _ in numbered]
             self.stats.write_batches += 1
             try:
@@ -502,31 +558,48 @@ class DataverseInboundCrm:
             except (DuplicateRecordError, PreconditionFailedError) as exc:
                 role = self._failed_role(exc, roles)
                 if role == "email" or (role is None and await self._email_exists(plan.activity_id)):
-                    self._remember_write(plan)
+                    self._remember_write(plan, schema)
                     return WriteOutcome.ALREADY_TRACKED
                 if role in ("contact", None) and with_contact:
                     with_contact = False  # another message created this sender's contact first: bind to it
                     continue
                 raise
             except AttachmentTooLargeError as exc:
-                role = self._failed_role(exc, roles) or ""
-                if role.startswith("attachment:"):
+                role = self._failed_role(exc, roles)
+                if role is None and plan.attachments:
+                    # Real failed change sets carry no Content-ID (audit 1a #7): 0x80044a02 can only come from an
+                    # attachment, and the largest one is the one over any limit the others are under.
+                    largest = max(range(len(plan.attachments)), key=lambda i: len(plan.attachments[i].content))
+                    role = f"attachment:{largest}"
+                if role is not None and role.startswith("attachment:"):
                     attachment = plan.attachments[int(role.partition(":")[2])]
                     raise AttachmentRejected(attachment.filename, len(attachment.content)) from exc
                 raise
+            except BadRequestError as exc:
+                if not _DOES_NOT_EXIST.search(exc.message or ""):
+                    raise
+                self._forget(plan)
+                raise StaleReference(str(exc)) from exc
             except NotFoundError as exc:
                 # A bind target is gone (a cached contact was deleted, a regarding record removed): forget what
                 # we cached about this message and let the caller look up and plan again.
-                for party in plan.parties.parties:
-                    self._parties.pop(party.address.address)
-                self._keys.clear()
+                self._forget(plan)
                 raise StaleReference(str(exc)) from exc
-            self._remember_write(plan)
+            self._remember_write(plan, schema)
             return WriteOutcome.CREATED
         raise AssertionError("unreachable: the write loop returns or raises")
 
-    def _remember_write(self, plan: TrackEmail) -> None:
-        email = KnownEmail(plan.activity_id, regarding=plan.regarding, owner=plan.owner, sent_on=plan.sent_on)
+    def _forget(self, plan: TrackEmail) -> None:
+        for party in plan.parties.parties:
+            self._parties.pop(party.address.address)
+        self._keys.clear()
+
+    def _remember_write(self, plan: TrackEmail, schema: OrgSchema) -> None:
+        nav = plan.regarding_nav
+        if nav is None and plan.regarding is not None:
+            nav = schema.nav("email", "regardingobjectid", plan.regarding.table)
+        email = KnownEmail(plan.activity_id, regarding=plan.regarding, owner=plan.owner, sent_on=plan.sent_on,
+                           regarding_nav=nav)
         self._keys.put(f"m:{plan.message_id}", email)
         if plan.tracking_token:
             self._keys.put(f"t:{plan.tracking_token}", email)

@@ -40,7 +40,15 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 # vocabulary of the MailSender port.
 from core.adapters.graph import GraphError
 from core.config import Settings
-from core.domain.model import ApprovalStatus, MailboxConfig, MailboxKind, OrgEmailSettings, OutboundMethod
+from core.domain.identity import outbound_message_id
+from core.domain.model import (
+    ApprovalStatus,
+    MailboxConfig,
+    MailboxKind,
+    OrgEmailSettings,
+    OutboundMethod,
+    SssStatus,
+)
 from core.domain.outbound import (
     GRAPH_INLINE_LIMIT,
     Claimed,
@@ -75,6 +83,7 @@ from core.services.outbound_crm import (
 from core.work_items import InvalidWorkItem, OutboundItem
 
 if TYPE_CHECKING:
+    from core.services.org_schema import OrgSchemaSource
     from core.settings.rows import RouterSettings
 
 __all__ = [
@@ -120,7 +129,10 @@ class OutboundSettings:
     send_settle: timedelta = timedelta(seconds=60)  # after a send attempt, wait this long before re-sending a draft
     finish_retry: timedelta = timedelta(seconds=30)  # delay before retrying a failed "mark Sent"
     save_to_sent_items: bool = True
-    record_via_reopen: bool = True  # see core/services/outbound_crm.py
+    # Give the draft a Message-ID of our own (core.domain.identity.outbound_message_id) before it exists. Graph
+    # documents internetMessageId as updatable while isDraft; whether Exchange Online keeps it on send is NOT
+    # VERIFIED: the router records whatever the draft reports and warns when it differs (docs/outbound.md).
+    choose_message_id: bool = True
 
     def __post_init__(self) -> None:
         if self.lease >= self.sending_timeout:
@@ -140,7 +152,7 @@ class OutboundSettings:
             retry_base=secs("OUTBOUND_RETRY_BASE_SECONDS"),
             retry_max=secs("OUTBOUND_RETRY_MAX_SECONDS"),
             send_settle=secs("OUTBOUND_SEND_SETTLE_SECONDS"),
-            record_via_reopen=settings.flag("OUTBOUND_RECORD_VIA_REOPEN"),
+            choose_message_id=settings.flag("OUTBOUND_CHOOSE_MESSAGE_ID"),
         )
 
     def with_router(self, router: RouterSettings) -> OutboundSettings:
@@ -230,6 +242,8 @@ class ScanResult:
     not_router: int = 0
     row_limit_hit: bool = False
     items: list[OutboundItem] = field(default_factory=list)
+    blocked: str | None = None  # outbound does not run at all (why)
+    sss_refused: dict[str, str] = field(default_factory=dict)  # mailbox -> an email left to SSS
 
 
 @dataclass
@@ -252,6 +266,7 @@ class _Attempt:
     mailbox: str
     entry: LedgerEntry
     etag: str
+    resumed: bool = False  # an earlier attempt of this send generation may have left a draft
 
 
 # ------------------------------------------------------------------------------------------------ the service
@@ -270,6 +285,7 @@ class OutboundService:
         settings: OutboundSettings | None = None,
         clock: Clock = _utcnow,
         worker_id: str | None = None,
+        schema: OrgSchemaSource | None = None,
     ) -> None:
         self._crm = crm
         self._ledger = ledger
@@ -281,6 +297,7 @@ class OutboundService:
         self.settings = self._base_settings  # refreshed with the admin's table values at each entry point
         self._clock = clock
         self._worker = worker_id or uuid.uuid4().hex
+        self._schema = schema  # the org's metadata: optimistic concurrency on email (None = not checked)
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -293,6 +310,29 @@ class OutboundService:
         exponential = s.retry_base.total_seconds() * 2 ** max(0, attempts - 1)
         wanted = max(exponential, retry_after or 0.0)
         return int(min(wanted, s.retry_max.total_seconds()) + 0.999)
+
+    async def _blocked(self) -> str | None:
+        """Why outbound must not claim anything now (None = it may): the org has optimistic concurrency off on
+        email, so the If-Match claim would fail (0x8006088d) and every email would end Failed (audit #11)."""
+        if self._schema is None:
+            return None
+        try:
+            schema = await self._schema.get()
+        except Exception as exc:  # the cache keeps its last good read; an unexpected failure must not stop sends
+            log.warning("outbound: org metadata not readable (%s)", type(exc).__name__)
+            return None
+        if schema.concurrency_enabled("email") is False:
+            return ("optimistic concurrency is off on the email table (EntityDefinitions IsOptimisticConcurrencyEnabled"
+                    " = false): the claim needs If-Match, so the router sends nothing until it is on again")
+        return None
+
+    async def _sss_senders(self) -> dict[tuple[str, uuid.UUID], MailboxConfig]:
+        """Router-outbound mailboxes the router refuses because Server-Side Synchronization is active for their
+        outgoing email too (both would send the same Pending Send email; audit #12). SSS sends them."""
+        org = await self._directory.get_org_settings()
+        return {(mb.owner.table, mb.owner.id): mb for mb in await self._directory.list_mailboxes()
+                if mb.owner is not None and mb.sss_outgoing is SssStatus.ACTIVE
+                and _may_send(replace(mb, sss_outgoing=SssStatus.NONE), org)}
 
     async def _router_senders(self) -> tuple[dict[tuple[str, uuid.UUID], MailboxConfig], dict[uuid.UUID,
                                                                                               MailboxConfig]]:
@@ -339,8 +379,14 @@ class OutboundService:
         await self._refresh_settings()
         now = self._now()
         result = ScanResult(scan_id=uuid.uuid4().hex)
+        blocked = await self._blocked()
+        if blocked is not None:
+            log.error("outbound scan: not running: %s", blocked)
+            result.blocked = blocked
+            return result
         by_owner, by_mailbox = await self._router_senders()
-        if not by_owner and not by_mailbox:
+        refused = await self._sss_senders()
+        if not by_owner and not by_mailbox and not refused:
             return result
         active = {m.email_id: m for m in await self._ledger.list_active()}
         pending: list[PendingEmail] = []
@@ -349,6 +395,9 @@ class OutboundService:
             result.seen += 1
             mb = self._match(state, by_owner, by_mailbox)
             if mb is None:
+                sss = refused.get((state.sender.table, state.sender.id)) if state.sender is not None else None
+                if sss is not None:
+                    result.sss_refused.setdefault(sss.address, str(state.activity_id))
                 result.not_router += 1  # Outlook / None / SSS senders: left alone
                 continue
             marker = active.get(str(state.activity_id))
@@ -376,6 +425,9 @@ class OutboundService:
 
             await asyncio.gather(*(mark(i) for i in result.items))
         result.enqueued = len(result.items)
+        for address, email_id in result.sss_refused.items():
+            log.warning("outbound scan: %s: %s", address, SSS_REFUSAL)
+            await self._status.record_failure(address, email_id, SSS_REFUSAL, now)
         log.info("outbound scan %s: %d pending seen, %d enqueued, %d in flight, %d not router senders",
                  result.scan_id, result.seen, result.enqueued, result.in_flight, result.not_router)
         return result
@@ -431,6 +483,14 @@ class OutboundService:
             # Not a router sender (Outlook, None, unknown): left alone, not even claimed.
             await self._ledger.clear_active(key)
             return SendResult(SendOutcome.SKIPPED, f"{item.sender_mailbox} is not a router-outbound mailbox")
+        if mailbox.sss_outgoing is SssStatus.ACTIVE:
+            await self._ledger.clear_active(key)
+            return SendResult(SendOutcome.SKIPPED, SSS_REFUSAL)
+        blocked = await self._blocked()
+        if blocked is not None:
+            await self._ledger.clear_active(key)  # stays Pending Send; the scan enqueues it once outbound may run
+            log.error("outbound %s: not claimed: %s", email_id, blocked)
+            return SendResult(SendOutcome.SKIPPED, blocked)
 
         # Claim: one winner per version of the email.
         try:
@@ -449,8 +509,10 @@ class OutboundService:
                              Claimed(now))
         claimed = replace(base, phase=Phase.CLAIMED, sender_mailbox=mailbox.address, owner=self._worker,
                           attempts=sending.delivery_attempts, lease_until=now + self.settings.lease,
-                          claimed_at=sending.claimed_at, not_before=None)
-        attempt = _Attempt(email_id, mailbox.address, claimed, "")
+                          claimed_at=sending.claimed_at, not_before=None,
+                          internet_message_id=base.internet_message_id or self._planned_message_id(
+                              email_id, mailbox.address))
+        attempt = _Attempt(email_id, mailbox.address, claimed, "", resumed=not fresh)
         try:
             attempt.etag = await self._ledger.put(replace(claimed, updated_at=now), etag=etag)
         except LedgerConflict:
@@ -463,10 +525,17 @@ class OutboundService:
             log.warning("outbound %s: %s; stopping", email_id, exc)
             return SendResult(SendOutcome.SKIPPED, "lease lost to another worker")
 
+    def _planned_message_id(self, email_id: uuid.UUID, sender: str) -> str:
+        """The Message-ID this send generation will use, recorded with the claim (before any draft exists), so a
+        crash between creating the draft and recording it leaves a draft the retry can find and remove."""
+        if not self.settings.choose_message_id:
+            return ""
+        return outbound_message_id(email_id, uuid.uuid4().hex[:12], sender.rpartition("@")[2])
+
     async def _attempt(self, attempt: _Attempt, loaded: LoadedEmail, mailbox: MailboxConfig) -> SendResult:
         try:
             org = await self._directory.get_org_settings()
-            email = await self._with_inline_content(loaded.email)
+            email = await self._with_inline_content(await self._with_parent_message_id(loaded))
             built = build_outbound_message(email, mailbox, org)
             if isinstance(built, OutboundRejected):
                 return await self._permanent(attempt, f"{built.code.value}: {built.why}", built.code.value)
@@ -484,6 +553,18 @@ class OutboundService:
         except (CrmRejected, ClaimLost) as exc:
             return await self._permanent(attempt, exc.reason, exc.code)
 
+    async def _with_parent_message_id(self, loaded: LoadedEmail) -> CrmOutboundEmail:
+        """A reply composed in CRM to an email the router sent: CRM keeps no ``messageid`` for that parent (the
+        column is for received email and a Sent email is read-only), so the Message-ID Exchange used comes from
+        the ledger; the reply then threads under it (In-Reply-To)."""
+        email = loaded.email
+        if email.in_reply_to or loaded.parent_id is None:
+            return email
+        got = await self._ledger.get(str(loaded.parent_id))
+        if got is None or not got[0].internet_message_id:
+            return email
+        return replace(email, in_reply_to=got[0].internet_message_id)
+
     async def _with_inline_content(self, email: CrmOutboundEmail) -> CrmOutboundEmail:
         """Load the bodies of attachments that travel inside the draft POST (< 3 MB); larger ones are uploaded
         to the draft later, one at a time, so at most one large body is in memory."""
@@ -499,7 +580,7 @@ class OutboundService:
     async def _send(self, attempt: _Attempt, built: OutboundMessage, mailbox: str) -> SendResult:
         entry = attempt.entry
         draft_id = ""
-        if entry.draft_id:
+        if entry.draft_id or (attempt.resumed and entry.internet_message_id):
             verdict, draft_id = await self._resume(attempt, mailbox)
             if verdict == "sent":
                 await self._save(attempt, replace(attempt.entry, phase=Phase.SENT, lease_until=None))
@@ -509,7 +590,9 @@ class OutboundService:
                     attempt, "send outcome not visible yet: the draft is gone and no sent copy was found",
                     "send_unknown", None)
         if not draft_id:
-            draft = await self._mail.create_draft(mailbox, built.graph_message)
+            planned = attempt.entry.internet_message_id
+            message = {**built.graph_message, "internetMessageId": planned} if planned else built.graph_message
+            draft = await self._mail.create_draft(mailbox, message)
             draft_id = str(draft.get("id") or "")
             imid = str(draft.get("internetMessageId") or "")
             if not draft_id:
@@ -517,6 +600,11 @@ class OutboundService:
             if not imid:
                 log.warning("outbound %s: the draft has no internetMessageId; crash recovery will be blind",
                             attempt.email_id)
+                imid = planned
+            elif planned and imid != planned:
+                log.warning("outbound %s: Exchange gave the draft its own Message-ID instead of the chosen one; "
+                            "recorded %s (replies correlate by it only through the tracking token)",
+                            attempt.email_id, imid)
             await self._save(attempt, replace(attempt.entry, phase=Phase.DRAFT, draft_id=draft_id,
                                               internet_message_id=imid, draft_complete=False,
                                               send_attempted_at=None))
@@ -568,7 +656,7 @@ class OutboundService:
         if entry.phase is Phase.DONE:
             attempts = entry.attempts
         try:
-            await self._crm.mark_sent(email_id, message_id=entry.internet_message_id, delivery_attempts=attempts)
+            await self._crm.mark_sent(email_id)
         except EmailGone:
             log.warning("outbound %s: sent, but the CRM email was deleted meanwhile", email_id)
         except OutboundCrmError as exc:
@@ -757,8 +845,15 @@ class OutboundService:
         return cleared
 
 
+SSS_REFUSAL: Final = ("not sent by the router: Server-Side Synchronization is also active for outgoing email on this "
+                      "mailbox (email server profile, Test & Enable passed), and both would send it; SSS sends it. "
+                      "Remove the profile in CRM (or override SssOutgoing) to have the router send")
+
+
 def _may_send(mb: MailboxConfig, org: OrgEmailSettings) -> bool:
     if mb.kind is MailboxKind.FORWARD_SINK or mb.outbound_method is not OutboundMethod.ROUTER:
+        return False
+    if mb.sss_outgoing is SssStatus.ACTIVE:
         return False
     if not mb.enabled_for_outgoing:
         return False

@@ -4,18 +4,20 @@ The service only ever sees plain values (:class:`CrmEmailState`, :class:`LoadedE
 ``core.domain.outbound.CrmOutboundEmail``) and four error types (:class:`ClaimLost`, :class:`EmailGone`,
 :class:`CrmUnavailable`, :class:`CrmRejected`); which HTTP status or Dataverse code caused them stays here.
 
-State and status (dv-ref §2.4): Pending Send {1,6} and Sending {1,7} belong to the *Completed* state, and
-"Completed and canceled email is read-only": only ``statecode``/``statuscode`` may change there. So:
+State and status (email.md StateCode/StatusCode): Pending Send {1,6}, Sending {1,7} and Sent {1,3} belong to the
+*Completed* state, and "Completed and canceled email is read-only and can't be edited": only ``statecode`` /
+``statuscode`` change there. Every change the router makes to an email it sends is therefore a status-only,
+If-Match conditional PATCH (the Web API form of ``SetState``):
 
-* the claim (Pending Send -> Sending) and the return to Pending Send are status-only PATCHes (allowed);
-* ``messageid`` and ``deliveryattempts`` cannot be written while the email is Pending Send/Sending. The
-  router keeps them in its ledger until the email reaches a final state, and writes them then:
-  - Failed {0,8} is Open (editable, crm-ref §11): set the status, then write ``deliveryattempts``;
-  - Sent {1,3}: re-open the email to Draft {0,1} (status-only), then one PATCH sets messageid,
-    deliveryattempts and {1,3} together. Both steps are If-Match conditional, so a user action in between is
-    detected. Whether real Dataverse accepts Completed -> Open for an email in Sending is NOT VERIFIED; the
-    detour can be switched off (``record_via_reopen=False``): then the email is marked Sent without messageid
-    (the ledger still has it).
+* claim: Pending Send -> Sending; back to Pending Send after a transient failure;
+* done: Sending -> Sent. Server-Side Synchronization itself moves a sent email to Sent "through a 'SetState'
+  operation" (SupportArticles-docs ``sssadminprod.md``, scenario 1), and email's status options carry no
+  transition rules (``TransitionData: None``), so the router does exactly what SSS does. The email is never
+  re-opened: an Open (Draft) copy of a mail Exchange already sent would be editable and sendable a second time.
+  ``senton`` ("Date Sent") is read-only and filled by the platform; ``messageid`` is documented as "Used only for
+  email that is received", and ``deliveryattempts`` is not writable on a Completed email, so both stay in the
+  router's outbound ledger (``emailrouter`` shows them);
+* Failed {0,8} is Open (editable, crm-ref §11): the status first, then ``deliveryattempts``.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class CrmEmailState:
 class LoadedEmail:
     state: CrmEmailState
     email: CrmOutboundEmail  # attachments without content: the service loads what it needs
+    parent_id: uuid.UUID | None = None  # _parentactivityid_value (a reply composed in CRM)
 
 
 class OutboundCrmError(Exception):
@@ -149,8 +152,8 @@ class OutboundCrmGateway(Protocol):
         new ETag. :class:`ClaimLost` when ``etag`` no longer matches."""
         ...
 
-    async def mark_sent(self, email_id: uuid.UUID, *, message_id: str, delivery_attempts: int) -> None:
-        """Sent {1,3} with messageid and deliveryattempts; idempotent (already Sent = done)."""
+    async def mark_sent(self, email_id: uuid.UUID) -> None:
+        """Sent {1,3}, status only (the email is never re-opened); idempotent (already Sent = done)."""
         ...
 
     async def mark_failed(self, email_id: uuid.UUID, *, delivery_attempts: int) -> None:
@@ -255,9 +258,8 @@ def parse_attachment(row: dict[str, Any], body_html: str) -> OutboundAttachment 
 class DataverseOutboundCrm:
     """:class:`OutboundCrmGateway` over :class:`core.adapters.dataverse.DataverseClient`."""
 
-    def __init__(self, client: DataverseClient, *, record_via_reopen: bool = True, page_size: int = 1000) -> None:
+    def __init__(self, client: DataverseClient, *, page_size: int = 1000) -> None:
         self._dv = client
-        self._reopen = record_via_reopen
         self._page_size = max(1, min(5000, page_size))
 
     async def _call(self, what: str, make: Callable[[], Awaitable[_T]]) -> _T:
@@ -350,7 +352,8 @@ class DataverseOutboundCrm:
         in_reply_to = row.get("inreplyto") or None
         parent_id = _uuid(row.get("_parentactivityid_value"))
         if not in_reply_to and parent_id is not None:
-            # A reply composed in CRM: thread it under the parent's Message-ID (crm-ref §6 correlation).
+            # A reply composed in CRM: thread it under the parent's Message-ID (crm-ref §6 correlation). A parent
+            # the router sent has none in CRM (messageid is for received email): the service asks its ledger.
             parent = await self.get_state(parent_id)
             in_reply_to = parent.message_id if parent else None
         email = CrmOutboundEmail(
@@ -363,7 +366,7 @@ class DataverseOutboundCrm:
             tracking_token=row.get("trackingtoken") or None,
             in_reply_to=in_reply_to,
         )
-        return LoadedEmail(state, email)
+        return LoadedEmail(state, email, parent_id)
 
     async def _record_address(self, ref: CrmRecordRef | None) -> str | None:
         """The primary address of a resolved party whose row carries no ``addressused``."""
@@ -395,10 +398,12 @@ class DataverseOutboundCrm:
         return await self._patch(f"set email {status.value}", email_id, {"statecode": state, "statuscode": code},
                                  if_match=etag, return_etag=True)
 
-    async def mark_sent(self, email_id: uuid.UUID, *, message_id: str, delivery_attempts: int) -> None:
-        # Re-read and retry a couple of times: an ETag mismatch here means someone touched the email between
-        # our two steps; the email was sent all the same, so we converge to Sent rather than give up.
-        fields = {"statecode": 1, "statuscode": 3, **self._fields(message_id, delivery_attempts)}
+    async def mark_sent(self, email_id: uuid.UUID) -> None:
+        """Sent {1,3} by a status-only conditional PATCH from wherever the email stands (normally Sending; Pending
+        Send when the reaper returned it meanwhile; Open only if someone re-opened it after the send, which this
+        closes). Idempotent: already Sent = done. An ETag mismatch means the email changed between our read and
+        our write; the mail left Exchange all the same, so re-read and converge to Sent rather than give up."""
+        state, code = OutboundStatus.SENT.crm
         for _ in range(3):
             current = await self.get_state(email_id)
             if current is None:
@@ -406,27 +411,12 @@ class DataverseOutboundCrm:
             if current.status is OutboundStatus.SENT:
                 return
             try:
-                if current.statecode == 0:  # Draft (a detour interrupted earlier) or Failed: Open, editable
-                    await self._patch("mark Sent", email_id, fields, if_match=current.etag)
-                elif self._reopen:
-                    reopened = await self._patch("reopen to record messageid", email_id,
-                                                 {"statecode": 0, "statuscode": 1}, if_match=current.etag,
-                                                 return_etag=True)
-                    await self._patch("mark Sent", email_id, fields, if_match=reopened or "*")
-                else:
-                    await self._patch("mark Sent", email_id, {"statecode": 1, "statuscode": 3},
-                                      if_match=current.etag)
+                await self._patch("mark Sent", email_id, {"statecode": state, "statuscode": code},
+                                  if_match=current.etag)
                 return
             except ClaimLost:
                 continue
         raise CrmUnavailable("mark Sent: the email kept changing; will retry")
-
-    @staticmethod
-    def _fields(message_id: str, delivery_attempts: int) -> dict[str, Any]:
-        fields: dict[str, Any] = {"deliveryattempts": max(0, delivery_attempts)}
-        if message_id:
-            fields["messageid"] = message_id[:320]  # email.messageid is String 320 (dv-ref §2.1)
-        return fields
 
     async def mark_failed(self, email_id: uuid.UUID, *, delivery_attempts: int) -> None:
         current = await self.get_state(email_id)

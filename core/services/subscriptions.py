@@ -127,7 +127,8 @@ def watched_folders(mailbox: MailboxConfig, org: OrgEmailSettings) -> tuple[str,
 
 def resource_for(mailbox: str, folder: str) -> str:
     """The subscription ``resource``, with raw ids as in Learn's examples (``users/{id}/mailFolders('{id}')/...``):
-    only characters that would end a path segment or start a query/fragment are escaped."""
+    only characters that would end a path segment or start a query/fragment are escaped. ``mailbox``: what Graph
+    names the user by - the Entra object id (``MailboxConfig.graph_user``) or the UPN."""
     return f"users/{_raw_segment(mailbox)}/mailFolders('{_raw_segment(folder)}')/messages"
 
 
@@ -381,40 +382,49 @@ class SubscriptionService:
         renew_lost = await self._run(ops, report, expires, counter.advance)
         # renewals Graph answered 404 for: the subscription is gone, make a new one now
         counter.total += len(renew_lost)
-        await self._create_all([*plan.create, *renew_lost], report, expires, counter.advance)
+        creates = [*plan.create, *renew_lost]
+        graph_users = await self._graph_users() if creates else {}
+        await self._create_all(creates, graph_users, report, expires, counter.advance)
         if self._status is not None:
             for mailbox, folder, reason in report.failed:
                 if mailbox != "-":
                     await self._status.record_sync(mailbox, ok=False, detail=f"subscription {folder}: {reason}")
         return report
 
-    def _create_body(self, mailbox: str, folder: str, expires: datetime) -> dict[str, Any]:
+    async def _graph_users(self) -> dict[str, str]:
+        """Address -> what Graph names that mailbox by (its Entra object id when the CRM sync resolved it)."""
+        return {m.address.lower(): m.graph_user for m in await self._mailboxes.list_mailboxes()}
+
+    def _create_body(self, mailbox: str, folder: str, expires: datetime, graph_user: str | None = None
+                     ) -> dict[str, Any]:
         return {
             "changeType": "created",
             "notificationUrl": self._options.notification_url,
             "lifecycleNotificationUrl": self._options.lifecycle_url,
-            "resource": resource_for(mailbox, folder),
+            "resource": resource_for(graph_user or mailbox, folder),
             "expirationDateTime": _iso(expires),
             # 64 characters (Graph allows 128), a fresh one per subscription
             "clientState": secrets.token_urlsafe(48),
             "latestSupportedTlsVersion": "v1_2",
         }
 
-    async def _create_all(self, targets: Sequence[tuple[str, str]], report: ReconcileReport,
-                          expires: datetime, advance: Callable[[int], None] | None = None) -> None:
+    async def _create_all(self, targets: Sequence[tuple[str, str]], graph_users: Mapping[str, str],
+                          report: ReconcileReport, expires: datetime,
+                          advance: Callable[[int], None] | None = None) -> None:
         """Direct POSTs, ``create_concurrency`` in flight: Graph's validation requests to our webhook stay few."""
         gate = asyncio.Semaphore(max(1, self._options.create_concurrency))
 
         async def one(mailbox: str, folder: str) -> None:
             async with gate:
-                await self._create(mailbox, folder, report, expires)
+                await self._create(mailbox, folder, graph_users.get(mailbox.lower()), report, expires)
             if advance is not None:
                 advance(1)
 
         await asyncio.gather(*(one(m, f) for m, f in targets))
 
-    async def _create(self, mailbox: str, folder: str, report: ReconcileReport, expires: datetime) -> None:
-        body = self._create_body(mailbox, folder, expires)
+    async def _create(self, mailbox: str, folder: str, graph_user: str | None, report: ReconcileReport,
+                      expires: datetime) -> None:
+        body = self._create_body(mailbox, folder, expires, graph_user)
         for attempt in range(3):
             await self._pacer.acquire()
             try:

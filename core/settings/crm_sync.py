@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
+
+from core.domain.model import SssStatus
 
 from .rows import (
     MAILBOX_PARTITION,
@@ -45,6 +47,7 @@ __all__ = [
     "CrmSyncService",
     "SyncPlan",
     "SyncReport",
+    "UserDirectory",
     "crm_mailboxes",
     "org_crm_values",
     "plan_org_sync",
@@ -58,16 +61,24 @@ _log = logging.getLogger("emailrouter.settings.sync")
 
 USER_SELECT = ("systemuserid", "fullname", "internalemailaddress", "incomingemaildeliverymethod",
                "outgoingemaildeliverymethod", "emailrouteraccessapproval", "isdisabled", "applicationid",
-               "accessmode", "_defaultmailbox_value")
+               "accessmode", "_defaultmailbox_value", "_queueid_value")
+TEAM_SELECT = ("teamid", "_queueid_value")
 QUEUE_SELECT = ("queueid", "name", "emailaddress", "incomingemaildeliverymethod", "outgoingemaildeliverymethod",
                 "incomingemailfilteringmethod", "emailrouteraccessapproval", "statecode", "_ownerid_value",
                 "_defaultmailbox_value")
 MAILBOX_SELECT = ("mailboxid", "emailaddress", "_regardingobjectid_value", "incomingemaildeliverymethod",
                   "outgoingemaildeliverymethod", "emailrouteraccessapproval", "enabledforincomingemail",
                   "enabledforoutgoingemail", "isforwardmailbox", "processanddeleteemails",
-                  "processemailreceivedafter", "statecode")
+                  "processemailreceivedafter", "statecode", "_emailserverprofile_value", "incomingemailstatus",
+                  "outgoingemailstatus")
 USERSETTINGS_SELECT = ("systemuserid", "incomingemailfilteringmethod")
 ORG_SELECT = tuple(k.crm for k in ORG_KEYS if k.crm)
+
+
+class UserDirectory(Protocol):
+    """Mailbox address -> Entra object id (``core.adapters.graph.GraphMailClient.find_user_ids`` fits)."""
+
+    async def find_user_ids(self, addresses: Sequence[str]) -> dict[str, str]: ...
 
 
 class CrmSource(Protocol):
@@ -101,14 +112,44 @@ def _inactive(row: Mapping[str, Any] | None) -> bool:
     return row is not None and row.get("statecode") not in (None, 0)
 
 
+_SSS_METHOD = 2  # "Server-Side Synchronization or Email Router" (mailbox.md): the only method SSS acts on
+_STATUS_SUCCESS = 1  # incomingemailstatus / outgoingemailstatus: 0 Not Run, 1 Success, 2 Failure
+
+
+def sss_status(mbx: Mapping[str, Any] | None, direction: str) -> SssStatus:
+    """Whether Server-Side Synchronization serves ``direction`` ("incoming"/"outgoing") of a CRM mailbox (pure).
+
+    SSS needs an email server profile; it acts on a direction whose delivery method is 2 ("Server-Side
+    Synchronization or Email Router", the value the router shares with it), that is enabled and whose Test & Enable
+    passed (status Success). A profile without that is CONFIGURED: one Test & Enable away from SSS acting too."""
+    if mbx is None or not mbx.get("_emailserverprofile_value") or _inactive(mbx):
+        return SssStatus.NONE
+    if mbx.get(f"{direction}emaildeliverymethod") != _SSS_METHOD:
+        return SssStatus.NONE
+    enabled = mbx.get(f"enabledfor{direction}email")
+    if enabled is not False and mbx.get(f"{direction}emailstatus") == _STATUS_SUCCESS:
+        return SssStatus.ACTIVE
+    return SssStatus.CONFIGURED
+
+
+def default_queue_ids(users: Iterable[Mapping[str, Any]], teams: Iterable[Mapping[str, Any]]) -> frozenset[str]:
+    """The default queues of users and teams (``systemuser.queueid``, ``team.queueid``): every user and team has one,
+    it may carry the owner's address, and it is no mailbox of its own to route (audit dataverse-fidelity #23)."""
+    return frozenset(str(row.get("_queueid_value")).lower() for row in (*users, *teams) if row.get("_queueid_value"))
+
+
 def crm_mailboxes(
     users: Iterable[Mapping[str, Any]],
     queues: Iterable[Mapping[str, Any]],
     mailboxes: Iterable[Mapping[str, Any]],
     usersettings: Iterable[Mapping[str, Any]],
+    teams: Iterable[Mapping[str, Any]] = (),
 ) -> tuple[list[CrmMailbox], list[str]]:
     """Join the CRM rows into one :class:`CrmMailbox` per address; errors (bad values, duplicate addresses) are
-    returned as text and the offending record is left out (its settings row keeps its previous values)."""
+    returned as text and the offending record is left out (its settings row keeps its previous values). Users' and
+    teams' default queues are left out."""
+    users = list(users)
+    defaults = default_queue_ids(users, teams)
     by_mailbox_id = {str(m.get("mailboxid", "")).lower(): m for m in mailboxes}
     by_regarding = {str(m.get("_regardingobjectid_value") or "").lower(): m for m in by_mailbox_id.values()
                     if m.get("_regardingobjectid_value")}
@@ -144,13 +185,16 @@ def crm_mailboxes(
     def common(mbx: Mapping[str, Any] | None) -> dict[str, Any]:
         if mbx is None:
             return {"CrmMailboxId": "", "CrmEnabledIncoming": "", "CrmEnabledOutgoing": "",
-                    "CrmDeleteAfterProcessing": "", "CrmProcessEmailFrom": ""}
+                    "CrmDeleteAfterProcessing": "", "CrmProcessEmailFrom": "", "CrmSssIncoming": "none",
+                    "CrmSssOutgoing": "none"}
         return {
             "CrmMailboxId": _fmt(parse_guid, mbx.get("mailboxid")),
             "CrmEnabledIncoming": _fmt(parse_bool, mbx.get("enabledforincomingemail")),
             "CrmEnabledOutgoing": _fmt(parse_bool, mbx.get("enabledforoutgoingemail")),
             "CrmDeleteAfterProcessing": _fmt(parse_bool, mbx.get("processanddeleteemails")),
             "CrmProcessEmailFrom": _fmt(parse_datetime, mbx.get("processemailreceivedafter")),
+            "CrmSssIncoming": format_value(sss_status(mbx, "incoming")),
+            "CrmSssOutgoing": format_value(sss_status(mbx, "outgoing")),
         }
 
     for user in users:
@@ -180,6 +224,8 @@ def crm_mailboxes(
 
     for queue in queues:
         qid = str(queue.get("queueid", "")).lower()
+        if qid in defaults:
+            continue  # a user's or team's default queue (#23)
         mbx = mailbox_of(queue, qid)
 
         def build_queue(address: str, queue: Mapping[str, Any] = queue, qid: str = qid,
@@ -223,10 +269,12 @@ class SyncReport:
     unchanged: int = 0
     org_changed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. Server-Side Sync also active on a router mailbox
 
     def to_json(self) -> dict[str, Any]:
         return {"added": self.added, "changed": self.changed, "disabled": self.disabled,
-                "unchanged": self.unchanged, "org_changed": self.org_changed, "errors": self.errors}
+                "unchanged": self.unchanged, "org_changed": self.org_changed, "errors": self.errors,
+                "warnings": self.warnings}
 
 
 @dataclass
@@ -277,6 +325,28 @@ def plan_sync(crm: Sequence[CrmMailbox], existing: Iterable[Mapping[str, Any]], 
     return SyncPlan(writes, report)
 
 
+def sss_findings(found: Iterable[CrmMailbox]) -> list[str]:
+    """One line per mailbox on which Server-Side Synchronization is also set up for a direction the router serves
+    (delivery method 2): SSS and the router would both send (or both track) the same mail. Pure."""
+    lines: list[str] = []
+    for mbx in found:
+        for direction, column, method in (("outgoing", "CrmSssOutgoing", "CrmOutbound"),
+                                          ("incoming", "CrmSssIncoming", "CrmInbound")):
+            state = mbx.columns.get(column)
+            if state not in (SssStatus.ACTIVE.value, SssStatus.CONFIGURED.value):
+                continue
+            if direction == "outgoing":
+                effect = ("the router does not send its Pending Send email (SSS does)" if state == "active" else
+                          "a Test & Enable in CRM would make SSS send its email too")
+            else:
+                effect = ("SSS tracks its mail too: duplicates" if state == "active" and
+                          mbx.columns.get(method) in ("individual", "forward") else
+                          "a Test & Enable in CRM would make SSS track its mail too")
+            lines.append(f"{mbx.address}: Server-Side Synchronization {state} for {direction} email "
+                         f"(an email server profile is set on its CRM mailbox): {effect}")
+    return lines
+
+
 def org_crm_values(org_row: Mapping[str, Any]) -> dict[str, str]:
     """The organization row -> ``CrmValue`` per org key (as text, the way admins edit ``Value``)."""
     out: dict[str, str] = {}
@@ -284,7 +354,10 @@ def org_crm_values(org_row: Mapping[str, Any]) -> dict[str, str]:
         if spec.crm is None or org_row.get(spec.crm) is None:
             continue
         value = org_row[spec.crm]
-        out[spec.key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if spec.from_crm is not None:
+            out[spec.key] = spec.from_crm(value)
+        else:
+            out[spec.key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
     return out
 
 
@@ -307,6 +380,7 @@ class CrmSyncService:
         org: RowStore,
         status: RowStore | None = None,
         *,
+        users: UserDirectory | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         page_size: int = 500,
         write_concurrency: int = 16,
@@ -315,6 +389,7 @@ class CrmSyncService:
         self._mailboxes = mailboxes
         self._org = org
         self._status = status
+        self._users = users
         self._clock = clock
         self._page_size = page_size
         self._gate = asyncio.Semaphore(write_concurrency)
@@ -326,22 +401,26 @@ class CrmSyncService:
         """One sync. ``progress(step, done, total)`` is called as work advances (CLI progress bar)."""
         notify = progress or (lambda step, done, total: None)
         now = self._clock()
-        notify("reading CRM", 0, 5)
+        notify("reading CRM", 0, 6)
         users = await self._read("systemusers", USER_SELECT)
-        notify("reading CRM", 1, 5)
+        notify("reading CRM", 1, 6)
         queues = await self._read("queues", QUEUE_SELECT)
-        notify("reading CRM", 2, 5)
+        notify("reading CRM", 2, 6)
         mailboxes = await self._read("mailboxes", MAILBOX_SELECT)
-        notify("reading CRM", 3, 5)
+        notify("reading CRM", 3, 6)
         usersettings = await self._read("usersettingscollection", USERSETTINGS_SELECT)
-        notify("reading CRM", 4, 5)
+        notify("reading CRM", 4, 6)
+        teams = await self._read("teams", TEAM_SELECT)
+        notify("reading CRM", 5, 6)
         orgs = await self._read("organizations", ORG_SELECT)
-        notify("reading CRM", 5, 5)
+        notify("reading CRM", 6, 6)
 
-        found, errors = crm_mailboxes(users, queues, mailboxes, usersettings)
+        found, errors = crm_mailboxes(users, queues, mailboxes, usersettings, teams)
         existing = [row async for row in self._mailboxes.list_partition(MAILBOX_PARTITION)]
+        found = await self._with_graph_user_ids(found, existing, errors)
         plan = plan_sync(found, existing, now)
         plan.report.errors.extend(errors)
+        plan.report.warnings.extend(sss_findings(found))
         org_writes = plan_org_sync(org_crm_values(orgs[0]) if orgs else {},
                                    [r async for r in self._org.list_partition(ORG_PARTITION)])
         plan.report.org_changed = [str(w["RowKey"]) for w in org_writes]
@@ -359,7 +438,7 @@ class CrmSyncService:
         await asyncio.gather(*(write(self._mailboxes, w) for w in plan.writes),
                              *(write(self._org, w) for w in org_writes))
         report = plan.report
-        for text in report.errors:
+        for text in (*report.errors, *report.warnings):
             _log.warning("CRM sync: %s", text)
         _log.info("CRM sync: %d added, %d changed, %d disabled, %d unchanged, %d org settings, %d errors",
                   len(report.added), len(report.changed), len(report.disabled), report.unchanged,
@@ -373,6 +452,30 @@ class CrmSyncService:
         return report
 
 
+    async def _with_graph_user_ids(self, found: list[CrmMailbox], existing: Sequence[Mapping[str, Any]],
+                                   errors: list[str]) -> list[CrmMailbox]:
+        """``CrmGraphUserId`` for each mailbox not resolved yet: its Entra object id, found by address in the
+        directory (mail, UPN, then proxy addresses). Graph documents ``/users/{id | userPrincipalName}`` only, and
+        CRM holds the primary SMTP address, which can differ from the UPN (audit graph-fidelity #3). Resolved once:
+        an object id never changes; clear the column (or set ``OverrideGraphUserId``) to change it."""
+        if self._users is None:
+            return found
+        resolved = {str(r.get("RowKey", "")): r.get("CrmGraphUserId") for r in existing}
+        missing = [m.address for m in found if not resolved.get(row_key(m.address))]
+        if not missing:
+            return found
+        try:
+            ids = await self._users.find_user_ids(missing)
+        except Exception as exc:  # no User.Read.All, Graph down: the sync of CRM values goes on
+            errors.append(f"Graph directory lookup failed ({type(exc).__name__} {getattr(exc, 'status', '')}): "
+                          f"{len(missing)} mailbox(es) stay addressed by their SMTP address (needs User.Read.All)")
+            return found
+        errors.extend(f"{a}: no Entra user has this address (mail, UPN or proxy address); Graph calls use the "
+                      "address" for a in missing if a not in ids)
+        return [replace(m, columns={**m.columns, "CrmGraphUserId": ids[m.address]}) if m.address in ids else m
+                for m in found]
+
+
 # ------------------------------------------------------------------------------------------------ wiring
 
 
@@ -381,7 +484,7 @@ def sync_service_for(container: Any) -> CrmSyncService:
 
     storage = container.storage
     return CrmSyncService(container.dataverse, storage.table(MAILBOXES_TABLE), storage.table(ORG_SETTINGS_TABLE),
-                          storage.table(MAILBOX_STATUS_TABLE))
+                          storage.table(MAILBOX_STATUS_TABLE), users=container.graph)
 
 
 def sync_due(last_run: datetime | None, now: datetime, interval_minutes: int) -> bool:
@@ -411,4 +514,11 @@ async def run_scheduled_sync(container: Any, *, now: datetime | None = None) -> 
     report = await sync_service_for(container).run()
     # This process's pipelines see the new rows at once, not after the cache TTL (other instances: within it).
     directory.invalidate()
+    # The org's names (entity sets, navigation properties) are re-read with the sync; what the org does not
+    # declare becomes a finding in the sync report (and a doctor check), not a failed email.
+    from core.services.org_schema import describe_missing, org_schema_for
+
+    schema = await org_schema_for(container).refresh()
+    if schema.from_org:
+        report.errors.extend(f"org schema: {finding}" for finding in describe_missing(schema))
     return report

@@ -4,10 +4,13 @@ Per mailbox the probe checks what the router needs for that mailbox's methods:
 
 * ``graph_read`` (inbound individual, forward sinks): list one message of the Inbox.
 * ``forward_rule`` (forward users): the user's Inbox has a rule forwarding as attachment to their sink.
-* ``graph_send`` (outbound = router): the Graph token carries the ``Mail.Send`` application role **and** a draft can
-  be created and deleted in the mailbox (proves the mailbox is inside the app's access-policy scope and writable).
-  Nothing is sent: SSS sends a test mail to the user, which clutters mailboxes; Graph has no "may I send" query, and
-  an application access policy scopes all Mail.* roles of the app alike, so role + mailbox scope is the check.
+* ``graph_send`` (outbound = router): a draft can be created and deleted in the mailbox (proves Mail.ReadWrite and
+  that the mailbox is inside the app's scope: the router's outbound creates a draft, then sends it). Mail.Send is
+  shown by the token's ``roles`` when granted in Entra; with Exchange RBAC for Applications the grant lives in
+  Exchange and the token has no Mail.* roles (auth-limit-mailbox-access), so absent roles are *unknown*, not a
+  failure: the router's own sends prove it (``LastOutboundSentAt`` on the status row), and a send refused with 403
+  after the last good one fails the check. Nothing is sent by the probe: SSS sends a test mail to the user, which
+  clutters mailboxes, and Graph has no "may I send" query.
 * ``subscription`` (inbound individual, sinks): a subscription row for the mailbox exists and has not expired.
 * ``crm_owner``: the CRM user/queue (or the sink's mailbox record) exists, is enabled, and is approved when the org
   requires approval (crm-ref §2.3).
@@ -33,7 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.domain.model import (
     ApprovalStatus,
@@ -42,7 +45,11 @@ from core.domain.model import (
     MailboxKind,
     OrgEmailSettings,
     OutboundMethod,
+    SssStatus,
 )
+
+if TYPE_CHECKING:
+    from core.services.org_schema import OrgSchemaSource
 
 from .rows import MAILBOX_PARTITION, RouterSettings, format_value, parse_datetime, row_key
 from .store import RowStore
@@ -58,6 +65,7 @@ __all__ = [
     "crm_mailbox_update",
     "health_service_for",
     "next_state",
+    "send_permission",
     "token_roles",
 ]
 
@@ -142,8 +150,10 @@ def checks_for(mailbox: MailboxConfig, *, crm_write: bool = False) -> dict[str, 
         incoming = ("graph_read", "subscription", "crm_owner")
     elif mailbox.inbound_method is InboundMethod.FORWARD:
         incoming = ("forward_rule", "crm_owner")
+    if incoming:
+        incoming = (*incoming, "sss_incoming")
     if mailbox.outbound_method is OutboundMethod.ROUTER and mailbox.kind is not MailboxKind.FORWARD_SINK:
-        outgoing = ("graph_send", "crm_owner")
+        outgoing = ("graph_send", "crm_owner", "sss_outgoing", "crm_concurrency")
     if not mailbox.enabled_for_incoming:
         incoming = ()
     if not mailbox.enabled_for_outgoing:
@@ -203,19 +213,28 @@ def next_state(
 _CRM_STATUS = {Health.OK: 1, Health.FAILING: 2, Health.NOT_APPLICABLE: 0, Health.UNKNOWN: 0}
 
 
-def crm_mailbox_update(outcome: ProbeOutcome, now: datetime) -> dict[str, Any]:
-    """The CRM ``mailbox`` columns for an outcome (crm-ref §2.1: 0 Not Run, 1 Success, 2 Failure)."""
+# mailbox.lastsyncerror is String(2048) in mailbox.md: a longer value fails the whole PATCH with 0x80044331.
+LAST_SYNC_ERROR_MAX = 2048
+
+
+def crm_mailbox_update(outcome: ProbeOutcome, now: datetime, *, statuses: bool = True) -> dict[str, Any]:
+    """The CRM ``mailbox`` columns for an outcome (crm-ref §2.1: 0 Not Run, 1 Success, 2 Failure).
+
+    Only columns mailbox.md lists as writable: ``mailboxstatus`` and ``transientfailurecount`` are read-only
+    (Dataverse ignores them), so the overall health and the failure count stay in the router's own status table.
+    ``statuses=False`` leaves ``incomingemailstatus``/``outgoingemailstatus`` alone: on a mailbox with an email server
+    profile they are Server-Side Synchronization's own Test & Enable results, and a Success written by the router
+    could make SSS start processing the mailbox too.
+    """
     stamp = format_value(now)
-    body: dict[str, Any] = {
-        "incomingemailstatus": _CRM_STATUS[outcome.incoming],
-        "outgoingemailstatus": _CRM_STATUS[outcome.outgoing],
-        "mailboxstatus": _CRM_STATUS[outcome.health],
-        "testmailboxaccesscompletedon": stamp,
-        "transientfailurecount": outcome.state.failures,
-    }
+    body: dict[str, Any] = {"testmailboxaccesscompletedon": stamp}
+    if statuses:
+        body["incomingemailstatus"] = _CRM_STATUS[outcome.incoming]
+        body["outgoingemailstatus"] = _CRM_STATUS[outcome.outgoing]
     failing = [c for c in outcome.checks if not c.ok]
     if outcome.health is Health.FAILING and failing:
-        body["lastsyncerror"] = ("Email Router: " + "; ".join(f"{c.name}: {c.detail}" for c in failing))[:4000]
+        text = "Email Router: " + "; ".join(f"{c.name}: {c.detail}" for c in failing)
+        body["lastsyncerror"] = text[:LAST_SYNC_ERROR_MAX]
         body["lastsyncerrorcode"] = failing[0].code
         body["lastsyncerroroccurredon"] = stamp
     elif outcome.health is Health.OK:
@@ -223,6 +242,42 @@ def crm_mailbox_update(outcome: ProbeOutcome, now: datetime) -> dict[str, Any]:
         body["lastsyncerrorcode"] = 0
         body["lastsuccessfulsynccompletedon"] = stamp
     return body
+
+
+@dataclass(frozen=True)
+class SendPermission:
+    ok: bool
+    detail: str
+
+
+def send_permission(roles: frozenset[str] | None, status_row: Mapping[str, Any] | None) -> SendPermission:
+    """What is known about Mail.Send for one mailbox, without sending anything. Pure (unit-tested).
+
+    The token's ``roles`` show Entra grants only; an Exchange RBAC for Applications grant is invisible there
+    (auth-limit-mailbox-access), so a missing role is unknown, and the router's own sends decide: the last one went
+    through (``LastOutboundSentAt``), or it was refused with 403 (``LastOutboundError`` after that)."""
+    if roles is not None and "Mail.Send" in roles:
+        return SendPermission(True, "Mail.Send granted (token)")
+    row = status_row or {}
+    sent, failed = _when(row.get("LastOutboundSentAt")), _when(row.get("LastOutboundErrorAt"))
+    error = str(row.get("LastOutboundError") or "")
+    if failed is not None and "403" in error and (sent is None or failed > sent):
+        return SendPermission(False, f"the last send was refused: {error[:200]}")
+    if sent is not None:
+        return SendPermission(True, f"Mail.Send proven by a send at {format_value(sent)}")
+    return SendPermission(True, "Mail.Send not in the token (granted in Exchange with RBAC for Applications?): "
+                                "not proven until the first send")
+
+
+def _when(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        return _aware(value)
+    if isinstance(value, str) and value:
+        try:
+            return _aware(parse_datetime(value))
+        except ValueError:
+            return None
+    return None
 
 
 def token_roles(token: str) -> frozenset[str]:
@@ -289,6 +344,7 @@ class _Context:
     router: RouterSettings
     subscriptions: dict[str, list[Any]] = field(default_factory=dict)
     roles: frozenset[str] | None = None
+    status_rows: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # MailboxStatus rows by RowKey
 
 
 class MailboxHealthService:
@@ -303,6 +359,7 @@ class MailboxHealthService:
         status: RowStore,
         *,
         roles: Callable[[], Awaitable[frozenset[str]]] | None = None,
+        schema: OrgSchemaSource | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._settings = settings
@@ -311,6 +368,7 @@ class MailboxHealthService:
         self._subscriptions = subscriptions
         self._status = status
         self._roles = roles
+        self._schema = schema  # the org's metadata (optimistic concurrency on email)
         self._clock = clock
 
     async def _context(self) -> _Context:
@@ -330,6 +388,7 @@ class MailboxHealthService:
         now = self._clock()
         ctx = await self._context()
         states = {str(r.get("RowKey")): r async for r in self._status.list_partition(MAILBOX_PARTITION)}
+        ctx.status_rows = states
         outcomes: list[ProbeOutcome] = []
         for mailbox in await self._settings.list_mailboxes():
             state = ProbeState.from_row(states.get(row_key(mailbox.address)))
@@ -352,7 +411,9 @@ class MailboxHealthService:
             row: Mapping[str, Any] | None = await self._status.get(MAILBOX_PARTITION, row_key(mailbox.address))
         except KeyError:  # EntityNotFoundError is a KeyError
             row = None
-        return await self._probe(mailbox, ProbeState.from_row(row), await self._context(), crm_write=crm_write)
+        ctx = await self._context()
+        ctx.status_rows = {row_key(mailbox.address): row} if row else {}
+        return await self._probe(mailbox, ProbeState.from_row(row), ctx, crm_write=crm_write)
 
     async def probe_all(self, *, crm_write: bool = False,
                         progress: Callable[[int, int], None] | None = None) -> list[ProbeOutcome]:
@@ -360,6 +421,7 @@ class MailboxHealthService:
         crashes is reported as a failing outcome for that mailbox; the others go on."""
         ctx = await self._context()
         states = {str(r.get("RowKey")): r async for r in self._status.list_partition(MAILBOX_PARTITION)}
+        ctx.status_rows = states
         mailboxes = sorted(await self._settings.list_mailboxes(), key=lambda m: m.address)
         outcomes: list[ProbeOutcome] = []
         for done, mailbox in enumerate(mailboxes, start=1):
@@ -380,7 +442,8 @@ class MailboxHealthService:
         now = self._clock()
         needed = {n for names in checks_for(mailbox, crm_write=crm_write).values() for n in names}
         results: list[CheckResult] = []
-        for name in ("crm_owner", "crm_write", "graph_read", "forward_rule", "graph_send", "subscription"):
+        for name in ("crm_owner", "crm_write", "graph_read", "forward_rule", "graph_send", "subscription",
+                     "sss_incoming", "sss_outgoing", "crm_concurrency"):
             if name in needed:
                 results.append(await getattr(self, f"_check_{name}")(mailbox, ctx, now))
         state, incoming, outgoing, alert = next_state(previous, mailbox, results, now, ctx.router)
@@ -415,18 +478,19 @@ class MailboxHealthService:
                            f"no enabled inbox rule forwards as attachment to {sink} (emailrouter forward-rules deploy)")
 
     async def _check_graph_send(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
-        if ctx.roles is not None and "Mail.Send" not in ctx.roles:
-            return CheckResult("graph_send", False, "the app's token has no Mail.Send application role", 403)
         try:
             draft = await self._graph.create_draft(mailbox.address, {"subject": PROBE_SUBJECT,
                                                                      "body": {"contentType": "text", "content": ""}})
         except Exception as exc:
-            return _graph_failure("graph_send", "cannot create a draft (mailbox outside the app's scope?)", exc)
+            return _graph_failure("graph_send", "cannot create a draft: Mail.ReadWrite missing or the mailbox is "
+                                                "outside the app's scope", exc)
         try:
             await self._graph.delete_message(mailbox.address, str(draft.get("id", "")))
         except Exception as exc:
             return _graph_failure("graph_send", "draft created but could not be deleted", exc)
-        return CheckResult("graph_send", True, "Mail.Send granted; draft created and deleted")
+        verdict = send_permission(ctx.roles, ctx.status_rows.get(row_key(mailbox.address)))
+        return CheckResult("graph_send", verdict.ok, f"draft created and deleted (Mail.ReadWrite); {verdict.detail}",
+                           0 if verdict.ok else 403)
 
     async def _check_subscription(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
         records = ctx.subscriptions.get(mailbox.address, [])
@@ -437,6 +501,28 @@ class MailboxHealthService:
         if records:
             return CheckResult("subscription", False, "subscription expired (reconcile renews it)")
         return CheckResult("subscription", False, "no Graph subscription yet (created at the next reconcile)")
+
+    async def _check_sss_incoming(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
+        return _sss_check("sss_incoming", mailbox.sss_incoming, "incoming",
+                          "SSS tracks the same mail: duplicate CRM emails")
+
+    async def _check_sss_outgoing(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
+        return _sss_check("sss_outgoing", mailbox.sss_outgoing, "outgoing",
+                          "both would send its Pending Send email, so the router does not send for it")
+
+    async def _check_crm_concurrency(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
+        if self._schema is None:
+            return CheckResult("crm_concurrency", True, "not checked")
+        try:
+            enabled = (await self._schema.get()).concurrency_enabled("email")
+        except Exception as exc:
+            return CheckResult("crm_concurrency", False, f"CRM metadata not readable ({type(exc).__name__})",
+                               int(getattr(exc, "status", 0) or 0))
+        if enabled is False:
+            return CheckResult("crm_concurrency", False, "optimistic concurrency is off on the email table "
+                               "(IsOptimisticConcurrencyEnabled): the outbound claim needs If-Match, so outbound "
+                               "is stopped")
+        return CheckResult("crm_concurrency", True, "optimistic concurrency on for email")
 
     async def _check_crm_owner(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
         from core.adapters.dataverse import NotFoundError
@@ -508,7 +594,9 @@ class MailboxHealthService:
                                                or outcome.health is not previous.health):
             # Written on changes and while failing (failure count moves); a steady healthy mailbox costs no CRM call.
             try:
-                await self._crm.update("mailboxes", mailbox.mailbox_id, crm_mailbox_update(outcome, now))
+                no_sss = SssStatus.NONE == mailbox.sss_incoming == mailbox.sss_outgoing
+                await self._crm.update("mailboxes", mailbox.mailbox_id,
+                                       crm_mailbox_update(outcome, now, statuses=no_sss))
             except Exception as exc:
                 _log.warning("health: could not write status to CRM mailbox of %s (%s)", mailbox.address,
                              type(exc).__name__)
@@ -525,6 +613,17 @@ class MailboxHealthService:
             await self._graph.send_mail(router.alert_sender, message, save_to_sent_items=False)
         except Exception as exc:
             _log.warning("health: alert email from %s failed (%s)", router.alert_sender, type(exc).__name__)
+
+
+def _sss_check(name: str, state: SssStatus, direction: str, effect: str) -> CheckResult:
+    if state is SssStatus.ACTIVE:
+        return CheckResult(name, False, f"Server-Side Synchronization is also active for {direction} email (an "
+                           f"email server profile is set on the CRM mailbox and it passed Test & Enable): {effect}; "
+                           "remove the profile, or let SSS serve this mailbox and set the router's method to none")
+    if state is SssStatus.CONFIGURED:
+        return CheckResult(name, True, f"an email server profile is set; a Test & Enable in CRM would start SSS for "
+                           f"{direction} email too")
+    return CheckResult(name, True, "no Server-Side Synchronization")
 
 
 def _aware(value: datetime) -> datetime:
@@ -554,6 +653,9 @@ def health_service_for(container: Any) -> MailboxHealthService:
     async def roles() -> frozenset[str]:
         return token_roles(await tokens.get_token_async())
 
+    from core.services.org_schema import org_schema_for
+
     directory = getattr(container, "mailbox_directory", None) or TableMailboxDirectory.from_account(container.storage)
     return MailboxHealthService(directory, container.graph, container.dataverse, container.subscription_directory,
-                                container.storage.table(MAILBOX_STATUS_TABLE), roles=roles)
+                                container.storage.table(MAILBOX_STATUS_TABLE), roles=roles,
+                                schema=org_schema_for(container))

@@ -11,7 +11,9 @@ APP_CLIENT_ID: Final = "c0ffee00-0000-4000-8000-0000000000a1"
 APP_OBJECT_ID: Final = "c0ffee00-0000-4000-8000-0000000000a2"  # service principal object id
 APP_CLIENT_SECRET: Final = "local-dev-secret-not-for-production"  # noqa: S105 - emulator-only demo credential
 GRAPH_RESOURCE: Final = "https://graph.microsoft.com"
-GRAPH_APP_ROLES: Final = ("Mail.ReadWrite", "Mail.Send", "MailboxSettings.ReadWrite", "User.Read.All")
+# What docs/deploy.md §2.1 tells admins to grant: Mail.Read alongside Mail.ReadWrite, Mail.Send, the inbox rules and
+# User.Read.All (mailbox object ids).
+GRAPH_APP_ROLES: Final = ("Mail.Read", "Mail.ReadWrite", "Mail.Send", "MailboxSettings.ReadWrite", "User.Read.All")
 # The router's user-assigned managed identity (federated identity credential on the app registration).
 MANAGED_IDENTITY_CLIENT_ID: Final = "c0ffee00-0000-4000-8000-0000000000b1"
 MANAGED_IDENTITY_PRINCIPAL_ID: Final = "c0ffee00-0000-4000-8000-0000000000b2"

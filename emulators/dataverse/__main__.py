@@ -1,5 +1,6 @@
 """``python -m emulators.dataverse --port P --tls-dir DIR --identity-url URL [--state-dir DIR | --in-memory]
-[--seed FILE] [--strict | --lenient]``: serve the Dataverse Web API emulator over HTTPS until Ctrl-C."""
+[--seed FILE] [--strict | --lenient] [--variant FILE]``: serve the Dataverse Web API emulator over HTTPS until
+Ctrl-C."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from emulators.common.server import serve
 from emulators.common.tls import ensure_tls
 
 from .app import DataverseConfig, create_app
-from .service import Options
+from .service import Options, OrgVariant
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="reject read-only columns in payloads (default)")
     mode.add_argument("--lenient", dest="strict", action="store_false", help="ignore read-only columns")
     p.add_argument("--duplicate-status", type=int, default=412, help="HTTP status of duplicate-key errors")
+    p.add_argument("--variant", type=Path,
+                   help='variant org JSON, e.g. {"concurrency_off":["email"],"nav_renames":[{"entity":"email",'
+                        '"nav":"ReceivingMailboxId_Email","to":""}]} (docs/dataverse-emulator.md)')
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
 
@@ -41,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     org_url = f"https://{args.host}:{args.port}"
     config = DataverseConfig(org_url=org_url, identity_url=args.identity_url, ca_bundle=str(tls.bundle),
                              state_path=state_path, seed=seed,
-                             options=Options(strict=args.strict, duplicate_status=args.duplicate_status))
+                             options=Options(strict=args.strict, duplicate_status=args.duplicate_status),
+                             variant=OrgVariant.from_json(json.loads(args.variant.read_text()))
+                             if args.variant else OrgVariant())
     app = create_app(config)
     print(f"Dataverse emulator: {org_url}/api/data/v9.2 (state: {state_path})", flush=True)
     serve(app, host=args.host, port=args.port, tls=tls, log_level=args.log_level)

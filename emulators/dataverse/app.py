@@ -27,7 +27,7 @@ from .errors import DataverseError
 from .protection import FaultInjector, Limits, RequestLog, ServiceProtection
 from .schema import ENTITIES
 from .seed import SeedError, apply_seed, demo_seed
-from .service import API_PATH, ApiRequest, ApiResponse, Caller, Dataverse, Options
+from .service import API_PATH, ApiRequest, ApiResponse, Caller, Dataverse, Options, OrgVariant
 from .store import Store
 
 __all__ = ["DataverseConfig", "EmulatorState", "create_app"]
@@ -43,6 +43,7 @@ class DataverseConfig:
     state_path: str = ":memory:"  # SQLite file, or :memory:
     seed: dict[str, Any] | None = None  # None = the demo seed
     options: Options = field(default_factory=Options)
+    variant: OrgVariant = field(default_factory=OrgVariant)  # variant org switches (docs/dataverse-emulator.md)
     limits: Limits = field(default_factory=Limits)
     tenant_id: str | None = None
     extra_audiences: tuple[str, ...] = ()
@@ -121,7 +122,7 @@ def create_app(config: DataverseConfig) -> Starlette:
     if config.state_path != ":memory:":
         Path(config.state_path).parent.mkdir(parents=True, exist_ok=True)
     store = Store(config.state_path)
-    dv = Dataverse(store, config.options)
+    dv = Dataverse(store, config.options, config.variant)
     validator = None
     if config.identity_url is not None:
         validator = TokenValidator(identity_url=config.identity_url,
@@ -241,6 +242,18 @@ def create_app(config: DataverseConfig) -> Starlette:
                 setattr(dv.options, k, v)
         return JSONResponse({k: v for k, v in dv.options.__dict__.items()})
 
+    async def variant(request: Request) -> Response:
+        """Variant org: ``{"concurrency_off": ["email"], "nav_renames": [{"entity": "email", "nav":
+        "ReceivingMailboxId_Email", "to": "receivingmailboxid"}]}`` (``"to": ""`` removes the relationship);
+        ``{"reset": true}`` restores the documented org."""
+        if request.method == "POST":
+            try:
+                doc = json.loads(await request.body() or b"{}")
+                dv.variant = OrgVariant() if doc.get("reset") else OrgVariant.from_json(doc)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse(dv.variant.to_json())
+
     methods = ["GET", "POST", "PATCH", "PUT", "DELETE"]
     routes = [
         Route("/_emulator/health", health, methods=["GET"]),
@@ -251,6 +264,7 @@ def create_app(config: DataverseConfig) -> Starlette:
         Route("/_emulator/faults/{fid}", faults, methods=["DELETE"]),
         Route("/_emulator/limits", limits, methods=["GET", "POST"]),
         Route("/_emulator/options", options, methods=["GET", "POST"]),
+        Route("/_emulator/variant", variant, methods=["GET", "POST"]),
         Route(API_PATH, api, methods=methods),
         Route(API_PATH + "/{path:path}", api, methods=methods),
     ]

@@ -200,7 +200,9 @@ def handle_batch(dv: Dataverse, req: ApiRequest, caller: Caller) -> ApiResponse:
                                 refs[f"${cid}"] = ref
                         responses.append(f"--{cs_boundary}\r\n{_render(resp, cid)}")
             except _Rollback as rb:
-                text = _render(rb.response, rb.content_id)
+                # One plain application/http part, no changesetresponse wrapper; real responses carry no Content-ID
+                # (microsoft/powerapps-tools#574, #100) unless the emulator is told to echo it.
+                text = _render(rb.response, rb.content_id if dv.options.echo_content_id_on_failure else None)
                 if not continue_on_error:
                     failure, failure_status = text, rb.response.status
                     break

@@ -12,15 +12,22 @@ __all__ = ["DataverseError"]
 
 
 class DataverseError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 inner: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.inner = inner
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message}}
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.inner is not None:
+            err["innererror"] = {"message": self.inner, "type": "System.ServiceModel.FaultException`1"
+                                 "[[Microsoft.Xrm.Sdk.OrganizationServiceFault, Microsoft.Xrm.Sdk]]",
+                                 "stacktrace": ""}
+        return {"error": err}
 
     # ---- §7.1 "reproduce exactly" -------------------------------------------------------------------------------
     @classmethod
@@ -61,9 +68,25 @@ class DataverseError(Exception):
         return cls(404, code, f"{logical} With Id = {record_id} Does Not Exist")
 
     @classmethod
+    def missing_bind_target(cls, logical: str, status: int = 400, code: str = "0x80040217") -> DataverseError:
+        # A lookup bound to a record that does not exist: the real text (AleksandrRogov/DynamicsWebApi#179,
+        # daryllabar/XrmUnitTest#115). Status and code are NOT VERIFIED: configurable (Options.missing_bind_status),
+        # default 400 -- the stricter reading for a client that only re-plans on 404.
+        return cls(status, code, f"A record with the specified key values does not exist in {logical} entity")
+
+    @classmethod
     def duplicate_key(cls, status: int = 412) -> DataverseError:
-        # §6: -2147220937 (0x80040237); the HTTP status is undocumented -> configurable, default 412.
-        return cls(status, "0x80040237", "Cannot insert duplicate key.")
+        # Settled (audit dataverse-fidelity §2): 412, 0x80040237, "A record with matching key values already
+        # exists." with innererror "Cannot insert duplicate key." (microsoft/coe-starter-kit#3624,
+        # microsoft/powerapps-tools#574).
+        return cls(status, "0x80040237", "A record with matching key values already exists.",
+                   inner="Cannot insert duplicate key.")
+
+    @classmethod
+    def concurrency_not_enabled(cls, logical: str) -> DataverseError:
+        # optimistic-concurrency.md: OptimisticConcurrencyNotEnabled -2147088243 (0x8006088d).
+        return cls(400, "0x8006088d",
+                   f"The entity {logical} does not have the IsOptimisticConcurrencyEnabled property set to true.")
 
     @classmethod
     def version_mismatch(cls) -> DataverseError:

@@ -9,6 +9,7 @@ Everything is generated from ``schema.py``.
 
 from __future__ import annotations
 
+import json
 import uuid
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,7 @@ from .schema import (
 )
 
 if TYPE_CHECKING:
-    from .service import ApiRequest, ApiResponse
+    from .service import ApiRequest, ApiResponse, OrgVariant
 
 __all__ = ["attribute_metadata", "csdl_response", "entity_definitions", "entity_metadata", "service_document"]
 
@@ -66,23 +67,32 @@ def _schema_name(name: str) -> str:
 
 def attribute_metadata(ent: EntityDef, col: Column) -> dict[str, Any]:
     attr_type, type_name, odata_type = _ATTR_TYPES.get(col.type, ("String", "StringType", "StringAttributeMetadata"))
-    if col.type == LOOKUP and col.name == "ownerid":
+    if col.attribute_type and col.attribute_type != attr_type:
+        # The reference's own AttributeType (Owner, Customer, EntityName, BigInt, Double ...).
+        attr_type, type_name = col.attribute_type, f"{col.attribute_type}Type"
+    elif col.type == LOOKUP and col.name == "ownerid":
         attr_type, type_name = "Owner", "OwnerType"
     elif col.type == LOOKUP and len(col.targets) > 1:
         attr_type, type_name = "Customer" if set(col.targets) == {"account", "contact"} else "Lookup", type_name
     md: dict[str, Any] = {
         "@odata.type": f"#Microsoft.Dynamics.CRM.{odata_type}",
         "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"dataverse-emulator/attr/{ent.logical_name}/{col.name}")),
-        "LogicalName": col.name, "SchemaName": _schema_name(col.name), "EntityLogicalName": ent.logical_name,
+        "LogicalName": col.name, "SchemaName": col.schema_name or _schema_name(col.name),
+        "EntityLogicalName": ent.logical_name,
         "AttributeType": attr_type, "AttributeTypeName": {"Value": type_name},
         "IsPrimaryId": col.name == ent.primary_id, "IsPrimaryName": col.name == ent.primary_name,
-        "IsValidForCreate": not col.read_only, "IsValidForUpdate": not col.read_only and col.name != ent.primary_id,
+        "IsValidForCreate": col.valid_for_create,
+        "IsValidForUpdate": col.valid_for_update and (col.name != ent.primary_id or ent.source is not None),
         "IsValidForRead": True, "IsCustomAttribute": False, "IsLogical": False,
         "IsValidForAdvancedFind": {"Value": col.filterable, "CanBeChanged": False},
         "DisplayName": _label(col.name), "AttributeOf": None,
     }
     if col.max_length is not None:
         md["MaxLength"] = col.max_length
+    if col.min_value is not None:
+        md["MinValue"] = col.min_value
+    if col.max_value is not None:
+        md["MaxValue"] = col.max_value
     if col.type == LOOKUP:
         md["Targets"] = list(col.targets)
     if col.options:
@@ -93,19 +103,61 @@ def attribute_metadata(ent: EntityDef, col: Column) -> dict[str, Any]:
     return md
 
 
-def entity_metadata(ent: EntityDef) -> dict[str, Any]:
+def entity_metadata(ent: EntityDef, variant: OrgVariant | None = None) -> dict[str, Any]:
     return {
         "MetadataId": ent.metadata_id, "LogicalName": ent.logical_name, "SchemaName": ent.schema_name,
         "EntitySetName": ent.entity_set, "LogicalCollectionName": ent.entity_set,
         "CollectionSchemaName": ent.entity_set.capitalize(), "PrimaryIdAttribute": ent.primary_id,
         "PrimaryNameAttribute": ent.primary_name, "ObjectTypeCode": ent.object_type_code,
         "OwnershipType": ent.ownership if ent.ownership != "None" else "None",
-        "IsActivity": ent.logical_name == "email", "IsActivityParty": ent.logical_name in (
+        "IsActivity": ent.is_activity, "IsActivityParty": ent.logical_name in (
             "contact", "account", "lead", "systemuser", "queue"),
-        "IsCustomEntity": False, "IsManaged": True, "IsOptimisticConcurrencyEnabled": True,
+        "IsCustomEntity": False, "IsManaged": True,
+        "IsOptimisticConcurrencyEnabled": variant is None or ent.logical_name not in variant.concurrency_off,
         "IsValidForAdvancedFind": True, "TableType": "Standard",
         "DisplayName": _label(ent.logical_name), "DisplayCollectionName": _label(ent.entity_set),
     }
+
+
+def many_to_one_metadata(ent: EntityDef, variant: OrgVariant | None = None) -> list[dict[str, Any]]:
+    """``EntityDefinitions(...)/ManyToOneRelationships``: OneToManyRelationshipMetadata seen from the referencing
+    side, with the exact ``ReferencingEntityNavigationPropertyName`` the org declares."""
+    rels = variant.many_to_one(ent) if variant is not None else ent.many_to_one
+    return [{
+        "@odata.type": "#Microsoft.Dynamics.CRM.OneToManyRelationshipMetadata",
+        "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"dataverse-emulator/rel/{r['schema_name']}")),
+        "SchemaName": r["schema_name"], "RelationshipType": "OneToManyRelationship",
+        "ReferencedEntity": r["referenced_entity"], "ReferencedAttribute": r["referenced_attribute"],
+        "ReferencingEntity": ent.logical_name, "ReferencingAttribute": r["referencing_attribute"],
+        "ReferencingEntityNavigationPropertyName": r["navigation_property"],
+        "IsCustomRelationship": False, "IsManaged": True,
+    } for r in rels]
+
+
+def one_to_many_metadata(ent: EntityDef) -> list[dict[str, Any]]:
+    return [{
+        "@odata.type": "#Microsoft.Dynamics.CRM.OneToManyRelationshipMetadata",
+        "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"dataverse-emulator/rel/{n.name}")),
+        "SchemaName": n.name, "RelationshipType": "OneToManyRelationship",
+        "ReferencedEntity": ent.logical_name, "ReferencedAttribute": ent.primary_id,
+        "ReferencingEntity": n.target, "ReferencingAttribute": n.fk,
+        "ReferencedEntityNavigationPropertyName": n.name, "IsCustomRelationship": False, "IsManaged": True,
+    } for n in ent.collections.values()]
+
+
+_RELATIONSHIP_NAVS = ("ManyToOneRelationships", "OneToManyRelationships")
+
+
+def _relationships(ent: EntityDef, nav: str, variant: OrgVariant | None) -> list[dict[str, Any]]:
+    return many_to_one_metadata(ent, variant) if nav == "ManyToOneRelationships" else one_to_many_metadata(ent)
+
+
+def _filtered(items: list[dict[str, Any]], options: dict[str, str]) -> list[dict[str, Any]]:
+    if options.get("$filter"):
+        node = parse_filter(options["$filter"])
+        items = [i for i in items if _evaluate(node, i)]
+    select = parse_select(options.get("$select"))
+    return [_project(i, select) for i in items]
 
 
 def _evaluate(node: Node, item: dict[str, Any]) -> Any:
@@ -169,24 +221,40 @@ def _find_entity(key: str) -> EntityDef:
     return ent
 
 
-def entity_definitions(req: ApiRequest, key: str | None, rest: list[str]) -> ApiResponse:
+def entity_definitions(req: ApiRequest, key: str | None, rest: list[str], variant: OrgVariant | None = None
+                       ) -> ApiResponse:
     from .service import ApiResponse
 
     params = req.params
     select = parse_select(params.get("$select"))
+    expand = parse_expand(params.get("$expand"))
     base = f"{req.api_url}/$metadata#EntityDefinitions"
+
+    def with_expands(ent: EntityDef, body: dict[str, Any]) -> dict[str, Any]:
+        for item in expand:
+            if item.nav == "Attributes":
+                body["Attributes"] = _filtered([attribute_metadata(ent, c) for c in ent.columns.values()],
+                                               item.options)
+            elif item.nav in _RELATIONSHIP_NAVS:
+                body[item.nav] = _filtered(_relationships(ent, item.nav, variant), item.options)
+            else:
+                raise DataverseError.unknown_property(item.nav, "EntityMetadata")
+        return body
+
     if key is None:
-        items = [entity_metadata(e) for e in ENTITIES.values()]
+        pairs = [(e, entity_metadata(e, variant)) for e in ENTITIES.values()]
         if params.get("$filter"):
             node = parse_filter(params["$filter"])
-            items = [i for i in items if _evaluate(node, i)]
-        return ApiResponse.json(200, {"@odata.context": base, "value": [_project(i, select) for i in items]})
+            pairs = [(e, i) for e, i in pairs if _evaluate(node, i)]
+        return ApiResponse.json(200, {"@odata.context": base,
+                                      "value": [with_expands(e, _project(i, select)) for e, i in pairs]})
     ent = _find_entity(key)
     if not rest:
-        body = _project(entity_metadata(ent), select)
-        if "Attributes" in (params.get("$expand") or ""):
-            body["Attributes"] = [attribute_metadata(ent, c) for c in ent.columns.values()]
+        body = with_expands(ent, _project(entity_metadata(ent, variant), select))
         return ApiResponse.json(200, {"@odata.context": f"{base}/$entity", **body})
+    if rest[0] in _RELATIONSHIP_NAVS:
+        items = _filtered(_relationships(ent, rest[0], variant), params)
+        return ApiResponse.json(200, {"@odata.context": f"{base}({ent.metadata_id})/{rest[0]}", "value": items})
     seg = rest[0]
     if seg.startswith("Attributes"):
         attrs = [attribute_metadata(ent, c) for c in ent.columns.values()]
@@ -227,25 +295,33 @@ def service_document(req: ApiRequest) -> ApiResponse:
     })
 
 
-@lru_cache(maxsize=1)
-def _csdl() -> bytes:
+@lru_cache(maxsize=8)
+def _csdl(variant_key: str = "") -> bytes:
+    from .service import OrgVariant
+
+    variant = OrgVariant.from_json(json.loads(variant_key)) if variant_key else OrgVariant()
     ns = "Microsoft.Dynamics.CRM"
     parts = ['<?xml version="1.0" encoding="utf-8"?>',
              '<edmx:Edmx Version="4.0" xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx">',
              "<edmx:DataServices>",
              f'<Schema Namespace="{ns}" Alias="mscrm" xmlns="http://docs.oasis-open.org/odata/ns/edm">']
     parts.append('<EntityType Name="crmbaseentity" Abstract="true"/>')
+    # owner lookups are typed by the abstract principal (systemuser and team), as in Dataverse's CSDL
+    parts.append('<EntityType Name="principal" BaseType="mscrm.crmbaseentity" Abstract="true">'
+                 '<Property Name="ownerid" Type="Edm.Guid"/></EntityType>')
     for ent in ENTITIES.values():
         parts.append(f'<EntityType Name="{ent.logical_name}" BaseType="mscrm.crmbaseentity">')
         parts.append(f'<Key><PropertyRef Name="{ent.primary_id}"/></Key>')
         for col in ent.columns.values():
             parts.append(f'<Property Name="{escape(col.value_key)}" Type="{EDM_TYPES[col.type]}"/>')
-        for nav, (col_name, targets) in ent.single_navs.items():
-            if len(targets) == 1:
-                ref = ENTITIES[targets[0]].primary_id if targets[0] in ENTITIES else "id"
-                parts.append(f'<NavigationProperty Name="{nav}" Type="mscrm.{targets[0]}" Nullable="true">'
-                             f'<ReferentialConstraint Property="_{col_name}_value" ReferencedProperty="{ref}"/>'
-                             "</NavigationProperty>")
+        for nav in variant.navs(ent).values():
+            # One NavigationProperty per declared name. A name two relationships declare (acceptingentityid) is
+            # typed by the first; a multi-target owner is typed mscrm.principal as in Dataverse.
+            target = "principal" if nav.targets == ("systemuser", "team") else nav.targets[0]
+            ref = ENTITIES[target].primary_id if target in ENTITIES else "ownerid" if target == "principal" else "id"
+            parts.append(f'<NavigationProperty Name="{nav.name}" Type="mscrm.{target}" Nullable="true">'
+                         f'<ReferentialConstraint Property="_{nav.column}_value" ReferencedProperty="{ref}"/>'
+                         "</NavigationProperty>")
         for cnav in ent.collections.values():
             parts.append(f'<NavigationProperty Name="{cnav.name}" Type="Collection(mscrm.{cnav.target})"/>')
         parts.append("</EntityType>")
@@ -271,7 +347,8 @@ def _csdl() -> bytes:
     return "\n".join(parts).encode()
 
 
-def csdl_response() -> ApiResponse:
+def csdl_response(variant: OrgVariant | None = None) -> ApiResponse:
     from .service import ApiResponse
 
-    return ApiResponse(200, {"Content-Type": "application/xml", "OData-Version": "4.0"}, _csdl())
+    key = json.dumps(variant.to_json(), sort_keys=True) if variant is not None else ""
+    return ApiResponse(200, {"Content-Type": "application/xml", "OData-Version": "4.0"}, _csdl(key))

@@ -494,10 +494,25 @@ class Prefer:
     continue_on_error: bool = False
 
 
+def _split_preferences(header: str) -> list[str]:
+    """Split a Prefer header on commas outside double quotes (include-annotations lists several, quoted)."""
+    out, buf, quoted = [], [], False
+    for ch in header:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            out.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+    out.append("".join(buf))
+    return [o.strip() for o in out if o.strip()]
+
+
 def parse_prefer(values: list[str]) -> Prefer:
     p = Prefer()
     for header in values:
-        for raw in _split_top(header, ","):
+        for raw in _split_preferences(header):
             item = raw.strip()
             low = item.lower()
             if low == "return=representation":

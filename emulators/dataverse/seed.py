@@ -15,10 +15,11 @@ from emulators.common import demo
 
 from .errors import DataverseError
 from .schema import ENTITIES
-from .service import Caller, Dataverse, Options, now_iso
+from .service import Caller, Dataverse, now_iso
 from .store import Row
 
-__all__ = ["DEFAULT_ORG_SETTINGS", "SYSTEM_USER_ID", "SeedError", "apply_seed", "demo_seed", "demo_user_id"]
+__all__ = ["DEFAULT_ORG_SETTINGS", "ROUTER_APP_PRIVILEGES", "SYSTEM_USER_ID", "SeedError", "apply_seed", "demo_seed",
+           "demo_user_id"]
 
 SYSTEM_USER_ID: Final = "00000000-0000-4000-8000-00000000c0de"
 ORG_ID: Final = "c0ffee00-0000-4000-8000-0000000000d0"
@@ -48,8 +49,20 @@ DEFAULT_ORG_SETTINGS: Final[dict[str, Any]] = {
     "rendersecureiframeforemail": True,
 }
 
-_SEED_SETS: Final = ("businessunits", "teams", "systemusers", "queues", "accounts", "contacts", "leads",
-                     "opportunities", "incidents")
+# What an admin grants the router's application user (the security role docs/deploy.md describes): every
+# privilege `emailrouter doctor` checks, at organization (Global) depth, plus impersonation.
+ROUTER_APP_PRIVILEGES: Final[tuple[str, ...]] = (
+    "prvActOnBehalfOfAnotherUser",
+    "prvCreateActivity", "prvReadActivity", "prvWriteActivity", "prvAppendActivity", "prvAppendToActivity",
+    "prvAssignActivity", "prvDeleteActivity",
+    "prvReadContact", "prvCreateContact", "prvReadAccount", "prvReadLead", "prvReadUser", "prvReadQueue",
+    "prvAppendToContact", "prvAppendToAccount", "prvAppendToLead",
+    "prvAppendToQueue", "prvReadMailbox", "prvWriteMailbox", "prvReadOrganization", "prvReadUserSettings",
+    "prvReadTeam",
+)
+
+_SEED_SETS: Final = ("businessunits", "teams", "emailserverprofiles", "systemusers", "queues", "accounts",
+                     "contacts", "leads", "opportunities", "incidents")
 
 
 class SeedError(ValueError):
@@ -85,7 +98,7 @@ def demo_seed() -> dict[str, Any]:
              "internalemailaddress": f"emailrouter-app@{demo.TENANT_DOMAIN}", "applicationid": demo.APP_CLIENT_ID,
              "azureactivedirectoryobjectid": demo.APP_OBJECT_ID, "accessmode": 4,
              "incomingemaildeliverymethod": 0, "outgoingemaildeliverymethod": 0,
-             "privileges": ["prvActOnBehalfOfAnotherUser"]},
+             "privileges": list(ROUTER_APP_PRIVILEGES)},
             _user("alice", "Alice", "Archer", 2, 2),  # router inbound + outbound
             _user("bob", "Bob", "Baker", 3, 2),  # forward mailbox inbound, router outbound
             {**_user("carol", "Carol", "Clark", 1, 1), "usersettings": {"incomingemailfilteringmethod": 0}},
@@ -161,8 +174,9 @@ def apply_seed(dv: Dataverse, seed: dict[str, Any]) -> dict[str, int]:
     unknown = [k for k in seed if k not in (*_SEED_SETS, "organization", "usersettings")]
     if unknown:
         raise SeedError(f"unknown seed sections: {', '.join(sorted(unknown))}")
-    # Seeds may carry system-maintained columns; apply them leniently (never fail a seed on a read-only column).
-    seeder = Dataverse(dv.store, Options(**{**dv.options.__dict__, "strict": False}))
+    # Seeds may carry system-maintained columns (read-only for API clients): they are the platform's own state, so
+    # they are written, not refused or dropped.
+    seeder = Dataverse(dv.store, dv.options, dv.variant, system_writes=True)
     counts: dict[str, int] = {}
     try:
         with dv.store.transaction():

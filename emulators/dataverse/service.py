@@ -39,11 +39,12 @@ from .schema import (
     STRING,
     Column,
     EntityDef,
+    NavProperty,
     entity_by_set,
 )
 from .store import Row, Store
 
-__all__ = ["ApiRequest", "ApiResponse", "Caller", "Dataverse", "Options"]
+__all__ = ["ApiRequest", "ApiResponse", "Caller", "Dataverse", "Options", "OrgVariant"]
 
 API_PATH = "/api/data/v9.2"
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -58,14 +59,74 @@ ROUTER_METHOD = 2  # "Server-Side Synchronization or Email Router"
 class Options:
     """Switches for behaviour the reference marks NOT VERIFIED (documented in docs/dataverse-emulator.md)."""
 
-    strict: bool = True  # read-only columns in a payload: strict -> 400, lenient -> silently ignored
-    duplicate_status: int = 412  # HTTP status of "Cannot insert duplicate key" (0x80040237)
+    # Read-only columns in a payload (IsValidForCreate/IsValidForUpdate false): real Dataverse ignores them
+    # silently. strict=True (default) makes the emulator refuse them (400) as a lint, so the router never relies on
+    # a value that production would drop; strict=False behaves like Dataverse (ignored).
+    strict: bool = True
+    duplicate_status: int = 412  # HTTP status of 0x80040237 "A record with matching key values already exists."
+    # A failed change set is answered as ONE plain application/http part; captured real responses carry no Content-ID
+    # (microsoft/powerapps-tools#574, #100). True echoes the failing operation's Content-ID (the older emulator).
+    echo_content_id_on_failure: bool = False
+    # A bind to a missing record: "A record with the specified key values does not exist in <entity> entity".
+    # Status and code NOT VERIFIED; 400 is the stricter reading (a client that only re-plans on 404 breaks).
+    missing_bind_status: int = 400
+    missing_bind_code: str = "0x80040217"
     # SendEmail IssueSend=true outcome by the sender's outgoingemaildeliverymethod: "pending" (statecode 1 /
-    # statuscode 6), "sent" (1/3) or "error" (400).
-    sendemail_outcome: dict[int, str] = field(default_factory=lambda: {0: "error", 1: "pending", 2: "pending"})
+    # statuscode 6), "sent" (1/3) or "error" (400). NOT VERIFIED for 0 (None): Microsoft Q&A / support blogs say the
+    # email "will stay in Pending Send if email integration and the user's mailbox are not correctly configured",
+    # so the default is "pending" (the router must then leave it alone: the stricter test of the router).
+    sendemail_outcome: dict[int, str] = field(default_factory=lambda: {0: "pending", 1: "pending", 2: "pending"})
+    # Whether the platform fills the read-only senton ("Date Sent") when a status change puts an email in Sent
+    # {1,3}. NOT VERIFIED: SSS marks sent mail Sent "through a 'SetState' operation" (SupportArticles-docs
+    # sssadminprod.md) and its sent mail shows a Date Sent, but SSS may stamp it internally. Default False, the
+    # stricter reading (nothing the router does fills it); True models the platform doing it.
+    # `emailrouter doctor --sandbox` reports what a real org does.
+    senton_on_sent_status: bool = False
     email_party_masks: tuple[int, ...] = (1, 2, 3, 4)  # 8 Regarding / 9 Owner are platform-maintained -> rejected
     allow_state_on_create: bool = True  # statecode/statuscode in the create POST (NOT VERIFIED): accepted if valid
-    tracking_counter_digits: int = 3  # "Digits for incremental message counter": no column confirmed
+    # counter width when organization.maximumtrackingnumber is unset (the seed sets 999: three digits)
+    tracking_counter_digits: int = 3
+
+
+@dataclass
+class OrgVariant:
+    """Switches that make the emulated org differ from the documented default, as real orgs can.
+
+    Set through ``DataverseConfig`` / ``POST /_admin/variant`` so tests and ``emailrouter doctor`` can see a
+    variant org: optimistic concurrency off on a table, a relationship's navigation property renamed (or removed
+    with an empty new name).
+    """
+
+    concurrency_off: set[str] = field(default_factory=set)  # logical names with IsOptimisticConcurrencyEnabled false
+    # (logical name, declared nav name) -> replacement name ("" = the relationship is not declared in this org)
+    nav_renames: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"concurrency_off": sorted(self.concurrency_off),
+                "nav_renames": [{"entity": e, "nav": n, "to": t} for (e, n), t in sorted(self.nav_renames.items())]}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> OrgVariant:
+        return cls(set(doc.get("concurrency_off") or ()),
+                   {(r["entity"], r["nav"]): str(r.get("to") or "") for r in doc.get("nav_renames") or ()})
+
+    def navs(self, ent: EntityDef) -> dict[str, NavProperty]:
+        if not self.nav_renames:
+            return ent.navs
+        out: dict[str, NavProperty] = {}
+        for name, nav in ent.navs.items():
+            new = self.nav_renames.get((ent.logical_name, name), name)
+            if new:
+                out[new] = NavProperty(new, nav.column, nav.targets, nav.relationships)
+        return out
+
+    def many_to_one(self, ent: EntityDef) -> list[dict[str, str]]:
+        out = []
+        for rel in ent.many_to_one:
+            new = self.nav_renames.get((ent.logical_name, rel["navigation_property"]), rel["navigation_property"])
+            if new:
+                out.append({**rel, "navigation_property": new})
+        return out
 
 
 @dataclass
@@ -123,9 +184,17 @@ def etag(row: Row) -> str:
 
 
 class Dataverse:
-    def __init__(self, store: Store, options: Options | None = None) -> None:
+    def __init__(self, store: Store, options: Options | None = None, variant: OrgVariant | None = None, *,
+                 system_writes: bool = False) -> None:
         self.store = store
         self.options = options or Options()
+        self.variant = variant or OrgVariant()
+        # Seeds describe state the platform itself wrote: they may set columns no API client can (read-only ones).
+        self.system_writes = system_writes
+
+    def navs(self, ent: EntityDef) -> dict[str, NavProperty]:
+        """The single-valued navigation properties this org declares on ``ent`` (exact, case-sensitive)."""
+        return self.variant.navs(ent)
 
     # ================================================================================================================
     # dispatch
@@ -143,7 +212,7 @@ class Dataverse:
         if path in ("", "$metadata"):
             if method != "GET":
                 raise DataverseError.no_http_resource(f"{req.api_url}/{path}")
-            return metadata.service_document(req) if path == "" else metadata.csdl_response()
+            return metadata.service_document(req) if path == "" else metadata.csdl_response(self.variant)
         segments = _split_path(path)
         first = segments[0]
         m = _SEGMENT.match(first)
@@ -157,7 +226,7 @@ class Dataverse:
         if name == "EntityDefinitions":
             if method != "GET":
                 raise DataverseError.no_http_resource(f"{req.api_url}/{path}")
-            return metadata.entity_definitions(req, key, segments[1:])
+            return metadata.entity_definitions(req, key, segments[1:], self.variant)
         if name == "GetTrackingTokenEmail":
             if method != "POST":
                 raise DataverseError.no_http_resource(f"{req.api_url}/{path}")
@@ -188,6 +257,9 @@ class Dataverse:
             seg = rest[0]
             if seg == "Microsoft.Dynamics.CRM.SendEmail" and ent.logical_name == "email" and method == "POST":
                 return self.send_email(req, rid, caller)
+            if (seg.removesuffix("()") == "Microsoft.Dynamics.CRM.RetrieveUserPrivileges"
+                    and ent.logical_name == "systemuser" and method == "GET"):
+                return self.retrieve_user_privileges(req, rid)
             if seg == "SendEmail":
                 raise DataverseError.bad_request("Request message has unresolved parameters.")
             if method == "GET":
@@ -324,12 +396,13 @@ class Dataverse:
                 nav, _, annotation = key.partition("@")
                 if annotation != "odata.bind":
                     continue  # other instance annotations are ignored, as by Dataverse
-                if nav not in ent.single_navs:
+                declared = self.navs(ent).get(nav)
+                if declared is None:
                     raise DataverseError.undeclared_nav(nav)
-                col_name, allowed = ent.single_navs[nav]
+                col_name, allowed = declared.column, declared.targets
                 col = ent.columns[col_name]
-                if col.read_only:
-                    self._read_only(ent, col_name)
+                if not col.writable(creating=creating) and not self.system_writes:
+                    self._read_only(ent, col_name, creating=creating)
                     continue
                 if value is None:
                     row[col.value_key] = None
@@ -341,7 +414,8 @@ class Dataverse:
                         f"Navigation property '{nav}' cannot reference a '{target.logical_name}' record.",
                         code="0x80048d19")
                 if not self.store.exists(target, rid):
-                    raise DataverseError.does_not_exist(target.logical_name, rid)
+                    raise DataverseError.missing_bind_target(target.logical_name, self.options.missing_bind_status,
+                                                             self.options.missing_bind_code)
                 row[col.value_key] = rid
                 row[f"~{col_name}"] = target.logical_name
                 continue
@@ -350,7 +424,7 @@ class Dataverse:
                     raise DataverseError.bad_request(f"'{key}' must be a JSON array.", code="0x80048d19")
                 collections[key] = value
                 continue
-            if key in ent.single_navs:
+            if key in self.navs(ent):
                 raise DataverseError.bad_request(
                     f"Deep insert through the single-valued navigation property '{key}' is not supported by the "
                     "emulator; bind an existing record with @odata.bind.")
@@ -361,19 +435,21 @@ class Dataverse:
                 if not creating and value is not None and str(value).lower() != row.get(ent.primary_id):
                     raise DataverseError.bad_request("The primary key of a record cannot be changed.")
                 continue
-            if col.read_only:
-                self._read_only(ent, col.name)
+            if not col.writable(creating=creating) and not self.system_writes:
+                self._read_only(ent, col.name, creating=creating)
                 continue
             row[col.value_key] = self.coerce(ent, col, value)
         return collections
 
-    def _read_only(self, ent: EntityDef, col: str) -> None:
+    def _read_only(self, ent: EntityDef, col: str, *, creating: bool) -> None:
         if self.options.strict:
-            # The reference has no documented error for writing a read-only column (NOT VERIFIED): strict mode makes
-            # the mistake visible instead of silently dropping data.
+            # Real Dataverse ignores a column that is not valid for the operation. Strict mode is a lint: it makes
+            # the mistake visible instead of silently dropping the value (docs/dataverse-emulator.md).
+            flag = "IsValidForCreate" if creating else "IsValidForUpdate"
             raise DataverseError.bad_request(
-                f"The attribute '{col}' of entity '{ent.logical_name}' is read-only (IsValidForCreate/Update = false); "
-                "the emulator runs in strict mode.", code="0x80040203")
+                f"The attribute '{col}' of entity '{ent.logical_name}' is not valid for "
+                f"{'create' if creating else 'update'} ({flag} = false); Dataverse would ignore it, the emulator "
+                "runs in strict mode.", code="0x80040203")
 
     # ================================================================================================================
     # create
@@ -466,7 +542,7 @@ class Dataverse:
             row["_createdonbehalfby_value"] = caller.app_user_id
             if caller.app_user_id:
                 row["~createdonbehalfby"] = "systemuser"
-        if "ownerid" in ent.columns and not ent.columns["ownerid"].read_only:
+        if "ownerid" in ent.columns and ent.columns["ownerid"].valid_for_create:
             if not row.get("_ownerid_value"):
                 row["_ownerid_value"], row["~ownerid"] = caller.user_id, "systemuser"
             self._set_owning(row)
@@ -524,6 +600,8 @@ class Dataverse:
             self._party_rules(row)
         if name == "activitymimeattachment" and creating:
             self._attachment_rules(row, parent_id)
+        if name == "queueitem" and creating:
+            self._queue_item_rules(row)
         if name == "systemuser" and creating:
             row.setdefault("isdisabled", False)
             row.setdefault("incomingemaildeliverymethod", 2)
@@ -536,13 +614,31 @@ class Dataverse:
             row.setdefault("incomingemailfilteringmethod", 0)
             row.setdefault("emailrouteraccessapproval", 0)
         if name == "mailbox" and creating:
+            # isforwardmailbox is read-only with DefaultValue 1 (mailbox.md): a mailbox created over the Web API
+            # (no regarding user/queue) is a forward mailbox; users' and queues' mailboxes are the platform's own.
+            row.setdefault("isforwardmailbox", not row.get("_regardingobjectid_value"))
             for k, v in (("enabledforincomingemail", True), ("enabledforoutgoingemail", True), ("enabledforact", True),
                          ("incomingemailstatus", 0), ("outgoingemailstatus", 0), ("actstatus", 0),
-                         ("mailboxstatus", 0), ("isforwardmailbox", False), ("processanddeleteemails", False),
+                         ("mailboxstatus", 0), ("processanddeleteemails", False),
                          ("isemailaddressapprovedbyo365admin", False), ("emailrouteraccessapproval", 0),
                          ("incomingemaildeliverymethod", 0), ("outgoingemaildeliverymethod", 0),
                          ("actdeliverymethod", 2)):
                 row.setdefault(k, v)
+
+    def _queue_item_rules(self, row: Row) -> None:
+        """What the platform fills on a new queue item (queueitem.md, of the columns the emulator carries): Entered
+        Queue (enteredon); for email, Sender and To copied from it; state Active. objectid and queueid are
+        ApplicationRequired."""
+        object_id, object_type = row.get("_objectid_value"), row.get("~objectid")
+        if not object_id or not row.get("_queueid_value"):
+            raise DataverseError.bad_request("A queue item needs objectid and queueid.", code="0x80040203")
+        target = self.store.get(ENTITIES[object_type], object_id) if object_type in ENTITIES else None
+        if target is not None and object_type == "email":
+            row["sender"] = (target.get("sender") or "")[:250] or None
+            row["torecipients"] = (target.get("torecipients") or "")[:500] or None
+        row["enteredon"] = now_iso()
+        row.setdefault("statecode", 0)
+        row.setdefault("statuscode", 1)
 
     def _party_rules(self, row: Row) -> None:
         mask = row.get("participationtypemask")
@@ -677,9 +773,10 @@ class Dataverse:
             if not self.store.exists(us_ent, rid):
                 now = now_iso()
                 # DefaultFormValue 2 per the usersettings reference (a support blog says 1; always read it).
+                # businessunitid is a plain Uniqueidentifier on usersettings (usersettings.md), not a lookup.
                 us: Row = {"systemuserid": rid, "incomingemailfilteringmethod": 2, "timezonecode": 85,
-                           "uilanguageid": 1033, "localeid": 1033, "createdon": now, "modifiedon": now,
-                           "_businessunitid_value": row.get("_businessunitid_value"), "~businessunitid": "businessunit"}
+                           "uilanguageid": 1033, "localeid": 1033, "createdon": now,
+                           "businessunitid": row.get("_businessunitid_value")}
                 self.store.insert(us_ent, rid, us)
 
     # ================================================================================================================
@@ -703,8 +800,11 @@ class Dataverse:
                 return self._write_response(req, ent, new_id, prefer, created=True)
             if if_none is not None and if_none.strip() == "*":
                 raise DataverseError.already_exists()
-            if if_match is not None and if_match.strip() != "*" and if_match.strip() != etag(before):
-                raise DataverseError.version_mismatch()
+            if if_match is not None and if_match.strip() != "*":
+                if ent.logical_name in self.variant.concurrency_off:
+                    raise DataverseError.concurrency_not_enabled(ent.logical_name)
+                if if_match.strip() != etag(before):
+                    raise DataverseError.version_mismatch()
             self.update_record(ent, rid, before, payload, caller, refs)
         return self._write_response(req, ent, rid, prefer, created=False)
 
@@ -734,8 +834,11 @@ class Dataverse:
                     if row.get("statuscode") in allowed:
                         row["statecode"] = st
                         break
+            # senton is read-only (email.md) and a PATCH to Sent does not fill it: only the platform's send path
+            # (SendEmail / the mail server) stamps it -- see send_email().
             self._apply_state(ent, row, creating=False)
-            if ent.logical_name == "email" and row.get("statuscode") == 3 and before.get("statuscode") != 3:
+            if (ent.logical_name == "email" and row.get("statuscode") == 3 and before.get("statuscode") != 3
+                    and self.options.senton_on_sent_status):
                 row.setdefault("senton", None)
                 row["senton"] = row["senton"] or now_iso()
         if ent.logical_name in ("contact", "lead", "systemuser"):
@@ -775,6 +878,8 @@ class Dataverse:
             if row is None:
                 raise DataverseError.does_not_exist(ent.logical_name, rid)
             if_match = req.header("if-match")
+            if if_match and if_match.strip() != "*" and ent.logical_name in self.variant.concurrency_off:
+                raise DataverseError.concurrency_not_enabled(ent.logical_name)
             if if_match and if_match.strip() not in ("*", etag(row)):
                 raise DataverseError.version_mismatch()
             self.store.delete(ent, rid)
@@ -921,8 +1026,11 @@ class Dataverse:
                 if want("Microsoft.Dynamics.CRM.lookuplogicalname"):
                     out[f"{key}@Microsoft.Dynamics.CRM.lookuplogicalname"] = kind
                 if want("Microsoft.Dynamics.CRM.associatednavigationproperty"):
-                    nav = col.name if len(col.targets) == 1 or col.name == "ownerid" else f"{col.name}_{kind}"
-                    out[f"{key}@Microsoft.Dynamics.CRM.associatednavigationproperty"] = nav
+                    # The declared single-valued navigation property for this column and target (what a client
+                    # binds to write the same lookup), e.g. regardingobjectid_contact_email.
+                    nav = self._associated_nav(ent, col.name, kind)
+                    if nav is not None:
+                        out[f"{key}@Microsoft.Dynamics.CRM.associatednavigationproperty"] = nav
                 target_ent = ENTITIES.get(kind)
                 if target_ent is not None and want(fv):
                     target = self.store.get(target_ent, value)
@@ -930,6 +1038,12 @@ class Dataverse:
                         formatted = target.get(target_ent.primary_name)
         if formatted is not None and want(fv):
             out[f"{key}@{fv}"] = formatted
+
+    def _associated_nav(self, ent: EntityDef, column: str, target: str) -> str | None:
+        for nav in self.navs(ent).values():
+            if nav.column == column and target in nav.targets:
+                return nav.name
+        return None
 
     def _expand(self, req: ApiRequest, ent: EntityDef, row: Row, item: ExpandItem, prefer: Prefer) -> Any:
         if item.nav.endswith("/$ref"):
@@ -944,8 +1058,9 @@ class Dataverse:
             top = int(item.options["$top"]) if item.options.get("$top") else None
             res = run_query(self.store, child, where=where, order=order, limit=top, parent=row[ent.primary_id])
             return [self.format_row(req, child, r, select, prefer) for r in res.rows]
-        if item.nav in ent.single_navs:
-            col_name, allowed = ent.single_navs[item.nav]
+        declared = self.navs(ent).get(item.nav)
+        if declared is not None:
+            col_name, allowed = declared.column, declared.targets
             kind, target_id = row.get(f"~{col_name}"), row.get(f"_{col_name}_value")
             if not target_id or kind not in allowed:
                 return None
@@ -974,29 +1089,33 @@ class Dataverse:
     def next_tracking_token(self, user_id: str) -> str:
         """Prefix + online digit (0) + user number (trackingtokeniddigits) + per-user counter, wrapping to 0.
 
-        crm-email-behaviour.md §6.2: "4 character prefix and a 7-digit identifier" by default (CRM:0 001 001);
-        the counter restarts at 000 after 999. The user number is trackingtokenidbase + the user's ordinal.
+        crm-email-behaviour.md §6.2: "4 character prefix and a 7-digit identifier" by default (CRM:0 001 001).
+        The counters live where the reference puts them (audit dataverse-fidelity §2): the user's number in
+        ``usersettings.trackingtokenid``, the next counter value in ``usersettings.nexttrackingnumber``, and the
+        counter recycles after ``organization.maximumtrackingnumber`` (its width is the counter's digit count).
         """
         org = self.organization()
-        org_ent, user_ent = ENTITIES["organization"], ENTITIES["systemuser"]
+        org_ent, settings_ent = ENTITIES["organization"], ENTITIES["usersettings"]
         prefix = str(org.get("trackingprefix") or "CRM:").split(";")[0]
         digits = int(org.get("trackingtokeniddigits") or 3)
-        counter_digits = self.options.tracking_counter_digits
-        user = self.store.get(user_ent, user_id)
-        if user is None:
+        maximum = int(org.get("maximumtrackingnumber") or (10 ** self.options.tracking_counter_digits - 1))
+        counter_digits = len(str(maximum))
+        if self.store.get(ENTITIES["systemuser"], user_id) is None:
             raise DataverseError.does_not_exist("systemuser", user_id)
-        number = user.get("~trackingnumber")
+        settings = self.store.get(settings_ent, user_id)
+        if settings is None:
+            raise DataverseError.does_not_exist("usersettings", user_id)
+        number = settings.get("trackingtokenid")
         if number is None:
             ordinal = int(org.get("~nextuserordinal") or 1)
             org["~nextuserordinal"] = ordinal + 1
             number = int(org.get("trackingtokenidbase") or 0) + ordinal
-            user["~trackingnumber"] = number
-        counter = (int(user.get("~trackingcounter") or 0) + 1) % (10 ** counter_digits)
-        user["~trackingcounter"] = counter
-        org["nexttrackingnumber"] = counter
-        self.store.replace(user_ent, user_id, user)
-        self.store.replace(org_ent, org["organizationid"], org)
-        return f"{prefix}0{number:0{digits}d}{counter:0{counter_digits}d}"
+            settings["trackingtokenid"] = number
+            self.store.replace(org_ent, org["organizationid"], org)
+        counter = int(settings.get("nexttrackingnumber") or 1)
+        settings["nexttrackingnumber"] = counter % maximum + 1
+        self.store.replace(settings_ent, user_id, settings)
+        return f"{prefix}0{int(number):0{digits}d}{counter % (maximum + 1):0{counter_digits}d}"
 
     def get_tracking_token(self, req: ApiRequest, caller: Caller) -> ApiResponse:
         body = self._body(req)
@@ -1007,6 +1126,25 @@ class Dataverse:
         return ApiResponse.json(200, {
             "@odata.context": f"{req.api_url}/$metadata#Microsoft.Dynamics.CRM.GetTrackingTokenEmailResponse",
             "TrackingToken": token})
+
+    def retrieve_user_privileges(self, req: ApiRequest, rid: str) -> ApiResponse:
+        """``systemusers(<id>)/Microsoft.Dynamics.CRM.RetrieveUserPrivileges()``: the user's privileges through roles
+        (and teams) as RolePrivilege {Depth, PrivilegeId, BusinessUnitId, PrivilegeName}. The emulator has no roles:
+        a seeded user's ``privileges`` (names, or {"name", "depth"}) are what it holds; depth defaults to Global."""
+        user = self.store.get(ENTITIES["systemuser"], rid)
+        if user is None:
+            raise DataverseError.does_not_exist("systemuser", rid)
+        granted = []
+        for entry in user.get("~privileges") or []:
+            name, depth = (entry, "Global") if isinstance(entry, str) else (entry.get("name"), entry.get("depth"))
+            if not name:
+                continue
+            granted.append({"Depth": depth or "Global", "PrivilegeName": name,
+                            "PrivilegeId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"dataverse-emulator/privilege/{name}")),
+                            "BusinessUnitId": user.get("_businessunitid_value")})
+        return ApiResponse.json(200, {
+            "@odata.context": f"{req.api_url}/$metadata#Microsoft.Dynamics.CRM.RetrieveUserPrivilegesResponse",
+            "RolePrivileges": granted})
 
     def send_email(self, req: ApiRequest, rid: str, caller: Caller) -> ApiResponse:
         body = self._body(req)

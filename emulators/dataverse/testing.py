@@ -11,7 +11,7 @@ from emulators.common.tls import ensure_tls
 
 from .app import DataverseConfig, EmulatorState, create_app
 from .protection import Limits
-from .service import API_PATH, Options
+from .service import API_PATH, Options, OrgVariant
 from .store import Store
 
 __all__ = ["RunningDataverse", "start_dataverse"]
@@ -48,6 +48,7 @@ def start_dataverse(
     *,
     state_dir: Path | None = None,
     limits: Limits | None = None,
+    variant: OrgVariant | None = None,
     **options: Any,
 ) -> RunningDataverse:
     """Serve the emulator; ``seed=None`` = the demo seed; ``options`` are :class:`Options` fields
@@ -58,7 +59,7 @@ def start_dataverse(
     config = DataverseConfig(
         org_url=org_url, identity_url=identity_url, ca_bundle=str(tls.bundle),
         state_path=str(state_dir / "dataverse.sqlite3") if state_dir else ":memory:", seed=seed,
-        options=Options(**options), limits=limits or Limits(),
+        options=Options(**options), limits=limits or Limits(), variant=variant or OrgVariant(),
     )
     app = create_app(config)
     server = start_in_thread(app, port=port, tls=tls)

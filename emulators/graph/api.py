@@ -25,7 +25,7 @@ from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from .config import GraphConfig
 from .limits import FaultRegistry, MailboxLimits, SubscriptionLimits
-from .mail import MailService, _ci
+from .mail import DRAFT_HEADERS, MailService, _ci
 from .notify import Notifier, check_notification_url
 from .odata import Prefer, compile_filter, parse_expand, parse_orderby, parse_prefer
 from .render import normalise_select, render_attachment, render_message, sort_rows
@@ -42,9 +42,32 @@ RULES_READ = frozenset({"MailboxSettings.Read", "MailboxSettings.ReadWrite"})
 RULES_WRITE = frozenset({"MailboxSettings.ReadWrite"})
 USERS = frozenset({"User.Read.All", "User.ReadWrite.All", "User.ReadBasic.All", "Directory.Read.All",
                    "Directory.ReadWrite.All"})
-SUBS = READ_BASIC
+# App-only message subscriptions: Learn lists Mail.ReadBasic too, but with it they fail in practice
+# (microsoft-graph-docs-contrib#3802; audit graph-fidelity #20): the stricter reading.
+SUBS = READ
 ANY: frozenset[str] = frozenset()
 ACCESS_DENIED = "Access is denied. Check credentials and try again."
+# The mailbox permissions "Exchange RBAC for Applications" can assign on a management scope (auth-limit-mailbox-
+# access); such grants live in Exchange, not in the token's roles.
+RBAC_ROLES = frozenset({"Mail.Read", "Mail.ReadBasic", "Mail.ReadWrite", "Mail.Send", "MailboxSettings.Read",
+                        "MailboxSettings.ReadWrite"})
+
+
+def parse_role_assignments(raw: Mapping[str, Any]) -> dict[str, dict[str, set[str]]]:
+    """``{app id: [{"role": "Application Mail.ReadWrite", "scope": ["alice@contoso.example" | object id | "*"]}]}``
+    (the shape of ``New-ManagementRoleAssignment -App -Role -CustomResourceScope``) -> app -> role -> scope keys."""
+    out: dict[str, dict[str, set[str]]] = {}
+    for app_id, assignments in (raw or {}).items():
+        if not isinstance(assignments, list):
+            raise GraphError(400, "BadRequest", "roleAssignments: each app maps to a list of assignments.")
+        roles = out.setdefault(str(app_id).lower(), {})
+        for assignment in assignments:
+            role = str((assignment or {}).get("role") or "").removeprefix("Application ").strip()
+            scope = (assignment or {}).get("scope", ["*"])
+            if role not in RBAC_ROLES or not isinstance(scope, list):
+                raise GraphError(400, "BadRequest", f"roleAssignments: unknown role {role!r} or scope not a list.")
+            roles.setdefault(role, set()).update(str(k).lower() for k in scope)
+    return out
 
 
 @dataclass
@@ -124,6 +147,7 @@ class _Route:
     names: tuple[str, ...]
     handler: Handler
     roles: frozenset[str]
+    directory: bool = False  # an Entra directory read (/users): no mailbox scoping, no Outlook limits
 
 
 class GraphApi:
@@ -137,6 +161,7 @@ class GraphApi:
         self.faults = faults
         self.access_policies: dict[str, set[str]] = {
             app.lower(): {a.lower() for a in allowed} for app, allowed in config.access_policies.items()}
+        self.role_assignments = parse_role_assignments(config.role_assignments)
         self.uploads: dict[str, dict[str, Any]] = {}
         self.subscription_limits = SubscriptionLimits(
             config.subscription_window_s, config.subscription_writes_per_app, config.subscription_writes_per_tenant,
@@ -181,11 +206,12 @@ class GraphApi:
             ("DELETE", f"{m}/attachments/{{attachment}}", self.delete_attachment, WRITE),
             ("GET", f"{m}/attachments/{{attachment}}/$value", self.get_attachment_value, READ),
             ("GET", "subscriptions", self.list_subscriptions, ANY),
-            ("POST", "subscriptions", self.create_subscription, SUBS),
+            # the mailbox of a subscription is in its resource: the handlers check SUBS for that mailbox
+            ("POST", "subscriptions", self.create_subscription, ANY),
             ("GET", "subscriptions/{subscription}", self.get_subscription, ANY),
-            ("PATCH", "subscriptions/{subscription}", self.update_subscription, SUBS),
+            ("PATCH", "subscriptions/{subscription}", self.update_subscription, ANY),
             ("DELETE", "subscriptions/{subscription}", self.delete_subscription, ANY),
-            ("POST", "subscriptions/{subscription}/reauthorize", self.reauthorize_subscription, SUBS),
+            ("POST", "subscriptions/{subscription}/reauthorize", self.reauthorize_subscription, ANY),
         ]
         for method, pattern, handler, roles in table:
             parts: list[str | None] = []
@@ -196,7 +222,7 @@ class GraphApi:
                     names.append(seg.strip("{}"))
                 else:
                     parts.append(seg.lower())
-            route = _Route(method, tuple(parts), tuple(names), handler, roles)
+            route = _Route(method, tuple(parts), tuple(names), handler, roles, directory=roles is USERS)
             self._routes.setdefault((method, len(parts)), []).append(route)
             self._paths.setdefault(len(parts), []).append(route)
 
@@ -234,22 +260,55 @@ class GraphApi:
             raise GraphError(403, "ErrorAccessDenied", "Access to OData is disabled.")
 
     def resolve_user(self, key: str) -> User:
+        """``/users/{id | userPrincipalName}``: nothing else names a mailbox (message-get and every Outlook page);
+        a primary SMTP address that differs from the UPN is not a key (audit graph-fidelity #3)."""
         user = self.store.get_user(key)
         if user is None:
             raise GraphError(404, "ErrorInvalidUser", f"The requested user '{key}' is invalid.")
         return user
 
+    def _directory_user(self, key: str) -> User:
+        user = self.store.get_user(key)
+        if user is None:
+            raise GraphError(404, "Request_ResourceNotFound", f"Resource '{key}' does not exist or one of its "
+                                                              "queried reference-property objects are not present.")
+        return user
+
+    def mailbox_roles(self, ctx: Ctx, user: User) -> frozenset[str]:
+        """The token's roles plus what Exchange RBAC for Applications assigns this app on this mailbox."""
+        assigned = self.role_assignments.get(ctx.app_id.lower())
+        if not assigned:
+            return ctx.roles
+        keys = {"*", user.id.lower(), user.upn.lower(), user.mail.lower()}
+        return ctx.roles | {role for role, scope in assigned.items() if scope & keys}
+
+    def require_mailbox_roles(self, ctx: Ctx, user: User, roles: frozenset[str]) -> None:
+        if roles and not (self.mailbox_roles(ctx, user) & roles):
+            raise GraphError(403, "ErrorAccessDenied", ACCESS_DENIED)
+
     async def handle(self, ctx: Ctx) -> GraphResponse:
         route, params = self._find(ctx.method, ctx.segments)
-        if route.roles and not (ctx.roles & route.roles):
+        user_key = params.pop("user", None)
+        if route.directory:
+            if not (ctx.roles & route.roles):
+                raise GraphError(403, "Authorization_RequestDenied",
+                                 "Insufficient privileges to complete the operation.")
+            fault = self.faults.match(ctx.method, "/v1.0/" + "/".join(ctx.segments))
+            extra = {"user": self._directory_user(user_key)} if user_key is not None else {}
+            return await self._run(route, ctx, {**extra, **params}, fault)
+        if not route.roles or ctx.roles & route.roles:
+            user = self.resolve_user(user_key) if user_key is not None else None
+        elif user_key is not None and self.role_assignments.get(ctx.app_id.lower()):
+            # no token role: only an Exchange RBAC for Applications assignment on this mailbox can grant it
+            user = self.resolve_user(user_key)
+            self.require_mailbox_roles(ctx, user, route.roles)
+        else:
             raise GraphError(403, "ErrorAccessDenied", ACCESS_DENIED)
         if route.parts[0] == "subscriptions":
             self.subscription_limits.check(ctx.app_id, ctx.method)
         fault = self.faults.match(ctx.method, "/v1.0/" + "/".join(ctx.segments))
-        user_key = params.pop("user", None)
-        if user_key is None:
+        if user is None:
             return await self._run(route, ctx, params, fault)
-        user = self.resolve_user(user_key)
         self.check_mailbox_access(ctx.app_id, user)
         self.limits.acquire(ctx.app_id, user.id)
         try:
@@ -334,27 +393,32 @@ class GraphApi:
 
     # -- directory -----------------------------------------------------------------------------
     @staticmethod
-    def _select_user(data: dict[str, Any], select: str | None) -> dict[str, Any]:
-        if not select:
-            return data
-        wanted = {s.strip().lower() for s in select.split(",")}
-        return {k: v for k, v in data.items() if k.lower() in wanted or k == "id"}
+    def _select_user(user: User, select: str | None) -> dict[str, Any]:
+        data = user.to_graph(select=[s.strip() for s in select.split(",")] if select else None)
+        return data
 
     async def list_users(self, ctx: Ctx) -> GraphResponse:
-        users = [u.to_graph() for u in self.store.list_users()]
-        if ctx.query.get("$filter"):
-            node = compile_filter(ctx.query["$filter"])
-            users = [u for u in users if node(u)]
-        allowed = self.access_policies.get(ctx.app_id.lower())
-        if allowed is not None:
-            users = [u for u in users if u["userPrincipalName"].lower() in allowed or
-                     str(u.get("mail") or "").lower() in allowed]
-        value = [self._select_user(u, ctx.query.get("$select")) for u in users]
-        return json_response({"@odata.context": self._context(ctx, "users"), "value": value})
+        """Directory reads are not scoped by Exchange (access policies and RBAC scopes cover mailbox data only).
+        ``proxyAddresses/any(...)`` and ``$count=true`` are "advanced queries": ``ConsistencyLevel: eventual``
+        required (Learn: aad-advanced-queries)."""
+        users = self.store.list_users()
+        advanced = ctx.headers.get("consistencylevel", "").lower() == "eventual"
+        text = ctx.query.get("$filter")
+        if ((text and re.search(r"/any\s*\(", text, re.I)) or ctx.query.get("$count")) and not advanced:
+            raise GraphError(400, "Request_UnsupportedQuery",
+                             "Unsupported query: it needs the ConsistencyLevel header set to 'eventual'.")
+        if text:
+            node = compile_filter(text)
+            users = [u for u in users if node(u.filter_view())]
+        body: dict[str, Any] = {"@odata.context": self._context(ctx, "users")}
+        if str(ctx.query.get("$count", "")).lower() == "true":
+            body["@odata.count"] = len(users)
+        body["value"] = [self._select_user(u, ctx.query.get("$select")) for u in users]
+        return json_response(body)
 
     async def get_user(self, ctx: Ctx, user: User) -> GraphResponse:
         body = {"@odata.context": self._context(ctx, "users/$entity"),
-                **self._select_user(user.to_graph(), ctx.query.get("$select"))}
+                **self._select_user(user, ctx.query.get("$select"))}
         return json_response(body)
 
     # -- folders -------------------------------------------------------------------------------
@@ -362,7 +426,7 @@ class GraphApi:
         total, unread, children = self.store.folder_counts(folder.id)
         return {"id": folder.id, "displayName": folder.display_name, "parentFolderId": folder.parent_id,
                 "childFolderCount": children, "unreadItemCount": unread, "totalItemCount": total,
-                "sizeInBytes": 0, "isHidden": folder.hidden}
+                "isHidden": folder.hidden}
 
     async def list_folders(self, ctx: Ctx, user: User, folder: str | None = None) -> GraphResponse:
         parent = self._folder(user, folder).id if folder else None
@@ -434,10 +498,11 @@ class GraphApi:
                   "isreadreceiptrequested": "isReadReceiptRequested"}
     _DRAFT_ONLY: ClassVar[dict[str, str]] = {"subject": "subject", "body": "body", "torecipients": "toRecipients",
                    "ccrecipients": "ccRecipients", "bccrecipients": "bccRecipients", "replyto": "replyTo",
-                   "from": "from", "sender": "sender", "internetmessageheaders": "internetMessageHeaders"}
+                   "from": "from", "sender": "sender", "internetmessageheaders": "internetMessageHeaders",
+                   "internetmessageid": "internetMessageId"}
 
     async def update_message(self, ctx: Ctx, user: User, message: str) -> GraphResponse:
-        from .mail import _recipient, validate_custom_headers
+        from .mail import _recipient, chosen_internet_message_id, validate_custom_headers
         from .render import body_preview
 
         row = self._message(user, message)
@@ -461,7 +526,11 @@ class GraphApi:
                 elif name in ("from", "sender"):
                     value = _recipient(value)
                 elif name == "internetMessageHeaders":
-                    value = validate_custom_headers(value)
+                    # a draft keeps them for its MIME; Graph shows no internetMessageHeaders on it (graph.md §7.2)
+                    changes[DRAFT_HEADERS] = validate_custom_headers(value)
+                    continue
+                elif name == "internetMessageId":
+                    value = chosen_internet_message_id(value)
                 elif name == "body":
                     value = {"contentType": str(_ci(value, "contentType") or "text").lower(),
                              "content": str(_ci(value, "content") or "")}
@@ -857,6 +926,7 @@ class GraphApi:
         if not user_key:
             raise GraphError(400, "InvalidRequest", f"Unsupported resource '{resource}'.")
         user = self.resolve_user(user_key)
+        self.require_mailbox_roles(ctx, user, SUBS)
         self.check_mailbox_access(ctx.app_id, user)
         folder_key = m.group("folder") or m.group("folder2")
         folder = self._folder(user, folder_key) if folder_key else None
@@ -886,12 +956,16 @@ class GraphApi:
         return format_dt7(max(when, floor))
 
     @staticmethod
-    def _public_sub(sub: dict[str, Any]) -> dict[str, Any]:
+    def _public_sub(sub: dict[str, Any], *, with_client_state: bool = True) -> dict[str, Any]:
         keys = ("id", "resource", "applicationId", "changeType", "clientState", "notificationUrl",
-                "notificationQueryOptions", "notificationContentType", "lifecycleNotificationUrl",
+                "notificationQueryOptions", "lifecycleNotificationUrl",
                 "expirationDateTime", "creatorId", "includeResourceData", "latestSupportedTlsVersion",
                 "encryptionCertificate", "encryptionCertificateId", "notificationUrlAppId")
-        return {k: sub.get(k) for k in keys}
+        out = {k: sub.get(k) for k in keys}
+        if not with_client_state:
+            # subscription-list: "the clientState property value is not returned for security purposes"
+            out["clientState"] = None
+        return out
 
     @staticmethod
     def _authorised(sub: dict[str, Any]) -> None:
@@ -901,10 +975,14 @@ class GraphApi:
         sub["_challengedAt"] = None
         sub["_challengedSince"] = None
 
-    def _sub_for_app(self, ctx: Ctx, sub_id: str) -> dict[str, Any]:
+    def _sub_for_app(self, ctx: Ctx, sub_id: str, *, write: bool = False) -> dict[str, Any]:
         sub = self.store.get_subscription(sub_id)
         if sub is None or sub.get("applicationId", "").lower() != ctx.app_id.lower():
             raise GraphError(404, "ResourceNotFound", f"The object was not found. Subscription '{sub_id}'.")
+        if write:
+            user = self.store.get_user(str(sub.get("_userId") or ""))
+            if user is not None:
+                self.require_mailbox_roles(ctx, user, SUBS)
         return sub
 
     async def create_subscription(self, ctx: Ctx) -> GraphResponse:
@@ -939,7 +1017,7 @@ class GraphApi:
             await self.notifier.validate_endpoint(lifecycle)
         sub = {"id": str(uuid.uuid4()), "resource": _ci(body, "resource"), "applicationId": ctx.app_id,
                "changeType": ",".join(kinds), "clientState": client_state, "notificationUrl": url,
-               "notificationQueryOptions": None, "notificationContentType": None,
+               "notificationQueryOptions": None,
                "lifecycleNotificationUrl": lifecycle, "expirationDateTime": expires, "creatorId": ctx.object_id,
                "includeResourceData": None, "latestSupportedTlsVersion": tls, "encryptionCertificate": None,
                "encryptionCertificateId": None, "notificationUrlAppId": None,
@@ -952,7 +1030,7 @@ class GraphApi:
                              201)
 
     async def list_subscriptions(self, ctx: Ctx) -> GraphResponse:
-        subs = [self._public_sub(s) for s in self.store.list_subscriptions(ctx.app_id)]
+        subs = [self._public_sub(s, with_client_state=False) for s in self.store.list_subscriptions(ctx.app_id)]
         top = self.config.max_page_size if "$top" not in ctx.query else self._page_size(ctx)
         skip = int(ctx.query.get("$skip", "0") or 0)
         body: dict[str, Any] = {"@odata.context": self._context(ctx, "subscriptions"), "value": subs[skip:skip + top]}
@@ -965,7 +1043,7 @@ class GraphApi:
         return json_response({"@odata.context": self._context(ctx, "subscriptions/$entity"), **self._public_sub(sub)})
 
     async def update_subscription(self, ctx: Ctx, subscription: str) -> GraphResponse:
-        sub = self._sub_for_app(ctx, subscription)
+        sub = self._sub_for_app(ctx, subscription, write=True)
         body = ctx.json()
         if not isinstance(body, dict):
             raise GraphError(400, "BadRequest", "The request body must be a JSON object.")
@@ -994,7 +1072,8 @@ class GraphApi:
         return GraphResponse(204)
 
     async def reauthorize_subscription(self, ctx: Ctx, subscription: str) -> GraphResponse:
-        sub = self._sub_for_app(ctx, subscription)
+        sub = self._sub_for_app(ctx, subscription, write=True)
+        sub["_reauthNotified"] = False
         self._authorised(sub)
         self.store.put_subscription(sub)
         self.notifier.invalidate()

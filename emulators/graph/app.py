@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from emulators.common.tokens import InvalidToken, TokenValidator
 
-from .api import Ctx, GraphApi, normalise_segments
+from .api import Ctx, GraphApi, normalise_segments, parse_role_assignments
 from .config import GraphConfig
 from .limits import FaultRegistry, MailboxLimits, NotificationFaults
 from .mail import MailService
@@ -72,7 +72,16 @@ class GraphEmulator:
         summary = apply_seed(self.store, self.mail, seed)
         for app_id, allowed in (summary.get("accessPolicies") or {}).items():
             self.set_access_policy(app_id, allowed)
+        for app_id, assignments in (summary.get("roleAssignments") or {}).items():
+            self.set_role_assignments(app_id, assignments)
         return summary
+
+    def set_role_assignments(self, app_id: str, assignments: list[dict[str, Any]] | None) -> None:
+        """Exchange RBAC for Applications: replace one app's role assignments (None removes them)."""
+        if assignments is None:
+            self.api.role_assignments.pop(app_id.lower(), None)
+        else:
+            self.api.role_assignments.update(parse_role_assignments({app_id: assignments}))
 
     def set_access_policy(self, app_id: str, allowed: list[str] | None) -> None:
         if allowed is None:
@@ -89,6 +98,7 @@ class GraphEmulator:
         self.notifier.reset()
         self.api.uploads.clear()
         self.api.access_policies = {a.lower(): {x.lower() for x in v} for a, v in self.config.access_policies.items()}
+        self.api.role_assignments = parse_role_assignments(self.config.role_assignments)
         self.requests.clear()
         for key, value in self.runtime_defaults.items():
             setattr(self.config, key, value)
@@ -332,6 +342,21 @@ def create_app(config: GraphConfig, emulator: GraphEmulator | None = None) -> St
         emu.set_access_policy(str(body["app_id"]), [str(a) for a in allowed] if allowed is not None else None)
         return JSONResponse({"app_id": body["app_id"], "allowed": allowed})
 
+    async def role_assignments(request: Request) -> Response:
+        """Exchange RBAC for Applications (New-ManagementRoleAssignment -App): {"app_id", "assignments":
+        [{"role": "Application Mail.ReadWrite", "scope": [...]}]} (null removes them)."""
+        if request.method == "GET":
+            return JSONResponse({app: {role: sorted(scope) for role, scope in roles.items()}
+                                 for app, roles in emu.api.role_assignments.items()})
+        body = await body_json(request)
+        if not body.get("app_id"):
+            return bad("app_id is required")
+        try:
+            emu.set_role_assignments(str(body["app_id"]), body.get("assignments"))
+        except GraphError as exc:
+            return bad(exc.message)
+        return JSONResponse({"app_id": body["app_id"], "assignments": body.get("assignments")})
+
     async def subscriptions(request: Request) -> Response:
         return JSONResponse({"value": emu.store.list_subscriptions()})
 
@@ -358,6 +383,7 @@ def create_app(config: GraphConfig, emulator: GraphEmulator | None = None) -> St
         Route("/_emulator/notification-faults/{fault_id}", notification_faults, methods=["DELETE"]),
         Route("/_emulator/lifecycle", lifecycle, methods=["POST"]),
         Route("/_emulator/access-policy", access_policy, methods=["GET", "POST"]),
+        Route("/_emulator/role-assignments", role_assignments, methods=["GET", "POST"]),
         Route("/_emulator/subscriptions", subscriptions, methods=["GET"]),
         Route("/_emulator/config", runtime_config, methods=["GET", "POST"]),
     ]

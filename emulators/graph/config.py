@@ -26,7 +26,7 @@ class GraphConfig:
     jwks: dict[str, Any] | None = None
     auth: bool = True
     unauthenticated_roles: frozenset[str] = frozenset(
-        {"Mail.ReadWrite", "Mail.Send", "MailboxSettings.ReadWrite", "User.Read.All"}
+        {"Mail.Read", "Mail.ReadWrite", "Mail.Send", "MailboxSettings.ReadWrite", "User.Read.All"}
     )
     state_dir: Path | None = None  # None: SQLite in memory, outbox .eml files in a temporary directory
     seed: dict[str, Any] | None = None  # None: the default demo seed (emulators/graph/seed.py)
@@ -101,6 +101,9 @@ class GraphConfig:
     max_upload_chunk_bytes: int = 4_000_000
     request_log_size: int = 200_000
     access_policies: dict[str, list[str]] = field(default_factory=dict)  # app id -> allowed UPNs/addresses
+    # Exchange RBAC for Applications: app id -> [{"role": "Application Mail.ReadWrite", "scope": [mailboxes|"*"]}].
+    # These grants live in Exchange: the token carries no Mail.* roles for them (auth-limit-mailbox-access).
+    role_assignments: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def outbox_dir(self) -> Path | None:

@@ -32,7 +32,30 @@ _MAX_HOPS = 4  # rule-generated mail may trigger rules again; Exchange stops loo
 _LOOP_HEADER = "X-MS-Exchange-Inbox-Rules-Loop"
 _MESSAGE_FIELDS = ("subject", "body", "importance", "toRecipients", "ccRecipients", "bccRecipients", "replyTo",
                    "from", "sender", "categories", "flag", "isDeliveryReceiptRequested", "isReadReceiptRequested",
-                   "internetMessageHeaders", "uniqueBody")
+                   "uniqueBody")
+# Where a message's data keeps what the client set but Graph does not show as a property:
+# the custom x-headers of a draft (written into the MIME on send; a draft and its Sent Items copy have no
+# internetMessageHeaders, only delivered mail has them - graph.md §7.2) and its extended MAPI properties.
+DRAFT_HEADERS = "_draftHeaders"
+EXTENDED = "_extended"
+# MAPI properties the message model maps onto its own fields (graph.md §6).
+_MAPPED_PROPERTIES = {"string 0x1042", "string 0x1039", "string 0x1035"}
+_PROPERTY_ID = re.compile(
+    r"^(?:Binary|Boolean|Currency|CLSID|Double|Integer|Long|Object|Short|String|SystemTime)\s+"
+    r"(?:0x[0-9A-Fa-f]{1,4}|\{[0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12}\}\s+"
+    r"(?:Name\s+\S.*|Id\s+0x[0-9A-Fa-f]{1,4}))$")
+
+
+def chosen_internet_message_id(value: Any) -> str:
+    """A client-chosen internetMessageId for a draft: an RFC 5322 msg-id ``<left@right>`` (at most 320 characters,
+    no whitespace). What Exchange does with anything else is not documented: refused here (the stricter reading)."""
+    text = value if isinstance(value, str) else ""
+    left, at, right = text[1:-1].partition("@")
+    if (len(text) > 320 or not (text.startswith("<") and text.endswith(">")) or not at or not left or not right
+            or any(c.isspace() or c in "<>" for c in text[1:-1]) or "@" in right):
+        raise GraphError(400, "ErrorInvalidProperty", "The internetMessageId must be an RFC 5322 msg-id such as "
+                         "<id@domain>.")
+    return text
 
 
 def _ci(mapping: Mapping[str, Any], name: str, default: Any = None) -> Any:
@@ -86,6 +109,32 @@ def validate_custom_headers(headers: Any) -> list[dict[str, str]]:
     return out
 
 
+def extended_properties(value: Any) -> dict[str, str]:
+    """``singleValueExtendedProperties`` of a create request -> {id: value}; ids in Graph's documented forms
+    (``String 0x1042``, ``String {guid} Name X``, ``Integer {guid} Id 0x8005``)."""
+    if value is None:
+        return {}
+    if not isinstance(value, list):
+        raise GraphError(400, "ErrorInvalidRequest", "singleValueExtendedProperties must be a collection.")
+    out: dict[str, str] = {}
+    for entry in value:
+        prop = str(_ci(entry, "id") or "").strip() if isinstance(entry, Mapping) else ""
+        if not _PROPERTY_ID.match(prop):
+            raise GraphError(400, "ErrorInvalidProperty", f"The extended property id '{prop}' is not valid.")
+        out[prop] = str(_ci(entry, "value") or "")
+    return out
+
+
+def sent_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A message as its sender's Sent Items keeps it: whatever transport headers it was given move into the
+    draft headers (written into its MIME, not shown as internetMessageHeaders)."""
+    out = dict(data)
+    headers = out.pop("internetMessageHeaders", None)
+    if headers and not out.get(DRAFT_HEADERS):
+        out[DRAFT_HEADERS] = [h for h in headers if str(h.get("name", "")).lower().startswith("x-")]
+    return out
+
+
 class MailService:
     def __init__(self, store: Store, config: GraphConfig) -> None:
         self.store = store
@@ -136,19 +185,21 @@ class MailService:
         data["body"] = {"contentType": str(_ci(body, "contentType") or "text").lower(),
                         "content": str(_ci(body, "content") or "")}
         data["importance"] = str(data.get("importance") or "normal").lower()
-        data["internetMessageHeaders"] = validate_custom_headers(data.get("internetMessageHeaders"))
+        data[DRAFT_HEADERS] = validate_custom_headers(_ci(payload, "internetMessageHeaders"))
         me = {"emailAddress": {"name": user.display_name, "address": user.mail}}
         data["from"] = _recipient(data["from"]) if data.get("from") else me
         data["sender"] = _recipient(data["sender"]) if data.get("sender") else me
-        for ext in _ci(payload, "singleValueExtendedProperties") or []:
-            prop = str(_ci(ext, "id") or "").lower()
-            value = str(_ci(ext, "value") or "")
-            if prop == "string 0x1042":
+        extended = extended_properties(_ci(payload, "singleValueExtendedProperties"))
+        for prop, value in extended.items():
+            if prop.lower() == "string 0x1042":
                 data["_inReplyTo"] = value
-            elif prop == "string 0x1039":
+            elif prop.lower() == "string 0x1039":
                 data["_references"] = value.split()
-            elif prop == "string 0x1035" and value:
+            elif prop.lower() == "string 0x1035" and value:
                 data["internetMessageId"] = value
+        unmapped = {k: v for k, v in extended.items() if k.lower() not in _MAPPED_PROPERTIES}
+        if unmapped:
+            data[EXTENDED] = unmapped
         attachments = [self._attachment_from_payload(a) for a in _ci(payload, "attachments") or []]
         return data, attachments
 
@@ -192,6 +243,9 @@ class MailService:
 
     def create_draft(self, user: User, payload: Mapping[str, Any], folder_ref: str = "drafts") -> MessageRow:
         data, attachments = self._message_from_payload(user, payload)
+        chosen = _ci(payload, "internetMessageId")
+        if chosen is not None:  # "Updatable only if isDraft = true" (message-update): a draft may carry its own
+            data["internetMessageId"] = chosen_internet_message_id(chosen)
         folder = self.store.folder(user.id, folder_ref)
         if folder is None:
             raise GraphError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
@@ -227,7 +281,7 @@ class MailService:
             assert sent is not None
             data.update({"isDraft": False, "isRead": True, "createdDateTime": now, "sentDateTime": now,
                          "receivedDateTime": now})
-            self.store.insert_message(user.id, sent.id, data, attachments=attachments)
+            self.store.insert_message(user.id, sent.id, sent_copy(data), attachments=attachments)
 
     def send_mime(self, user: User, raw_b64: bytes, save_to_sent_items: bool = True) -> None:
         """sendMail with a base64 MIME body (Content-Type: text/plain)."""
@@ -255,7 +309,7 @@ class MailService:
             assert sent is not None
             now = format_dt(now_utc())
             data.update({"isDraft": False, "isRead": True, "sentDateTime": now, "receivedDateTime": now})
-            self.store.insert_message(user.id, sent.id, data, attachments=attachments)
+            self.store.insert_message(user.id, sent.id, sent_copy(data), attachments=attachments)
 
     def _attachments_for_send(self, row: MessageRow) -> list[dict[str, Any]]:
         out = []
@@ -270,6 +324,7 @@ class MailService:
     def _mime_dict(self, data: Mapping[str, Any], attachments: list[dict[str, Any]], *, keep_bcc: bool
                    ) -> dict[str, Any]:
         msg = {k: v for k, v in data.items() if not k.startswith("_")}
+        msg["internetMessageHeaders"] = data.get(DRAFT_HEADERS) or data.get("internetMessageHeaders") or []
         msg["inReplyTo"] = data.get("_inReplyTo")
         msg["references"] = list(data.get("_references") or [])
         msg["attachments"] = attachments
@@ -566,7 +621,9 @@ class MailService:
         raw = self.store.raw_mime(row.iid)
         if raw is not None:
             return raw
-        return self.mime_of_item({**row.data, "inReplyTo": row.data.get("_inReplyTo"),
+        headers = row.data.get(DRAFT_HEADERS) or row.data.get("internetMessageHeaders") or []
+        return self.mime_of_item({**row.data, "internetMessageHeaders": headers,
+                                  "inReplyTo": row.data.get("_inReplyTo"),
                                   "references": row.data.get("_references") or [],
                                   "attachments": self._attachments_for_send(row)})
 

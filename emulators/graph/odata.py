@@ -182,6 +182,8 @@ class _Parser:
             if low == "null":
                 return lambda o: None
             nxt = self.peek()
+            if low.endswith("/any") and nxt and nxt[0] == "lp":
+                return self.any_lambda(text[: -len("/any")])
             if low in _FUNCS and nxt and nxt[0] == "lp":
                 self.i += 1
                 first = self.or_expr()
@@ -201,6 +203,29 @@ class _Parser:
                 return func
             return lambda o: lookup(o, text)
         raise _bad(f"Unexpected token {text!r}.")
+
+
+    def any_lambda(self, collection: str) -> Node:
+        """``proxyAddresses/any(p:p eq 'smtp:x')``: true when the body holds for one element (``p`` is bound to
+        it; ``p/address`` reaches into an element object)."""
+        self.take()  # (
+        kind, text = self.take()
+        m = re.fullmatch(r"([A-Za-z_]\w*):([A-Za-z_][\w./@$:-]*)", text) if kind == "name" else None
+        if m is None:
+            raise _bad("any() needs a lambda 'x:x ...'.")
+        var = m.group(1)
+        self.tokens.insert(self.i, ("name", m.group(2)))
+        body = self.or_expr()
+        if self.take()[0] != "rp":
+            raise _bad("Missing ')'.")
+
+        def any_of(o: Mapping[str, Any]) -> bool:
+            items = lookup(o, collection)
+            if not isinstance(items, list):
+                return False
+            return any(bool(body({**o, var: item})) for item in items)
+
+        return any_of
 
 
 def compile_filter(text: str) -> Node:

@@ -36,7 +36,7 @@ _DEFAULTS: dict[str, Any] = {
     "isReadReceiptRequested": False, "isRead": False, "isDraft": False, "inferenceClassification": "focused",
     "body": {"contentType": "text", "content": ""}, "sender": None, "from": None, "toRecipients": [],
     "ccRecipients": [], "bccRecipients": [], "replyTo": [], "flag": {"flagStatus": "notFlagged"},
-    "sentDateTime": None, "receivedDateTime": None, "internetMessageHeaders": [],
+    "sentDateTime": None, "receivedDateTime": None,
 }
 # MAPI named properties Graph exposes as singleValueExtendedProperties (graph.md §6)
 _EXTENDED = {"string 0x1042": "_inReplyTo", "string 0x1039": "_references", "string 0x1035": "internetMessageId"}
@@ -91,27 +91,32 @@ def normalise_select(text: str | None) -> list[str] | None:
 
 
 def _extended_props(data: Mapping[str, Any], filter_text: str | None) -> list[dict[str, str]]:
-    wanted = set(_EXTENDED)
-    if filter_text:
-        wanted = {m.lower() for m in re.findall(r"'([^']+)'", filter_text)} & set(_EXTENDED)
-    out: list[dict[str, str]] = []
-    for prop_id in sorted(wanted):
-        value = data.get(_EXTENDED[prop_id])
+    """The item's extended properties, those named in ``$filter`` (``id eq '...' or id eq '...'``) or all.
+    Ids compare case-insensitively; each is returned in the form it was created with."""
+    values: dict[str, tuple[str, str]] = {}
+    for prop_id, key in _EXTENDED.items():
+        value = data.get(key)
         if isinstance(value, list):
             value = " ".join(value)
         if value:
-            out.append({"id": "String " + prop_id.split()[1], "value": str(value)})
-    return out
+            values[prop_id] = ("String " + prop_id.split()[1], str(value))
+    for prop_id, value in (data.get("_extended") or {}).items():
+        values[" ".join(prop_id.split()).lower()] = (prop_id, str(value))
+    wanted = set(values)
+    if filter_text:
+        wanted = {" ".join(m.split()).lower() for m in re.findall(r"'([^']+)'", filter_text)} & wanted
+    return [{"id": values[k][0], "value": values[k][1]} for k in sorted(wanted)]
 
 
-def message_properties(data: Mapping[str, Any], select: list[str] | None, body_type: str | None,
-                       *, include_headers_default: bool = False) -> dict[str, Any]:
-    props = select if select is not None else list(DEFAULT_PROPS) + (
-        ["internetMessageHeaders"] if include_headers_default else [])
+def message_properties(data: Mapping[str, Any], select: list[str] | None, body_type: str | None
+                       ) -> dict[str, Any]:
+    props = select if select is not None else list(DEFAULT_PROPS)
     out: dict[str, Any] = {}
     for prop in props:
         if prop in ("id", "parentFolderId"):
             continue
+        if prop == "internetMessageHeaders" and prop not in data:
+            continue  # drafts and Sent Items copies: "not even set" (graph.md §7.2), only delivered mail has them
         if prop == "body":
             out["body"] = convert_body(data.get("body") or _DEFAULTS["body"], body_type)
         elif prop == "uniqueBody":
@@ -165,15 +170,18 @@ def render_message(store: Store, row: MessageRow, *, select: list[str] | None, e
     return out
 
 
-def render_item(item: Mapping[str, Any], body_type: str | None = None, *, with_attachments: bool = False
-                ) -> dict[str, Any]:
-    """The message inside an itemAttachment: ``@odata.type`` + ``"id": ""`` + its properties and headers."""
+def render_item(item: Mapping[str, Any], body_type: str | None = None, *, with_attachments: bool = False,
+                select: list[str] | None = None) -> dict[str, Any]:
+    """The message inside an itemAttachment: ``@odata.type`` + ``"id": ""`` + its default properties, or those
+    ``$select``ed inside the expand (``internetMessageHeaders`` only then: graph.md §6.1, attachment-get
+    example 3 lists default properties only)."""
     out: dict[str, Any] = {"@odata.type": "#microsoft.graph.message", "id": ""}
-    props = message_properties(item, None, body_type, include_headers_default=True)
+    props = message_properties(item, select, body_type)
     props.pop("parentFolderId", None)
     props.pop("webLink", None)
     props.pop("changeKey", None)
-    props["hasAttachments"] = any(not a.get("isInline") for a in item.get("attachments") or [])
+    if select is None or "hasAttachments" in select:
+        props["hasAttachments"] = any(not a.get("isInline") for a in item.get("attachments") or [])
     out.update(props)
     if with_attachments:
         out["attachments"] = [render_attachment(f"{i}", a, None, expand_item=False)
@@ -202,7 +210,8 @@ def render_attachment(aid: str, meta: Mapping[str, Any], content: bytes | None, 
             nested = item_expand_opts or {}
             out["item@odata.context"] = "#microsoft.graph.message"
             out["item"] = render_item(meta.get("item") or {},
-                                      with_attachments="attachments" in (nested.get("$expand") or "").lower())
+                                      with_attachments="attachments" in (nested.get("$expand") or "").lower(),
+                                      select=normalise_select(nested.get("$select")))
     else:
         out["contentId"] = meta.get("contentId")
         out["contentLocation"] = meta.get("contentLocation")

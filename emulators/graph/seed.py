@@ -18,7 +18,9 @@ Format (JSON; every key optional; ``POST /_emulator/seed`` applies one additivel
            "body": "text or <p>html</p>", "isRead": false, "receivedDateTime": "2024-01-01T10:00:00Z"}
         ]
       }],
-      "accessPolicies": {"<app id>": ["alice@contoso.example"]}    # RBAC for Applications scope
+      "accessPolicies": {"<app id>": ["alice@contoso.example"]},   # legacy ApplicationAccessPolicy scope
+      "roleAssignments": {"<app id>": [                             # Exchange RBAC for Applications: grants
+          {"role": "Application Mail.ReadWrite", "scope": ["alice@contoso.example"]}]}   # outside the token
     }
 """
 
@@ -98,7 +100,7 @@ def apply_seed(store: Store, mail: MailService, seed: dict[str, Any]) -> dict[st
         for msg in spec.get("messages") or []:
             _seed_message(store, mail, user.id, msg)
     policies = seed.get("accessPolicies") or {}
-    return {"users": created, "accessPolicies": policies}
+    return {"users": created, "accessPolicies": policies, "roleAssignments": seed.get("roleAssignments") or {}}
 
 
 def _all_folders(store: Store, user_id: str) -> list[Any]:

@@ -62,6 +62,13 @@ _TABLES = ("meta", "users", "addresses", "folders", "messages", "raw_mime", "att
            "subscriptions", "changes", "delta_states", "outbox")
 
 
+# GET /users returns these without $select (user resource, "Properties" note on default properties).
+USER_DEFAULT_PROPS: tuple[str, ...] = (
+    "businessPhones", "displayName", "givenName", "jobTitle", "mail", "mobilePhone", "officeLocation",
+    "preferredLanguage", "surname", "userPrincipalName", "id",
+)
+
+
 @dataclass(frozen=True)
 class User:
     id: str
@@ -70,9 +77,25 @@ class User:
     display_name: str
     data: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def to_graph(self) -> dict[str, Any]:
-        return {"id": self.id, "userPrincipalName": self.upn, "mail": self.mail, "displayName": self.display_name,
-                **{k: v for k, v in self.data.items() if k not in ("id", "userPrincipalName", "mail", "displayName")}}
+    @property
+    def proxy_addresses(self) -> list[str]:
+        """Exchange's proxyAddresses: ``SMTP:`` (upper case) marks the primary address, ``smtp:`` the others."""
+        given = [str(p) for p in self.data.get("proxyAddresses") or []]
+        others = [p for p in given if p.split(":", 1)[-1].lower() != self.mail.lower()]
+        return [f"SMTP:{self.mail}", *others]
+
+    def filter_view(self) -> dict[str, Any]:
+        """Every property a directory ``$filter`` may test (also those not returned by default)."""
+        return {**self.data, "id": self.id, "userPrincipalName": self.upn, "mail": self.mail,
+                "displayName": self.display_name, "proxyAddresses": self.proxy_addresses}
+
+    def to_graph(self, select: list[str] | None = None) -> dict[str, Any]:
+        """A user as ``GET /users`` returns it: the default properties, or ``id`` + those ``$select``ed."""
+        view = self.filter_view()
+        if select is None:
+            return {name: view.get(name, [] if name == "businessPhones" else None) for name in USER_DEFAULT_PROPS}
+        wanted = {s.lower() for s in select}
+        return {"id": self.id, **{k: v for k, v in view.items() if k.lower() in wanted and k != "id"}}
 
 
 @dataclass(frozen=True)
@@ -222,15 +245,14 @@ class Store:
                     json.loads(row["data"]))
 
     def get_user(self, key: str) -> User | None:
-        """By object id, UPN or any address, case-insensitively (Graph accepts id or UPN)."""
+        """By object id or UPN, case-insensitively: the two keys Graph documents for ``/users/{id |
+        userPrincipalName}``. Other addresses of the mailbox (primary SMTP when it differs from the UPN, aliases)
+        are not keys (``user_by_address`` is the mail transport's lookup)."""
         cache_key = key.lower()
         cached = self._user_cache.get(cache_key)
         if cached is not None:
             return cached
         rows = self._rows("SELECT * FROM users WHERE id = ? COLLATE NOCASE OR upn = ?", key, key)
-        if not rows:
-            uid = self._scalar("SELECT user_id FROM addresses WHERE address = ?", key)
-            rows = self._rows("SELECT * FROM users WHERE id = ?", uid) if uid else []
         if not rows:
             return None
         user = self._user_from_row(rows[0])
@@ -240,6 +262,7 @@ class Store:
         return user
 
     def user_by_address(self, address: str) -> User | None:
+        """The mailbox an SMTP address (UPN, primary SMTP or any proxy address) delivers to."""
         uid = self._scalar("SELECT user_id FROM addresses WHERE address = ?", address.strip())
         return self.get_user(uid) if uid else None
 

@@ -2,10 +2,10 @@
 real host (scan timer -> queue -> sender) while Graph and Dataverse inject ~10 % faults and the host is SIGKILLed
 and restarted mid-run.
 
-Final state: the emulator's outbox holds each email at most once and every Sent one exactly once (with CRM's
-messageid); every CRM email ends Sent, or Failed with a reason in the router's ledger; none is left in Pending
-Send, Sending or a half-way Draft. Emails of senders the router must not serve (Outlook, unapproved) stay
-untouched in Pending Send and never reach the outbox.
+Final state: the emulator's outbox holds each email at most once and every Sent one exactly once (with the
+Message-ID the router's ledger recorded; CRM keeps none for sent mail); every CRM email ends Sent, or Failed with a
+reason in the router's ledger; none is left in Pending Send, Sending or a Draft. Emails of senders the router
+must not serve (Outlook, unapproved) stay untouched in Pending Send and never reach the outbox.
 """
 
 from __future__ import annotations
@@ -110,8 +110,9 @@ def test_outbound_chaos_sends_each_email_once_and_none_is_stuck(chaos_env: Chaos
             n_sent += 1
             if len(copies) != 1:
                 problems.append(f"{subject}: Sent but {len(copies)} outbox copies")
-            elif row["messageid"] and copies[0]["messageId"].strip("<>") != str(row["messageid"]).strip("<>"):
-                problems.append(f"{subject}: messageid {row['messageid']} != outbox {copies[0]['messageId']}")
+            elif (recorded := str(ledger.get(email_id, {}).get("InternetMessageId") or "")) and \
+                    copies[0]["messageId"].strip("<>") != recorded.strip("<>"):
+                problems.append(f"{subject}: ledger Message-ID {recorded} != outbox {copies[0]['messageId']}")
             if row["trackingtoken"] and copies and row["trackingtoken"] not in copies[0]["subject"]:
                 problems.append(f"{subject}: token {row['trackingtoken']} not in the sent subject")
         elif pair == FAILED:

@@ -204,10 +204,11 @@ def dataverse_seed(org: Org) -> dict[str, Any]:
 
 def sink_mailbox_record(org: Org) -> dict[str, Any]:
     """The CRM forward mailbox record (no seed section exists for mailboxes; created through the Web API)."""
-    return {"name": f"Forward mailbox {org.tag}", "emailaddress": org.sink.address, "isforwardmailbox": True,
+    # Only create-valid columns (mailbox.md): isforwardmailbox is read-only and defaults to Yes for a mailbox
+    # without a regarding user/queue; the enabledfor* flags default to Yes.
+    return {"name": f"Forward mailbox {org.tag}", "emailaddress": org.sink.address,
             "incomingemaildeliverymethod": INDIVIDUAL, "outgoingemaildeliverymethod": NONE,
-            "emailrouteraccessapproval": APPROVED, "enabledforincomingemail": True,
-            "enabledforoutgoingemail": False, "processanddeleteemails": False}
+            "emailrouteraccessapproval": APPROVED, "processanddeleteemails": False}
 
 
 # ------------------------------------------------------------------------------------------------ the stack

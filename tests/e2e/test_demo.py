@@ -30,12 +30,15 @@ def test_identity_seed_is_valid_and_grants_graph_roles() -> None:
 
 
 def test_one_identity_per_person_across_graph_and_dataverse() -> None:
-    graph_users = {u["userPrincipalName"]: u for u in demo_org.graph_seed()["users"]}
+    graph_users = {u["mail"]: u for u in demo_org.graph_seed()["users"]}
     crm_users = {u["internalemailaddress"]: u for u in demo_org.dataverse_seed()["systemusers"]
                  if not u.get("applicationid")}
     assert set(crm_users) == {p.address for p in demo_org.PEOPLE}
     for address, user in crm_users.items():
         assert graph_users[address]["id"] == user["azureactivedirectoryobjectid"] == demo_org.entra_object_id(address)
+        assert graph_users[address]["userPrincipalName"] == user["domainname"]
+    # one person's UPN differs from her mail address (the router must reach her by object id)
+    assert any(u["userPrincipalName"] != u["mail"] for u in graph_users.values())
     # the queue and the sink are mailboxes in Exchange too
     assert demo_org.QUEUE.address in graph_users and demo_org.SINK.address in graph_users
     assert len({u["id"] for u in graph_users.values()}) == len(graph_users)
@@ -58,7 +61,8 @@ def test_forward_user_has_the_rule_and_the_sink_is_a_crm_forward_mailbox() -> No
     targets = [r["emailAddress"]["address"] for r in rule["actions"]["forwardAsAttachmentTo"]]
     assert targets == [demo_org.SINK.address] and rule["conditions"] == {}
     (entity_set, rid, payload), = demo_org.crm_runtime_records()
-    assert entity_set == "mailboxes" and payload["isforwardmailbox"] is True
+    # no regarding user/queue: Dataverse makes it a forward mailbox (isforwardmailbox is read-only, default Yes)
+    assert entity_set == "mailboxes" and "isforwardmailbox" not in payload and "regardingobjectid" not in payload
     assert payload["emailaddress"] == demo_org.SINK.address and str(uuid.UUID(rid)) == rid
 
 
@@ -91,7 +95,7 @@ def test_demo_scenario_passes_on_a_fresh_stack(tmp_path: Path) -> None:
     assert not result.error, f"{result.error} (logs in {result.log_dir})"
     assert not failed, "\n".join(failed)
     snapshot: Snapshot = seen["snapshot"]
-    assert snapshot.watched_mailboxes == 6
+    assert snapshot.watched_mailboxes == 7
     tracked_mailboxes = {row.mailbox for row in snapshot.tracked}
     assert demo_org.person("erin").address in tracked_mailboxes
     assert snapshot.totals["tracked"] >= 7 and snapshot.totals["skipped"] >= 4

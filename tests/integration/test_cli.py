@@ -103,9 +103,11 @@ def test_mailbox_test_reports_checks(cli: Any, stack: LocalStack) -> None:
     cli("sync-crm")
     code, outcome, _ = cli("mailbox", "test", ALICE)
     names = {c["name"]: c for c in outcome["checks"]}
-    assert set(names) == {"crm_owner", "crm_write", "graph_read", "graph_send", "subscription"}
+    assert set(names) == {"crm_owner", "crm_write", "graph_read", "graph_send", "subscription", "sss_incoming",
+                          "sss_outgoing", "crm_concurrency"}
     assert names["graph_read"]["ok"] and names["graph_send"]["ok"] and names["crm_owner"]["ok"]
     assert names["crm_write"]["ok"], names["crm_write"]
+    assert names["sss_outgoing"]["ok"] and names["crm_concurrency"]["ok"]
     assert not names["subscription"]["ok"]  # nothing reconciled yet
     assert code == 1 and outcome["health"] == "failing"
     code, listing, _ = cli("mailbox", "list")

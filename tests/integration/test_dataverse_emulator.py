@@ -147,7 +147,7 @@ def test_create_email_with_deep_insert_regarding_owner_and_unresolved_party(api:
         "directioncode": False, "messageid": "<CH2PR21MB1463D383@example.outlook.com>",
         "actualend": "2026-11-20T09:15:00Z",
         "regardingobjectid_contact_email@odata.bind": f"/contacts({FIONA})",
-        "ownerid@odata.bind": f"/systemusers({ALICE})",
+        "ownerid_email@odata.bind": f"/systemusers({ALICE})",
         "email_activity_parties": [
             {"participationtypemask": 1, "partyid_contact@odata.bind": f"/contacts({FIONA})"},
             {"participationtypemask": 2, "partyid_systemuser@odata.bind": f"/systemusers({ALICE})"},
@@ -201,7 +201,9 @@ def test_bind_errors(api: Api) -> None:
     missing = str(uuid.uuid4())
     status, code, message = _error(api.request("POST", "emails", json_body=_email_body(
         f"/systemusers({ALICE})", f"/contacts({missing})")))
-    assert (status, code) == (404, "0x80040217") and message == f"contact With Id = {missing} Does Not Exist"
+    # the real text; the status is NOT VERIFIED and defaults to the stricter 400 (Options.missing_bind_status)
+    assert (status, code) == (400, "0x80040217")
+    assert message == "A record with the specified key values does not exist in contact entity"
     status, code, message = _error(api.request("POST", "emails", json_body={
         "subject": "x", "regardingobjectid_nonsense@odata.bind": f"/contacts({FIONA})"}))
     assert (status, code) == (400, "0x80048d19") and "undeclared property 'regardingobjectid_nonsense'" in message
@@ -220,7 +222,9 @@ def test_duplicate_key(api: Api) -> None:
     rid = str(uuid.uuid4())
     assert api.request("POST", "emails", json_body={"activityid": rid, "subject": "a"}).status_code == 204
     status, code, message = _error(api.request("POST", "emails", json_body={"activityid": rid, "subject": "a"}))
-    assert (status, code, message) == (412, "0x80040237", "Cannot insert duplicate key.")
+    assert (status, code, message) == (412, "0x80040237", "A record with matching key values already exists.")
+    inner = api.request("POST", "emails", json_body={"activityid": rid, "subject": "a"}).json()["error"]["innererror"]
+    assert inner["message"] == "Cannot insert duplicate key."
 
 
 def test_unknown_set_and_wrong_method(api: Api) -> None:
@@ -418,8 +422,10 @@ def test_batch_changeset_rolls_back_when_second_operation_fails(api: Api) -> Non
     ])])
     resp = api.request("POST", "$batch", content=body,
                        headers={"Content-Type": 'multipart/mixed; boundary="batch_AAA"'})
-    assert resp.status_code == 404
-    assert "HTTP/1.1 404 Not Found" in resp.text and '"code":"0x80040217"' in resp.text
+    assert resp.status_code == 400
+    assert "HTTP/1.1 400 Bad Request" in resp.text and '"code":"0x80040217"' in resp.text
+    # one plain application/http part, no changesetresponse wrapper and no Content-ID (real captured shape)
+    assert "changesetresponse" not in resp.text and "Content-ID" not in resp.text
     found = api.request("GET", "contacts", params={"$filter": "emailaddress1 eq 'rb@x.example'"}).json()["value"]
     assert found == []
 
@@ -480,9 +486,20 @@ def test_send_email_router_user_goes_pending_send_with_tracking_token(api: Api) 
 def test_send_email_non_router_users(api: Api) -> None:
     dave_mail = _created_id(api.request("POST", "emails", json_body=_email_body(f"/systemusers({DAVE})",
                                                                                 f"/contacts({FIONA})")))
-    status, _code, message = _error(api.request("POST", f"emails({dave_mail})/Microsoft.Dynamics.CRM.SendEmail",
-                                                json_body={"IssueSend": True}))
-    assert status == 400 and "outgoing email delivery method" in message
+    # outgoing method None: stays Pending Send by default (the documented reading, NOT VERIFIED); "error" is an option
+    api.emulator("POST", "options", {"sendemail_outcome": {"0": "error", "1": "pending", "2": "pending"}})
+    try:
+        status, _code, message = _error(api.request(
+            "POST", f"emails({dave_mail})/Microsoft.Dynamics.CRM.SendEmail", json_body={"IssueSend": True}))
+        assert status == 400 and "outgoing email delivery method" in message
+    finally:
+        api.emulator("POST", "options", {"sendemail_outcome": {"0": "pending", "1": "pending", "2": "pending"}})
+    none_mail = _created_id(api.request("POST", "emails", json_body=_email_body(f"/systemusers({DAVE})",
+                                                                               f"/contacts({FIONA})")))
+    assert api.request("POST", f"emails({none_mail})/Microsoft.Dynamics.CRM.SendEmail",
+                       json_body={"IssueSend": True}).status_code == 200
+    row = api.request("GET", f"emails({none_mail})", params={"$select": "statecode,statuscode"}).json()
+    assert (row["statecode"], row["statuscode"]) == (1, 6)
     # IssueSend false records it as sent, whatever the method
     resp = api.request("POST", f"emails({dave_mail})/Microsoft.Dynamics.CRM.SendEmail",
                        json_body={"IssueSend": False, "TrackingToken": "CRM:0001999"})
@@ -646,3 +663,130 @@ def test_state_persists_in_state_dir(stack: Stack, tmp_path: Path) -> None:
         assert len(rows) == 1
     finally:
         second.stop()
+
+
+# =====================================================================================================================
+# schema from Microsoft's entity reference: declared names only, limits, read-only columns, variant orgs
+# =====================================================================================================================
+@pytest.mark.parametrize("nav", [
+    "receivingmailboxid",  # the router's old constant: email declares ReceivingMailboxId_Email (audit 1a #1)
+    "receivingmailboxid_email",  # nav names are case-sensitive
+    "receivingmailboxid_mailbox_email",  # the old emulator's derived pattern
+    "acceptingentityid_systemuser",  # a third-party generator's hard-coded name, not metadata (audit 1a #2)
+    "correlatedactivityid",  # declared as CorrelatedActivityId_Email
+    "ownerid",  # email's owner relationship declares ownerid_email
+])
+def test_undeclared_navigation_names_are_refused(api: Api, nav: str) -> None:
+    target = "/mailboxes(00000000-0000-0000-0000-000000000001)" if "mailbox" in nav else f"/systemusers({ALICE})"
+    status, code, message = _error(api.request("POST", "emails", json_body={
+        "subject": "x", f"{nav}@odata.bind": target}))
+    assert (status, code) == (400, "0x80048d19")
+    assert f"An undeclared property '{nav}' which only has property annotations in the payload" in message
+
+
+def test_declared_navigation_names_bind(api: Api) -> None:
+    mailbox = api.request("GET", "mailboxes", params={"$select": "mailboxid", "$top": "1"}).json()["value"][0]
+    first = str(uuid.uuid4())
+    assert api.request("POST", "emails", json_body={"activityid": first, "subject": "first"}).status_code == 204
+    resp = api.request("POST", "emails", json_body={
+        "subject": "declared", "ReceivingMailboxId_Email@odata.bind": f"/mailboxes({mailbox['mailboxid']})",
+        "CorrelatedActivityId_Email@odata.bind": f"/emails({first})",
+        "parentactivityid@odata.bind": f"/emails({first})",
+        "ownerid_email@odata.bind": f"/systemusers({ALICE})",
+        "regardingobjectid_contact_email@odata.bind": f"/contacts({FIONA})"})
+    assert resp.status_code == 204, resp.text
+    rid = resp.headers["OData-EntityId"].rsplit("(", 1)[1].rstrip(")")
+    row = api.request("GET", f"emails({rid})", headers={
+        "Prefer": 'odata.include-annotations="Microsoft.Dynamics.CRM.lookuplogicalname"'}).json()
+    assert row["_receivingmailboxid_value"] == mailbox["mailboxid"]
+    assert row["_correlatedactivityid_value"] == first and row["_ownerid_value"] == ALICE
+
+
+def test_string_length_and_read_only_columns_from_the_reference(api: Api) -> None:
+    rows = api.request("GET", "mailboxes", params={"$select": "mailboxid", "$top": "1"}).json()["value"]
+    mailbox = rows[0]["mailboxid"]
+    status, code, message = _error(api.request("PATCH", f"mailboxes({mailbox})",
+                                               json_body={"lastsyncerror": "e" * 2049}))
+    assert (status, code) == (400, "0x80044331") and "maximum allowed length of '2048'" in message
+    assert api.request("PATCH", f"mailboxes({mailbox})", json_body={"lastsyncerror": "e" * 2048}).status_code == 204
+    for column, value in (("mailboxstatus", 1), ("transientfailurecount", 0)):
+        status, code, message = _error(api.request("PATCH", f"mailboxes({mailbox})", json_body={column: value}))
+        assert status == 400 and "IsValidForUpdate = false" in message
+    # senton is read-only, and a PATCH to Sent does not invent it (email.md)
+    rid = str(uuid.uuid4())
+    assert api.request("POST", "emails", json_body={"activityid": rid, "subject": "s"}).status_code == 204
+    assert _error(api.request("PATCH", f"emails({rid})", json_body={"senton": "2024-01-01T00:00:00Z"}))[0] == 400
+    assert api.request("PATCH", f"emails({rid})", json_body={"statecode": 1, "statuscode": 3}).status_code == 204
+    assert api.request("GET", f"emails({rid})", params={"$select": "senton"}).json()["senton"] is None
+    # Completed email is read-only
+    status, _code, message = _error(api.request("PATCH", f"emails({rid})", json_body={"subject": "changed"}))
+    assert status == 400 and "read-only" in message
+
+
+def test_lenient_mode_ignores_read_only_columns_like_dataverse(api: Api) -> None:
+    assert api.emulator("POST", "options", {"strict": False}).status_code == 200
+    try:
+        mailbox = api.request("GET", "mailboxes", params={"$select": "mailboxid", "$top": "1"}).json()["value"][0]
+        mid = mailbox["mailboxid"]
+        before = api.request("GET", f"mailboxes({mid})", params={"$select": "mailboxstatus"}).json()["mailboxstatus"]
+        assert api.request("PATCH", f"mailboxes({mid})", json_body={"mailboxstatus": 2}).status_code == 204
+        after = api.request("GET", f"mailboxes({mid})", params={"$select": "mailboxstatus"}).json()["mailboxstatus"]
+        assert after == before
+    finally:
+        api.emulator("POST", "options", {"strict": True})
+
+
+def test_entity_definitions_many_to_one_relationships(api: Api) -> None:
+    body = api.request("GET", "EntityDefinitions(LogicalName='email')", params={
+        "$select": "IsOptimisticConcurrencyEnabled,EntitySetName",
+        "$expand": "ManyToOneRelationships($select=SchemaName,ReferencingAttribute,ReferencedEntity,"
+                   "ReferencingEntityNavigationPropertyName;$filter=ReferencingAttribute eq 'receivingmailboxid' or "
+                   "ReferencingAttribute eq 'acceptingentityid')"}).json()
+    assert body["IsOptimisticConcurrencyEnabled"] is True and body["EntitySetName"] == "emails"
+    rels = {(r["SchemaName"], r["ReferencingEntityNavigationPropertyName"]) for r in body["ManyToOneRelationships"]}
+    assert rels == {("mailbox_email_ReceivingMailboxId", "ReceivingMailboxId_Email"),
+                    ("email_acceptingentity_queue", "acceptingentityid"),
+                    ("email_acceptingentity_systemuser", "acceptingentityid")}
+    direct = api.request("GET", "EntityDefinitions(LogicalName='activitymimeattachment')/ManyToOneRelationships",
+                         params={"$select": "ReferencingEntityNavigationPropertyName",
+                                 "$filter": "ReferencedEntity eq 'email'"}).json()["value"]
+    assert [r["ReferencingEntityNavigationPropertyName"] for r in direct] == ["objectid_email"]
+    csdl = api.request("GET", "$metadata").text
+    assert '<NavigationProperty Name="ReceivingMailboxId_Email" Type="mscrm.mailbox"' in csdl
+    assert 'Name="receivingmailboxid"' not in csdl
+
+
+def test_variant_org_switches(api: Api) -> None:
+    rid = str(uuid.uuid4())
+    assert api.request("POST", "emails", json_body={"activityid": rid, "subject": "v"}).status_code == 204
+    variant = {"concurrency_off": ["email"],
+               "nav_renames": [{"entity": "email", "nav": "ReceivingMailboxId_Email", "to": ""}]}
+    assert api.emulator("POST", "variant", variant).json() == variant
+    try:
+        one = api.request("GET", "EntityDefinitions(LogicalName='email')", params={
+            "$select": "IsOptimisticConcurrencyEnabled", "$expand": "ManyToOneRelationships($select="
+            "ReferencingEntityNavigationPropertyName;$filter=ReferencingAttribute eq 'receivingmailboxid')"}).json()
+        assert one["IsOptimisticConcurrencyEnabled"] is False and one["ManyToOneRelationships"] == []
+        etag = api.request("GET", f"emails({rid})").headers["ETag"]
+        status, code, _m = _error(api.request("PATCH", f"emails({rid})", json_body={"subject": "w"},
+                                              headers={"If-Match": etag}))
+        assert (status, code) == (400, "0x8006088d")
+        status, code, _m = _error(api.request("POST", "emails", json_body={
+            "subject": "x", "ReceivingMailboxId_Email@odata.bind": "/mailboxes(00000000-0000-0000-0000-000000000001)"}))
+        assert (status, code) == (400, "0x80048d19")
+    finally:
+        api.emulator("POST", "variant", {"reset": True})
+    assert api.request("GET", "EntityDefinitions(LogicalName='email')", params={
+        "$select": "IsOptimisticConcurrencyEnabled"}).json()["IsOptimisticConcurrencyEnabled"] is True
+
+
+def test_failed_change_set_can_echo_content_id_when_configured(api: Api) -> None:
+    body = _batch([_changeset([
+        _http_part("POST", "emails", {"subject": "x", "receivingmailboxid@odata.bind": "/mailboxes(x)"}, "7")])])
+    headers = {"Content-Type": 'multipart/mixed; boundary="batch_AAA"'}
+    assert "Content-ID" not in api.request("POST", "$batch", content=body, headers=headers).text
+    api.emulator("POST", "options", {"echo_content_id_on_failure": True})
+    try:
+        assert "Content-ID: 7" in api.request("POST", "$batch", content=body, headers=headers).text
+    finally:
+        api.emulator("POST", "options", {"echo_content_id_on_failure": False})

@@ -44,8 +44,9 @@ def service(c: Container) -> CrmSyncService:
 
 
 async def test_sync_copies_crm_and_overrides_survive(stack: LocalStack, container: Container) -> None:
+    # no regarding user/queue -> a forward mailbox (isforwardmailbox is read-only, DefaultValue Yes: mailbox.md)
     sink = stack.dv("POST", "mailboxes", {"name": "CRM sink", "emailaddress": f"crm-sink@{DOMAIN}",
-                                          "isforwardmailbox": True, "processanddeleteemails": True})
+                                          "processanddeleteemails": True})
     sink_id = sink.headers["OData-EntityId"].rsplit("(", 1)[1].rstrip(")")
     sync = service(container)
     directory = TableMailboxDirectory.from_account(container.storage, ttl_seconds=0)

@@ -7,6 +7,7 @@ Dataverse emulator.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Callable
@@ -504,3 +505,49 @@ def test_encode_batch_is_what_the_client_sends() -> None:
     content_type, body = encode_batch([BatchRequest("GET", "WhoAmI")], api_path="/api/data/v9.2")
     boundary = content_type.split('boundary="')[1].rstrip('"')
     assert body.startswith(f"--{boundary}\r\n".encode()) and body.endswith(f"--{boundary}--\r\n".encode())
+
+
+# ------------------------------------------------------------------------------------------------ affinity, dop hint
+
+
+async def test_affinity_cookies_are_not_sent_back(make_client: MakeClient) -> None:
+    # Dataverse sets ARRAffinity cookies; keeping them pins every request to one web server (api-limits.md).
+    server = FakeServer(reply(200, {"value": []}, {"Set-Cookie": "ARRAffinity=abc; Path=/; HttpOnly; Secure"}))
+    async with make_client(server) as client:
+        await client.get("contacts", "00000000-0000-0000-0000-000000000001")
+        await client.get("contacts", "00000000-0000-0000-0000-000000000001")
+    assert all("cookie" not in r.headers for r in server.requests)
+
+
+async def test_dop_hint_caps_requests_in_flight(make_client: MakeClient) -> None:
+    in_flight = 0
+    peak = 0
+    gate = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await gate.wait()
+        in_flight -= 1
+        return httpx.Response(200, json={"value": []}, headers={"x-ms-dop-hint": "2"})
+
+    async def token() -> str:
+        return "t"
+
+    client = DataverseClient(API, token, transport=httpx.MockTransport(slow), max_connections=10)
+    async with client:
+        assert client.in_flight_limit == 10
+        first = asyncio.ensure_future(client.get("contacts", "00000000-0000-0000-0000-000000000001"))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await first
+        assert client.in_flight_limit == 2  # the org's hint, below the pool size
+        gate.clear()
+        calls = [asyncio.ensure_future(client.get("contacts", "00000000-0000-0000-0000-000000000001"))
+                 for _ in range(6)]
+        await asyncio.sleep(0.05)
+        assert in_flight == 2
+        gate.set()
+        await asyncio.gather(*calls)
+    assert peak == 2

@@ -93,7 +93,7 @@ async def test_the_message_lists_attachments_by_metadata_and_contents_come_apart
     wire = Wire(answer)
     graph = client(wire)
     await graph.get_message("u@x.com", "m1")
-    assert query(wire.requests[0])["$expand"] == "attachments($select=id,name,contentType,size,isInline)"
+    assert query(wire.requests[0])["$expand"].startswith("attachments($select=id,name,contentType,size,isInline),")
     got = await graph.get_attachment_contents("u@x.com", "m1", [*small, big])
     assert got.requests == 2  # one raw $value for the big file, one $batch for the three small ones
     assert [a["id"] for a in got.attachments] == ["s0", "s1", "s2", "big"]

@@ -66,10 +66,13 @@ def test_tracks_a_received_email_with_everything_planned() -> None:
     assert row["messageid"] == "<m1@fabrikam.com>"
     assert row["trackingtoken"] == "CRM:0001234"
     assert row["regardingobjectid_incident_email@odata.bind"] == f"/incidents({CASE.id})"
-    assert row["ownerid@odata.bind"] == f"/systemusers({ALICE.id})"
+    # the names email.md declares (the documented schema; the gateway passes the org's own)
+    assert row["ownerid_email@odata.bind"] == f"/systemusers({ALICE.id})"
     assert row["parentactivityid@odata.bind"] == f"/emails({reply_to.activity_id})"
-    assert row["receivingmailboxid@odata.bind"] == f"/mailboxes({uuid.UUID(int=9001)})"
-    assert row["acceptingentityid_systemuser@odata.bind"] == f"/systemusers({ALICE.id})"
+    assert row["CorrelatedActivityId_Email@odata.bind"] == f"/emails({reply_to.activity_id})"
+    assert row["ReceivingMailboxId_Email@odata.bind"] == f"/mailboxes({uuid.UUID(int=9001)})"
+    # acceptingentityid is ONE name for queue and systemuser: ambiguous, so never bound (audit 1a #2)
+    assert not any(k.startswith("acceptingentityid") for k in row)
     assert row["email_activity_parties"] == [
         {"participationtypemask": 1, "addressused": "carol@fabrikam.com",
          "partyid_contact@odata.bind": f"/contacts({CAROL_CONTACT.id})"},
@@ -244,3 +247,15 @@ def test_decision_record_of_a_forward_describes_the_original_for_the_forwarding_
     assert record["from"] == "carol@fabrikam.com"  # the original's sender, as the user saw it
     plain = decision_record(message(), plan_inbound(message(), context()))
     assert "trackedFor" not in plain and plain["subject"] == message().subject
+
+
+def test_auto_created_contact_fits_the_contact_columns() -> None:
+    # contact.md: firstname/lastname String(50), emailaddress1 String(100); a longer value fails the change set
+    long_local = "x" * 60
+    m = message(from_=addr(f"{long_local}@fabrikam.example", ""))
+    plan = plan_inbound(m, context(directory={}, mailbox=user_mailbox(auto_create_contacts=True)))
+    assert isinstance(plan, TrackEmail) and plan.new_contact is not None
+    assert len(plan.new_contact.last_name) <= 50 and len(plan.new_contact.first_name) <= 50
+    too_long = message(from_=addr(("y" * 95) + "@fabrikam.example", "Y"))
+    plan = plan_inbound(too_long, context(directory={}, mailbox=user_mailbox(auto_create_contacts=True)))
+    assert isinstance(plan, TrackEmail) and plan.new_contact is None

@@ -235,3 +235,44 @@ def test_hostile_mime_never_crashes(data: bytes) -> None:
     except InvalidMessage:
         return
     assert len(m.subject) <= LIMITS.max_subject_chars
+
+
+def test_loop_marker_from_the_header_or_the_sent_items_property() -> None:
+    from core.domain.model import LOOP_MARKER_HEADER, LOOP_MARKER_PROPERTY
+
+    header = normalize_graph_message("alice@contoso.com", graph_message(internetMessageHeaders=[
+        {"name": LOOP_MARKER_HEADER.upper(), "value": " 1234 "}]), FolderKind.INBOX)
+    assert header.loop_marker == "1234"
+    # a Sent Items copy: no internetMessageHeaders at all, the draft's MAPI property instead
+    sent = graph_message(singleValueExtendedProperties=[{"id": LOOP_MARKER_PROPERTY.lower(), "value": "5678"}])
+    del sent["internetMessageHeaders"]
+    assert normalize_graph_message("alice@contoso.com", sent, FolderKind.SENT_ITEMS).loop_marker == "5678"
+    assert normalize_graph_message("alice@contoso.com", graph_message(), FolderKind.INBOX).loop_marker is None
+
+
+def test_in_reply_to_and_references_from_mapi_properties_when_headers_are_absent() -> None:
+    data = graph_message(singleValueExtendedProperties=[
+        {"id": "String 0x1042", "value": "<p9@contoso.com>"},
+        {"id": "String 0x1039", "value": "<p8@contoso.com> <p9@contoso.com>"}])
+    del data["internetMessageHeaders"]
+    message = normalize_graph_message("alice@contoso.com", data, FolderKind.SENT_ITEMS)
+    assert message.in_reply_to == "<p9@contoso.com>"
+    assert message.references == ("<p8@contoso.com>", "<p9@contoso.com>")
+
+
+def test_attached_message_is_read_from_its_mime_with_every_header() -> None:
+    index = base64.b64encode(bytes(range(22)) + bytes(5)).decode()
+    raw = ("From: Erin <erin@example.org>\r\nTo: dave@contoso.com\r\nSubject: Re: quote\r\n"
+           "Message-ID: <o1@example.org>\r\nIn-Reply-To: <q1@contoso.com>\r\nAuto-Submitted: auto-replied\r\n"
+           f"Thread-Index: {index}\r\nx-emailrouter-activityid: 42\r\nContent-Type: text/plain\r\n\r\nbody").encode()
+    wrapper = graph_message(attachments=[
+        {"@odata.type": "#microsoft.graph.itemAttachment", "id": "a1", "name": "Re: quote", "size": 10,
+         "item": {"@odata.type": "#microsoft.graph.message", "id": "", "subject": "Re: quote"}}])
+    message = normalize_graph_message("crm-sink@contoso.com", wrapper, FolderKind.INBOX,
+                                      attached_mime={"a1": raw})
+    item = message.attachments[0].item
+    assert item is not None and item.internet_message_id == "<o1@example.org>"
+    assert item.in_reply_to == "<q1@contoso.com>" and item.headers.get("Auto-Submitted") == "auto-replied"
+    assert item.conversation_index == base64.b64decode(index) and item.loop_marker == "42"
+    without = normalize_graph_message("crm-sink@contoso.com", wrapper, FolderKind.INBOX)
+    assert without.attachments[0].item is not None and without.attachments[0].item.in_reply_to is None

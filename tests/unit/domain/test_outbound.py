@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.domain.model import LOOP_MARKER_HEADER, ApprovalStatus, Importance, OutboundMethod
+from core.domain.model import LOOP_MARKER_HEADER, LOOP_MARKER_PROPERTY, ApprovalStatus, Importance, OutboundMethod
 from core.domain.outbound import (
     AdminRetry,
     Claimed,
@@ -73,7 +73,9 @@ def test_builds_the_graph_message() -> None:
     assert msg["bccRecipients"] == [{"emailAddress": {"address": "audit@fabrikam.com"}}]
     assert msg["internetMessageHeaders"] == [{"name": LOOP_MARKER_HEADER, "value": str(ACTIVITY)}]
     assert built.sender_address == "alice@contoso.com" and built.loop_marker == str(ACTIVITY)
-    assert "singleValueExtendedProperties" not in msg and "attachments" not in msg
+    # the marker again as a MAPI property: it stays on the Sent Items copy, which has no internet headers
+    assert msg["singleValueExtendedProperties"] == [{"id": LOOP_MARKER_PROPERTY, "value": str(ACTIVITY)}]
+    assert "attachments" not in msg
 
 
 @pytest.mark.parametrize(
@@ -95,6 +97,7 @@ def test_reply_headers_are_set_through_mapi_properties() -> None:
     built = build(email(in_reply_to="<p1@fabrikam.com>", references=("<p0@fabrikam.com>",)))
     assert isinstance(built, OutboundMessage)
     assert built.graph_message["singleValueExtendedProperties"] == [
+        {"id": LOOP_MARKER_PROPERTY, "value": str(ACTIVITY)},
         {"id": "String 0x1042", "value": "<p1@fabrikam.com>"},
         {"id": "String 0x1039", "value": "<p0@fabrikam.com> <p1@fabrikam.com>"}]
 

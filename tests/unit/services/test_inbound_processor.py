@@ -17,7 +17,7 @@ import pytest
 
 from core.adapters.dataverse import BadRequestError, ThrottledError, TransientError
 from core.adapters.graph import AttachmentContents, GraphAccessDenied, GraphNotFound, GraphThrottled
-from core.domain.correlation import CorrelationKeys, CorrelationLookup
+from core.domain.correlation import CorrelationKeys, CorrelationLookup, KnownEmail
 from core.domain.identity import activity_id_for
 from core.domain.inbound import TrackEmail
 from core.domain.model import (
@@ -60,9 +60,9 @@ class FakeMail:
 
     def __init__(self) -> None:
         self.messages: dict[tuple[str, str], dict[str, Any]] = {}
-        self.item_attachments: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.contents: dict[tuple[str, str, str], bytes] = {}  # file attachments listed by metadata only
         self.content_requests: list[list[str]] = []
+        self.attachment_mime: dict[tuple[str, str, str], bytes] = {}
         self.calls: list[tuple[str, str, str]] = []
         self.categories: dict[tuple[str, str], list[str]] = {}
         self.deleted: list[tuple[str, str]] = []
@@ -80,9 +80,9 @@ class FakeMail:
         except KeyError:
             raise GraphNotFound(404, "ErrorItemNotFound", "not found") from None
 
-    async def get_item_attachment(self, mailbox: str, message_id: str, attachment_id: str) -> dict[str, Any]:
-        self.calls.append(("get_item_attachment", mailbox, message_id))
-        return self.item_attachments[(mailbox, message_id, attachment_id)]
+    async def get_attachment_mime(self, mailbox: str, message_id: str, attachment_id: str) -> bytes:
+        self.calls.append(("get_attachment_mime", mailbox, message_id))
+        return self.attachment_mime[(mailbox, message_id, attachment_id)]
 
     async def get_attachment_contents(self, mailbox: str, message_id: str,
                                       attachments: Sequence[Mapping[str, Any]]) -> AttachmentContents:
@@ -112,13 +112,17 @@ class FakeCrm:
         self.fail_write: list[Exception] = []
         self.fail_lookup: list[Exception] = []
         self.max_attachment_bytes: int | None = None
+        self.by_message_id: dict[str, KnownEmail] = {}  # emails CRM has by messageid (not written by us)
+        self.asked: list[CorrelationKeys] = []
 
     async def lookup(self, addresses: Collection[str], keys: CorrelationKeys) -> CrmLookup:
         self.lookups += 1
+        self.asked.append(keys)
         if self.fail_lookup:
             raise self.fail_lookup.pop(0)
         found = {a: self.directory.get(a, ()) for a in addresses}
-        return CrmLookup(found, CorrelationLookup.empty(), requests=1)
+        hits = {k: self.by_message_id[k] for k in keys.message_ids if k in self.by_message_id}
+        return CrmLookup(found, CorrelationLookup(hits, {}, {}), requests=1)
 
     async def write(self, plan: TrackEmail) -> WriteOutcome:
         self.writes += 1
@@ -439,13 +443,20 @@ def wrapper(graph_id: str, *, forwarder: str, expanded: bool, auth: str = "Inter
     return w
 
 
+def original_mime(*, mid: str = "<orig@fabrikam.com>", to: str = "dave@contoso.com",
+                  extra: Mapping[str, str] | None = None) -> bytes:
+    """The forwarded original as Exchange gives it from ``.../attachments/{id}/$value``: MIME, every header."""
+    lines = ["From: Carol <carol@fabrikam.com>", f"To: {to}", "Subject: Order 1234", f"Message-ID: {mid}",
+             "Date: Mon, 02 Mar 2026 11:58:00 +0000",
+             *(f"{k}: {v}" for k, v in (extra or {}).items()),
+             "MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8", "", "Hello"]
+    return "\r\n".join(lines).encode()
+
+
 async def test_forward_sink_tracks_the_original_for_the_forwarding_user_and_deletes_the_wrapper() -> None:
     w = World()
     w.mail.messages[("crm-sink@contoso.com", "w1")] = wrapper("w1", forwarder="dave@contoso.com", expanded=False)
-    original = graph_message("", mid="<orig@fabrikam.com>", to=("dave@contoso.com",))
-    w.mail.item_attachments[("crm-sink@contoso.com", "w1", "att1")] = {
-        "@odata.type": "#microsoft.graph.itemAttachment", "id": "att1", "name": "Order 1234",
-        "item": {"@odata.type": "#microsoft.graph.message", **original}}
+    w.mail.attachment_mime[("crm-sink@contoso.com", "w1", "att1")] = original_mime()
 
     result = await w.processor().process(item("crm-sink@contoso.com", "w1"))
 
@@ -453,13 +464,82 @@ async def test_forward_sink_tracks_the_original_for_the_forwarding_user_and_dele
     plan = w.crm.emails[activity_id_for("<orig@fabrikam.com>")]
     assert plan.owner == DAVE
     assert w.mail.deleted == [("crm-sink@contoso.com", "w1")]
-    assert [c[0] for c in w.mail.calls] == ["get_message", "get_item_attachment", "delete_message"]
+    assert [c[0] for c in w.mail.calls] == ["get_message", "get_attachment_mime", "delete_message"]
+
+
+async def test_forwarded_original_is_read_from_its_mime_not_the_expanded_item() -> None:
+    """An expanded item has default properties only (no headers); its $value has them: the reply threads by
+    In-Reply-To, even when Graph also expanded the item."""
+    w = World()
+    w.mail.messages[("crm-sink@contoso.com", "w1")] = wrapper("w1", forwarder="dave@contoso.com", expanded=True)
+    w.mail.attachment_mime[("crm-sink@contoso.com", "w1", "att1")] = original_mime(
+        extra={"In-Reply-To": "<quote-1@contoso.com>", "References": "<quote-1@contoso.com>"})
+    quote = KnownEmail(uuid.UUID(int=77), regarding=CrmRecordRef(CrmTable.ACCOUNT, uuid.UUID(int=500)))
+    w.crm.by_message_id["<quote-1@contoso.com>"] = quote
+
+    result = await w.processor().process(item("crm-sink@contoso.com", "w1"))
+
+    assert result.outcome == "tracked"
+    plan = w.crm.emails[activity_id_for("<orig@fabrikam.com>")]
+    assert plan.parent_activity_id == quote.activity_id and plan.regarding == quote.regarding
+    assert plan.in_reply_to == "<quote-1@contoso.com>"
+
+
+@pytest.mark.parametrize(("headers", "outcome"), [
+    ({"Auto-Submitted": "auto-replied"}, "skipped:skip_rule:auto_reply"),
+    ({"x-emailrouter-activityid": "00000000-0000-0000-0000-000000000009"}, "skipped:skip_rule:own_outbound"),
+    ({"Content-Type": 'multipart/report; report-type="delivery-status"; boundary=x'}, "skipped:skip_rule:bounce"),
+])
+async def test_skip_rules_see_the_forwarded_originals_headers(headers: dict[str, str], outcome: str) -> None:
+    w = World()
+    w.mail.messages[("crm-sink@contoso.com", "w1")] = wrapper("w1", forwarder="dave@contoso.com", expanded=True)
+    w.mail.attachment_mime[("crm-sink@contoso.com", "w1", "att1")] = original_mime(extra=headers)
+    result = await w.processor().process(item("crm-sink@contoso.com", "w1"))
+    assert result.outcome == outcome
+    assert not w.crm.emails
+
+
+async def test_message_id_already_in_crm_is_not_written_again() -> None:
+    """The loop guard (as SSS): the CRM email the router sent has this Message-ID (outbound records it), so its
+    Sent Items copy - no internet headers there - is already tracked; looked up with the correlation keys."""
+    w = World()
+    w.mailboxes[0] = user("alice@contoso.com", ALICE, track_sent_items=True)
+    sent = graph_message("s1", mid="<sent-1@contoso.com>", sender="alice@contoso.com", to=("carol@fabrikam.com",),
+                         subject="Quote CRM:0001001")
+    w.mail.messages[("alice@contoso.com", "s1")] = sent
+    crm_email = KnownEmail(uuid.UUID(int=4242))
+    w.crm.by_message_id["<sent-1@contoso.com>"] = crm_email
+
+    result = await w.processor().process(item("alice@contoso.com", "s1", folder="sentitems"))
+
+    assert result.outcome == "already_tracked" and result.activity_id == str(crm_email.activity_id)
+    assert w.crm.writes == 0 and w.crm.lookups == 1
+    assert "<sent-1@contoso.com>" in w.crm.asked[0].message_ids
+    entry = w.ledger.entries[("alice@contoso.com", "s1")]
+    assert entry.outcome is LedgerOutcome.ALREADY_TRACKED and entry.activity_id == str(crm_email.activity_id)
+    assert "already has this Message-ID" in w.decisions.records[("alice@contoso.com", "s1")]["note"]
+
+
+async def test_sent_items_copy_with_the_marker_property_is_skipped() -> None:
+    """Before outbound recorded the Message-ID in CRM, the Sent Items copy is recognised by the MAPI property the
+    draft carried (read in the same GET)."""
+    from core.domain.model import LOOP_MARKER_PROPERTY
+
+    w = World()
+    w.mailboxes[0] = user("alice@contoso.com", ALICE, track_sent_items=True)
+    sent = graph_message("s2", mid="<sent-2@contoso.com>", sender="alice@contoso.com", to=("carol@fabrikam.com",))
+    sent["singleValueExtendedProperties"] = [{"id": LOOP_MARKER_PROPERTY, "value": str(uuid.UUID(int=5))}]
+    w.mail.messages[("alice@contoso.com", "s2")] = sent
+    result = await w.processor().process(item("alice@contoso.com", "s2", folder="sentitems"))
+    assert result.outcome == "skipped:skip_rule:own_outbound"
+    assert w.crm.writes == 0
 
 
 async def test_spoofed_wrapper_in_the_sink_is_not_tracked_and_kept() -> None:
     w = World()
     w.mail.messages[("crm-sink@contoso.com", "w2")] = wrapper("w2", forwarder="dave@contoso.com", expanded=True,
                                                              auth="Anonymous")
+    w.mail.attachment_mime[("crm-sink@contoso.com", "w2", "att1")] = original_mime()
     result = await w.processor().process(item("crm-sink@contoso.com", "w2"))
     assert result.outcome == "skipped:unwrap:external"
     assert not w.crm.emails and not w.mail.deleted

@@ -48,6 +48,7 @@ class Harness:
     mailboxes: list[MailboxConfig] = field(default_factory=lambda: [router_mailbox(1), router_mailbox(2)])
     org: OrgEmailSettings = field(default_factory=OrgEmailSettings)
     settings: OutboundSettings = field(default_factory=OutboundSettings)
+    schema: Any = None  # an OrgSchemaSource, or None (not checked)
 
     def service(self, worker: str = "w1") -> OutboundService:
         # The admin-facing knobs reach the service through the OrgSettings table (RouterSettings): mirror the
@@ -58,7 +59,7 @@ class Harness:
         directory = StaticMailboxDirectory(self.mailboxes, self.org, router)
         return OutboundService(crm=self.crm, ledger=self.ledger, directory=directory, mail=self.mail,
                                queue=self.queue, status=self.status, settings=self.settings, clock=self.clock,
-                               worker_id=worker)
+                               worker_id=worker, schema=self.schema)
 
     def add(self, sender: int = 1, **kwargs: Any) -> FakeEmail:
         return self.crm.add(outbound_email(sender, **kwargs), user_ref(sender))
@@ -68,7 +69,7 @@ class Harness:
         return await self.service(worker).process(item)
 
 
-async def test_sends_once_and_marks_sent_with_the_message_id() -> None:
+async def test_sends_once_and_marks_sent_by_status_only_keeping_the_message_id_in_the_ledger() -> None:
     h = Harness()
     row = h.add()
     result = await h.process(row)
@@ -79,11 +80,13 @@ async def test_sends_once_and_marks_sent_with_the_message_id() -> None:
     assert sent["message"]["internetMessageHeaders"] == [
         {"name": "x-emailrouter-activityid", "value": str(row.email.activity_id)}]
     assert row.status is OutboundStatus.SENT
-    assert row.message_id == sent["internetMessageId"]
-    assert row.attempts == 1  # email.deliveryattempts
-    assert [w for _, w in h.crm.history] == ["sending", "sent"]  # the state machine's path
+    # Never re-opened: Pending Send -> Sending -> Sent, all Completed states; nothing but the status written
+    # (messageid is for received email, a Completed email is read-only), so the CRM row keeps neither.
+    assert [w for _, w in h.crm.history] == ["sending", "sent"]
+    assert row.message_id is None and row.attempts == 0
     entry = h.ledger.entry(row.email.activity_id)
     assert entry.phase is Phase.DONE and entry.internet_message_id == sent["internetMessageId"]
+    assert entry.attempts == 1
     assert h.status.sent == [("user1@contoso.example", str(row.email.activity_id))]
     assert h.queue.sent == []
 
@@ -125,7 +128,7 @@ async def test_crash_after_send_is_finished_by_the_reaper_without_a_second_send(
     h.clock.advance(minutes=20)
     reaped = await h.service("reaper").reap()
     assert reaped.finished == 1
-    assert row.status is OutboundStatus.SENT and row.message_id
+    assert row.status is OutboundStatus.SENT and h.ledger.entry(row.email.activity_id).internet_message_id
     assert len(h.mail.outbox) == 1
 
 
@@ -140,7 +143,7 @@ async def test_mark_sent_failing_once_is_retried_without_a_second_send() -> None
     second = await h.service("w2").handle(raw)
     assert second.outcome is SendOutcome.FINISHED
     assert row.status is OutboundStatus.SENT and len(h.mail.outbox) == 1
-    assert row.attempts == 1
+    assert h.ledger.entry(row.email.activity_id).attempts == 1
 
 
 async def test_crash_right_after_the_send_is_detected_in_sent_items() -> None:
@@ -158,7 +161,7 @@ async def test_crash_right_after_the_send_is_detected_in_sent_items() -> None:
     result = await h.process(row, worker="w2")
     assert result.outcome is SendOutcome.FINISHED
     assert len(h.mail.outbox) == 1 and row.status is OutboundStatus.SENT
-    assert row.message_id == h.mail.outbox[0]["internetMessageId"]
+    assert h.ledger.entry(row.email.activity_id).internet_message_id == h.mail.outbox[0]["internetMessageId"]
 
 
 async def test_crash_before_the_send_reuses_the_draft_after_it_settled() -> None:
@@ -206,7 +209,7 @@ async def test_graph_503_on_send_retries_later_and_delivers_once() -> None:
     second = await h.service("w2").handle(raw)
     assert second.outcome is SendOutcome.SENT
     assert len(h.mail.outbox) == 1 and len(h.mail.messages) == 1  # the first draft was sent
-    assert row.attempts == 2
+    assert h.ledger.entry(row.email.activity_id).attempts == 2
 
 
 async def test_retry_after_longer_than_the_backoff_is_honoured() -> None:
@@ -362,7 +365,7 @@ async def test_a_failed_email_sent_again_from_crm_starts_over() -> None:
     row.statecode, row.statuscode = OutboundStatus.PENDING_SEND.crm  # the user fixed it and pressed Send
     row.version += 1
     result = await h.process(row)
-    assert result.outcome is SendOutcome.SENT and row.attempts == 1
+    assert result.outcome is SendOutcome.SENT and h.ledger.entry(row.email.activity_id).attempts == 1
 
 
 async def test_without_save_to_sent_items_the_sent_copy_is_removed_after_marking() -> None:
@@ -408,9 +411,8 @@ async def test_a_slow_worker_that_lost_its_lease_stops_before_sending() -> None:
 
 
 def test_settings_from_app_settings_validate_and_default() -> None:
-    s = OutboundSettings.from_settings(Settings(env={"OUTBOUND_PER_SENDER_CAP": "4",
-                                                     "OUTBOUND_RECORD_VIA_REOPEN": "false"}))
-    assert s.per_sender_cap == 4 and s.record_via_reopen is False and s.scan_max_rows == 50_000
+    s = OutboundSettings.from_settings(Settings(env={"OUTBOUND_PER_SENDER_CAP": "4"}))
+    assert s.per_sender_cap == 4 and s.scan_max_rows == 50_000
     with pytest.raises(ConfigError, match="OUTBOUND_PER_SENDER_CAP"):
         OutboundSettings.from_settings(Settings(env={"OUTBOUND_PER_SENDER_CAP": "zero"}))
     with pytest.raises(ValueError, match="shorter"):
@@ -425,3 +427,67 @@ def test_admin_table_values_win_and_a_reaper_timeout_below_the_lease_is_refused(
     kept = base.with_router(RouterSettings(outbound_reaper_timeout_seconds=60))
     assert kept.sending_timeout == base.sending_timeout
 
+
+
+async def test_a_reply_composed_in_crm_to_a_router_sent_email_threads_under_its_message_id() -> None:
+    # CRM keeps no messageid for the sent parent (Sent is read-only, messageid is for received email); the
+    # Message-ID Exchange used is in the ledger, so the reply still carries In-Reply-To.
+    h = Harness()
+    parent = h.add()
+    await h.process(parent)
+    parent_mid = h.ledger.entry(parent.email.activity_id).internet_message_id
+    assert parent.message_id is None and parent_mid
+    reply = h.add(subject="RE: Quote CRM:0001001")
+    reply.parent_id = parent.email.activity_id
+    assert (await h.process(reply)).outcome is SendOutcome.SENT
+    [sent] = h.mail.sent_for(reply.email.activity_id)
+    props = {p["id"]: p["value"] for p in sent["message"].get("singleValueExtendedProperties", [])}
+    assert props.get("String 0x1042") == parent_mid
+
+
+async def test_the_draft_gets_a_message_id_chosen_before_it_exists_that_names_the_crm_email() -> None:
+    from core.domain.identity import outbound_activity_id
+
+    h = Harness()
+    row = h.add()
+    await h.process(row)
+    [sent] = h.mail.outbox
+    mid = sent["internetMessageId"]
+    assert mid.startswith("<er.") and mid.endswith("@contoso.example>")
+    assert outbound_activity_id(mid) == row.email.activity_id
+    assert h.ledger.entry(row.email.activity_id).internet_message_id == mid
+    assert h.mail.faults.calls["find"] == 0  # a first attempt has no earlier draft to look for
+
+
+async def test_a_crash_between_creating_the_draft_and_recording_it_leaves_no_second_draft() -> None:
+    # The chosen Message-ID is in the ledger before the draft exists: the retry finds the orphan and removes it.
+    h = Harness()
+    row = h.add()
+    h.mail.faults.fail("create_draft", WorkerCrash(), after=True)
+    with pytest.raises(WorkerCrash):
+        await h.process(row)
+    entry = h.ledger.entry(row.email.activity_id)
+    assert entry.draft_id == "" and entry.internet_message_id and list(h.mail.messages) == ["draft-1"]
+    h.clock.advance(minutes=20)
+    await h.service("reaper").reap()
+    assert (await h.process(row, worker="w2")).outcome is SendOutcome.SENT
+    assert h.mail.deleted == ["draft-1"] and [m["id"] for m in h.mail.outbox] == ["draft-2"]
+    assert h.mail.outbox[0]["internetMessageId"] == entry.internet_message_id  # same send generation, same id
+    assert list(h.mail.messages) == ["draft-2"]
+
+
+async def test_exchange_ignoring_the_chosen_message_id_is_recorded_and_still_sends_once() -> None:
+    h = Harness(mail=FakeMail(keeps_chosen_message_id=False))
+    row = h.add()
+    assert (await h.process(row)).outcome is SendOutcome.SENT
+    [sent] = h.mail.outbox
+    assert sent["internetMessageId"] == "<m1@fake.example>"
+    assert h.ledger.entry(row.email.activity_id).internet_message_id == "<m1@fake.example>"
+
+
+async def test_without_a_chosen_message_id_the_first_attempt_asks_graph_nothing_extra() -> None:
+    h = Harness(settings=OutboundSettings(choose_message_id=False))
+    row = h.add()
+    assert (await h.process(row)).outcome is SendOutcome.SENT
+    assert h.mail.outbox[0]["internetMessageId"] == "<m1@fake.example>"
+    assert h.mail.faults.calls["find"] == 0

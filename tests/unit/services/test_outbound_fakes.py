@@ -78,6 +78,7 @@ class FakeEmail:
     attempts: int = 0
     message_id: str | None = None
     modified_on: datetime = T0
+    parent_id: uuid.UUID | None = None
     attachment_bodies: dict[uuid.UUID, bytes] = field(default_factory=dict)
 
     @property
@@ -87,7 +88,7 @@ class FakeEmail:
 
 class FakeCrm:
     """In-memory ``OutboundCrmGateway`` with Dataverse's rules that matter here: ETags per version, Pending
-    Send/Sending read-only except status (so messageid/attempts are only written at Sent/Failed)."""
+    Send/Sending/Sent read-only except status (so attempts are only written at Failed, messageid never)."""
 
     def __init__(self) -> None:
         self.emails: dict[uuid.UUID, FakeEmail] = {}
@@ -132,7 +133,7 @@ class FakeCrm:
         self.faults.before("load")
         await asyncio.sleep(0)  # let a concurrent worker interleave
         row = self.emails.get(email_id)
-        return LoadedEmail(self._state(row), row.email) if row else None
+        return LoadedEmail(self._state(row), row.email, row.parent_id) if row else None
 
     async def load_attachment(self, attachment_id: uuid.UUID) -> bytes:
         self.faults.before("load_attachment")
@@ -151,11 +152,10 @@ class FakeCrm:
         self.faults.after(f"set_status:{status.value}")
         return f'W/"{row.version}"'
 
-    async def mark_sent(self, email_id: uuid.UUID, *, message_id: str, delivery_attempts: int) -> None:
+    async def mark_sent(self, email_id: uuid.UUID) -> None:
         self.faults.before("mark_sent")
         row = self.emails[email_id]
         if row.status is not OutboundStatus.SENT:
-            row.message_id, row.attempts = message_id, delivery_attempts
             self._set(row, OutboundStatus.SENT, "sent")
         self.faults.after("mark_sent")
 
@@ -214,19 +214,21 @@ class FakeLedger:
 class FakeMail:
     """In-memory ``MailSender``: drafts keep their (immutable) id when sent and move to Sent Items."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keeps_chosen_message_id: bool = True) -> None:
         self.messages: dict[str, dict[str, Any]] = {}
         self.outbox: list[dict[str, Any]] = []
         self.uploads: list[tuple[str, str, int]] = []
         self.upload_details: list[dict[str, Any]] = []
         self.deleted: list[str] = []
         self.faults = Faults()
+        self.keeps_chosen_message_id = keeps_chosen_message_id  # False: Exchange ignores a chosen id
         self._n = 0
 
     async def create_draft(self, mailbox: str, message: Mapping[str, Any]) -> dict[str, Any]:
         self.faults.before("create_draft")
         self._n += 1
-        msg = {"id": f"draft-{self._n}", "internetMessageId": f"<m{self._n}@fake.example>", "isDraft": True,
+        chosen = message.get("internetMessageId") if self.keeps_chosen_message_id else None
+        msg = {"id": f"draft-{self._n}", "internetMessageId": chosen or f"<m{self._n}@fake.example>", "isDraft": True,
                "mailbox": mailbox, "folder": "drafts", "message": dict(message)}
         self.messages[msg["id"]] = msg
         self.faults.after("create_draft")

@@ -168,7 +168,8 @@ async def test_reaper_leaves_other_systems_sending_emails_alone() -> None:
 
 
 async def test_reaper_sweep_finishes_sent_emails_crm_no_longer_shows_as_sending() -> None:
-    # e.g. a crash between the two steps of "mark Sent" left the CRM email in Draft.
+    # The ledger says sent, CRM does not (e.g. someone re-opened it to Draft after the send): the sweep closes that
+    # editable copy of an already sent mail by marking it Sent.
     h = Harness()
     row = h.add()
     row.statecode, row.statuscode = 0, 1
@@ -180,5 +181,5 @@ async def test_reaper_sweep_finishes_sent_emails_crm_no_longer_shows_as_sending(
     assert (await h.service().reap()).finished == 0  # too recent
     h.clock.advance(minutes=20)
     await h.service().reap()
-    assert row.status is OutboundStatus.SENT and row.message_id == "<x@y>"
+    assert row.status is OutboundStatus.SENT
     assert key not in h.ledger.markers

@@ -77,11 +77,11 @@ def mailbox(**kw: object) -> MailboxConfig:
 
 
 def test_checks_depend_on_methods() -> None:
-    assert checks_for(mailbox()) == {"incoming": ("graph_read", "subscription", "crm_owner"),
-                                     "outgoing": ("graph_send", "crm_owner")}
+    assert checks_for(mailbox()) == {"incoming": ("graph_read", "subscription", "crm_owner", "sss_incoming"),
+                                     "outgoing": ("graph_send", "crm_owner", "sss_outgoing", "crm_concurrency")}
     assert checks_for(mailbox(enabled_for_outgoing=False))["outgoing"] == ()
     forward = mailbox(inbound_method=InboundMethod.FORWARD, outbound_method=OutboundMethod.NONE)
-    assert checks_for(forward) == {"incoming": ("forward_rule", "crm_owner"), "outgoing": ()}
+    assert checks_for(forward) == {"incoming": ("forward_rule", "crm_owner", "sss_incoming"), "outgoing": ()}
 
 
 def test_transitions_raise_alerts_except_first_baseline() -> None:
@@ -103,8 +103,13 @@ def test_crm_columns_for_failure_and_success() -> None:
     failing = ProbeOutcome("a@x.example", Health.FAILING, Health.FAILING, Health.OK,
                            (CheckResult("graph_read", False, "denied", 403),), ProbeState(Health.FAILING, 3))
     body = crm_mailbox_update(failing, NOW)
-    assert (body["incomingemailstatus"], body["outgoingemailstatus"], body["mailboxstatus"]) == (2, 1, 2)
-    assert body["lastsyncerrorcode"] == 403 and body["transientfailurecount"] == 3
+    assert (body["incomingemailstatus"], body["outgoingemailstatus"]) == (2, 1)
+    assert body["lastsyncerrorcode"] == 403
+    # read-only in mailbox.md: kept in the router's status table, never written to CRM (audit 1a #5)
+    assert "mailboxstatus" not in body and "transientfailurecount" not in body
+    long = ProbeOutcome("a@x.example", Health.FAILING, Health.FAILING, Health.OK,
+                        (CheckResult("graph_read", False, "x" * 5000, 403),), ProbeState(Health.FAILING, 1))
+    assert len(crm_mailbox_update(long, NOW)["lastsyncerror"]) == 2048
     healthy = ProbeOutcome("a@x.example", Health.OK, Health.OK, Health.NOT_APPLICABLE, (), ProbeState(Health.OK))
     body = crm_mailbox_update(healthy, NOW)
     assert body["outgoingemailstatus"] == 0 and body["lastsyncerror"] == "" and "lastsuccessfulsynccompletedon" in body

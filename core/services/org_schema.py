@@ -1,0 +1,162 @@
+"""Reads the org's names (:class:`core.domain.org_schema.OrgSchema`) from Dataverse metadata, and caches them.
+
+One ``$batch`` of GETs:
+
+* ``EntityDefinitions?$select=LogicalName,EntitySetName,IsOptimisticConcurrencyEnabled`` for every table's entity
+  set name (never guessed as ``<logical>s``: a correlated email's regarding can be any table, custom ones included)
+  and whether optimistic concurrency is on;
+* ``EntityDefinitions(LogicalName='<t>')/ManyToOneRelationships?$select=SchemaName,ReferencingAttribute,
+  ReferencedEntity,ReferencingEntityNavigationPropertyName&$filter=ReferencingAttribute eq ...`` for each table the
+  router binds on (email, activityparty, activitymimeattachment, contact).
+
+The result is cached per process (``ttl`` seconds, default one hour) and refreshed with the CRM sync. If the read
+fails, the last good schema is kept; before the first success the documented names are used (logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, Protocol
+
+from core.adapters.dataverse import DataverseError, map_error
+from core.adapters.odata import BatchRequest, BatchResponse, build_query
+from core.domain.org_schema import (
+    BINDS,
+    DOCUMENTED,
+    RELATIONSHIP_TABLES,
+    OrgSchema,
+    Relationship,
+)
+
+__all__ = ["OrgSchemaCache", "OrgSchemaSource", "org_schema_for", "read_org_schema", "schema_requests"]
+
+log = logging.getLogger("emailrouter.crm.schema")
+
+_RELATIONSHIP_SELECT: Final = ("SchemaName", "ReferencingAttribute", "ReferencedEntity",
+                               "ReferencingEntityNavigationPropertyName")
+
+
+class _BatchClient(Protocol):
+    async def execute_batch(self, requests: Sequence[Any], *, continue_on_error: bool = ...) -> list[BatchResponse]:
+        ...
+
+
+class OrgSchemaSource(Protocol):
+    async def get(self) -> OrgSchema: ...
+
+
+def _quoted(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def schema_requests() -> list[BatchRequest]:
+    """The GETs (in order: entity definitions, then one per relationship table). Pure."""
+    requests = [BatchRequest("GET", "EntityDefinitions?" + build_query(
+        select=("LogicalName", "EntitySetName", "IsOptimisticConcurrencyEnabled")))]
+    for table in RELATIONSHIP_TABLES:
+        attributes = sorted({b.attribute for b in BINDS if b.entity == table})
+        condition = " or ".join(f"ReferencingAttribute eq {_quoted(a)}" for a in attributes)
+        requests.append(BatchRequest("GET", f"EntityDefinitions(LogicalName={_quoted(table)})/ManyToOneRelationships?"
+                                     + build_query(select=_RELATIONSHIP_SELECT, filter=condition)))
+    return requests
+
+
+def parse_schema(responses: Sequence[BatchResponse]) -> OrgSchema:
+    """Responses of :func:`schema_requests` -> :class:`OrgSchema`. Pure (unit-tested)."""
+    for response in responses:
+        if not response.ok:
+            raise map_error(response.status, response.body, response.headers)
+    definitions = (responses[0].json() or {}).get("value", [])
+    entity_sets = {str(d["LogicalName"]): str(d["EntitySetName"]) for d in definitions
+                   if d.get("LogicalName") and d.get("EntitySetName")}
+    concurrency = {str(d["LogicalName"]): bool(d.get("IsOptimisticConcurrencyEnabled")) for d in definitions
+                   if d.get("LogicalName") and "IsOptimisticConcurrencyEnabled" in d}
+    relationships: dict[str, tuple[Relationship, ...]] = {}
+    for table, response in zip(RELATIONSHIP_TABLES, responses[1:], strict=True):
+        rows = (response.json() or {}).get("value", [])
+        relationships[table] = tuple(
+            Relationship(str(r.get("SchemaName", "")), str(r["ReferencingAttribute"]),
+                         str(r["ReferencedEntity"]), str(r["ReferencingEntityNavigationPropertyName"]))
+            for r in rows
+            if r.get("ReferencingAttribute") and r.get("ReferencedEntity")
+            and r.get("ReferencingEntityNavigationPropertyName"))
+    return OrgSchema(entity_sets=entity_sets, relationships=relationships, optimistic_concurrency=concurrency,
+                     from_org=True)
+
+
+async def read_org_schema(client: _BatchClient) -> OrgSchema:
+    return parse_schema(await client.execute_batch(schema_requests(), continue_on_error=True))
+
+
+def describe_missing(schema: OrgSchema) -> list[str]:
+    """Human-readable findings: the router's binds the org declares no navigation property for."""
+    return [f"{w.entity}.{w.attribute} -> {w.target} ({w.purpose}): no declared navigation property, not bound"
+            for w in schema.missing()]
+
+
+class OrgSchemaCache:
+    """Process-wide cache of the org's schema (one metadata ``$batch`` per ``ttl``)."""
+
+    def __init__(self, client: _BatchClient, *, ttl: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._client = client
+        self._ttl = ttl
+        self._clock = clock
+        self._schema: OrgSchema | None = None
+        self._expires = 0.0
+        self._lock: asyncio.Lock | None = None  # created in the running loop; one read for concurrent callers
+        self.reads = 0
+
+    @property
+    def current(self) -> OrgSchema:
+        return self._schema or DOCUMENTED
+
+    async def get(self) -> OrgSchema:
+        if self._schema is None or self._clock() >= self._expires:
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self._schema is None or self._clock() >= self._expires:  # another caller may have read it
+                    await self.refresh()
+        return self.current
+
+    async def refresh(self) -> OrgSchema:
+        self.reads += 1
+        try:
+            schema = await read_org_schema(self._client)
+        except DataverseError as exc:
+            if self._schema is None:
+                log.warning("could not read the org's metadata (%s); using the documented names until it can",
+                            exc)
+            else:
+                log.warning("could not refresh the org's metadata (%s); keeping the last read", exc)
+            self._expires = self._clock() + min(self._ttl, 60.0)
+            return self.current
+        changed = self._schema is None or _names(schema) != _names(self._schema)
+        self._schema = schema
+        self._expires = self._clock() + self._ttl
+        if changed:
+            for finding in describe_missing(schema):
+                log.warning("org schema: %s", finding)
+            if schema.concurrency_enabled("email") is False:
+                log.warning("org schema: optimistic concurrency is off on email")
+        return schema
+
+
+def _names(schema: OrgSchema) -> tuple[Mapping[str, str], Mapping[str, tuple[Relationship, ...]]]:
+    return schema.entity_sets, schema.relationships
+
+
+_CACHES: weakref.WeakKeyDictionary[Any, OrgSchemaCache] = weakref.WeakKeyDictionary()
+
+
+def org_schema_for(container: Any) -> OrgSchemaCache:
+    """The process-wide schema cache of a container (shared by the pipelines and refreshed by the CRM sync)."""
+    cache = _CACHES.get(container)
+    if cache is None:
+        cache = _CACHES[container] = OrgSchemaCache(container.dataverse)
+    return cache
