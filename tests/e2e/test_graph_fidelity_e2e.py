@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from core.adapters.storage import join_text
+from core.domain.identity import outbound_activity_id
 from tests.e2e.stack_harness import (
     APPROVED,
     CONTACT_FIONA,
@@ -121,9 +122,16 @@ def forward_user(org: Org) -> OrgMailbox:
 
 
 def emails_with_message_id(stack: Stack, message_id: str) -> list[dict[str, Any]]:
+    """The CRM emails that are this message: the one the router's Message-ID names (a Sent email keeps no
+    messageid) and any that carries it as its messageid (a second, tracked copy would)."""
     escaped = message_id.replace("'", "''")
-    return stack.dv_list(f"emails?$filter=messageid eq '{escaped}'&$select=activityid,subject,statuscode,"
-                         "_ownerid_value,_regardingobjectid_value,_parentactivityid_value")
+    select = "&$select=activityid,subject,statuscode,_ownerid_value,_regardingobjectid_value,_parentactivityid_value"
+    rows = stack.dv_list(f"emails?$filter=messageid eq '{escaped}'{select}")
+    named = outbound_activity_id(message_id)
+    if named is not None:
+        rows += [r for r in stack.dv_list(f"emails?$filter=activityid eq {named}{select}")
+                 if r["activityid"] not in {x["activityid"] for x in rows}]
+    return rows
 
 
 def send_from_crm(stack: Stack, sender_id: str, subject: str, *, to: dict[str, str]) -> tuple[str, dict[str, Any]]:
@@ -143,7 +151,13 @@ def send_from_crm(stack: Stack, sender_id: str, subject: str, *, to: dict[str, s
                              "statecode,statuscode,trackingtoken")
         return rows[0] if rows and (rows[0]["statecode"], rows[0]["statuscode"]) == (1, 3) else None
 
-    return sent_id, poll("the CRM email Sent", sent, within=DEADLINE)
+    row = poll("the CRM email Sent", sent, within=DEADLINE)
+    # CRM keeps no messageid for sent mail (the email is never re-opened to write it): the router's Message-ID,
+    # which names the CRM email (outbound_activity_id), is in its outbound ledger.
+    ledger = stack.table_rows("Outbound", partition=sent_id)
+    chosen = next(str(r["InternetMessageId"]) for r in ledger if r.get("InternetMessageId"))
+    assert outbound_activity_id(chosen) == uuid.UUID(sent_id)
+    return sent_id, {**row, "messageid": chosen}
 
 
 def decision(stack: Stack, internet_message_id: str, mailbox: str) -> dict[str, Any] | None:
