@@ -237,8 +237,9 @@ def test_the_driver_kills_and_restarts_the_host(tmp_path: Path) -> None:
         assert stack.pids()["functions"] != first and stack.host_starts == 2
         r = requests.get(f"{stack.functions_root}/api/health", timeout=10)
         assert r.status_code == 200
+        before = stack.executed_count("outbound_scan")  # its schedule (every 15 s) may have run it already
         status = stack.run_function("outbound_scan", within=120)  # a timer; no Dataverse here, so it may fail
-        assert status in ("Succeeded", "Failed") and stack.executed_count("outbound_scan") == 1
+        assert status in ("Succeeded", "Failed") and stack.executed_count("outbound_scan") > before
         children = [psutil.Process(p) for p in stack.pids().values()]
     assert _alive(children) == []
     assert json.loads((tmp_path / "state" / "stack.json").read_text())["running"] is False
