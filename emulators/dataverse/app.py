@@ -142,7 +142,7 @@ def create_app(config: DataverseConfig) -> Starlette:
         protected_user: str | None = None
         try:
             caller, app_id = _caller(state, request)
-            protected_user = caller.user_id
+            protected_user = state.protection.charged_user(caller.user_id, caller.app_user_id)
             state.protection.enter(protected_user)
             try:
                 fault = state.faults.match(method, target)
@@ -173,7 +173,12 @@ def create_app(config: DataverseConfig) -> Starlette:
         elapsed = (time.perf_counter() - started) * 1000
         state.requests.add(method, target, result.status, elapsed, app_id)
         log.debug("%s %s -> %s (%.1f ms)", method, target, result.status, elapsed)
-        return _to_response(result)
+        response = _to_response(result)
+        if protected_user is not None:
+            requests_left, time_left = state.protection.remaining(protected_user)
+            response.headers["x-ms-ratelimit-burst-remaining-xrm-requests"] = str(requests_left)
+            response.headers["x-ms-ratelimit-time-remaining-xrm-requests"] = str(time_left)
+        return response
 
     # ---- emulator-only endpoints (no auth) ----------------------------------------------------------------
     async def health(_: Request) -> Response:
@@ -224,12 +229,14 @@ def create_app(config: DataverseConfig) -> Starlette:
                     state.protection.limits = config.limits
                 else:
                     state.protection.limits = state.protection.limits.scaled(doc)
+                    if "per" in doc:
+                        state.protection.limits = state.protection.limits.with_scope(str(doc["per"]))
                 state.protection.reset()
             except (ValueError, TypeError, AttributeError) as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
         lim = state.protection.limits
         return JSONResponse({"requests": lim.requests, "window_s": lim.window_s, "execution_ms": lim.execution_ms,
-                             "concurrent": lim.concurrent})
+                             "concurrent": lim.concurrent, "per": lim.per})
 
     async def options(request: Request) -> Response:
         if request.method == "POST":

@@ -1,8 +1,18 @@
 """Service protection limits (dataverse.md §7.2), injected faults and the request log.
 
-Limits are per calling user (the application user, or the impersonated user: Dataverse evaluates per user) over a
-sliding window: number of requests, combined execution time, and concurrent requests. Exceeding any yields 429 with
-``Retry-After`` and the documented code. The clock is injectable so tests can move time instead of sleeping.
+Limits are per user over a sliding window: number of requests, combined execution time, and concurrent requests.
+Exceeding any yields 429 with ``Retry-After`` and the documented code. The clock is injectable so tests can move
+time instead of sleeping.
+
+Which user: api-limits.md says "The service protection API limits are evaluated per user. Each authenticated user
+is limited independently." Whether an application user that impersonates (``CallerObjectId``/``MSCRMCallerID``) is
+counted as itself or as the impersonated user is not documented (NOT VERIFIED). The emulator takes the stricter
+reading by default: the **authenticated** user (``per="caller"``), so impersonation cannot multiply a budget and a
+router that needs more than one user's budget needs more application users (docs/deploy.md §9). ``per="effective"``
+counts the impersonated user instead (the lenient reading), for comparison.
+
+Every answered request carries the documented debugging headers ``x-ms-ratelimit-burst-remaining-xrm-requests``
+(requests left in the window) and ``x-ms-ratelimit-time-remaining-xrm-requests`` (execution milliseconds left).
 """
 
 from __future__ import annotations
@@ -29,10 +39,11 @@ class Limits:
     window_s: int = 300
     execution_ms: int = 1_200_000
     concurrent: int = 52
+    per: str = "caller"  # "caller": the authenticated (application) user; "effective": the impersonated user
 
     def scaled(self, changes: dict[str, Any]) -> Limits:
         allowed = {"requests", "window_s", "execution_ms", "concurrent"}
-        unknown = set(changes) - allowed - {"scale"}
+        unknown = set(changes) - allowed - {"scale", "per"}
         if unknown:
             raise ValueError(f"unknown limit fields: {', '.join(sorted(unknown))}")
         new = Limits(**asdict(self))
@@ -44,6 +55,13 @@ class Limits:
             new.concurrent = max(1, int(new.concurrent * f))
         for k in allowed & set(changes):
             setattr(new, k, int(changes[k]))
+        return new
+
+    def with_scope(self, per: str) -> Limits:
+        if per not in ("caller", "effective"):
+            raise ValueError("per must be 'caller' or 'effective'")
+        new = Limits(**asdict(self))
+        new.per = per
         return new
 
 
@@ -75,6 +93,23 @@ class ServiceProtection:
             w.requests.popleft()
         while w.executions and w.executions[0][0] <= horizon:
             w.exec_total_ms -= w.executions.popleft()[1]
+
+    def charged_user(self, caller_user: str, app_user: str | None) -> str:
+        """The user a request counts against: ``caller_user`` is the effective user, ``app_user`` the authenticated
+        application user when it impersonates (None otherwise)."""
+        if self.limits.per == "caller" and app_user:
+            return app_user
+        return caller_user
+
+    def remaining(self, user: str) -> tuple[int, int]:
+        """(requests, execution ms) left in the user's current window: the debugging headers' values."""
+        with self._lock:
+            w = self._users.get(user)
+            if w is None:
+                return self.limits.requests, self.limits.execution_ms
+            self._trim(w, self.clock())
+            return (max(0, self.limits.requests - len(w.requests)),
+                    max(0, int(self.limits.execution_ms - w.exec_total_ms)))
 
     def enter(self, user: str) -> None:
         """Admit a request or raise the matching 429. Concurrency is checked first: it fails immediately."""

@@ -563,6 +563,29 @@ def test_service_protection_request_count(api: Api) -> None:
         api.emulator("POST", "limits", {"reset": True})
 
 
+def test_service_protection_counts_the_authenticated_user(api: Api) -> None:
+    """The stricter reading (NOT VERIFIED): impersonating other users does not give the application user their
+    budgets; ``per: effective`` switches to counting the impersonated user. Debug headers show what is left."""
+    alice_oid = api.request("GET", f"systemusers({ALICE})", params={"$select": "azureactivedirectoryobjectid"}).json()[
+        "azureactivedirectoryobjectid"]
+    api.emulator("POST", "limits", {"requests": 3})
+    try:
+        first = api.request("GET", "WhoAmI")
+        assert first.headers["x-ms-ratelimit-burst-remaining-xrm-requests"] == "2"
+        assert int(first.headers["x-ms-ratelimit-time-remaining-xrm-requests"]) > 0
+        statuses = [api.request("GET", "WhoAmI", headers={"CallerObjectId": alice_oid}).status_code,
+                    api.request("GET", "WhoAmI", headers={"MSCRMCallerID": CAROL}).status_code,
+                    api.request("GET", "WhoAmI", headers={"MSCRMCallerID": CAROL}).status_code]
+        assert statuses == [200, 200, 429]
+        assert api.emulator("POST", "limits", {"per": "effective"}).json()["per"] == "effective"
+        statuses = [api.request("GET", "WhoAmI", headers={"MSCRMCallerID": CAROL}).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        assert api.request("GET", "WhoAmI").status_code == 200  # the application user's own budget is untouched
+    finally:
+        api.emulator("POST", "limits", {"reset": True})
+    assert api.emulator("GET", "limits").json()["per"] == "caller"
+
+
 def test_service_protection_execution_time(api: Api) -> None:
     api.emulator("POST", "limits", {"execution_ms": 50})
     api.emulator("POST", "faults", {"method": "GET", "path": "WhoAmI", "latency_ms": 60, "count": 1})
