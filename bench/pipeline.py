@@ -256,8 +256,8 @@ def _phases(stack: Stack, workdir: Path, result: dict[str, Any], *, quick: bool,
     stack.seed_org(org)
     result["setup"] = stack.sync_and_subscribe(org, within=150.0)
     _log(f"org seeded, synced and subscribed: {result['setup']}")
-    # The router writes as the application user; Dataverse's service protection (6,000 requests / 5 min per
-    # effective user) must not be spent by the bench's own polling, so the poller impersonates a None user.
+    # The poller's requests are authenticated as the stack driver's own application user (service protection
+    # counts per authenticated user), so they never spend the router's budget; they impersonate a None user.
     poller = RowPoller(stack, caller_id=crm_user_id(next(m for m in org.mailboxes if m.inbound == NONE).address))
     poller.start()
     try:

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -61,6 +62,7 @@ from local.services import (
 
 __all__ = [
     "SERVICES",
+    "AppUser",
     "HealthCheck",
     "PortInUseError",
     "Ports",
@@ -83,6 +85,16 @@ DEFAULT_TABLE_PREFIX = "emailrouter"
 T = TypeVar("T")
 log = logging.getLogger("local.stack")
 _EXECUTED = re.compile(r"Executed 'Functions\.([^']+)' \((\w+)")
+
+
+@dataclass(frozen=True)
+class AppUser:
+    """An app registration in the identity emulator that is an application user in the Dataverse emulator."""
+
+    client_id: str
+    client_secret: str
+    systemuser_id: str
+    object_id: str
 
 
 class StackError(AssertionError):
@@ -241,6 +253,7 @@ class Stack:
         self._http: Any = None
         self._tokens: dict[str, tuple[str, float]] = {}
         self._tokens_lock = threading.Lock()
+        self._driver: AppUser | None = None
 
     @classmethod
     def attach(cls, state_dir: Path | str) -> Stack:
@@ -303,6 +316,11 @@ class Stack:
         try:
             first = [s for s in self.specs if not s.after_others]
             self._start_wave(first, deadline)
+            if {"identity", "dataverse"} <= set(self.names):
+                # The driver's own Web API calls (seeding, tests' and the benchmark's checks) run as their own
+                # application user: service protection counts the authenticated user, so they never spend the
+                # router's budget.
+                self._driver = self.add_application_users(1, label="stack-driver")[0]
             if host:
                 self._start_wave([s for s in self.specs if s.after_others], deadline)
         except BaseException:
@@ -434,6 +452,8 @@ class Stack:
                                "root": str(self.root), "ca_bundle": str(self.ctx.tls.bundle)}
         for spec in self.specs:
             doc.update(spec.stack_json(self.ctx))
+        if self._driver is not None:
+            doc["driver"] = {"client_id": self._driver.client_id, "client_secret": self._driver.client_secret}
         doc["pids"] = {"stack": os.getpid(), **self.pids()}
         if not running:
             doc["stopped_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -594,14 +614,18 @@ class Stack:
         return self._http
 
     def token(self, scope: str) -> str:
-        """An app-only token (client credentials at the identity emulator), cached until a minute before expiry."""
+        """An app-only token (client credentials at the identity emulator), cached until a minute before expiry.
+        Dataverse tokens are the driver's own application user's (see ``start``), others the router app's."""
         with self._tokens_lock:
             cached = self._tokens.get(scope)
             if cached and cached[1] > time.monotonic() + 60:
                 return cached[0]
+        client_id, secret = self.client_id, self.client_secret
+        driver = self.doc.get("driver")
+        if isinstance(driver, dict) and "dataverse" in self.doc and scope.startswith(self.dataverse_url):
+            client_id, secret = str(driver["client_id"]), str(driver["client_secret"])
         r = self.http.post(f"{self.authority}/oauth2/v2.0/token", data={
-            "grant_type": "client_credentials", "client_id": self.client_id, "client_secret": self.client_secret,
-            "scope": scope})
+            "grant_type": "client_credentials", "client_id": client_id, "client_secret": secret, "scope": scope})
         if r.status_code != 200:
             raise StackError(f"no token for {scope}: {r.status_code} {r.text[:300]}")
         body = r.json()
@@ -623,6 +647,46 @@ class Stack:
             raise StackError(f"{which} emulator {method} {path}: {r.status_code} {r.text[:500]}")
         return r.json() if r.content else None
 
+    def add_application_users(self, count: int, *, label: str) -> list[AppUser]:
+        """``count`` app registrations in the identity emulator (Graph roles as the router's app), each an
+        application user in the Dataverse emulator with the router's privileges: an application-user pool
+        (``DATAVERSE_CLIENT_IDS``), or a separate budget for a test's own calls. Ids are derived from ``label`` and
+        the index, so calling again returns the same users."""
+        from emulators.common import demo
+        from emulators.dataverse.seed import ROUTER_APP_PRIVILEGES
+
+        users = []
+        for i in range(count):
+            def ident(kind: str, n: int = i) -> str:
+                return str(uuid.uuid5(uuid.NAMESPACE_URL, f"local-stack/{label}/{n}/{kind}"))
+            users.append(AppUser(ident("app"), f"local-{label}-{i}-secret-not-for-production", ident("user"),
+                                 ident("sp")))
+        tenant = self.doc.get("identity", {}).get("tenant_id") if self.doc else None
+        self._admin("identity", "POST", "apps", {"apps": [{
+            "client_id": u.client_id, "tenant_id": tenant or demo.TENANT_ID, "display_name": f"{label} {n}",
+            "object_id": u.object_id, "secrets": [u.client_secret], "certificates": [],
+            "roles": {demo.GRAPH_RESOURCE: list(demo.GRAPH_APP_ROLES)}} for n, u in enumerate(users)]})
+        self._admin("dataverse", "POST", "seed", {"systemusers": [{
+            "systemuserid": u.systemuser_id, "firstname": f"# {label}", "lastname": str(n),
+            "internalemailaddress": f"{label}-{n}@{demo.TENANT_DOMAIN}", "applicationid": u.client_id,
+            "azureactivedirectoryobjectid": u.object_id, "accessmode": 4, "incomingemaildeliverymethod": 0,
+            "outgoingemaildeliverymethod": 0, "privileges": list(ROUTER_APP_PRIVILEGES)}
+            for n, u in enumerate(users)]})
+        return users
+
+    def _admin(self, which: str, method: str, path: str, body: Any) -> Any:
+        """An emulator admin call that works before ``stack.json`` is written (during ``start``)."""
+        import httpx
+
+        assert self.ctx is not None
+        ports = self.ctx.ports
+        port = {"identity": ports.identity, "graph": ports.graph, "dataverse": ports.dataverse}[which]
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(self.ctx.tls.bundle)), timeout=120) as http:
+            r = http.request(method, f"https://127.0.0.1:{port}/_emulator/{path}", json=body)
+        if r.status_code >= 400:
+            raise StackError(f"{which} emulator {method} {path}: {r.status_code} {r.text[:500]}")
+        return r.json() if r.content else None
+
     def clear_faults(self) -> None:
         """Every injected fault off: Graph request and notification faults, delta-token eviction, Dataverse."""
         self.emulator("graph", "DELETE", "faults")
@@ -635,8 +699,9 @@ class Stack:
         """A raw Web API call (``path`` below ``/api/data/v9.2/``, or a full URL): the caller's own view of CRM,
         independent of the product's client. Injected faults and service protection hit these calls too, so
         429/5xx answers are retried, honouring Retry-After, within ``within`` seconds; other errors raise. With
-        ``caller_id`` set the call runs as that CRM user (``MSCRMCallerID``): service protection counts per
-        effective user, so the caller's own polling does not eat the router's budget. Returns the response."""
+        ``caller_id`` set the call runs as that CRM user (``MSCRMCallerID``; records it creates are theirs). The
+        driver authenticates as its own application user, so service protection (per authenticated user) never
+        counts these calls against the router's budget. Returns the response."""
         url = path if path.startswith("https://") else f"{self.dataverse_api_url}/{path}"
         caller = {"MSCRMCallerID": self.caller_id} if self.caller_id else {}
         accepted = set(ok)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime as dt
 import hmac
 import logging
@@ -663,6 +664,27 @@ async def replace_seed(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "tenants": len(seed.tenants), "apps": len(seed.apps)})
 
 
+async def add_apps(request: Request) -> JSONResponse:
+    """``POST /_emulator/apps`` ``{"apps": [<app as in the seed>, ...]}``: register more app registrations in the
+    seeded tenants (an existing (tenant, client id) is replaced); the rest of the seed is kept."""
+    state = _state(request)
+    try:
+        document = await request.json()
+        raw_apps = document.get("apps") if isinstance(document, dict) else None
+        if not isinstance(raw_apps, list):
+            raise SeedError("body.apps must be a list")
+        with state.lock:
+            tenants = [{"id": t.id, "domains": list(t.domains), "display_name": t.display_name}
+                       for t in state.seed.tenants.values()]
+        added = parse_seed({"tenants": tenants, "apps": raw_apps})
+    except (ValueError, SeedError) as exc:
+        return JSONResponse({"error": "invalid_seed", "error_description": str(exc)}, status_code=400)
+    with state.lock:
+        state.seed = dataclasses.replace(state.seed, apps={**state.seed.apps, **added.apps})
+        count = len(state.seed.apps)
+    return JSONResponse({"status": "ok", "added": len(added.apps), "apps": count})
+
+
 def create_app(config: IdentityConfig | None = None) -> Starlette:
     """The identity emulator as a Starlette app (serve it over TLS: msal only accepts https authorities)."""
     config = config or IdentityConfig()
@@ -678,6 +700,7 @@ def create_app(config: IdentityConfig | None = None) -> Starlette:
         Route("/_emulator/tokens", tokens_issued, methods=["GET"]),
         Route("/_emulator/tokens", reset_tokens_issued, methods=["DELETE"]),
         Route("/_emulator/seed", replace_seed, methods=["POST"]),
+        Route("/_emulator/apps", add_apps, methods=["POST"]),
         Route("/common/discovery/instance", instance_discovery, methods=["GET"]),
         Route("/{tenant}/v2.0/.well-known/openid-configuration", openid_configuration, methods=["GET"]),
         Route("/{tenant}/.well-known/openid-configuration", openid_configuration, methods=["GET"]),

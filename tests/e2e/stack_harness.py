@@ -136,7 +136,8 @@ class Org:
 
     @property
     def caller_id(self) -> str | None:
-        """The test's own Web API calls run as the first user, so they do not eat the router's budget."""
+        """The test's own Web API calls run as the first user (the driver's own application user authenticates
+        them, so they never eat the router's budget)."""
         return self.users[0].crm_id
 
 
