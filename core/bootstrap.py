@@ -86,12 +86,15 @@ class Container:
 
     @cached_property
     def dataverse(self) -> DataverseClient:
-        from core.adapters.auth import dataverse_token_provider
+        from core.adapters.auth import dataverse_token_providers
         from core.adapters.dataverse import DataverseClient
+        from core.adapters.dataverse_pool import ServiceProtectionBudget
 
         s = self.settings
-        tokens = dataverse_token_provider(s)
-        return DataverseClient(s.dataverse_api_base, tokens.get_token_async)
+        users = dataverse_token_providers(s)  # the application-user pool (one user unless DATAVERSE_CLIENT_IDS)
+        return DataverseClient(s.dataverse_api_base, [p.get_token_async for _, p in users],
+                               user_names=[client_id for client_id, _ in users],
+                               budget=ServiceProtectionBudget(**s.dataverse_budget_values()))
 
 
 _lock = threading.Lock()

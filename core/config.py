@@ -140,6 +140,25 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "Set an AD FS authority for Dynamics 365 on-premises."),
     Setting("DATAVERSE_SCOPE", "", "Scope for Dataverse tokens; empty = DATAVERSE_URL + '/.default'."),
     Setting("DATAVERSE_API_VERSION", "v9.2", "Dataverse Web API version."),
+    Setting("DATAVERSE_CLIENT_IDS", "",
+            "Application-user pool: comma-separated app (client) ids, each an application user of the org with the "
+            "router's security role. Requests are spread across them, each paced to its own service-protection "
+            "budget (docs/deploy.md §9 sizes the pool). Empty = DATAVERSE_CLIENT_ID alone."),
+    Setting("DATAVERSE_CLIENT_SECRETS", None,
+            "Client secrets of DATAVERSE_CLIENT_IDS, comma-separated in the same order (e.g. one Key Vault secret "
+            "holding the list). Empty = every app of the pool signs in with the Dataverse credential (a "
+            "certificate or the managed identity's federated credential added to each app).", secret=True,
+            optional=True),
+    Setting("DATAVERSE_USER_REQUESTS_PER_WINDOW", "6000",
+            "Service protection: requests per application user per window (Dataverse: 6,000 per 300 s)."),
+    Setting("DATAVERSE_USER_WINDOW_SECONDS", "300", "Service protection: the sliding window, in seconds."),
+    Setting("DATAVERSE_USER_EXECUTION_MS", "1200000",
+            "Service protection: execution time per application user per window, in milliseconds."),
+    Setting("DATAVERSE_USER_CONCURRENCY", "52", "Service protection: concurrent requests per application user."),
+    Setting("DATAVERSE_BUDGET_PERCENT", "95",
+            "Part of each application user's budget one instance paces itself to, in percent. 95 keeps a single "
+            "busy instance 429-free; with several busy at once use 95 / their number, or leave it and let "
+            "Retry-After pauses absorb the overlap (docs/deploy.md §9)."),
     # Webhooks
     Setting("WEBHOOK_BASE_URL", None,
             "Public base URL of this Function App's HTTP functions, e.g. https://app.azurewebsites.net/api; "
@@ -383,6 +402,38 @@ class Settings:
                 "set a credential for Dataverse (DATAVERSE_CLIENT_SECRET / _CERTIFICATE_PATH) or for Graph "
                 "(GRAPH_MANAGED_IDENTITY_CLIENT_ID, GRAPH_CLIENT_CERTIFICATE_PATH, GRAPH_CLIENT_SECRET)",
             ) from None
+
+    @property
+    def dataverse_app_users(self) -> list[tuple[str, ClientCredential]]:
+        """The application users Dataverse requests are spread over: (client id, credential) each.
+
+        ``DATAVERSE_CLIENT_IDS`` names the pool (else ``DATAVERSE_CLIENT_ID`` alone); ``DATAVERSE_CLIENT_SECRETS``
+        gives one secret per id in the same order, else each signs in with :attr:`dataverse_credential`."""
+        ids = [i.strip() for i in self.raw("DATAVERSE_CLIENT_IDS").split(",") if i.strip()]
+        if not ids:
+            return [(self.dataverse_client_id, self.dataverse_credential)]
+        if len({i.lower() for i in ids}) != len(ids):
+            raise ConfigError("DATAVERSE_CLIENT_IDS names an app more than once")
+        secrets = [x.strip() for x in self.raw("DATAVERSE_CLIENT_SECRETS").split(",")] \
+            if self.raw("DATAVERSE_CLIENT_SECRETS") else []
+        if secrets and len(secrets) != len(ids):
+            raise ConfigError(f"DATAVERSE_CLIENT_SECRETS has {len(secrets)} secret(s) for {len(ids)} app id(s) in "
+                              "DATAVERSE_CLIENT_IDS; give one per id, in the same order")
+        if secrets:
+            return [(i, ClientCredential(secret=x)) for i, x in zip(ids, secrets, strict=True)]
+        credential = self.dataverse_credential
+        return [(i, credential) for i in ids]
+
+    def dataverse_budget_values(self) -> dict[str, float]:
+        """The ``ServiceProtectionBudget`` fields from the DATAVERSE_USER_* / DATAVERSE_BUDGET_PERCENT settings."""
+        percent = self.integer("DATAVERSE_BUDGET_PERCENT", minimum=1)
+        if percent > 100:
+            raise ConfigError(f"App setting 'DATAVERSE_BUDGET_PERCENT' must be <= 100, got {percent}")
+        return {"requests": self.integer("DATAVERSE_USER_REQUESTS_PER_WINDOW", minimum=1),
+                "window_s": self.integer("DATAVERSE_USER_WINDOW_SECONDS", minimum=1),
+                "execution_ms": self.integer("DATAVERSE_USER_EXECUTION_MS", minimum=1),
+                "concurrency": self.integer("DATAVERSE_USER_CONCURRENCY", minimum=1),
+                "share": percent / 100, "headroom": 1.0}
 
     @property
     def dataverse_client_secret(self) -> str:

@@ -35,9 +35,14 @@ class Clock:
 
     def __init__(self) -> None:
         self.slept: list[float] = []
+        self.now = 1000.0  # what ``monotonic`` says: moves only when something sleeps
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
+        self.now += max(0.0, seconds)
+
+    def monotonic(self) -> float:
+        return self.now
 
 
 class StaticMailboxDirectory:

@@ -59,6 +59,7 @@ __all__ = [
     "MsalAccessTokenProvider",
     "MsalTokenProvider",
     "dataverse_token_provider",
+    "dataverse_token_providers",
     "graph_access_token_provider",
     "graph_token_provider",
 ]
@@ -408,3 +409,10 @@ def dataverse_token_provider(settings: Settings) -> MsalTokenProvider:
     """Tokens for Dataverse (DATAVERSE_* settings, falling back to the Graph app's where empty)."""
     return _shared_provider(settings.dataverse_client_id, settings.dataverse_authority, settings.dataverse_scope,
                             settings.dataverse_credential)
+
+
+def dataverse_token_providers(settings: Settings) -> list[tuple[str, MsalTokenProvider]]:
+    """(client id, token provider) per application user of the Dataverse pool (``DATAVERSE_CLIENT_IDS``)."""
+    return [(client_id, _shared_provider(client_id, settings.dataverse_authority, settings.dataverse_scope,
+                                         credential))
+            for client_id, credential in settings.dataverse_app_users]

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from core.adapters.dataverse_pool import ApplicationUserPool, PacingWait, ServiceProtectionBudget
 from core.adapters.odata import (
     BatchRequest,
     BatchResponse,
@@ -406,24 +407,13 @@ def _annotations(value: str | None) -> str | None:
 
 
 class _InFlightLimit:
-    """Caps requests in flight; the cap follows the org's ``x-ms-dop-hint`` (the degree of parallelism the service
-    recommends for this org, api-limits.md "Use the x-ms-dop-hint response header"), never above the pool size."""
+    """Caps this client's requests in flight at its connection pool size (each application user of the pool also
+    has its own cap: ``core.adapters.dataverse_pool``)."""
 
     def __init__(self, ceiling: int) -> None:
-        self.ceiling = max(1, ceiling)
-        self.limit = self.ceiling
+        self.limit = max(1, ceiling)
         self._active = 0
         self._changed = asyncio.Condition()
-
-    def hint(self, value: str | None) -> None:
-        if not value:
-            return
-        try:
-            hinted = int(value.strip())
-        except ValueError:
-            return
-        if hinted > 0:
-            self.limit = min(hinted, self.ceiling)
 
     async def __aenter__(self) -> None:
         async with self._changed:
@@ -446,15 +436,20 @@ class DataverseClient:
     """Async Dataverse Web API client. Create one per process/event loop and reuse it (connection pool).
 
     ``api_base`` is the Web API root, e.g. ``https://contoso.crm.dynamics.com/api/data/v9.2``. ``token`` is
-    an async callable returning a bearer token for the org's ``/.default`` scope; it is called for every
-    attempt so refreshed tokens are picked up.
+    an async callable returning a bearer token for the org's ``/.default`` scope, or a sequence of them: an
+    application-user pool (one per application user; requests are spread across them and each is paced to
+    ``budget``, see ``core.adapters.dataverse_pool``). It is called for every attempt so refreshed tokens are
+    picked up.
     """
 
     def __init__(
         self,
         api_base: str,
-        token: TokenProvider,
+        token: TokenProvider | Sequence[TokenProvider],
         *,
+        budget: ServiceProtectionBudget | None = None,
+        user_names: Sequence[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
         verify: ssl.SSLContext | bool = True,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -468,9 +463,14 @@ class DataverseClient:
             raise ValueError(f"api_base must be an absolute URL, got {api_base!r}")
         self.api_base = api_base.rstrip("/")
         self._api_path = parts.path.rstrip("/")
-        self._token = token
+        tokens = [token] if callable(token) else list(token)
+        names = list(user_names) if user_names is not None else [f"user{n}" for n in range(len(tokens))]
+        if len(names) != len(tokens):
+            raise ValueError("user_names must name every token provider")
         self.retry_policy = retry_policy or RetryPolicy()
         self._sleep = sleep
+        self.pool = ApplicationUserPool(list(zip(names, tokens, strict=True)), budget, clock=clock, sleep=sleep,
+                                        max_wait_s=self.retry_policy.max_retry_after)
         self._in_flight = _InFlightLimit(max_connections)
         self._http = httpx.AsyncClient(
             cookies=_no_cookies(),
@@ -492,8 +492,9 @@ class DataverseClient:
 
     @property
     def in_flight_limit(self) -> int:
-        """Requests this client lets run at once (the pool size, lowered by the org's ``x-ms-dop-hint``)."""
-        return self._in_flight.limit
+        """Requests this client lets run at once: the connection pool size, or the application users' own caps
+        (each lowered by the org's ``x-ms-dop-hint``) when those are lower."""
+        return min(self._in_flight.limit, sum(u.pacer.limit for u in self.pool.users))
 
     async def __aenter__(self) -> DataverseClient:
         return self
@@ -533,17 +534,33 @@ class DataverseClient:
         request_headers.update(headers or {})
 
         async def attempt() -> httpx.Response:
-            token = await self._token()
-            started = time.perf_counter()
-            try:
-                async with self._in_flight:
-                    response = await self._http.request(
-                        method, url, content=content,
-                        headers={**request_headers, "Authorization": f"Bearer {token}"},
-                    )
-            except httpx.TransportError as exc:
-                raise _transport_error(exc) from exc
-            self._in_flight.hint(response.headers.get("x-ms-dop-hint"))
+            throttled: set[str] = set()
+            while True:
+                try:
+                    async with self.pool.lease(exclude=throttled) as user:
+                        token = await user.token()
+                        started = time.perf_counter()
+                        try:
+                            async with self._in_flight:
+                                response = await self._http.request(
+                                    method, url, content=content,
+                                    headers={**request_headers, "Authorization": f"Bearer {token}"},
+                                )
+                        except httpx.TransportError as exc:
+                            raise _transport_error(exc) from exc
+                        user.pacer.hint(response.headers.get("x-ms-dop-hint"))
+                        if response.status_code == 429:
+                            error = map_error(429, response.content, response.headers, create_only=create_only)
+                            user.pacer.throttle(error.retry_after)
+                            _log.warning("Dataverse 429 for application user %s (%s); paused %.0f s", user.name,
+                                         getattr(error, "reason", "unknown"), user.pacer.paused_for)
+                            throttled.add(user.name)
+                            if len(throttled) < len(self.pool) and self.pool.available_now(exclude=throttled):
+                                continue  # another application user has budget now: send through it at once
+                            raise error
+                except PacingWait as wait:
+                    raise ThrottledError(0, "client_pacing", str(wait), retry_after=wait.wait) from None
+                break
             # URLs can hold addresses (filters): DEBUG only.
             _log.debug("%s %s -> %d (%.0f ms)", method, url, response.status_code,
                        (time.perf_counter() - started) * 1000)

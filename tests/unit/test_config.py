@@ -33,6 +33,32 @@ def test_cross_tenant_dataverse() -> None:
     assert s.dataverse_authority == "https://adfs.contoso.local/adfs"
 
 
+def test_dataverse_application_user_pool() -> None:
+    base = {"GRAPH_TENANT_ID": "t1", "GRAPH_CLIENT_ID": "c1", "GRAPH_CLIENT_SECRET": "s", "DATAVERSE_URL": "https://o"}
+    alone = Settings(env=base).dataverse_app_users
+    assert [(cid, cred.secret) for cid, cred in alone] == [("c1", "s")]
+    pool = Settings(env={**base, "DATAVERSE_CLIENT_IDS": "a1, a2,a3", "DATAVERSE_CLIENT_SECRETS": "x,y,z"})
+    assert [(cid, cred.secret) for cid, cred in pool.dataverse_app_users] == [("a1", "x"), ("a2", "y"), ("a3", "z")]
+    shared = Settings(env={**base, "DATAVERSE_CLIENT_IDS": "a1,a2", "GRAPH_CLIENT_CERTIFICATE_PATH": "/c.pem"})
+    assert [cred.kind for _, cred in shared.dataverse_app_users] == ["certificate", "certificate"]
+    with pytest.raises(Exception, match="DATAVERSE_CLIENT_SECRETS has 1 secret"):
+        _ = Settings(env={**base, "DATAVERSE_CLIENT_IDS": "a1,a2", "DATAVERSE_CLIENT_SECRETS": "x"}).dataverse_app_users
+    with pytest.raises(Exception, match="more than once"):
+        _ = Settings(env={**base, "DATAVERSE_CLIENT_IDS": "a1,A1"}).dataverse_app_users
+
+
+def test_dataverse_budget_values() -> None:
+    from core.adapters.dataverse_pool import ServiceProtectionBudget
+
+    default = ServiceProtectionBudget(**Settings(env={}).dataverse_budget_values())
+    assert (default.request_cap, default.window_s, default.concurrency_cap) == (5700, 300, 49)
+    scaled = Settings(env={"DATAVERSE_USER_REQUESTS_PER_WINDOW": "600", "DATAVERSE_USER_WINDOW_SECONDS": "30",
+                           "DATAVERSE_BUDGET_PERCENT": "50"}).dataverse_budget_values()
+    assert ServiceProtectionBudget(**scaled).request_cap == 300
+    with pytest.raises(Exception, match="DATAVERSE_BUDGET_PERCENT"):
+        Settings(env={"DATAVERSE_BUDGET_PERCENT": "120"}).dataverse_budget_values()
+
+
 def test_bad_integer_is_a_clear_error() -> None:
     with pytest.raises(Exception, match="WEBHOOK_MAX_BODY_BYTES"):
         _ = Settings(env={"WEBHOOK_MAX_BODY_BYTES": "lots"}).webhook_max_body_bytes

@@ -96,7 +96,7 @@ def make_client(clock: Clock, tokens: list[str]) -> MakeClient:
 
     def make(server: FakeServer, **kwargs: object) -> DataverseClient:
         client = DataverseClient(
-            API, token, transport=httpx.MockTransport(server), sleep=clock.sleep,
+            API, token, transport=httpx.MockTransport(server), sleep=clock.sleep, clock=clock.monotonic,
             retry_policy=RetryPolicy(max_retries=3, max_retry_after=30.0, jitter=False),
             **kwargs,  # type: ignore[arg-type]
         )
