@@ -84,7 +84,7 @@ def clock() -> Clock:
 async def client(stack: tuple[Any, Any], tokens: MsalTokenProvider, clock: Clock) -> AsyncIterator[DataverseClient]:
     _, dataverse = stack
     dv = DataverseClient(
-        dataverse.api_url, tokens.get_token_async, sleep=clock.sleep,
+        dataverse.api_url, tokens.get_token_async, sleep=clock.sleep, clock=clock.monotonic,
         retry_policy=RetryPolicy(max_retries=3, max_retry_after=30.0),
     )
     try:
@@ -312,6 +312,10 @@ async def test_429_beyond_the_bound_goes_to_the_caller(
         await client.whoami()
     assert (caught.value.retry_after, caught.value.reason) == (120.0, "concurrency")
     assert clock.slept == []
+    with pytest.raises(ThrottledError) as paused:  # the application user is paused until Retry-After: nothing sent
+        await client.whoami()
+    assert paused.value.code == "client_pacing"
+    clock.now += 120
     assert (await client.whoami())["UserId"]  # the fault was used up
 
 
@@ -361,3 +365,47 @@ async def test_impersonation_makes_the_user_the_creator(client: DataverseClient)
         assert isinstance(contact_id, str)
         row = await client.get("contacts", contact_id, select=["_createdby_value", "_createdonbehalfby_value"])
         assert (row["_createdby_value"], row["_createdonbehalfby_value"]) == (user["systemuserid"], me)
+
+
+# ------------------------------------------------------------------------------------------------ application users
+
+
+async def test_application_user_pool_spreads_requests_within_each_budget(
+    stack: tuple[Any, Any], tokens: MsalTokenProvider, emulator: httpx.AsyncClient, tls: TlsMaterial
+) -> None:
+    """Two application users, each with a budget of 5 requests per minute in the emulator: the pool sends 10 without
+    a single 429 (5 through each, WhoAmI says who), and refuses the 11th itself (client-side pacing), sending
+    nothing, instead of collecting a 429."""
+    from core.adapters.dataverse_pool import ServiceProtectionBudget
+    from emulators.dataverse.seed import ROUTER_APP_PRIVILEGES
+
+    identity, dataverse = stack
+    second_app, second_user = str(uuid.uuid4()), str(uuid.uuid4())
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=tls.bundle)) as http:
+        (await http.post(f"{identity.url}/_emulator/apps", json={"apps": [{
+            "client_id": second_app, "tenant_id": demo.TENANT_ID, "display_name": "pool 2",
+            "object_id": str(uuid.uuid4()), "secrets": ["pool-2-secret"], "certificates": [], "roles": {}}]})
+         ).raise_for_status()
+    (await emulator.post("/_emulator/seed", json={"systemusers": [{
+        "systemuserid": second_user, "firstname": "# Email Router", "lastname": "2", "applicationid": second_app,
+        "accessmode": 4, "privileges": list(ROUTER_APP_PRIVILEGES)}]})).raise_for_status()
+    second = MsalTokenProvider(client_id=second_app, authority=f"{identity.url}/{demo.TENANT_ID}",
+                               scope=f"{dataverse.url.rstrip('/')}/.default", client_secret="pool-2-secret")
+    (await emulator.post("/_emulator/limits", json={"requests": 5, "window_s": 60})).raise_for_status()
+    await emulator.delete("/_emulator/requests")
+    pool = DataverseClient(dataverse.api_url, [tokens.get_token_async, second.get_token_async],
+                           user_names=["first", "second"],
+                           budget=ServiceProtectionBudget(requests=5, window_s=60, headroom=1.0),
+                           retry_policy=RetryPolicy(max_retries=3, max_retry_after=30.0))
+    try:
+        callers = [(await pool.whoami())["UserId"] for _ in range(10)]
+        with pytest.raises(ThrottledError) as refused:
+            await pool.whoami()
+        log = (await emulator.get("/_emulator/requests")).json()["value"]
+    finally:
+        await pool.close()
+        await emulator.post("/_emulator/limits", json={"reset": True})
+    assert callers.count(second_user) == 5 and len(set(callers)) == 2
+    assert refused.value.code == "client_pacing" and refused.value.retry_after > 30
+    assert len(log) == 10 and {e["status"] for e in log} == {200}
+    assert {k: v["sent"] for k, v in pool.pool.stats().items()} == {"first": 5, "second": 5}
