@@ -66,15 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     keys_file = (args.keys_file or script_root / ".local" / "host-keys.json").resolve()
     _setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        config = load_host_json(script_root)
-        if not args.verbose:
-            logging.getLogger().setLevel(config.log_level)
         settings = load_local_settings(settings_path)
         if settings.path is None:
             log.warning("No %s: app settings come from the environment only", settings_path)
         skipped = apply_values(settings.values)
         for name in skipped:
             log.info("Skipping '%s' from local.settings.json as it's already defined in the environment", name)
+        config = load_host_json(script_root)  # after the settings: AzureFunctionsJobHost__* app settings override it
+        if not args.verbose:
+            logging.getLogger().setLevel(config.log_level)
         keys = load_or_create_keys(settings.keys, keys_file)
     except (HostConfigError, ValueError, OSError) as exc:
         log.error("%s", exc)

@@ -20,6 +20,7 @@ __all__ = [
     "HostConfigError",
     "LocalSettings",
     "QueuesOptions",
+    "apply_host_overrides",
     "apply_values",
     "load_host_json",
     "load_local_settings",
@@ -210,15 +211,53 @@ def _seconds(value: Any) -> float:
     return parse_timespan(str(value))
 
 
-def load_host_json(script_root: Path) -> HostConfig:
+OVERRIDE_PREFIX = "AzureFunctionsJobHost__"
+
+
+def apply_host_overrides(doc: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """App settings named ``AzureFunctionsJobHost__path__to__setting`` override host.json values, as the real
+    host does ("Override host.json values", functions-host-json): e.g. the deployment's
+    ``AzureFunctionsJobHost__extensions__queues__batchSize``. Path segments match case-insensitively. Returns the
+    paths applied."""
+    applied = []
+    for name, value in environ.items():
+        if not name.lower().startswith(OVERRIDE_PREFIX.lower()):
+            continue
+        path = [p for p in name[len(OVERRIDE_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        node = doc
+        for segment in path[:-1]:
+            key = next((k for k in node if k.lower() == segment.lower()), segment)
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = node[key] = {}
+            node = child
+        key = next((k for k in node if k.lower() == path[-1].lower()), path[-1])
+        node[key] = value
+        applied.append(".".join(path))
+    return sorted(applied)
+
+
+def load_host_json(script_root: Path, environ: Mapping[str, str] | None = None) -> HostConfig:
+    """host.json with the ``AzureFunctionsJobHost__*`` app-setting overrides of ``environ`` (default: the process
+    environment, so call it after local.settings.json's values are applied)."""
     path = script_root / "host.json"
+    overrides = {k: v for k, v in (os.environ if environ is None else environ).items()
+                 if k.lower().startswith(OVERRIDE_PREFIX.lower())}
     if not path.exists():
         log.warning("No host.json in %s: using the host defaults", script_root)
-        return HostConfig()
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise HostConfigError(f"{path}: not valid JSON ({exc})") from exc
+        if not overrides:
+            return HostConfig()
+        doc: dict[str, Any] = {"version": "2.0"}
+    else:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as exc:
+            raise HostConfigError(f"{path}: not valid JSON ({exc})") from exc
+    for applied in apply_host_overrides(doc, overrides):
+        log.info("host.json value '%s' overridden by app setting %s%s", applied, OVERRIDE_PREFIX,
+                 applied.replace(".", "__"))
     if str(_ci(doc, "version") or "") != "2.0":
         raise HostConfigError(f"{path}: 'version' must be \"2.0\" (the only schema the v4 host accepts)")
     extensions = _ci(doc, "extensions") or {}

@@ -68,8 +68,13 @@ class StorageClients:
         key = (connection, queue)
         if key not in self._clients:
             # No encode/decode policy: the host handles the encoding itself (base64 or none) so the
-            # poison copy can carry the stored content unchanged.
-            self._clients[key] = QueueClient.from_connection_string(connection_string_for(connection, self._env), queue)
+            # poison copy can carry the stored content unchanged. The transport does not trust the environment:
+            # requests would otherwise look up proxies and read ~/.netrc for every poll, delete and update.
+            from azure.core.pipeline.transport import RequestsTransport
+
+            self._clients[key] = QueueClient.from_connection_string(
+                connection_string_for(connection, self._env), queue,
+                transport=RequestsTransport(use_env_settings=False))
         return self._clients[key]
 
     async def ensure_queue(self, connection: str, queue: str) -> QueueClient:

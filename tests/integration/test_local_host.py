@@ -413,16 +413,21 @@ def test_timespans_schedules_and_host_json(tmp_path: Path) -> None:
     assert parse_schedule("00:05:00").next_after(moment) == moment + dt.timedelta(minutes=5)
     with pytest.raises(ScheduleError):
         parse_schedule("*/5 * * * *")  # 5 fields: the host wants 6
-    config = load_host_json(APP_DIR)
+    config = load_host_json(APP_DIR, environ={})
     q = config.queues
     assert (q.batch_size, q.new_batch_threshold, q.max_dequeue_count, q.max_polling_interval) == (4, 2, 3, 0.5)
     (tmp_path / "host.json").write_text(json.dumps({"version": "2.0", "extensions": {"queues": {"batchSize": 64}}}))
     with pytest.raises(HostConfigError):
-        load_host_json(tmp_path)
+        load_host_json(tmp_path, environ={})
     (tmp_path / "host.json").write_text(json.dumps({"version": "2.0"}))
-    defaults = load_host_json(tmp_path).queues
+    defaults = load_host_json(tmp_path, environ={}).queues
     assert (defaults.batch_size, defaults.new_batch_threshold, defaults.max_dequeue_count) == (16, 8, 5)
     assert defaults.message_encoding == "base64" and defaults.visibility_timeout == 0
+    # App settings override host.json values, as on Azure (the deployment sets the per-instance concurrency so)
+    overridden = load_host_json(APP_DIR, environ={"AzureFunctionsJobHost__extensions__queues__batchSize": "2",
+                                                  "AZUREFUNCTIONSJOBHOST__Extensions__Queues__NEWBATCHTHRESHOLD": "1",
+                                                  "OTHER": "x"}).queues
+    assert (overridden.batch_size, overridden.new_batch_threshold, overridden.max_dequeue_count) == (2, 1, 3)
 
 
 async def test_timer_that_overran_its_next_occurrence_runs_late_with_past_due() -> None:
