@@ -87,6 +87,9 @@ param dataverseTenantId string = ''
 @description('Client id of a separate Dataverse app registration (DATAVERSE_CLIENT_ID); empty = graphClientId.')
 param dataverseClientId string = ''
 
+@description('Application-user pool (DATAVERSE_CLIENT_IDS): comma-separated app (client) ids, each an application user of the org with the router\'s role; empty = dataverseClientId (or graphClientId) alone. The managed identity signs in to each (postprovision adds its federated credential). docs/deploy.md §9 sizes the pool.')
+param dataverseClientIds string = ''
+
 @secure()
 @description('Client secret of the separate Dataverse app registration (only used when dataverseClientId is set). Written to Key Vault as dataverse-client-secret.')
 param dataverseClientSecret string = ''
@@ -156,14 +159,28 @@ param logLevel string = 'INFO'
 @description('Memory of each Flex Consumption instance, in MB.')
 param instanceMemoryMB int = 2048
 
-// Default derived from the downstream limits and host.json (docs/deploy.md "Scaling", checked by
-// tests/unit/test_infra.py): every queue-triggered instance runs up to batchSize + newBatchThreshold
+// Per-instance queue concurrency in Azure (app settings AzureFunctionsJobHost__extensions__queues__*, which
+// override host.json; host.json keeps the Functions defaults 16 + 8 for the single-instance local stack, where
+// they measured faster: docs/deploy.md §9). Each instance runs up to batchSize + newBatchThreshold messages.
+@minValue(1)
+@maxValue(32)
+@description('Queue messages each instance fetches at once (host.json extensions.queues.batchSize, overridden in Azure).')
+param queueBatchSize int = 4
+
+@minValue(0)
+@description('Fetch again when in-flight messages drop to this (host.json extensions.queues.newBatchThreshold, overridden in Azure).')
+param queueNewBatchThreshold int = 2
+
+// Default derived from the downstream limits and the queue concurrency above (docs/deploy.md "Scaling", checked
+// by tests/unit/test_infra.py): every queue-triggered instance runs up to queueBatchSize + queueNewBatchThreshold
 // = 4 + 2 = 6 messages at once, each with at most one Dataverse request in flight; the timers that read
 // Dataverse (outbound scan, CRM sync, health probe) add one each, plus one for an operator's CLI = 4.
-// Dataverse allows 52 concurrent requests per application user (per web server, strict reading: one):
+// Dataverse allows 52 concurrent requests per application user (per web server, strict reading: one); with
+// one application user (the pool spreads requests evenly, so K users allow K x 52):
 //   (maximumInstanceCount - httpAlwaysReady) x 6 + 4 <= 52   =>   (9 - 1) x 6 + 4 = 52.
 // 9 is also the number of scale groups (the HTTP group, 3 queue functions, 5 timers), so every group can
-// have an instance at the same time. Raise it only together with a lower host.json concurrency.
+// have an instance at the same time. Raise it only together with more application users or a lower
+// per-instance concurrency.
 @minValue(1)
 @maxValue(1000)
 @description('Upper bound of Flex Consumption instances for the whole app (docs/deploy.md "Scaling" has the arithmetic).')
@@ -324,6 +341,7 @@ module appSettings 'app/appsettings.bicep' = {
     dataverseUrl: dataverseUrl
     dataverseTenantId: dataverseTenantId
     dataverseClientId: dataverseClientId
+    dataverseClientIds: dataverseClientIds
     dataverseAuthority: dataverseAuthority
     dataverseScope: dataverseScope
     dataverseApiVersion: dataverseApiVersion
@@ -335,6 +353,8 @@ module appSettings 'app/appsettings.bicep' = {
     crmSyncSchedule: crmSyncSchedule
     mailboxHealthSchedule: mailboxHealthSchedule
     logLevel: logLevel
+    queueBatchSize: queueBatchSize
+    queueNewBatchThreshold: queueNewBatchThreshold
   }
   // Key Vault references and identity-based storage resolve only once the roles exist.
   dependsOn: [

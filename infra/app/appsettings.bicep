@@ -45,6 +45,7 @@ param graphScope string
 param dataverseUrl string
 param dataverseTenantId string = ''
 param dataverseClientId string = ''
+param dataverseClientIds string = ''
 param dataverseAuthority string = ''
 param dataverseScope string = ''
 param dataverseApiVersion string = 'v9.2'
@@ -60,6 +61,10 @@ param crmSyncSchedule string = '0 */15 * * * *'
 param mailboxHealthSchedule string = '0 */5 * * * *'
 param logLevel string = 'INFO'
 
+@description('Per-instance queue concurrency (main.bicep queueBatchSize / queueNewBatchThreshold).')
+param queueBatchSize int = 4
+param queueNewBatchThreshold int = 2
+
 // Versionless references: the app follows the latest secret version after a rotation.
 var graphClientSecretRef = '@Microsoft.KeyVault(SecretUri=${keyVaultUri}secrets/${secretNames.graphClientSecret}/)'
 var dataverseClientSecretRef = '@Microsoft.KeyVault(SecretUri=${keyVaultUri}secrets/${secretNames.dataverseClientSecret}/)'
@@ -74,6 +79,9 @@ var hostSettings = {
   AzureWebJobsStorage__tableServiceUri: storageTableEndpoint
   APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+  // App settings override host.json: Azure runs fewer messages per instance than the local stack (docs/deploy.md §9).
+  AzureFunctionsJobHost__extensions__queues__batchSize: string(queueBatchSize)
+  AzureFunctionsJobHost__extensions__queues__newBatchThreshold: string(queueNewBatchThreshold)
 }
 
 var graphSettings = {
@@ -97,6 +105,7 @@ var dataverseSettings = {
   DATAVERSE_URL: dataverseUrl
   DATAVERSE_TENANT_ID: dataverseTenantId
   DATAVERSE_CLIENT_ID: dataverseClientId
+  DATAVERSE_CLIENT_IDS: dataverseClientIds
   DATAVERSE_AUTHORITY: dataverseAuthority
   DATAVERSE_SCOPE: dataverseScope
   DATAVERSE_API_VERSION: dataverseApiVersion

@@ -79,7 +79,8 @@ def cli_settings(env: Mapping[str, str]) -> dict[str, Any]:
     """
     queue, table = _need(env, "AZURE_STORAGE_QUEUE_ENDPOINT", "AZURE_STORAGE_TABLE_ENDPOINT")
     names = ("TABLE_PREFIX", "GRAPH_TENANT_ID", "GRAPH_CLIENT_ID", "DATAVERSE_URL", "DATAVERSE_TENANT_ID",
-             "DATAVERSE_CLIENT_ID", "DATAVERSE_AUTHORITY", "DATAVERSE_SCOPE", "WEBHOOK_BASE_URL")
+             "DATAVERSE_CLIENT_ID", "DATAVERSE_CLIENT_IDS", "DATAVERSE_AUTHORITY", "DATAVERSE_SCOPE",
+             "WEBHOOK_BASE_URL")
     values = {"AzureWebJobsStorage__queueServiceUri": queue, "AzureWebJobsStorage__tableServiceUri": table}
     values.update({n: env[n] for n in names if env.get(n)})
     return {"IsEncrypted": False, "Values": values}
@@ -116,6 +117,7 @@ def postprovision(az: Az, env: Mapping[str, str], out: Out, root: Path = Path())
             "app registration must live in the Azure tenant (with the managed identity) and be multi-tenant, "
             "with its service principal in the Exchange tenant (docs/deploy.md, cross-tenant)")
     apps = [env[n] for n in ("GRAPH_CLIENT_ID", "DATAVERSE_CLIENT_ID") if env.get(n)]
+    apps += [i.strip() for i in env.get("DATAVERSE_CLIENT_IDS", "").split(",") if i.strip()]  # the pool
     for app_id in dict.fromkeys(apps):
         try:
             result = ensure_federated_credential(az, app_id, issuer, subject, audience)

@@ -535,15 +535,18 @@ def scale_groups(app: Any) -> int:
     return (1 if "httpTrigger" in kinds else 0) + sum(1 for k in kinds if k != "httpTrigger")
 
 
-def check_scale_budget(max_instances: int, always_ready: int, host: Mapping[str, Any], groups: int) -> list[str]:
+def check_scale_budget(max_instances: int, always_ready: int, host: Mapping[str, Any], groups: int, *,
+                       application_users: int = 1) -> list[str]:
+    """``host``: host.json as Azure runs it (with the ``AzureFunctionsJobHost__*`` app-setting overrides applied)."""
     queues = (host.get("extensions") or {}).get("queues") or {}
     per_instance = int(queues.get("batchSize", 16)) + int(queues.get("newBatchThreshold", 8))
     worst = (max_instances - always_ready) * per_instance + DATAVERSE_TIMERS_AND_CLI
+    limit = DATAVERSE_CONCURRENT_LIMIT * application_users
     problems = []
-    if worst > DATAVERSE_CONCURRENT_LIMIT:
+    if worst > limit:
         problems.append(f"({max_instances} - {always_ready}) instances x {per_instance} messages + "
                         f"{DATAVERSE_TIMERS_AND_CLI} = {worst} concurrent Dataverse requests > "
-                        f"{DATAVERSE_CONCURRENT_LIMIT}")
+                        f"{DATAVERSE_CONCURRENT_LIMIT} x {application_users} application user(s)")
     if max_instances < groups:
         problems.append(f"maximumInstanceCount {max_instances} < {groups} scale groups: some would wait")
     return problems
@@ -1214,7 +1217,20 @@ def _main_default(infra: Infra, name: str) -> Any:
     return evaluate(default, infra.main)
 
 
-def test_scale_cap_respects_dataverse_with_the_host_json_batch_sizes(infra: Infra, host_json) -> None:
+def azure_host_json(infra: Infra, host_json: Mapping[str, Any]) -> dict[str, Any]:
+    """host.json as the deployed app runs it: the template's ``AzureFunctionsJobHost__extensions__queues__*`` app
+    settings override host.json's values (main.bicep parameter defaults)."""
+    settings = infra.app_settings()
+    effective = json.loads(json.dumps(host_json))
+    queues = effective.setdefault("extensions", {}).setdefault("queues", {})
+    for key, param in (("batchSize", "queueBatchSize"), ("newBatchThreshold", "queueNewBatchThreshold")):
+        name = f"AzureFunctionsJobHost__extensions__queues__{key}"
+        assert name in settings, f"{APP_SETTINGS_FILE} must set {name} (Azure's per-instance concurrency)"
+        queues[key] = int(_main_default(infra, param))
+    return effective
+
+
+def test_scale_cap_respects_dataverse_with_the_deployed_batch_sizes(infra: Infra, host_json) -> None:
     import function_app
 
     decorators = re.search(r"@minValue\((\d+)\)\s*@maxValue\((\d+)\)\s*@description\([^\n]*\)\s*param "
@@ -1223,12 +1239,19 @@ def test_scale_cap_respects_dataverse_with_the_host_json_batch_sizes(infra: Infr
     groups = scale_groups(function_app.app)
     assert groups == 9, "the HTTP group, 3 queue functions, 5 timers: docs/deploy.md and main.bicep say 9"
     maximum, ready = _main_default(infra, "maximumInstanceCount"), _main_default(infra, "httpAlwaysReady")
-    assert check_scale_budget(maximum, ready, host_json, groups) == []
+    deployed = azure_host_json(infra, host_json)
+    assert check_scale_budget(maximum, ready, deployed, groups) == []  # the default: one application user
     doc = DEPLOY_DOC.read_text(encoding="utf-8")
-    queues = host_json["extensions"]["queues"]
+    queues = deployed["extensions"]["queues"]
     per_instance = queues["batchSize"] + queues["newBatchThreshold"]
     arithmetic = f"({maximum} − {ready}) × {per_instance} + {DATAVERSE_TIMERS_AND_CLI} = "
     assert arithmetic in doc, f"docs/deploy.md must show the arithmetic: {arithmetic}..."
+    local = host_json["extensions"]["queues"]
+    assert f"`batchSize` {local['batchSize']} and `newBatchThreshold` {local['newBatchThreshold']}" in doc, \
+        "docs/deploy.md §9 must say what host.json (the local stack) uses"
+    # With K application users the limit is K x 52: the cap the docs give for K = 3 must hold
+    assert check_scale_budget(26, ready, deployed, groups, application_users=3) == []
+    assert check_scale_budget(27, ready, deployed, groups, application_users=3) != []
 
 
 @pytest.mark.parametrize(("maximum", "batch", "threshold", "groups"), [
