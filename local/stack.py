@@ -613,16 +613,20 @@ class Stack:
             self._http = httpx.Client(verify=self.ssl_context(), timeout=60)
         return self._http
 
-    def token(self, scope: str) -> str:
+    def token(self, scope: str, *, app: AppUser | None = None) -> str:
         """An app-only token (client credentials at the identity emulator), cached until a minute before expiry.
-        Dataverse tokens are the driver's own application user's (see ``start``), others the router app's."""
+        Dataverse tokens are the driver's own application user's (see ``start``), others the router app's; ``app``
+        asks for another app's (one of ``add_application_users``)."""
+        key = f"{app.client_id if app else ''}|{scope}"
         with self._tokens_lock:
-            cached = self._tokens.get(scope)
+            cached = self._tokens.get(key)
             if cached and cached[1] > time.monotonic() + 60:
                 return cached[0]
         client_id, secret = self.client_id, self.client_secret
         driver = self.doc.get("driver")
-        if isinstance(driver, dict) and "dataverse" in self.doc and scope.startswith(self.dataverse_url):
+        if app is not None:
+            client_id, secret = app.client_id, app.client_secret
+        elif isinstance(driver, dict) and "dataverse" in self.doc and scope.startswith(self.dataverse_url):
             client_id, secret = str(driver["client_id"]), str(driver["client_secret"])
         r = self.http.post(f"{self.authority}/oauth2/v2.0/token", data={
             "grant_type": "client_credentials", "client_id": client_id, "client_secret": secret, "scope": scope})
@@ -630,7 +634,7 @@ class Stack:
             raise StackError(f"no token for {scope}: {r.status_code} {r.text[:300]}")
         body = r.json()
         with self._tokens_lock:
-            self._tokens[scope] = (str(body["access_token"]), time.monotonic() + float(body.get("expires_in", 600)))
+            self._tokens[key] = (str(body["access_token"]), time.monotonic() + float(body.get("expires_in", 600)))
         return str(body["access_token"])
 
     def dv_headers(self) -> dict[str, str]:

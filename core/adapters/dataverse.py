@@ -42,7 +42,7 @@ from core.adapters.odata import (
     and_,
     build_query,
     decode_batch_response,
-    encode_batch,
+    encode_batch_segments,
     entity_path,
     format_guid,
     in_,
@@ -51,6 +51,7 @@ from core.adapters.odata import (
     parse_entity_id,
 )
 from core.adapters.retry import FailureKind, RetryPolicy, Sleep, retry_async
+from core.domain.model import Base64Content
 
 if TYPE_CHECKING:
     from core.config import Settings
@@ -515,7 +516,7 @@ class DataverseClient:
         *,
         query: str = "",
         body: Mapping[str, Any] | None = None,
-        content: bytes | None = None,
+        content: bytes | Callable[[], AsyncIterator[bytes]] | None = None,
         headers: Mapping[str, str] | None = None,
         impersonate: Impersonation | None = None,
         idempotent: bool,
@@ -543,7 +544,7 @@ class DataverseClient:
                         try:
                             async with self._in_flight:
                                 response = await self._http.request(
-                                    method, url, content=content,
+                                    method, url, content=content() if callable(content) else content,
                                     headers={**request_headers, "Authorization": f"Bearer {token}"},
                                 )
                         except httpx.TransportError as exc:
@@ -764,10 +765,20 @@ class DataverseClient:
         """
         flat = [r for item in requests for r in (item.requests if isinstance(item, ChangeSet) else [item])]
         common = impersonate.headers() if impersonate else None
-        content_type, payload = encode_batch(requests, api_path=self._api_path, common_headers=common)
+        content_type, segments = encode_batch_segments(requests, api_path=self._api_path, common_headers=common)
         headers = {"Content-Type": content_type, "If-None-Match": "null"}
         if continue_on_error:
             headers["Prefer"] = "odata.continue-on-error"
+        payload: bytes | Callable[[], AsyncIterator[bytes]]
+        if len(segments) == 1:
+            payload = segments[0]  # type: ignore[assignment]  # no attachment content: one bytes segment
+        else:
+            # Attachment contents are base64-encoded chunk by chunk as the request is sent (memory: one raw copy
+            # of each attachment, never its encoded text); Content-Length is known, so nothing is chunk-encoded.
+            headers["Content-Length"] = str(sum(len(s) for s in segments))
+
+            def payload() -> AsyncIterator[bytes]:
+                return _stream(segments)
         response = await self._request(
             "POST", "$batch", content=payload, headers=headers, impersonate=impersonate,
             idempotent=all(r.safe_to_repeat for r in flat), batch=True,
@@ -908,6 +919,15 @@ class DataverseClient:
     def from_settings(cls, settings: Settings, token: TokenProvider, **kwargs: Any) -> DataverseClient:
         """Build from :class:`core.config.Settings` (``DATAVERSE_URL`` + ``DATAVERSE_API_VERSION``)."""
         return cls(settings.dataverse_api_base, token, **kwargs)
+
+
+async def _stream(segments: Sequence[bytes | Base64Content]) -> AsyncIterator[bytes]:
+    for segment in segments:
+        if isinstance(segment, bytes):
+            yield segment
+        else:
+            for chunk in segment.chunks():
+                yield chunk
 
 
 def _header(name: str, value: str | None) -> dict[str, str]:

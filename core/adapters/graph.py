@@ -141,6 +141,25 @@ def _error_from(status: int, body: bytes, headers: Mapping[str, str]) -> GraphEr
     return GraphError(status, code, message, retry_after=retry_after)
 
 
+async def _read_into(response: httpx.Response, size_hint: int) -> bytearray:
+    """The response body in one buffer, preallocated to ``size_hint`` (grown if the body is longer, cut to its
+    length in place)."""
+    buffer = bytearray(max(0, size_hint))
+    view = memoryview(buffer)
+    length = 0
+    async for chunk in response.aiter_bytes():
+        end = length + len(chunk)
+        if end > len(buffer):
+            view.release()
+            buffer.extend(bytes(end - len(buffer)))
+            view = memoryview(buffer)
+        view[length:end] = chunk
+        length = end
+    view.release()
+    del buffer[length:]
+    return buffer
+
+
 @dataclass
 class DeltaPage:
     messages: list[dict[str, Any]]
@@ -184,6 +203,11 @@ class GraphMailClient:
         from msgraph import GraphRequestAdapter, GraphServiceClient
         from msgraph_core import GraphClientFactory
 
+        self._timeout = timeout
+        self._token_provider = token_provider
+        self._download: _httpx.AsyncClient | None = None  # plain client for streamed downloads (no middleware)
+        # a given client's own transport (tests: a MockTransport), taken before the SDK wraps it in its middleware
+        self._download_transport = getattr(http_client, "_transport", None) if http_client is not None else None
         client = http_client or _httpx.AsyncClient(timeout=_httpx.Timeout(timeout, connect=15.0))
         client = GraphClientFactory.create_with_default_middleware(client=client)
         self._adapter = GraphRequestAdapter(BaseBearerTokenAuthenticationProvider(token_provider), client=client)
@@ -335,18 +359,44 @@ class GraphMailClient:
             mailbox, message_id, attachment_id)), idempotent=True, headers={"Prefer": 'IdType="ImmutableId"'})
         return self._json(body)
 
-    async def get_attachment_value(self, mailbox: str, message_id: str, attachment_id: str) -> bytes:
-        """The raw bytes of a file attachment (``.../$value``): no base64 JSON for large files."""
-        url = self._attachment_url(mailbox, message_id, attachment_id) + "/$value"
+    async def get_attachment_value(self, mailbox: str, message_id: str, attachment_id: str, *,
+                                   size_hint: int = 0) -> bytearray:
+        """The raw bytes of a file attachment (``.../$value``): no base64 JSON for large files.
 
-        def build() -> RequestInformation:
-            ri = self._raw("GET", url)()
-            ri.headers.remove("Accept")
-            ri.headers.try_add("Accept", "*/*")
-            return ri
+        Streamed into one buffer sized from ``size_hint`` (the attachment's listed size), so the content is held
+        once: reading it whole (``response.content``) holds the chunks and their join, twice its size, at the
+        peak. The plain client has no SDK middleware; auth, the per-mailbox limit and inline retries are as for
+        every other request here."""
+        import httpx as _httpx
 
-        _, body, _ = await self._send("get_attachment_value", mailbox, build, idempotent=True)
-        return body
+        url = self._base_url + self._attachment_url(mailbox, message_id, attachment_id) + "/$value"
+        user_path = await self._user_path(mailbox)
+        if user_path is not None:
+            url = _with_user_path(url, mailbox, user_path)
+        if self._download is None:
+            self._download = _httpx.AsyncClient(timeout=_httpx.Timeout(self._timeout, connect=15.0),
+                                                transport=self._download_transport)
+        attempt = 0
+        while True:
+            self.stats.requests += 1
+            self.stats.by_kind["get_attachment_value"] = self.stats.by_kind.get("get_attachment_value", 0) + 1
+            token = await self._token_provider.get_authorization_token(url)
+            try:
+                async with self._mailbox_lock(mailbox), self._download.stream(
+                        "GET", url, headers={"Authorization": f"Bearer {token}", "Accept": "*/*"}) as response:
+                    if response.status_code < 400:
+                        return await _read_into(response, size_hint)
+                    body = await response.aread()
+                    err = _error_from(response.status_code, body,
+                                      {k.lower(): v for k, v in response.headers.items()})
+            except _httpx.TransportError as exc:
+                err = GraphTransient(0, exc.__class__.__name__, "transport error")
+            wait = err.retry_after if err.retry_after is not None else 0.5 * (attempt + 1)
+            if err.transient and attempt < self._max_inline_retries and wait <= self._max_inline_wait:
+                attempt += 1
+                await asyncio.sleep(wait)
+                continue
+            raise err
 
     async def get_attachment_contents(self, mailbox: str, message_id: str, attachments: Sequence[Mapping[str, Any]],
                                       *, batch_bytes: int = 4 * 1024 * 1024) -> AttachmentContents:
@@ -365,7 +415,7 @@ class GraphMailClient:
             size = int(meta.get("size") or 0)
             if size > batch_bytes and not meta.get("isInline"):
                 requests += 1
-                data = await self.get_attachment_value(mailbox, message_id, str(meta["id"]))
+                data = await self.get_attachment_value(mailbox, message_id, str(meta["id"]), size_hint=size)
                 out[str(meta["id"])] = {**meta, "contentBytes": data}
             else:
                 small.append(meta)
@@ -677,6 +727,9 @@ class GraphMailClient:
         http = getattr(self._adapter, "_http_client", None)
         if http is not None:
             await http.aclose()
+        if self._download is not None:
+            await self._download.aclose()
+            self._download = None
 
 
 def _stamp(moment: datetime) -> str:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from core.domain.model import Base64Content
+
 __all__ = [
     "BatchDecodeError",
     "BatchRequest",
@@ -28,6 +30,7 @@ __all__ = [
     "build_query",
     "decode_batch_response",
     "encode_batch",
+    "encode_batch_segments",
     "entity_path",
     "eq",
     "format_guid",
@@ -257,7 +260,12 @@ def _request_target(url: str, api_path: str) -> str:
     return f"{api_path.rstrip('/')}/{url.lstrip('/')}"
 
 
-def _encode_operation(req: BatchRequest, api_path: str, common_headers: Mapping[str, str]) -> str:
+Segment = str | Base64Content
+
+
+def _encode_operation(req: BatchRequest, api_path: str, common_headers: Mapping[str, str]) -> list[Segment]:
+    """One operation's text; a :class:`~core.domain.model.Base64Content` value in the body stays a separate segment
+    (between the JSON text around it) so the request can stream it."""
     lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
     if req.content_id is not None:
         lines.append(f"Content-ID: {req.content_id}")
@@ -270,8 +278,76 @@ def _encode_operation(req: BatchRequest, api_path: str, common_headers: Mapping[
     for name, value in headers.items():
         lines.append(f"{name}: {value}")
     lines.append("")
-    body = json.dumps(req.body, separators=(",", ":"), ensure_ascii=False) if req.body is not None else ""
-    return CRLF.join(lines) + CRLF + body
+    head = CRLF.join(lines) + CRLF
+    if req.body is None:
+        return [head]
+    found: list[Base64Content] = []
+    marker = f"b64-{uuid.uuid4().hex}-"
+
+    def stand_in(value: object) -> str:
+        if isinstance(value, Base64Content):
+            found.append(value)
+            return f"{marker}{len(found) - 1}"
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+    text = json.dumps(req.body, separators=(",", ":"), ensure_ascii=False, default=stand_in)
+    segments: list[Segment] = [head]
+    for n, content in enumerate(found):
+        before, _, text = text.partition(f"{marker}{n}")
+        segments += [before, content]  # the JSON quotes around the stand-in frame the base64 text
+    segments.append(text)
+    return segments
+
+
+def encode_batch_segments(
+    items: Sequence[BatchRequest | ChangeSet],
+    *,
+    api_path: str,
+    boundary: str | None = None,
+    common_headers: Mapping[str, str] | None = None,
+) -> tuple[str, list[bytes | Base64Content]]:
+    """A ``$batch`` body as segments: UTF-8 bytes, and attachment contents to be base64-encoded as they are sent
+    (``DataverseClient.execute_batch`` streams them; :func:`encode_batch` joins everything)."""
+    if not items:
+        raise ValueError("an empty batch")
+    total = sum(len(i.requests) if isinstance(i, ChangeSet) else 1 for i in items)
+    if total > 1000:
+        raise ValueError(f"a batch holds at most 1000 operations, got {total}")
+    common = dict(common_headers or {})
+    batch_boundary = boundary or f"batch_{uuid.uuid4()}"
+    out: list[Segment] = []
+
+    def line(text: str) -> None:
+        out.append(text + CRLF)
+
+    for item in items:
+        line(f"--{batch_boundary}")
+        if isinstance(item, ChangeSet):
+            cs_boundary = f"changeset_{uuid.uuid4()}"
+            line(f'Content-Type: multipart/mixed; boundary="{cs_boundary}"')
+            line("")
+            for n, req in enumerate(item.requests, start=1):
+                # Content-ID is required on change set members; number them if the caller did not.
+                if req.content_id is None:
+                    req = BatchRequest(req.method, req.url, req.body, req.headers, str(n), req.idempotent)
+                line(f"--{cs_boundary}")
+                out += _encode_operation(req, api_path, common)
+                out.append(CRLF)
+            line(f"--{cs_boundary}--")
+        else:
+            out += _encode_operation(item, api_path, common)
+            out.append(CRLF)
+    line(f"--{batch_boundary}--")
+    segments: list[bytes | Base64Content] = []
+    pending: list[str] = []
+    for segment in out:
+        if isinstance(segment, Base64Content):
+            segments += ["".join(pending).encode("utf-8"), segment]
+            pending = []
+        else:
+            pending.append(segment)
+    segments.append("".join(pending).encode("utf-8"))
+    return f'multipart/mixed; boundary="{batch_boundary}"', segments
 
 
 def encode_batch(
@@ -286,33 +362,9 @@ def encode_batch(
     ``api_path`` is the path of the API base (``/api/data/v9.2``) used for relative request lines, as in the
     documented example ``POST /api/data/v9.2/tasks HTTP/1.1``. ``common_headers`` go on every operation.
     """
-    if not items:
-        raise ValueError("an empty batch")
-    total = sum(len(i.requests) if isinstance(i, ChangeSet) else 1 for i in items)
-    if total > 1000:
-        raise ValueError(f"a batch holds at most 1000 operations, got {total}")
-    common = dict(common_headers or {})
-    batch_boundary = boundary or f"batch_{uuid.uuid4()}"
-    out: list[str] = []
-    for item in items:
-        out.append(f"--{batch_boundary}")
-        if isinstance(item, ChangeSet):
-            cs_boundary = f"changeset_{uuid.uuid4()}"
-            out.append(f'Content-Type: multipart/mixed; boundary="{cs_boundary}"')
-            out.append("")
-            for n, req in enumerate(item.requests, start=1):
-                # Content-ID is required on change set members; number them if the caller did not.
-                if req.content_id is None:
-                    req = BatchRequest(req.method, req.url, req.body, req.headers, str(n), req.idempotent)
-                out.append(f"--{cs_boundary}")
-                out.append(_encode_operation(req, api_path, common))
-            out.append(f"--{cs_boundary}--")
-        else:
-            out.append(_encode_operation(item, api_path, common))
-    out.append(f"--{batch_boundary}--")
-    out.append("")
-    body = CRLF.join(out).encode("utf-8")
-    return f'multipart/mixed; boundary="{batch_boundary}"', body
+    content_type, segments = encode_batch_segments(items, api_path=api_path, boundary=boundary,
+                                                   common_headers=common_headers)
+    return content_type, b"".join(s if isinstance(s, bytes) else b"".join(s.chunks()) for s in segments)
 
 
 _BOUNDARY_RE = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)

@@ -11,7 +11,6 @@ Step order (docs/tracking-rules.md): mailbox gates -> forward unwrap (sinks) -> 
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 import uuid
@@ -35,6 +34,7 @@ from core.domain.forward import NotUnwrapped, Unwrapped, unwrap_forwarded
 from core.domain.identity import activity_id_for, attachment_id_for, canonical_message_id, contact_id_for
 from core.domain.model import (
     ApprovalStatus,
+    Base64Content,
     CrmRecordRef,
     CrmTable,
     FolderKind,
@@ -618,7 +618,7 @@ def plan_attachment_rows(plan: TrackEmail, schema: OrgSchema = DOCUMENTED) -> li
             "objecttypecode": "email",
             "filename": attachment.filename,
             "mimetype": attachment.mimetype,
-            "body": base64.b64encode(attachment.content).decode("ascii"),
+            "body": Base64Content(attachment.content),  # streamed into the request (memory: no encoded copy)
         }
         if attachment.content_id:
             row["attachmentcontentid"] = attachment.content_id[:250]

@@ -180,7 +180,7 @@ def _datetime(value: object, notes: _Notes, what: str) -> datetime | None:
 
 
 def _b64(value: object, notes: _Notes, what: str, max_decoded: int | None = None) -> bytes | None:
-    if isinstance(value, bytes):  # already raw: an attachment read through `$value` (no base64 round trip)
+    if isinstance(value, bytes | bytearray):  # already raw: an attachment read through `$value` (no base64)
         if max_decoded is not None and len(value) > max_decoded:
             notes.add(f"{what}: too large, content not kept")
             return None
