@@ -63,9 +63,14 @@ async def mailbox_sync(msg: func.QueueMessage) -> None:
                   use_monitor=True)
 async def subscription_reconcile(timer: func.TimerRequest) -> None:
     from core.bootstrap import get_container
+    from core.services.jobs import JobBusy
     from core.services.subscriptions import service_for
 
-    report = await service_for(get_container()).reconcile()
+    try:
+        report = await service_for(get_container(), role="timer").reconcile()
+    except JobBusy as busy:  # an admin's reconcile (or another instance's) is running: it does this run's work
+        log.info("subscription reconcile skipped: %s", busy)
+        return
     log.info("subscription reconcile: %s", {k: v for k, v in report.as_dict().items() if k != "failed"}
              | {"failed": len(report.failed)})
 
@@ -75,6 +80,11 @@ async def subscription_reconcile(timer: func.TimerRequest) -> None:
 async def delta_catchup(timer: func.TimerRequest) -> None:
     from core.bootstrap import get_container
     from core.services.delta import delta_service_for
+    from core.services.jobs import JobBusy
 
-    count = await delta_service_for(get_container()).fan_out()
+    try:
+        count = await delta_service_for(get_container(), role="timer").fan_out()
+    except JobBusy as busy:
+        log.info("delta catch-up skipped: %s", busy)
+        return
     log.info("delta catch-up: %d mailbox sync item(s) enqueued", count)

@@ -17,8 +17,6 @@ from rich.table import Table
 from core.names import (
     ALL_QUEUES,
     MAILBOX_STATUS_TABLE,
-    MAILBOXES_TABLE,
-    ORG_SETTINGS_TABLE,
     POISON_LOG_TABLE,
     POISON_SUFFIX,
     QUEUES,
@@ -91,10 +89,15 @@ async def run(spec: Command, args: argparse.Namespace, *, cwd: Path, environ: Ma
         container = _container(args, cwd, environ)
     except (ConfigError, ValueError) as exc:
         raise UnavailableError(f"{exc}\n{describe_sources(args.settings, cwd, environ)}") from exc
+    from core.services.jobs import JobBusy
+
     try:
         return await spec.handler(container, args, out)
     except CliError:
         raise
+    except JobBusy as exc:
+        raise CliError(f"{exc}. Nothing was changed by this run: try again when it has finished, or give "
+                       "--wait SECONDS") from exc
     except ConfigError as exc:
         raise UnavailableError(f"{exc}\n{describe_sources(args.settings, cwd, environ)}") from exc
     except Exception as exc:
@@ -342,7 +345,7 @@ async def _folders_by_id(container: Any, address: str, raw: str) -> str:
 def _health_service(container: Any) -> Any:
     from core.settings.health import health_service_for
 
-    return health_service_for(container)
+    return health_service_for(container, role="cli")
 
 
 def _test_arguments(parser: argparse.ArgumentParser) -> None:
@@ -350,6 +353,7 @@ def _test_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="test every mailbox, as the Router's Test Access did")
     parser.add_argument("--no-crm-write", dest="crm_write", action="store_false",
                         help="skip the CRM write check (it sets testmailboxaccesscompletedon on the mailbox record)")
+    _wait_arguments(parser, 60)
 
 
 def _validate_test(args: argparse.Namespace) -> None:
@@ -365,7 +369,8 @@ def _failing_checks(outcome: Any) -> str:
          arguments=_test_arguments, validate=_validate_test,
          description="Run the health checks now and record the result (MailboxStatus table and the CRM mailbox "
                      "record). Also checks that the app can write to CRM: it sets testmailboxaccesscompletedon on "
-                     "the mailbox record. Exit 1 when a mailbox is failing.",
+                     "the mailbox record. Exit 1 when a mailbox is failing (pending - e.g. waiting for its first "
+                     "subscription - is not a failure).",
          examples=["emailrouter mailbox test alice@contoso.com", "emailrouter mailbox test --all"])
 async def mailbox_test(container: Any, args: argparse.Namespace, out: Out) -> int:
     service = _health_service(container)
@@ -374,7 +379,8 @@ async def mailbox_test(container: Any, args: argparse.Namespace, out: Out) -> in
             task = progress.add_task("testing mailboxes", total=None)
             outcomes = await service.probe_all(
                 crm_write=args.crm_write, progress=lambda done, total: progress.update(task, completed=done,
-                                                                                       total=total))
+                                                                                       total=total),
+                wait=float(args.wait), on_wait=_say_waiting)
         data: Any = [o.to_json() for o in outcomes]
 
         def render_all(console: Console) -> None:
@@ -400,11 +406,12 @@ async def mailbox_test(container: Any, args: argparse.Namespace, out: Out) -> in
         table.add_column("result")
         table.add_column("detail")
         for c in outcome.checks:
-            table.add_row(c.name, "[green]ok[/green]" if c.ok else "[red]FAIL[/red]", c.detail)
+            table.add_row(c.name, "[green]ok[/green]" if c.ok else "[yellow]pending[/yellow]" if c.pending
+                          else "[red]FAIL[/red]", c.detail)
         console.print(table)
 
     out.emit(outcome.to_json(), render)
-    return 0 if outcome.health.value in ("ok", "n/a") else 1
+    return 1 if outcome.health.value == "failing" else 0
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -466,20 +473,31 @@ async def settings_set(container: Any, args: argparse.Namespace, out: Out) -> in
 # ------------------------------------------------------------------------------------------------ sync
 
 
-@command("sync-crm", help="copy delivery methods and org settings from CRM now")
-async def sync_crm(container: Any, args: argparse.Namespace, out: Out) -> int:
-    from core.settings.crm_sync import CrmSyncService
+def _wait_arguments(parser: argparse.ArgumentParser, default: int = 120) -> None:
+    parser.add_argument("--wait", type=int, default=default, metavar="SECONDS",
+                        help=f"when the same job is already running (the timer, another admin): wait this long for "
+                             f"it to finish, then give up (default {default}; 0 = do not wait)")
 
-    storage = container.storage
-    service = CrmSyncService(container.dataverse, storage.table(MAILBOXES_TABLE), storage.table(ORG_SETTINGS_TABLE),
-                             storage.table(MAILBOX_STATUS_TABLE))
+
+def _say_waiting(message: str) -> None:
+    Console(stderr=True, soft_wrap=True).print(message, markup=False, highlight=False)
+
+
+@command("sync-crm", help="copy delivery methods and org settings from CRM now",
+         arguments=_wait_arguments,
+         description="Read CRM now (as the crm_settings_sync timer does), write the settings tables, and re-probe "
+                     "the health of every mailbox that changed. Runs one at a time: when the timer (or another "
+                     "admin) is syncing, waits for it (--wait).")
+async def sync_crm(container: Any, args: argparse.Namespace, out: Out) -> int:
+    from core.settings.crm_sync import sync_now
+
     with out.progress() as progress:
         task = progress.add_task("reading CRM", total=None)
 
         def tick(step: str, done: int, total: int) -> None:
             progress.update(task, description=step, completed=done, total=total or None)
 
-        report = await service.run(progress=tick)
+        report = await sync_now(container, role="cli", wait=float(args.wait), on_wait=_say_waiting, progress=tick)
 
     def render(console: Console) -> None:
         console.print(f"added {len(report.added)}, changed {len(report.changed)}, disabled "
@@ -524,23 +542,55 @@ async def subscriptions_list(container: Any, args: argparse.Namespace, out: Out)
     return 0
 
 
-@command("subscriptions", "reconcile", help="create/renew/delete subscriptions now (needs WEBHOOK_BASE_URL)")
+@command("subscriptions", "reconcile", help="create/renew/delete subscriptions now (needs WEBHOOK_BASE_URL)",
+         arguments=_wait_arguments,
+         description="Make the Graph subscriptions match the mailbox settings now (as the subscription_reconcile "
+                     "timer does): create missing ones, renew expiring ones, delete unwanted and duplicate ones, "
+                     "then re-probe the health of the mailboxes that changed. Runs one at a time: when the timer "
+                     "(or another admin) is reconciling, waits for it to finish (--wait), then checks again.")
 async def subscriptions_reconcile(container: Any, args: argparse.Namespace, out: Out) -> int:
     try:
         from core.services.subscriptions import service_for
     except ImportError as exc:
         raise NotAvailableError("subscriptions reconcile is not available in this build") from exc
-    service = service_for(container)
+    service = service_for(container, role="cli")
     with out.progress() as progress:
         task = progress.add_task("reconciling subscriptions", total=None)
         report = await service.reconcile(
-            progress=lambda done, total: progress.update(task, completed=done, total=total or None))
+            progress=lambda done, total: progress.update(task, completed=done, total=total or None),
+            wait=float(args.wait), on_wait=_say_waiting)
     data = report.as_dict()
     out.emit(data, lambda c: c.print(", ".join(f"{k} {v if not isinstance(v, list) else len(v)}"
                                                for k, v in data.items())
                                      + "".join(f"\n  failed {f['mailbox']} {f['folder']}: {f['reason']}"
                                                for f in data["failed"])))
     return 1 if data["failed"] else 0
+
+
+def _catch_up_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("addresses", nargs="*", metavar="ADDRESS", help="only these mailboxes (default: every "
+                        "mailbox the router reads)")
+    _wait_arguments(parser, 60)
+
+
+@command("catch-up", help="run a delta round for every watched mailbox now (what the delta_catchup timer does)",
+         arguments=_catch_up_arguments,
+         description="Queue one mailbox-sync item per watched mailbox (or per ADDRESS): each runs a delta round "
+                     "that enqueues the mail a missed notification would have brought. Safe to run while the timer "
+                     "runs: one fan-out at a time, and one round per mailbox at a time.",
+         examples=["emailrouter catch-up", "emailrouter catch-up erin@contoso.com"])
+async def catch_up(container: Any, args: argparse.Namespace, out: Out) -> int:
+    from core.services.delta import delta_service_for
+
+    service = delta_service_for(container, role="cli")
+    count = await service.fan_out(reason="manual", only=args.addresses or None, wait=float(args.wait),
+                                  on_wait=_say_waiting)
+    if args.addresses and count < len(set(args.addresses)):
+        raise CliError(f"{count} of {len(set(args.addresses))} mailbox(es) queued: the others are not read by the "
+                       "router (see `emailrouter mailbox show ADDRESS`)")
+    out.emit({"enqueued": count}, lambda c: c.print(f"{count} mailbox sync item(s) queued; the mailbox_sync "
+                                                    "function runs the delta rounds"))
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ poison

@@ -27,8 +27,10 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from core.adapters.graph import DeltaPage, GraphError, GraphNotFound, GraphSyncStateNotFound
+from core.domain.leases import JOB_DELTA_FANOUT, delta_lease, new_owner
 from core.names import INBOUND_QUEUE, MAILBOX_SYNC_QUEUE
 from core.ports import MailboxDirectory, WorkQueue
+from core.services.jobs import JobBusy, LeaseStore, exclusive
 from core.services.subscriptions import SubscriptionService, watched_folders
 from core.work_items import InboundItem, MailboxSyncItem
 
@@ -52,6 +54,8 @@ MAX_PAGES_PER_ROUND: Final = 500  # bounded: a huge backlog continues on the nex
 DELTA_FILTER_CAP: Final = 5000  # "Applying $filter in a delta query returns only up to 5,000 messages"
 LATE_ARRIVAL_SLACK: Final = timedelta(minutes=10)
 ENQUEUE_CHUNK: Final = 64
+DELTA_LEASE: Final = timedelta(minutes=2)  # renewed while the rounds run
+BUSY_RETRY_SECONDS: Final = 60  # a lifecycle sync item that finds its mailbox busy comes back this much later
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,10 @@ class DeltaService:
     def __init__(self, graph: DeltaGateway, state: DeltaStateStore, queue: WorkQueue, mailboxes: MailboxDirectory,
                  *, subscriptions: SubscriptionService | None = None, page_size: int = 100,
                  concurrency: int = 4, clock: Callable[[], datetime] | None = None,
-                 change_type: str | None = "created", filter_cap: int = DELTA_FILTER_CAP) -> None:
+                 change_type: str | None = "created", filter_cap: int = DELTA_FILTER_CAP,
+                 leases: LeaseStore | None = None, owner: str | None = None) -> None:
+        self._leases = leases
+        self._owner = owner or new_owner("delta")
         self._graph = graph
         self._state = state
         self._queue = queue
@@ -251,6 +258,23 @@ class DeltaService:
         return reports
 
     async def handle_sync_item(self, item: MailboxSyncItem) -> list[DeltaReport]:
+        """One mailbox-sync item, under the mailbox's delta lease: two rounds for the same mailbox at once would
+        read the same pages and enqueue every message twice. An item that finds the mailbox busy: the timer's is
+        dropped (the running round covers it); a lifecycle event's or an admin's comes back later (its round must
+        start after the event)."""
+        try:
+            async with exclusive(self._leases, delta_lease(item.mailbox), owner=self._owner, duration=DELTA_LEASE,
+                                 purpose=item.reason):
+                return await self._handle_sync_item(item)
+        except JobBusy as busy:
+            if item.reason == "timer":
+                log.info("delta catch-up item dropped: %s", busy)
+                return []
+            log.info("mailbox sync item (%s) retried in %d s: %s", item.reason, BUSY_RETRY_SECONDS, busy)
+            await self._queue.send_many(MAILBOX_SYNC_QUEUE, [item.to_json()], delay_seconds=BUSY_RETRY_SECONDS)
+            return []
+
+    async def _handle_sync_item(self, item: MailboxSyncItem) -> list[DeltaReport]:
         if self._subscriptions is not None:
             if item.reason == "subscriptionRemoved":
                 await self._subscriptions.recreate(item.mailbox, item.subscription_id)
@@ -259,14 +283,21 @@ class DeltaService:
         # A lifecycle event concerns one subscription, i.e. one folder: only that folder can have missed mail.
         return await self.sync_mailbox(item.mailbox, [item.folder] if item.folder else None)
 
-    async def fan_out(self) -> int:
-        """Timer: one sync item per watched mailbox on the mailbox-sync queue."""
-        org = await self._mailboxes.get_org_settings()
-        items = [MailboxSyncItem(m.address, "timer").to_json()
-                 for m in await self._mailboxes.list_mailboxes() if watched_folders(m, org)]
-        for start in range(0, len(items), ENQUEUE_CHUNK):
-            await self._queue.send_many(MAILBOX_SYNC_QUEUE, items[start:start + ENQUEUE_CHUNK])
-        return len(items)
+    async def fan_out(self, *, reason: str = "timer", only: Sequence[str] | None = None, wait: float = 0.0,
+                      on_wait: Callable[[str], None] | None = None) -> int:
+        """One sync item per watched mailbox (or per mailbox in ``only``) on the mailbox-sync queue: the timer, and
+        ``emailrouter catch-up``. Under the fan-out lease, so an admin's catch-up and the timer do not enqueue every
+        mailbox twice."""
+        async with exclusive(self._leases, JOB_DELTA_FANOUT, owner=self._owner, wait=wait, on_wait=on_wait,
+                             purpose=reason):
+            org = await self._mailboxes.get_org_settings()
+            wanted = {a.strip().lower() for a in only} if only is not None else None
+            items = [MailboxSyncItem(m.address, reason).to_json()  # type: ignore[arg-type]
+                     for m in await self._mailboxes.list_mailboxes()
+                     if watched_folders(m, org) and (wanted is None or m.address in wanted)]
+            for start in range(0, len(items), ENQUEUE_CHUNK):
+                await self._queue.send_many(MAILBOX_SYNC_QUEUE, items[start:start + ENQUEUE_CHUNK])
+            return len(items)
 
     async def sync_all(self, addresses: Sequence[str] | None = None) -> list[DeltaReport]:
         """Run rounds in this process for many mailboxes (CLI / tests), a bounded number at a time."""
@@ -320,12 +351,13 @@ class DeltaService:
 # ------------------------------------------------------------------------------------------------ wiring
 
 
-def delta_service_for(container: Container) -> DeltaService:
+def delta_service_for(container: Container, *, role: str = "router") -> DeltaService:
     from core.adapters.inbound_state import InboundState
+    from core.services.jobs import lease_store_for
     from core.services.subscriptions import service_for
 
     try:
-        subscriptions: SubscriptionService | None = service_for(container)
+        subscriptions: SubscriptionService | None = service_for(container, role=f"{role}-lifecycle")
     except Exception as exc:  # e.g. WEBHOOK_BASE_URL unset: delta still works, lifecycle recreation does not
         log.warning("subscriptions unavailable for lifecycle handling: %s", exc.__class__.__name__)
         subscriptions = None
@@ -334,7 +366,8 @@ def delta_service_for(container: Container) -> DeltaService:
         raise ValueError(f"App setting 'DELTA_CHANGE_TYPE' must be created or all, got {change_type!r}")
     return DeltaService(container.graph, InboundState.for_container(container).delta, container.work_queue,
                         container.mailbox_directory,
-                        subscriptions=subscriptions, change_type=None if change_type == "all" else change_type)
+                        subscriptions=subscriptions, change_type=None if change_type == "all" else change_type,
+                        leases=lease_store_for(container), owner=new_owner(role))
 
 
 async def backfill(container: Container, mailbox: str, since: datetime,

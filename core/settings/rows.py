@@ -463,6 +463,8 @@ class RouterSettings:
     track_sent_items_default: bool = False
     health_probe_interval_minutes: int = 15
     health_max_backoff_minutes: int = 240
+    # A mailbox waiting for its first subscription is "pending", not "failing", for at most this long.
+    health_pending_minutes: int = 30
     alert_sender: str = ""
     alert_recipients: tuple[str, ...] = ()
 
@@ -634,6 +636,8 @@ ORG_KEYS: Final[tuple[OrgKey, ...]] = (
            "re-probe interval of healthy mailboxes and first back-off step"),
     OrgKey("HealthMaxBackoffMinutes", "router", "health_max_backoff_minutes", _parse_int(1, 10080),
            "longest back-off of a failing mailbox"),
+    OrgKey("HealthPendingMinutes", "router", "health_pending_minutes", _parse_int(1, 1440),
+           "how long a mailbox waiting for its first subscription shows as pending before it counts as failing"),
     OrgKey("AlertSender", "router", "alert_sender", parse_optional_address,
            "mailbox that sends health alert emails (Graph sendMail)"),
     OrgKey("AlertRecipients", "router", "alert_recipients", _parse_list(normalise_address),

@@ -486,6 +486,48 @@ async def test_subscription_creates_keep_validation_handshakes_few(pipeline: Pip
     assert len(creates) == 12  # direct POSTs (Prefer: IdType applies to the request it is sent with)
 
 
+async def test_two_reconciles_at_once_make_one_subscription_per_watched_folder(pipeline: Pipeline) -> None:
+    """The issue's start-up race (the launcher's reconcile and the timer's at the same second), as two processes:
+    two containers over the same storage and Graph. One run holds the reconcile lease, the other waits for it and
+    then finds nothing to do."""
+    p = pipeline
+    users = ("alice", "erin", "bob", "carol", "dave", "support")
+    configs = StaticMailboxDirectory([
+        MailboxConfig(f"{u}@{DOMAIN}", MailboxKind.USER, owner=ref("alice"), inbound_method=InboundMethod.INDIVIDUAL,
+                      track_sent_items=u in ("alice", "erin")) for u in users], ORG)
+    p.c.mailbox_directory = configs  # type: ignore[attr-defined]
+    other = Container(p.c.settings)
+    other.mailbox_directory = configs  # type: ignore[attr-defined]
+    try:
+        timer, admin = await asyncio.gather(service_for(p.c, role="timer").reconcile(wait=120),
+                                            service_for(other, role="cli").reconcile(wait=120))
+    finally:
+        await other.graph.close()
+        await other.dataverse.close()
+        await other.storage.close()
+    assert sorted((timer.created, admin.created)) == [0, 8] and not timer.failed and not admin.failed
+    in_graph = [s["resource"].lower() for s in await p.c.graph.list_subscriptions()]
+    assert len(in_graph) == len(set(in_graph)) == 8  # one per mailbox folder: 6 inboxes + 2 sent items folders
+    records = [(r.mailbox, r.folder) async for r in p.c.subscription_directory.list()]
+    assert len(records) == len(set(records)) == 8
+
+
+async def test_duplicate_subscriptions_are_removed_by_the_next_reconcile(pipeline: Pipeline) -> None:
+    """Duplicates made anyway (here: two runs without the lease, as before this fix) are deleted in Graph."""
+    from core.services.subscriptions import SubscriptionService
+
+    p = pipeline
+    service = service_for(p.c)
+    unguarded = [SubscriptionService(p.c.graph, p.c.subscription_directory, p.c.mailbox_directory,
+                                     service._options) for _ in range(2)]
+    await asyncio.gather(*(s.reconcile() for s in unguarded))
+    assert len(await p.c.graph.list_subscriptions()) == 6  # alice, erin, crm-sink: two each
+    report = await service.reconcile()
+    assert report.duplicates == 3 and report.deleted == 3 and report.created == 0
+    in_graph = [s["resource"].lower() for s in await p.c.graph.list_subscriptions()]
+    assert len(in_graph) == len(set(in_graph)) == 3
+
+
 async def test_a_reauthorization_challenge_is_one_patch_and_a_delta_of_that_folder(pipeline: Pipeline) -> None:
     from dataclasses import replace
 
