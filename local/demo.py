@@ -53,6 +53,7 @@ __all__ = ["DemoResult", "Outcome", "build_scenarios", "main", "run_demo"]
 ROOT: Final = Path(__file__).resolve().parent.parent
 PORT_NAMES: Final = ("functions", "blob", "queue", "table", "identity", "graph", "smtp", "dataverse")
 STRANGER: Final = "sam@unknown.example"
+PROSPECT: Final = "kim@prospect.example"  # unknown to CRM: erin's filter 2 skips her mail until the admin acts
 _POLL_S: Final = 0.5
 
 
@@ -361,6 +362,7 @@ def _inbound_mails() -> list[InboundMail]:
                     "I am out of the office.", "Sam", headers={"Auto-Submitted": "auto-replied"}),
         InboundMail("forward", gus.email, (person("bob").address,), "Contract draft", "Bob, the draft is attached.",
                     "Gus Gray"),
+        InboundMail("filter-change", PROSPECT, (erin,), "Introduction", "Erin, may I introduce our firm?", "Kim"),
     ]
 
 
@@ -539,6 +541,51 @@ def build_scenarios(mails: Mapping[str, InboundMail]) -> list[Scenario]:
         return Outcome(queues == [QUEUE.record_id], f"{len(items)} queue item(s), in "
                        f"{', '.join('Support' if q == QUEUE.record_id else q for q in queues) or 'no queue'}")
 
+    async def filter_change(org: Org, ctx: dict[str, Any]) -> Outcome:
+        """An admin changes erin's filter to "all" and applies it to mail already skipped, with the product's own
+        services (what `emailrouter mailbox set erin --filter all` and `emailrouter reprocess erin --from kim` do);
+        the host decides the message again. Runs last (final_only): the other scenarios have settled."""
+        from datetime import UTC, datetime, timedelta
+
+        from core.bootstrap import Container
+        from core.cli.config import stack_values
+        from core.config import Settings
+        from core.services.reprocess import reprocess
+
+        mail, state = mails["filter-change"], ctx.setdefault("filter-change", {})
+
+        async def admin(step: Callable[[Any], Awaitable[Any]]) -> Any:
+            container = Container(Settings(stack_values(org.stack)))
+            try:
+                return await step(container)
+            finally:
+                await container.storage.close()
+
+        if "first" not in state:
+            decisions = await org.decisions_for(mail.message_id)
+            if not decisions:
+                return Outcome(False, "no decision recorded yet")
+            state["first"] = "; ".join(sorted({str(d.get("outcome")) for d in decisions}))
+            if not state["first"].startswith("skipped"):
+                return Outcome(False, f"expected a skip first, got {state['first']}")
+
+            async def change_and_reprocess(container: Any) -> int:
+                await container.mailbox_directory.set_overrides(erin.address, {"Filter": "all"})
+                since = datetime.now(UTC) - timedelta(hours=1)
+                return (await reprocess(container, erin.address, since, sender=PROSPECT)).enqueued
+
+            state["queued"] = await admin(change_and_reprocess)
+        if not state["first"].startswith("skipped"):
+            return Outcome(False, f"expected a skip first, got {state['first']}")
+        rows = await org.emails_by_message_id(mail.message_id)
+        if len(rows) == 1 and not state.get("restored"):
+            # Erin's filter goes back to CRM's value once the message is decided (what `--filter ""` does).
+            await admin(lambda c: c.mailbox_directory.set_overrides(erin.address, {"Filter": ""}))
+            state["restored"] = True
+        observed = (f"first {state['first']}; filter set to all, reprocess queued {state['queued']}; "
+                    f"{len(rows)} CRM email(s)")
+        return Outcome(len(rows) == 1 and state["queued"] == 1, observed)
+
     return [
         Scenario("settings", "CRM sync: delivery methods -> settings", "a row per mailbox, methods and filters "
                  "as in CRM; bob forwards to crm-sink", settings),
@@ -576,6 +623,8 @@ def build_scenarios(mails: Mapping[str, InboundMail]) -> list[Scenario]:
         Scenario("outlook", "Outlook-client user (carol)", "mail to carol: no CRM email (Outlook tracks)",
                  untouched("outlook"), final_only=True),
         Scenario("none", "User with None (dave)", "mail to dave: no CRM email", untouched("none"), final_only=True),
+        Scenario("filter-change", "Apply a filter change to past mail", "prospect -> erin: skipped (filter 2); "
+                 "filter set to all + `reprocess`: tracked, ONE CRM email", filter_change, final_only=True),
     ]
 
 

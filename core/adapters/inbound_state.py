@@ -131,12 +131,13 @@ class DecisionHit:
     tracked_for: str  # the forwarding user, for mail unwrapped in a forward sink
     activity_id: str
     source: str
+    folder: str = ""  # the folder the work item named (well-known name or id); "" = not recorded (older rows)
 
     def to_json(self) -> dict[str, Any]:
         return {"at": self.at, "mailbox": self.mailbox, "graph_id": self.graph_id, "outcome": self.outcome,
                 "kind": self.kind, "reason": self.code, "why": self.why, "from": self.sender, "subject": self.subject,
                 "internet_message_id": self.internet_message_id, "tracked_for": self.tracked_for,
-                "activity_id": self.activity_id, "source": self.source}
+                "activity_id": self.activity_id, "source": self.source, "folder": self.folder}
 
     @staticmethod
     def from_entity(e: Mapping[str, Any]) -> DecisionHit:
@@ -147,7 +148,8 @@ class DecisionHit:
             kind=str(e.get("Kind", "")), code=str(e.get("Code", "")), why=str(e.get("Why", "")),
             sender=str(e.get("From", "")), subject=str(e.get("Subject", "")),
             internet_message_id=str(e.get("InternetMessageId", "")), tracked_for=str(e.get("TrackedFor", "")),
-            activity_id=str(e.get("ActivityId", "")), source=str(e.get("Source", "")))
+            activity_id=str(e.get("ActivityId", "")), source=str(e.get("Source", "")),
+            folder=str(e.get("Folder", "")))
 
 
 def _kind_and_code(outcome: str) -> tuple[str, str]:
@@ -195,6 +197,7 @@ class TableDecisionLog:
             "InternetMessageId": (mids[-1] if mids else "")[:1024],
             "TrackedFor": str(record.get("trackedFor") or "").lower()[:320],
             "ActivityId": str(record.get("activityId") or ""), "Source": str(record.get("source") or "")[:64],
+            "Folder": str(record.get("folder") or "")[:1024],
         }]
         row_key = f"{_mailbox_key(mailbox)}|{hash_key(graph_id)}"
         for mid in dict.fromkeys(mids):

@@ -323,10 +323,40 @@ async def mailbox_set(container: Any, args: argparse.Namespace, out: Out) -> int
         config = await _directory(container).set_overrides(args.address, changes)
     except ValueError as exc:
         raise CliError(f"not written: {exc}") from exc
-    data = {"written": sorted(changes), "effective": _config_json(config)}
-    out.emit(data, lambda c: c.print(f"{config.address}: overrides written ({', '.join(sorted(changes))}); "
-                                     "effective within the settings cache TTL (≤ 60 s)"))
+    hint = _past_mail_hint(config.address, changes)
+    data = {"written": sorted(changes), "effective": _config_json(config), "past_mail": hint}
+
+    def render(c: Console) -> None:
+        c.print(f"{config.address}: overrides written ({', '.join(sorted(changes))}); effective for new mail within "
+                "the settings cache TTL (≤ 60 s)")
+        if hint:
+            c.print(f"mail decided before keeps its outcome; to apply this change to it: {hint}", highlight=False)
+
+    out.emit(data, render)
     return 0
+
+
+# Settings whose change can turn an earlier "skipped" into "tracked" (mailbox overrides / org keys).
+_DECIDING_FIELDS = frozenset({"Inbound", "Filter", "Approval", "Enabled", "EnabledIncoming", "ForwardSink",
+                              "ProcessEmailFrom", "TrackedFolders", "TrackSentItems", "Kind", "OwnerId"})
+_DECIDING_ORG_KEYS = frozenset(k.lower() for k in (
+    "IgnoreInternalEmail", "DoNotIgnoreInternalEmailToQueues", "InternalDomains", "NeverLogAddresses",
+    "NeverLogDomains", "RequireApprovalForUserEmail", "RequireApprovalForQueueEmail",
+    "TreatAutoResponseSuppressAsAutoReply", "TreatPrecedenceBulkAsAutoReply", "UseSyncingMailboxFilterOnly",
+    "UseCorrelation", "UseTrackingToken", "TrackingPrefixes", "UseReferences", "ResolveForInactiveEntities",
+    "UnresolveIfMultipleMatch", "WrapperRequireInternalAuth", "WrapperAuthAsHeader", "WrapperInternalAuthValues",
+    "MaxAttachmentBytes", "TrackSentItemsDefault", "DefaultForwardSink"))
+
+
+def _past_mail_hint(address: str | None, changes: Mapping[str, str] | None = None, key: str | None = None
+                    ) -> str | None:
+    """The command that applies a settings change to mail the router decided before (None: the change cannot
+    change an earlier decision)."""
+    if key is not None:
+        return "emailrouter reprocess --all --since 7d" if key.lower() in _DECIDING_ORG_KEYS else None
+    if changes is not None and not _DECIDING_FIELDS & set(changes):
+        return None
+    return f"emailrouter reprocess {address} --since 7d"
 
 
 async def _folders_by_id(container: Any, address: str, raw: str) -> str:
@@ -465,8 +495,14 @@ async def settings_set(container: Any, args: argparse.Namespace, out: Out) -> in
     from core.settings.rows import org_key
 
     key = org_key(args.key).key
-    out.emit({"key": key, "value": stored}, lambda c: c.print(f"{key} = {stored!r}" if stored
-                                                              else f"{key}: admin value cleared"))
+    hint = _past_mail_hint(None, key=key)
+
+    def render(c: Console) -> None:
+        c.print(f"{key} = {stored!r}" if stored else f"{key}: admin value cleared")
+        if hint:
+            c.print(f"mail decided before keeps its outcome; to apply this change to it: {hint}", highlight=False)
+
+    out.emit({"key": key, "value": stored, "past_mail": hint}, render)
     return 0
 
 
@@ -795,6 +831,9 @@ async def poison_discard(container: Any, args: argparse.Namespace, out: Out) -> 
 def _backfill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", help="the mailbox to read")
     parser.add_argument("--since", required=True, metavar="DATE", help="ISO date, e.g. 2024-01-31")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="also decide again the messages the router skipped or failed before (with today's "
+                             "settings); without it they are left as they were")
 
 
 def _validate_backfill(args: argparse.Namespace) -> None:
@@ -817,15 +856,91 @@ async def backfill(container: Any, args: argparse.Namespace, out: Out) -> int:
     except ImportError as exc:
         raise NotAvailableError("backfill is not available in this build") from exc
     since = parse_datetime(args.since)
+    reevaluate = ("skipped", "failed") if args.reevaluate else ()
     with out.progress() as progress:
         task = progress.add_task(f"enqueueing {args.address}", total=None)
         report = await run_backfill(container, args.address, since,
-                                    lambda n: progress.update(task, completed=n))
+                                    lambda n: progress.update(task, completed=n), reevaluate=reevaluate)
     if report.error:
         raise CliError(f"{args.address}: {report.error}")
-    data = {"mailbox": report.mailbox, "since": since, "enqueued": report.enqueued, "folders": report.folders}
+    data = {"mailbox": report.mailbox, "since": since, "enqueued": report.enqueued, "folders": report.folders,
+            "reevaluate": list(reevaluate)}
+    note = ("messages the router skipped or failed before are decided again with today's settings; tracked ones "
+            "stay as they are (one CRM email each)" if reevaluate else
+            "messages the router has decided before are left as they were: tracked ones stay one CRM email, skipped "
+            "ones stay skipped (decide those again with --reevaluate or `emailrouter reprocess`)")
     out.emit(data, lambda c: c.print(f"{report.enqueued} message(s) from {', '.join(report.folders)} enqueued; "
-                                     "already tracked ones are recognised and skipped"))
+                                     f"{note}"))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ reprocess
+
+
+def _reprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", nargs="?", help="the mailbox (a forward user's address finds the mail unwrapped "
+                                                   "for them in the forward mailbox)")
+    parser.add_argument("--all", action="store_true", help="every mailbox (after an org setting changed)")
+    parser.add_argument("--since", required=True, metavar="WHEN",
+                        help="decisions made since: 30m, 2h, 7d, 2w or an ISO date (decision records are kept "
+                             "RetentionDays, default 30)")
+    parser.add_argument("--outcome", choices=("skipped", "failed", "all"), default="all",
+                        help="which earlier outcomes to decide again (default all: skipped and failed)")
+    parser.add_argument("--from", dest="sender", metavar="TEXT", help="only mail whose sender's address contains TEXT")
+    parser.add_argument("--subject", metavar="TEXT", help="only mail whose subject contains TEXT")
+
+
+def _validate_reprocess(args: argparse.Namespace) -> None:
+    from datetime import UTC, datetime
+
+    from .diagnose import parse_since
+
+    if bool(args.address) == bool(args.all):
+        raise UsageError("give one mailbox ADDRESS or --all")
+    parse_since(args.since, datetime.now(UTC))
+
+
+@command("reprocess", help="decide again the mail that was skipped or failed (after a filter or setting change)",
+         arguments=_reprocess_arguments, validate=_validate_reprocess, destructive=True,
+         description="Find the messages whose latest decision since --since was skipped (or failed) in the decision "
+                     "records, and queue each to be decided again through the normal pipeline with today's "
+                     "settings: what the new filter accepts is tracked, once (the CRM email id comes from the "
+                     "Message-ID, which is looked up in CRM first); tracked mail is never touched. Shows the "
+                     "messages and asks first (--yes to skip, --dry-run to only list).",
+         examples=["emailrouter reprocess erin@contoso.com --since 7d",
+                   "emailrouter reprocess erin@contoso.com --since 2024-05-01 --outcome skipped --yes",
+                   "emailrouter reprocess --all --since 24h --dry-run"])
+async def reprocess(container: Any, args: argparse.Namespace, out: Out) -> int:
+    from datetime import UTC, datetime
+
+    from core.services.reprocess import reprocess as run_reprocess
+
+    from .diagnose import parse_since
+
+    since = parse_since(args.since, datetime.now(UTC))
+    outcomes = ("skipped", "failed") if args.outcome == "all" else (args.outcome,)
+    mailbox = None if args.all else args.address
+    with out.progress() as progress:
+        task = progress.add_task("reading decisions", total=None)
+        planned = await run_reprocess(container, mailbox, since, outcomes=outcomes, sender=args.sender,
+                                      subject=args.subject, dry_run=True,
+                                      on_day=lambda d, n: progress.update(task, completed=d, total=n))
+    who = mailbox or "every mailbox"
+    if not planned.items:
+        out.emit(planned.to_json(), lambda c: c.print(f"nothing to decide again: no {' or '.join(outcomes)} mail "
+                                                      f"for {who} since {since:%Y-%m-%d %H:%M} UTC"))
+        return 0
+    listed = [f"{i['decided_at']:%Y-%m-%d %H:%M} {i['tracked_for'] or i['mailbox']}: {i['from']} "
+              f"'{i['subject']}' ({i['outcome']})" for i in planned.items]
+    if not confirm(args, out, f"reprocess {who}: decide again", listed):
+        return 0
+    report = await run_reprocess(container, mailbox, since, outcomes=outcomes, sender=args.sender,
+                                 subject=args.subject, now=planned.requested_at)
+    counts = ", ".join(f"{k} {v}" for k, v in report.by_outcome.most_common())
+    follow = f"emailrouter explain --mailbox {mailbox} --since 10m" if mailbox else "emailrouter status"
+    out.emit(report.to_json(), lambda c: c.print(
+        f"{report.enqueued} message(s) queued to be decided again ({counts}); the inbound processor decides them "
+        f"with today's settings within moments. See the result: {follow}", highlight=False))
     return 0
 
 

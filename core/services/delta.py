@@ -316,7 +316,8 @@ class DeltaService:
     # -- backfill -------------------------------------------------------------------------------------------
 
     async def backfill(self, mailbox: str, since: datetime,
-                       progress: Callable[[int], None] | None = None) -> BackfillReport:
+                       progress: Callable[[int], None] | None = None, *, reevaluate: Sequence[str] = (),
+                       requested_at: datetime | None = None) -> BackfillReport:
         report = BackfillReport(mailbox, since)
         config = await self._mailboxes.get_mailbox(mailbox)
         if config is None:
@@ -327,13 +328,15 @@ class DeltaService:
         if not folders:
             report.error = "the router does not read this mailbox (incoming method or approval)"
             return report
+        stamp = (requested_at or self._clock()).astimezone(UTC).isoformat() if reevaluate else ""
         for folder in folders:
             report.folders.append(folder)
             batch: list[str] = []
             async for message in self._graph.list_messages(config.address, folder, received_after=since):
                 if not message.get("id"):
                     continue
-                batch.append(InboundItem(config.address, str(message["id"]), "backfill", folder=folder).to_json())
+                batch.append(InboundItem(config.address, str(message["id"]), "backfill", folder=folder,
+                                         reevaluate=",".join(reevaluate), requested_at=stamp).to_json())
                 if len(batch) >= ENQUEUE_CHUNK:
                     await self._queue.send_many(INBOUND_QUEUE, batch)
                     report.enqueued += len(batch)
@@ -371,8 +374,10 @@ def delta_service_for(container: Container, *, role: str = "router") -> DeltaSer
 
 
 async def backfill(container: Container, mailbox: str, since: datetime,
-                   progress: Callable[[int], None] | None = None) -> BackfillReport:
+                   progress: Callable[[int], None] | None = None, *,
+                   reevaluate: Sequence[str] = ()) -> BackfillReport:
     """Explicit history import for one mailbox (admin CLI): every message received after ``since`` in the
-    mailbox's watched folders becomes an ``InboundItem(source="backfill")``. Idempotent: already tracked messages
-    are recognised by the ledger or the deterministic activity id."""
-    return await delta_service_for(container).backfill(mailbox, since, progress)
+    mailbox's watched folders becomes an ``InboundItem(source="backfill")``. Idempotent: a message the router has
+    decided before is left as it was (tracked ones stay one CRM email), except that ``reevaluate`` (skipped, failed)
+    lets those earlier outcomes be decided again with today's settings."""
+    return await delta_service_for(container, role="cli").backfill(mailbox, since, progress, reevaluate=reevaluate)

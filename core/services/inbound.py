@@ -85,6 +85,7 @@ __all__ = [
     "folder_kind_of",
     "is_transient",
     "processor_for",
+    "reevaluation_allowed",
 ]
 
 log = logging.getLogger("emailrouter.inbound")
@@ -186,6 +187,24 @@ class ProcessResult:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def reevaluation_allowed(item: InboundItem, entry: LedgerEntry) -> bool:
+    """Whether a re-evaluation item (``emailrouter reprocess``) may decide a message the ledger has an outcome for.
+    Pure. Only an outcome the item names (skipped, failed) is overruled - tracked mail stays tracked, gone mail is
+    gone - and only once: an entry written after the request is the re-evaluation itself, so a redelivered item is a
+    duplicate like any other (exactly once in CRM also holds without this: the deterministic activity id and the
+    Message-ID lookup find an email that is there already)."""
+    if not item.reevaluates or entry.outcome.value not in item.reevaluates:
+        return False
+    if not item.requested_at or entry.at is None:
+        return True
+    try:
+        requested = datetime.fromisoformat(item.requested_at.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    at = entry.at if entry.at.tzinfo else entry.at.replace(tzinfo=UTC)
+    return at < (requested if requested.tzinfo else requested.replace(tzinfo=UTC))
+
+
 def folder_kind_of(folder: str) -> FolderKind:
     """A work item's folder (well-known name or folder id) -> the folder kind the rules need."""
     return _WELL_KNOWN_FOLDERS.get(folder.strip().lower(), FolderKind.OTHER) if folder else FolderKind.INBOX
@@ -234,12 +253,17 @@ class _MailboxSnapshot:
         self._clock = clock
         self._expires = 0.0
         self._value: tuple[MailboxConfig, ...] = ()
+        self.read_at: datetime | None = None
 
     async def get(self, directory: MailboxDirectory) -> tuple[MailboxConfig, ...]:
         if self._clock() >= self._expires:
             self._value = tuple(await directory.list_mailboxes())
             self._expires = self._clock() + self._ttl
+            self.read_at = datetime.now(UTC)
         return self._value
+
+    def expire(self) -> None:
+        self._expires = 0.0
 
 
 @dataclass
@@ -285,10 +309,12 @@ class InboundProcessor:
 
     async def process(self, item: InboundItem) -> ProcessResult:
         entry = await self.ledger.get(item.mailbox, item.message_id)
-        if entry is not None and entry.outcome.terminal:
+        if entry is not None and entry.outcome.terminal and not reevaluation_allowed(item, entry):
             # Redelivered/duplicated notification, or delta re-reporting a message: no refetch.
             return ProcessResult("duplicate_item", activity_id=entry.activity_id)
-        attempts = entry.attempts if entry is not None else 0
+        attempts = entry.attempts if entry is not None and not entry.outcome.terminal else 0
+        if item.reevaluates:
+            await self._settings_fresh_since(item.requested_at)
         counters = _Counters()
         try:
             return await self._process(item, counters)
@@ -296,6 +322,19 @@ class InboundProcessor:
             if is_transient(exc):
                 return await self._retry_later(item, attempts + 1, exc, counters)
             raise
+
+    async def _settings_fresh_since(self, requested_at: str) -> None:
+        """A re-evaluation is asked for right after an admin changed a setting: decide it with the settings as
+        they are now, not as this process cached them before the change (up to the cache TTL)."""
+        try:
+            moment = datetime.fromisoformat(requested_at.replace("Z", "+00:00")) if requested_at else self.clock()
+        except ValueError:
+            moment = self.clock()
+        fresh = getattr(self.mailboxes, "fresh_since", None)
+        if callable(fresh):
+            await fresh(moment)
+        if self._snapshot is not None and (self._snapshot.read_at is None or self._snapshot.read_at < moment):
+            self._snapshot.expire()
 
     # -- the pipeline ---------------------------------------------------------------------------------------
 
@@ -518,6 +557,7 @@ class InboundProcessor:
                       *, note: str | None = None, activity_id: str | None = None) -> None:
         record = decision_record(message, plan)
         record["source"] = item.source
+        record["folder"] = item.folder
         if note:
             record["note"] = note
             record["outcome"] = outcome.value
@@ -533,7 +573,7 @@ class InboundProcessor:
 
     async def _skip_unfetched(self, item: InboundItem, code: str, reason: str) -> ProcessResult:
         await self.decisions.record(item.mailbox, item.message_id, {
-            "mailbox": item.mailbox, "graphId": item.message_id, "source": item.source,
+            "mailbox": item.mailbox, "graphId": item.message_id, "source": item.source, "folder": item.folder,
             "outcome": f"skipped:{code}", "decisions": [{"step": "mailbox", "outcome": f"skip:{code}",
                                                          "why": reason}]})
         await self.ledger.put(LedgerEntry(item.mailbox, item.message_id, LedgerOutcome.SKIPPED, reason=reason,
@@ -543,7 +583,7 @@ class InboundProcessor:
     async def _terminal(self, item: InboundItem, outcome: LedgerOutcome, code: str, reason: str, *,
                         record_status: bool, message: MailMessage | None = None) -> ProcessResult:
         await self.decisions.record(item.mailbox, item.message_id, {
-            "mailbox": item.mailbox, "graphId": item.message_id, "source": item.source,
+            "mailbox": item.mailbox, "graphId": item.message_id, "source": item.source, "folder": item.folder,
             "internetMessageId": message.internet_message_id if message else None,
             **({"from": message.originator.address if message.originator else "", "subject": message.subject[:400]}
                if message else {}),

@@ -632,6 +632,57 @@ async def test_backfill_ignores_the_process_from_date_but_notifications_do_not()
     assert (await processor.process(item("alice@contoso.com", "g2", source="backfill"))).outcome == "tracked"
 
 
+def reprocess_item(mailbox: str, graph_id: str, requested_at: datetime, outcomes: str = "skipped,failed"
+                   ) -> InboundItem:
+    return InboundItem(mailbox, graph_id, "reprocess", folder="inbox", reevaluate=outcomes,
+                       requested_at=requested_at.isoformat())
+
+
+async def test_reprocess_decides_a_skipped_message_again_once_while_redelivery_stays_a_duplicate() -> None:
+    from datetime import timedelta
+
+    w = World()
+    w.mailboxes[0] = replace(w.mailboxes[0], tracking_filter=TrackingFilter.REPLIES_TO_CRM_EMAIL)
+    w.mail.messages[("alice@contoso.com", "g1")] = graph_message("g1")
+    processor = w.processor()
+    assert (await processor.process(item("alice@contoso.com", "g1"))).outcome == "skipped:filter:not_accepted"
+
+    # The admin sets Alice's filter to "all email". Mail decided before keeps its outcome on redelivery...
+    w.mailboxes[0] = replace(w.mailboxes[0], tracking_filter=TrackingFilter.ALL)
+    processor = w.processor()
+    assert (await processor.process(item("alice@contoso.com", "g1", source="delta"))).outcome == "duplicate_item"
+    # ...and `emailrouter reprocess` decides it again, with today's settings: tracked, once.
+    asked = NOW + timedelta(minutes=5)
+    processor.clock = lambda: asked + timedelta(seconds=1)
+    result = await processor.process(reprocess_item("alice@contoso.com", "g1", asked))
+    assert result.outcome == "tracked" and list(w.crm.emails) == [activity_id_for("<m1@fabrikam.com>")]
+    assert w.decisions.records[("alice@contoso.com", "g1")]["source"] == "reprocess"
+    # The same reprocess item delivered twice, or asked for again: the ledger says tracked now.
+    assert (await processor.process(reprocess_item("alice@contoso.com", "g1", asked))).outcome == "duplicate_item"
+    later = asked + timedelta(hours=1)
+    assert (await processor.process(reprocess_item("alice@contoso.com", "g1", later))).outcome == "duplicate_item"
+    assert len(w.crm.emails) == 1 and w.crm.writes == 1
+
+
+async def test_reprocess_overrules_only_the_outcomes_it_names_and_only_once() -> None:
+    from datetime import timedelta
+
+    w = World()
+    w.mailboxes[0] = replace(w.mailboxes[0], tracking_filter=TrackingFilter.NONE)
+    w.mail.messages[("alice@contoso.com", "g1")] = graph_message("g1")
+    processor = w.processor()
+    assert (await processor.process(item("alice@contoso.com", "g1"))).outcome == "skipped:filter:not_accepted"
+    asked = NOW + timedelta(minutes=5)
+    only_failed = reprocess_item("alice@contoso.com", "g1", asked, outcomes="failed")
+    assert (await processor.process(only_failed)).outcome == "duplicate_item"
+    processor.clock = lambda: asked + timedelta(seconds=1)
+    again = reprocess_item("alice@contoso.com", "g1", asked)
+    assert (await processor.process(again)).outcome == "skipped:filter:not_accepted"  # still "no email messages"
+    w.mail.calls.clear()
+    assert (await processor.process(again)).outcome == "duplicate_item"  # redelivered: decided once per request
+    assert w.mail.calls == []
+
+
 async def test_unapproved_mailbox_is_skipped() -> None:
     w = World()
     w.mailboxes[0] = replace(w.mailboxes[0], approval=ApprovalStatus.PENDING)
