@@ -698,3 +698,59 @@ def test_tracked_folder_names_are_saved_as_folder_ids(cli: Any, stack: LocalStac
     code, shown, _ = cli("mailbox", "show", ALICE)
     assert set(shown["effective"]["tracked_folders"]) == {projects.id, year.id}  # refused writes changed nothing
     assert cli("mailbox", "set", ALICE, "--folders", "")[0] == 0
+
+
+def test_reprocess_applies_a_filter_change_to_mail_skipped_before(cli: Any, stack: LocalStack, workdir: Path) -> None:
+    """The issue's "skipped is final": an admin fixes a filter; `reprocess` decides the skipped mail again through the
+    normal pipeline, once; tracked mail is never touched, and a second run finds nothing left to do."""
+    from core.work_items import InboundItem
+
+    assert cli("sync-crm")[0] == 0
+    assert cli("mailbox", "set", ALICE, "--filter", "replies")[0] == 0
+    tag = uuid.uuid4().hex[:8]
+    message_id = _send_from(stack, "nora@northwind.example", ALICE, f"Prospect {tag}")
+
+    async def notify_and_drain() -> list[str]:
+        container = Container(Settings(values(workdir)))
+        try:
+            graph_id = await _graph_id(container, ALICE, message_id)
+            sender = container.storage.queue_sender(INBOUND_QUEUE)
+            await sender.send(InboundItem(ALICE, graph_id, "notification", folder="inbox").to_json())
+            await sender.close()
+            return await _drain_inbound(container)
+        finally:
+            await container.storage.close()
+            await container.graph.close()
+
+    async def drain() -> list[str]:
+        container = Container(Settings(values(workdir)))
+        try:
+            return await _drain_inbound(container)
+        finally:
+            await container.storage.close()
+            await container.graph.close()
+
+    assert "skipped:filter:not_accepted" in asyncio.run(notify_and_drain())
+    assert _crm_emails(stack, message_id) == []
+
+    code, written, _ = cli("mailbox", "set", ALICE, "--filter", "all")
+    assert code == 0 and written["past_mail"] == f"emailrouter reprocess {ALICE} --since 7d"
+    code, _, err = cli("reprocess", ALICE, "--since", "1h", "--from", "nora@")
+    assert code == 2 and "--yes" in err  # a bulk change: asks first, refuses without a terminal
+    code, dry, _ = cli("reprocess", ALICE, "--since", "1h", "--from", "nora@", "--dry-run")
+    assert code == 0 and dry["dry_run"] and any(f"Prospect {tag}" in line for line in dry["items"])
+    code, done, err = cli("reprocess", ALICE, "--since", "1h", "--from", "nora@", "--subject", tag, "--yes")
+    assert code == 0 and done["enqueued"] == 1 and done["by_outcome"] == {"skipped:filter:not_accepted": 1}, err
+
+    assert "tracked" in asyncio.run(drain())
+    assert len(_crm_emails(stack, message_id)) == 1
+    # The latest decision is "tracked" now: nothing to decide again, and a redelivered notification is a duplicate.
+    code, again, _ = cli("reprocess", ALICE, "--since", "1h", "--subject", tag, "--yes")
+    assert code == 0 and again["enqueued"] == 0 and again["items"] == []
+    assert "duplicate_item" in asyncio.run(notify_and_drain())
+    assert len(_crm_emails(stack, message_id)) == 1
+    code, shown, _ = cli("explain", message_id)
+    assert code == 0 and shown[0]["source"] == "reprocess" and shown[0]["outcome"] == "tracked"
+    code, hint, _ = cli("settings", "set", "NeverLogDomains", "")
+    assert code == 0 and hint["past_mail"] == "emailrouter reprocess --all --since 7d"
+    assert cli("mailbox", "set", ALICE, "--filter", "")[0] == 0
