@@ -212,6 +212,8 @@ class TrackEmail:
     # The navigation property the correlated email's regarding was bound through
     # (Microsoft.Dynamics.CRM.associatednavigationproperty): binding the copy through the same name is exact.
     regarding_nav: str | None = None
+    # What normalisation left out that the CRM email would hold (listed in its description, ``notifications``).
+    dropped: tuple[str, ...] = ()
 
 
 InboundPlan = Skip | TrackEmail
@@ -323,15 +325,40 @@ def _plan_attachments(message: MailMessage, activity_id: uuid.UUID, org: OrgEmai
     return tuple(kept), tuple(omitted)
 
 
-def _description(message: MailMessage, omitted: Sequence[OmittedAttachment]) -> str:
+# Normalisation notes (MailMessage.truncations) about what CRM stores of the email: shown on the email itself.
+# Notes about headers the email row does not keep (References, categories, Thread-Index, Date) stay in the
+# decision record only.
+_VISIBLE_NOTES: Final = frozenset({"attachment", "attachments", "message/rfc822", "body", "subject", "from",
+                                   "sender", "toRecipients", "ccRecipients", "bccRecipients", "To", "Cc", "Bcc",
+                                   "From", "Sender"})
+
+
+def visible_drops(truncations: Sequence[str]) -> tuple[str, ...]:
+    """The normalisation notes that change what the CRM email holds (see :data:`_VISIBLE_NOTES`). Pure."""
+    return tuple(n for n in truncations if n.split(":", 1)[0].split(" ", 1)[0] in _VISIBLE_NOTES)
+
+
+def notifications_for(omitted: Sequence[OmittedAttachment], drops: Sequence[str]) -> int:
+    """``email.notifications`` (email.md): 1 = not all attachments could be saved, 2 = truncated body, 0 = none.
+    One value only: a missing attachment is named first (the description lists both)."""
+    if omitted or any(d.startswith(("attachment", "message/rfc822")) for d in drops):
+        return 1
+    if any(d.startswith("body") for d in drops):
+        return 2
+    return 0
+
+
+def _description(message: MailMessage, omitted: Sequence[OmittedAttachment], drops: Sequence[str] = ()) -> str:
     if message.body_html is not None:
         body = sanitize_html(message.body_html)
     else:
         body = text_to_html(message.body_text or "")
-    if omitted:
-        notes = "".join(
-            f"<li>{html.escape(o.filename)} ({_human_size(o.size)}): {html.escape(o.reason)}</li>" for o in omitted)
-        body += f"<hr><p>Email Router: attachments not saved in CRM:</p><ul>{notes}</ul>"
+    items = [f"<li>{html.escape(o.filename)} ({_human_size(o.size)}): {html.escape(o.reason)}</li>" for o in omitted]
+    items += [f"<li>{html.escape(d)}</li>" for d in drops]
+    if items:
+        title = "attachments not saved in CRM" if omitted and not drops else "not everything of this message is " \
+            "in CRM"
+        body += f"<hr><p>Email Router: {title}:</p><ul>{''.join(items)}</ul>"
     return body
 
 
@@ -386,6 +413,7 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
 
     tracking_mailbox = context.mailbox
     wrapper_graph_id: str | None = None
+    truncations = message.truncations  # the whole fetched message's, nested original included
     unwrapped = _unwrap(message, context)
     if isinstance(unwrapped, NotUnwrapped):
         return skip("unwrap", unwrapped.code.value, unwrapped.why, message.graph_id)
@@ -453,8 +481,9 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
     state = SENT if direction is Direction.OUTGOING else RECEIVED
     actual_end = ((message.sent_at if direction is Direction.OUTGOING else message.received_at)
                   or message.received_at or message.sent_at or context.now)
-    for note in message.truncations:
+    for note in truncations:
         decisions.append(Decision("normalize", "truncated", note))
+    drops = visible_drops(truncations)
 
     return TrackEmail(
         activity_id=activity_id,
@@ -465,7 +494,7 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
                               else tracking_mailbox.mailbox_id),
         direction=direction,
         subject=message.subject[:EMAIL_SUBJECT_MAX],
-        description=_description(message, omitted),
+        description=_description(message, omitted, drops),
         parties=parties,
         regarding=regarding,
         owner=owner.owner,
@@ -483,7 +512,8 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
         attachments=attachments,
         omitted_attachments=omitted,
         new_contact=new_contact,
-        notifications=1 if omitted else 0,
+        notifications=notifications_for(omitted, drops),
+        dropped=drops,
         is_duplicate_sender_unresolved=parties.sender_is_duplicate_unresolved,
         wrapper_graph_id=wrapper_graph_id,
         delete_wrapper=wrapper_graph_id is not None and context.mailbox.delete_after_processing,
@@ -664,6 +694,12 @@ def decision_record(message: MailMessage, plan: InboundPlan) -> dict[str, Any]:
         record["originalInternetMessageId"] = plan.original.internet_message_id
     if isinstance(plan, TrackEmail):
         record["activityId"] = str(plan.activity_id)
+        # Counted: what the CRM email lacks (attachments left out or past the cap, a truncated or re-decoded body).
+        record["incomplete"] = {"omittedAttachments": len(plan.omitted_attachments), "dropped": len(plan.dropped),
+                                "notifications": plan.notifications}
+    truncations = [d.why for d in plan.decisions if d.step == "normalize"]
+    if truncations:
+        record["truncations"] = len(truncations)
     return record
 
 

@@ -110,18 +110,28 @@ _BOUNCE_LOCALPARTS: Final = frozenset({"mailer-daemon", "postmaster"})
 
 
 def _bounce(s: _SkipInput) -> SkipReason | None:
+    """A delivery report, recognised by its evidence, never by the sender's name alone: people write from
+    postmaster@ too (a mail admin answering a customer), and that mail is tracked like any other.
+
+    Evidence: ``Content-Type: multipart/report`` (RFC 6522; report-type delivery-status = non-delivery report,
+    RFC 3464, disposition-notification = read receipt, RFC 8098); Exchange's ``X-MS-Exchange-Message-Is-Ndr``;
+    ``X-Failed-Recipients`` (Exim, Postfix); or a mailer-daemon/postmaster sender with the null reverse path
+    (``Return-Path: <>``) that RFC 5321 §4.5.5 requires of non-delivery notifications."""
     headers = s.message.headers
     content_type = (headers.get("Content-Type") or "").lower()
     if content_type.startswith("multipart/report"):
         match = _REPORT_TYPE.search(content_type)
         kind = match.group(1) if match else "unknown"
-        # delivery-status = NDR (RFC 3464); disposition-notification = read receipt (RFC 8098).
         return SkipReason(SkipCode.BOUNCE, f"delivery report (multipart/report; report-type={kind})")
     if headers.get("X-MS-Exchange-Message-Is-Ndr") is not None:
         return SkipReason(SkipCode.BOUNCE, "Exchange non-delivery report (X-MS-Exchange-Message-Is-Ndr)")
+    if headers.get("X-Failed-Recipients") is not None:
+        return SkipReason(SkipCode.BOUNCE, "non-delivery report (X-Failed-Recipients)")
     origin = s.message.originator
-    if origin is not None and origin.local_part in _BOUNCE_LOCALPARTS:
-        return SkipReason(SkipCode.BOUNCE, f"sent by {origin.local_part} (bounce sender)")
+    return_path = (headers.get("Return-Path") or "").strip()
+    if origin is not None and origin.local_part in _BOUNCE_LOCALPARTS and return_path == "<>":
+        return SkipReason(SkipCode.BOUNCE, f"sent by {origin.local_part} with the null reverse path "
+                                           "(Return-Path: <>) of a non-delivery notice")
     return None
 
 
