@@ -70,6 +70,7 @@ class Column:
     valid_for_update: bool = True  # IsValidForUpdate
     attribute_type: str = ""  # the reference's AttributeType (Owner, Customer, EntityName, ...) when it differs
     schema_name: str = ""
+    format_name: str = ""  # StringAttributeMetadata.FormatName (Email, Text, Url, ...); "" = Text
 
     def __post_init__(self) -> None:
         if self.read_only:
@@ -174,8 +175,13 @@ def _cols(*cols: Column) -> dict[str, Column]:
     return {c.name: c for c in cols}
 
 
-def _s(name: str, n: int = 100, ro: bool = False) -> Column:
-    return Column(name, STRING, max_length=n, read_only=ro)
+def _s(name: str, n: int = 100, ro: bool = False, fmt: str = "") -> Column:
+    return Column(name, STRING, max_length=n, read_only=ro, format_name=fmt)
+
+
+def _email(name: str) -> Column:
+    """An email address column (FormatName Email: what makes a table's rows resolvable from an address)."""
+    return _s(name, 100, fmt="Email")
 
 
 def _i(name: str, ro: bool = False, lo: int | None = None, hi: int | None = None) -> Column:
@@ -252,7 +258,7 @@ def _page_column(name: str, spec: dict[str, Any], extra_targets: list[str]) -> C
         min_value=spec.get("min_value") if kind == INT else None,
         max_value=spec.get("max_value") if kind == INT else None,
         valid_for_create=spec["valid_for_create"], valid_for_update=spec["valid_for_update"],
-        attribute_type=spec["type"], schema_name=spec.get("schema_name", ""),
+        attribute_type=spec["type"], schema_name=spec.get("schema_name", ""), format_name=spec.get("format_name", ""),
     )
 
 
@@ -317,6 +323,7 @@ _HAND_NAVS: Final[dict[str, dict[str, tuple[str, tuple[str, ...]]]]] = {
     "team": {"businessunitid": ("businessunitid", ("businessunit",))},
     "businessunit": {"parentbusinessunitid": ("parentbusinessunitid", ("businessunit",))},
     "emailserverprofile": {"ownerid": ("ownerid", ("systemuser", "team"))},
+    "equipment": {"businessunitid_businessunit": ("businessunitid", ("businessunit",))},
 }
 
 
@@ -341,7 +348,7 @@ def _person(logical: str, set_name: str, pk: str, otc: int, *extra: Column) -> E
         logical, set_name, pk, "fullname", otc,
         _cols(
             Column(pk, GUID), _s("firstname", 50), _s("lastname", 50), _s("fullname", 160, ro=True),
-            _s("emailaddress1"), _s("emailaddress2"), _s("emailaddress3"), _s("telephone1", 50),
+            _email("emailaddress1"), _email("emailaddress2"), _email("emailaddress3"), _s("telephone1", 50),
             _b("donotemail"), *extra, *_OWNED, *_AUDIT,
         ),
     )
@@ -360,8 +367,8 @@ def _account() -> EntityDef:
     return EntityDef(
         "account", "accounts", "accountid", "name", 1,
         _cols(
-            Column("accountid", GUID), _s("name", 160), _s("accountnumber", 20), _s("emailaddress1"),
-            _s("emailaddress2"), _s("emailaddress3"), _s("telephone1", 50), _b("donotemail"),
+            Column("accountid", GUID), _s("name", 160), _s("accountnumber", 20), _email("emailaddress1"),
+            _email("emailaddress2"), _email("emailaddress3"), _s("telephone1", 50), _b("donotemail"),
             _lk("primarycontactid", "contact"), _lk("parentaccountid", "account"),
             *_state(ACTIVE_STATES, ACTIVE_STATUSES), *_OWNED, *_AUDIT,
         ),
@@ -374,7 +381,7 @@ def _systemuser() -> EntityDef:
         "systemuser", "systemusers", "systemuserid", "fullname", 8,
         _cols(
             Column("systemuserid", GUID), _s("firstname", 64), _s("lastname", 64), _s("fullname", 200, ro=True),
-            _s("domainname", 1024), _s("internalemailaddress"), _s("personalemailaddress"),
+            _s("domainname", 1024), _email("internalemailaddress"), _email("personalemailaddress"),
             Column("azureactivedirectoryobjectid", GUID), Column("applicationid", GUID), _b("isdisabled"),
             _o("accessmode", {0: "Read-Write", 1: "Administrative", 2: "Read", 3: "Support User",
                               4: "Non-interactive", 5: "Delegated Admin"}),
@@ -442,8 +449,14 @@ def _all() -> list[EntityDef]:
                   _o("servertype", {0: "Exchange", 1: "Other (POP/SMTP)", 3: "Exchange Online (Hybrid)",
                                     4: "Exchange Online", 5: "Gmail"}),
                   _s("incomingserverlocation", 2048), _s("outgoingserverlocation", 2048))
+    # equipment (Facility/Equipment, Dynamics 365): an email-enabled table beyond the usual five. From the Dynamics 365
+    # entity reference (equipment.md): BusinessOwned, no statecode (isdisabled instead), emailaddress FormatName Email.
+    equipment = _simple("equipment", "equipments", "equipmentid", "name", 4000, _email("emailaddress"),
+                        _b("isdisabled"), _lk("businessunitid", "businessunit"), _s("skills", 100),
+                        states=False, ownership="BusinessOwned")
+    equipment.columns["name"] = _s("name", 160)
     hand = [_account(), _lead(), _systemuser(), _organization(), opp, inc, bu,
-            team, esp]
+            team, esp, equipment]
     return _page_entities() + [_hand_written(e) for e in hand]
 
 

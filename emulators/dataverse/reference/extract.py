@@ -187,6 +187,8 @@ def table_schema(page: Page, source: dict[str, Any]) -> dict[str, Any]:
         }
         if "Targets" in block.rows:
             col["targets"] = [t.strip() for t in block.rows["Targets"].split(",") if t.strip()]
+        if block.rows.get("FormatName") and kind in ("String", "Memo"):
+            col["format_name"] = block.rows["FormatName"]  # Email, Text, Url, ... (StringAttributeMetadata)
         for key, name in (("MaxLength", "max_length"), ("MinValue", "min_value"), ("MaxValue", "max_value")):
             n = _int(block.rows.get(key))
             if n is not None:
