@@ -82,9 +82,21 @@ async def delta_catchup(timer: func.TimerRequest) -> None:
     from core.services.delta import delta_service_for
     from core.services.jobs import JobBusy
 
+    container = get_container()
     try:
-        count = await delta_service_for(get_container(), role="timer").fan_out()
+        count = await delta_service_for(container, role="timer").fan_out()
+        log.info("delta catch-up: %d mailbox sync item(s) enqueued", count)
     except JobBusy as busy:
         log.info("delta catch-up skipped: %s", busy)
+    # The router's own records expire here too (at most every RetentionIntervalMinutes; a timer of its own would
+    # be one more Flex scale group, and the instance budget of docs/deploy.md "Scaling" has none to spare).
+    from core.services.retention import run_retention_if_due
+
+    try:
+        report = await run_retention_if_due(container)
+    except JobBusy as busy:  # an admin's `emailrouter retention run` is running
+        log.info("retention clean-up skipped: %s", busy)
         return
-    log.info("delta catch-up: %d mailbox sync item(s) enqueued", count)
+    if report is not None:
+        log.info("retention clean-up: %d deleted%s", report.deleted, " (more next run)" if report.more else "")
+

@@ -418,6 +418,40 @@ class GraphMailClient:
         except GraphNotFound:
             pass  # already gone: deleting is idempotent for us
 
+    async def move_message(self, mailbox: str, message_id: str, destination_id: str) -> dict[str, Any]:
+        """``POST .../messages/{id}/move``: the moved message (its immutable id is the same, its REST id is not)."""
+        url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}/move"
+        request = self._raw("POST", url, {"destinationId": destination_id})
+        _, body, _ = await self._send("move_message", mailbox, request, idempotent=True,
+                                      headers={"Prefer": 'IdType="ImmutableId"'})
+        return self._json(body)
+
+    async def ensure_child_folder(self, mailbox: str, parent: str, display_name: str) -> str:
+        """The id of ``parent``'s child folder named ``display_name`` (case-insensitive), created when missing
+        (``POST .../mailFolders/{parent}/childFolders``; a 409 from a concurrent create is answered by looking
+        again)."""
+        def find(folders: Sequence[Mapping[str, Any]]) -> str | None:
+            wanted = display_name.strip().lower()
+            return next((str(f["id"]) for f in folders if str(f.get("displayName", "")).strip().lower() == wanted
+                         and f.get("id")), None)
+
+        found = find(await self.list_mail_folders(mailbox, parent))
+        if found is not None:
+            return found
+        url = f"/users/{quote(mailbox)}/mailFolders/{quote(parent, safe='')}/childFolders"
+        try:
+            _, body, _ = await self._send("create_folder", mailbox, self._raw("POST", url,
+                                                                              {"displayName": display_name}),
+                                          idempotent=False)
+        except GraphError as exc:
+            if exc.status != 409:
+                raise
+            again = find(await self.list_mail_folders(mailbox, parent))
+            if again is None:
+                raise
+            return again
+        return str(self._json(body)["id"])
+
     async def find_messages_by_internet_id(
         self, mailbox: str, internet_message_id: str, *, folder: str | None = None
     ) -> list[dict[str, Any]]:

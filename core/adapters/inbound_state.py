@@ -18,13 +18,15 @@ the whole record table:
   the original's.
 
 Records written before the index existed are still read: ``explain <Message-ID>`` falls back to the old filter
-over ``Decisions`` when the index has no entry for that Message-ID. The index is not pruned yet (a day partition
-can be deleted as a whole).
+over ``Decisions`` when the index has no entry for that Message-ID. Retention (``core.services.retention``) works
+through the oldest day partitions (:meth:`TableDecisionLog.expire_day`): each expired record goes with its
+Message-ID rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -48,6 +50,7 @@ from .storage import (
     StorageAccount,
     TableStore,
     day_partitions,
+    decode_key,
     encode_key,
     hash_key,
     inverted_time_key,
@@ -99,6 +102,12 @@ class TableLedger:
                            internet_message_id=str(e.get("InternetMessageId", "")),
                            attempts=int(e.get("Attempts", 0) or 0), reason=str(e.get("Reason", "")),
                            at=e.get("At"))
+
+    async def expire(self, mailbox: str, before: datetime, limit: int) -> tuple[int, bool]:
+        """Delete up to ``limit`` of the mailbox's entries written before ``before`` (one partition query).
+        Returns (deleted, more left)."""
+        return await self._table.delete_where("PartitionKey eq @pk and At lt @before",
+                                              parameters={"pk": _mailbox_key(mailbox), "before": before}, limit=limit)
 
     async def put(self, entry: LedgerEntry) -> None:
         await self._table.upsert({
@@ -256,6 +265,62 @@ class TableDecisionLog:
         return [dict(json.loads(join_text(e, "Record")))
                 async for e in self._table.list_partition(_mailbox_key(mailbox))]
 
+    # -- retention ------------------------------------------------------------------------------------------
+
+    async def oldest_day(self) -> str | None:
+        """The oldest index day partition (``tYYYYMMDD``), or None: time partitions sort after the Message-ID
+        ones (``m...``), so one range read finds it."""
+        if self._index is None:
+            return None
+        return await self._index.first_partition("t", "u")
+
+    async def expire_day(self, day: str, before: datetime, limit: int) -> tuple[int, int, bool]:
+        """Work through one index day partition (decided before ``before``): each decision record whose latest
+        decision is older goes with its Message-ID index rows; the time row goes in any case (a newer decision of
+        the same message has its own). At most ``limit`` deletions. Returns (records, index rows, more left)."""
+        assert self._index is not None
+        index = self._index
+        records = index_rows = 0
+        async with contextlib.aclosing(index.list_partition(day)) as rows:
+            async for row in rows:
+                # Deleted in this order (Message-ID rows, record, time row) so that a run that stops half-way
+                # leaves the time row, and the next run finds the rest through it (deletes are idempotent).
+                mailbox, graph_id = str(row.get("Mailbox", "")), str(row.get("GraphId", ""))
+                record = None
+                if mailbox and graph_id:
+                    try:
+                        record = await self._table.get(_mailbox_key(mailbox), hash_key(graph_id))
+                    except EntityNotFoundError:
+                        record = None
+                at = record.get("At") if record is not None else None
+                if record is not None and isinstance(at, datetime) and at < before:
+                    try:
+                        doc = json.loads(join_text(record, "Record"))
+                    except ValueError:
+                        doc = {}
+                    mids = {str(m) for m in (record.get("InternetMessageId"), doc.get("internetMessageId"),
+                                             doc.get("originalInternetMessageId")) if m}
+                    pointer = f"{_mailbox_key(mailbox)}|{hash_key(graph_id)}"
+                    for mid in sorted(mids):
+                        if records + index_rows >= limit:
+                            return records, index_rows, True
+                        await index.delete(message_id_key(mid), pointer)
+                        index_rows += 1
+                    if records + index_rows >= limit:
+                        return records, index_rows, True
+                    await self._table.delete(_mailbox_key(mailbox), hash_key(graph_id))
+                    records += 1
+                if records + index_rows >= limit:
+                    return records, index_rows, True
+                await index.delete(day, str(row["RowKey"]))
+                index_rows += 1
+        return records, index_rows, False
+
+    async def expire_unindexed(self, before: datetime, limit: int) -> tuple[int, bool]:
+        """Records written before the index existed (no time row points at them) and older than ``before``: a
+        filtered scan of the record table, bounded by ``limit``. Run only once every older index day is gone."""
+        return await self._table.delete_where("At lt @before", parameters={"before": before}, limit=limit)
+
 
 class TableMailboxStatus:
     """``MailboxStatusLog``: merges ``Inbound*`` properties into the mailbox's status row (other pipelines and the
@@ -342,6 +407,16 @@ class TableDeltaState:
 
     async def delete(self, mailbox: str, folder: str) -> None:
         await self._table.delete(_mailbox_key(mailbox), encode_key(folder))
+
+    async def list_mailbox(self, mailbox: str) -> list[DeltaCursor]:
+        """Every folder's cursor of one mailbox (one partition read)."""
+        out: list[DeltaCursor] = []
+        async for e in self._table.list_partition(_mailbox_key(mailbox)):
+            folder = decode_key(str(e.get("RowKey", "")))
+            cursor = await self.get(mailbox, folder)
+            if cursor is not None:
+                out.append(cursor)
+        return out
 
 
 @dataclass(frozen=True)

@@ -629,6 +629,40 @@ async def catch_up(container: Any, args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ retention
+
+group("retention", "the router's own records expire: decision records, index and ledger rows, old forward wrappers")
+
+
+@command("retention", "run", help="delete expired records now (what the delta catch-up timer does hourly)",
+         arguments=_wait_arguments,
+         description="Delete decision records and their index rows decided more than RetentionDays ago, outbound "
+                     "finished-index rows as old, processed-ledger rows that delta can no longer report again, and "
+                     "processed forward wrappers older than ProcessedWrapperDays - at most RETENTION_MAX_DELETES per "
+                     "run. One run at a time: when the timer is cleaning up, waits for it (--wait).",
+         examples=["emailrouter retention run"])
+async def retention_run(container: Any, args: argparse.Namespace, out: Out) -> int:
+    from core.services.retention import retention_service_for
+
+    with out.progress() as progress:
+        progress.add_task("deleting expired records", total=None)
+        report = await retention_service_for(container, role="cli").run(wait=float(args.wait), on_wait=_say_waiting)
+
+    def render(console: Console) -> None:
+        console.print(f"deleted {report.deleted} (decision records {report.decisions}, index rows "
+                      f"{report.index_rows}, outbound index rows {report.outbound_rows}, ledger rows "
+                      f"{report.ledger_rows}, forward wrappers {report.wrappers}) older than "
+                      f"{report.cutoff:%Y-%m-%d} UTC" + ("; more next run" if report.more else ""))
+        for mailbox, until in sorted(report.ledger_held.items()):
+            console.print(f"  {mailbox}: ledger rows kept from {until:%Y-%m-%d %H:%M} UTC on (delta could still "
+                          "report them again)", highlight=False)
+        for error in report.errors:
+            console.print(f"  [red]error[/red] {error}", highlight=False)
+
+    out.emit(report.to_json(), render)
+    return 1 if report.errors else 0
+
+
 # ------------------------------------------------------------------------------------------------ poison
 
 group("poison", "poison queues: messages the pipelines gave up on, with the recorded reason")

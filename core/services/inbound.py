@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from core.adapters.dataverse import DataverseError
 from core.adapters.graph import AttachmentContents, GraphAccessDenied, GraphError, GraphNotFound
 from core.domain.correlation import KnownEmail
+from core.domain.forward import WrapperFate, wrapper_fate
 from core.domain.inbound import (
     InboundContext,
     InboundPlan,
@@ -166,6 +167,10 @@ class MailGateway(Protocol):
 
     async def delete_message(self, mailbox: str, message_id: str) -> None: ...
 
+    async def move_message(self, mailbox: str, message_id: str, destination_id: str) -> dict[str, Any]: ...
+
+    async def ensure_child_folder(self, mailbox: str, parent: str, display_name: str) -> str: ...
+
 
 @dataclass(frozen=True)
 class InboundOptions:
@@ -290,6 +295,7 @@ class InboundProcessor:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     monotonic: Callable[[], float] = time.monotonic
     _snapshot: _MailboxSnapshot | None = field(default=None, init=False, repr=False)
+    _folders: dict[tuple[str, str], str] = field(default_factory=dict, init=False, repr=False)
 
     # -- entry points ---------------------------------------------------------------------------------------
 
@@ -437,6 +443,11 @@ class InboundProcessor:
             plan = plan_inbound(message, context)
             if isinstance(plan, Skip):
                 await self._record(item, message, plan, LedgerOutcome.SKIPPED)
+                if plan.wrapper_graph_id and context.mailbox.kind is MailboxKind.FORWARD_SINK:
+                    # Decided for a forwarding user (a skip rule, the filter): processed. Not unwrappable for anyone:
+                    # undeliverable.
+                    await self._dispose_wrapper(item.mailbox, plan.wrapper_graph_id, context.mailbox,
+                                                delivered=plan.stage != "unwrap", counters=counters)
                 return ProcessResult(f"skipped:{plan.stage}:{plan.code}", graph_calls=counters.graph,
                                      crm_requests=counters.crm)
             existing = already_in_crm(plan, context.correlation)
@@ -533,14 +544,12 @@ class InboundProcessor:
 
     async def _after_write(self, item: InboundItem, message: MailMessage, plan: TrackEmail,
                            counters: _Counters) -> None:
-        """Category and wrapper deletion: best effort, never undoes or fails a written email."""
-        if plan.delete_wrapper and plan.wrapper_graph_id:
-            try:
-                counters.graph += 1
-                await self.mail.delete_message(item.mailbox, plan.wrapper_graph_id)
-            except GraphError as exc:
-                log.warning("forward wrapper not deleted (%s); it stays in the sink", describe_error(exc))
-            return
+        """Category, and the forward wrapper deleted or moved: best effort, never undoes or fails a written email."""
+        if plan.wrapper_graph_id:
+            sink = await self.mailboxes.get_mailbox(item.mailbox)
+            if sink is not None and sink.kind is MailboxKind.FORWARD_SINK and await self._dispose_wrapper(
+                    item.mailbox, plan.wrapper_graph_id, sink, delivered=True, counters=counters):
+                return
         # Admin knob in the OrgSettings table (TrackedCategory); "" = don't tag (saves a Graph call per email).
         category = (await self.mailboxes.get_router_settings()).tracked_category
         if not category or category in message.categories:
@@ -550,6 +559,37 @@ class InboundProcessor:
             await self.mail.set_categories(item.mailbox, item.message_id, [*message.categories, category])
         except GraphError as exc:
             log.warning("tracked category not set (%s)", describe_error(exc))
+
+    async def _dispose_wrapper(self, mailbox: str, wrapper_id: str, sink: MailboxConfig, *, delivered: bool,
+                               counters: _Counters) -> bool:
+        """Delete or move a decided forward wrapper (``core.domain.forward.wrapper_fate``): the sink keeps only mail
+        not decided yet in its Inbox. True when the wrapper left the Inbox. Best effort: a failure is logged and
+        the wrapper stays where it is."""
+        router = await self.mailboxes.get_router_settings()
+        fate, folder = wrapper_fate(delivered=delivered, delete_after_processing=sink.delete_after_processing,
+                                    processed_folder=router.processed_folder,
+                                    undeliverable_folder=router.undeliverable_folder)
+        if fate is WrapperFate.KEEP:
+            return False
+        try:
+            if fate is WrapperFate.DELETE:
+                counters.graph += 1
+                await self.mail.delete_message(mailbox, wrapper_id)
+                return True
+            key = (mailbox.lower(), folder.lower())
+            folder_id = self._folders.get(key)
+            if folder_id is None:
+                counters.graph += 1
+                folder_id = self._folders[key] = await self.mail.ensure_child_folder(mailbox, "inbox", folder)
+            counters.graph += 1
+            await self.mail.move_message(mailbox, wrapper_id, folder_id)
+            return True
+        except GraphNotFound:
+            self._folders.pop((mailbox.lower(), folder.lower()), None)  # the folder may have been deleted
+            log.info("forward wrapper not %s: not found (gone already, or its folder was removed)", fate.value)
+        except GraphError as exc:
+            log.warning("forward wrapper not %s (%s); it stays in the sink's Inbox", fate.value, describe_error(exc))
+        return False
 
     # -- outcomes ---------------------------------------------------------------------------------------------
 
@@ -607,6 +647,9 @@ class InboundProcessor:
                 await self.mail.set_categories(item.mailbox, item.message_id, [*tag[1], category])
             except GraphError as exc:
                 log.info("undeliverable category not set (%s)", describe_error(exc))
+        sink = await self.mailboxes.get_mailbox(item.mailbox)
+        if sink is not None and sink.kind is MailboxKind.FORWARD_SINK and code != "access_denied":
+            await self._dispose_wrapper(item.mailbox, item.message_id, sink, delivered=False, counters=_Counters())
         return result
 
     async def _retry_later(self, item: InboundItem, attempts: int, exc: BaseException,

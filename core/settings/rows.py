@@ -465,6 +465,13 @@ class RouterSettings:
     health_max_backoff_minutes: int = 240
     # A mailbox waiting for its first subscription is "pending", not "failing", for at most this long.
     health_pending_minutes: int = 30
+    # Forward mailboxes (sinks): where processed wrappers (tracked or not) go when they are not deleted, and where
+    # wrappers that cannot be delivered into CRM go; "" leaves them in the Inbox. Child folders of the Inbox.
+    processed_folder: str = "Processed"
+    undeliverable_folder: str = "Undeliverable"
+    processed_wrapper_days: int = 30  # wrappers in the processed folder older than this are deleted; 0 = keep
+    retention_days: int = 30  # decision records, their index, outbound index rows, processed-ledger rows
+    retention_interval_minutes: int = 60  # the delta catch-up timer runs the retention clean-up this often
     alert_sender: str = ""
     alert_recipients: tuple[str, ...] = ()
 
@@ -638,6 +645,16 @@ ORG_KEYS: Final[tuple[OrgKey, ...]] = (
            "longest back-off of a failing mailbox"),
     OrgKey("HealthPendingMinutes", "router", "health_pending_minutes", _parse_int(1, 1440),
            "how long a mailbox waiting for its first subscription shows as pending before it counts as failing"),
+    OrgKey("ProcessedFolder", "router", "processed_folder", parse_text,
+           "forward mailboxes: Inbox child folder processed wrappers are moved to when not deleted (\"\" = leave)"),
+    OrgKey("UndeliverableFolder", "router", "undeliverable_folder", parse_text,
+           "forward mailboxes: Inbox child folder for wrappers that cannot be delivered into CRM (\"\" = leave)"),
+    OrgKey("ProcessedWrapperDays", "router", "processed_wrapper_days", _parse_int(0, 3650),
+           "wrappers in the processed folder older than this are deleted by the retention timer (0 = never)"),
+    OrgKey("RetentionDays", "router", "retention_days", _parse_int(1, 3650),
+           "decision records, their index and the processed ledger are deleted after this many days"),
+    OrgKey("RetentionIntervalMinutes", "router", "retention_interval_minutes", _parse_int(5, 10080),
+           "how often the retention clean-up runs (with the delta catch-up timer)"),
     OrgKey("AlertSender", "router", "alert_sender", parse_optional_address,
            "mailbox that sends health alert emails (Graph sendMail)"),
     OrgKey("AlertRecipients", "router", "alert_recipients", _parse_list(normalise_address),

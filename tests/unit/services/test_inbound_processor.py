@@ -66,6 +66,7 @@ class FakeMail:
         self.calls: list[tuple[str, str, str]] = []
         self.categories: dict[tuple[str, str], list[str]] = {}
         self.deleted: list[tuple[str, str]] = []
+        self.moved: dict[tuple[str, str], str] = {}
         self.fail: dict[str, list[Exception]] = defaultdict(list)
 
     def _maybe_fail(self, op: str) -> None:
@@ -99,6 +100,16 @@ class FakeMail:
     async def delete_message(self, mailbox: str, message_id: str) -> None:
         self.calls.append(("delete_message", mailbox, message_id))
         self.deleted.append((mailbox, message_id))
+
+    async def ensure_child_folder(self, mailbox: str, parent: str, display_name: str) -> str:
+        self.calls.append(("ensure_child_folder", mailbox, display_name))
+        return f"{parent}/{display_name}"
+
+    async def move_message(self, mailbox: str, message_id: str, destination_id: str) -> dict[str, Any]:
+        self.calls.append(("move_message", mailbox, message_id))
+        self._maybe_fail("move_message")
+        self.moved[(mailbox, message_id)] = destination_id
+        return {"id": message_id}
 
 
 class FakeCrm:
@@ -542,7 +553,35 @@ async def test_spoofed_wrapper_in_the_sink_is_not_tracked_and_kept() -> None:
     w.mail.attachment_mime[("crm-sink@contoso.com", "w2", "att1")] = original_mime()
     result = await w.processor().process(item("crm-sink@contoso.com", "w2"))
     assert result.outcome == "skipped:unwrap:external"
+    # not deleted (even though the sink deletes processed mail): kept aside in the Undeliverable folder
     assert not w.crm.emails and not w.mail.deleted
+    assert w.mail.moved == {("crm-sink@contoso.com", "w2"): "inbox/Undeliverable"}
+
+
+async def test_decided_wrappers_leave_the_sinks_inbox_tracked_or_not() -> None:
+    from core.domain.model import TrackingFilter
+
+    w = World()
+    w.mailboxes[-1] = replace(SINK, delete_after_processing=False)  # the default: move, not delete
+    w.mailboxes[3] = replace(w.mailboxes[3], tracking_filter=TrackingFilter.NONE)  # dave tracks nothing
+    w.mail.messages[("crm-sink@contoso.com", "w3")] = wrapper("w3", forwarder="dave@contoso.com", expanded=True)
+    w.mail.attachment_mime[("crm-sink@contoso.com", "w3", "att1")] = original_mime()
+    result = await w.processor().process(item("crm-sink@contoso.com", "w3"))
+    assert result.outcome == "skipped:filter:not_accepted"
+    assert w.mail.moved == {("crm-sink@contoso.com", "w3"): "inbox/Processed"} and not w.mail.deleted
+    # with DeleteAfterProcessing a skipped wrapper is deleted like a tracked one
+    w.mailboxes[-1] = SINK
+    w.mail.messages[("crm-sink@contoso.com", "w4")] = wrapper("w4", forwarder="dave@contoso.com", expanded=True)
+    w.mail.attachment_mime[("crm-sink@contoso.com", "w4", "att1")] = original_mime(mid="<orig-4@fabrikam.com>")
+    assert (await w.processor().process(item("crm-sink@contoso.com", "w4"))).outcome == "skipped:filter:not_accepted"
+    assert ("crm-sink@contoso.com", "w4") in w.mail.deleted
+    # "" as the folder name leaves processed wrappers in the Inbox
+    w.mailboxes[-1] = replace(SINK, delete_after_processing=False)
+    w.router = replace(w.router, processed_folder="")
+    w.mail.messages[("crm-sink@contoso.com", "w5")] = wrapper("w5", forwarder="dave@contoso.com", expanded=True)
+    w.mail.attachment_mime[("crm-sink@contoso.com", "w5", "att1")] = original_mime(mid="<orig-5@fabrikam.com>")
+    await w.processor().process(item("crm-sink@contoso.com", "w5"))
+    assert ("crm-sink@contoso.com", "w5") not in w.mail.moved
 
 
 async def test_attachment_refused_by_crm_is_left_out_with_a_note() -> None:
