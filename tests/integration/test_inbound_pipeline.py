@@ -374,6 +374,39 @@ async def test_forward_mailbox_user_is_tracked_for_that_user_and_the_wrapper_del
     assert sink_items == []  # the wrapper was deleted after processing
 
 
+async def test_decided_wrappers_move_to_processed_and_undeliverable_ones_aside(pipeline: Pipeline) -> None:
+    """Without DeleteAfterProcessing the sink keeps only undecided mail in its Inbox: a tracked wrapper goes to
+    Inbox/Processed (created on first use), mail that is no forward to Inbox/Undeliverable; a moved wrapper keeps
+    its immutable id, so its decision (and `reprocess`) still find it."""
+    from dataclasses import replace
+
+    p = pipeline
+    p.c.mailbox_directory = StaticMailboxDirectory([  # type: ignore[attr-defined]
+        replace(m, delete_after_processing=False) for m in mailboxes()], ORG)
+    await p.c.graph.create_inbox_rule(f"bob@{DOMAIN}", {
+        "displayName": "to CRM", "sequence": 1, "isEnabled": True, "conditions": {},
+        "actions": {"forwardAsAttachmentTo": [{"emailAddress": {"address": SINK}}]}})
+    await p.subscribe()
+    tracked = p.smtp("gus@example.org", [f"bob@{DOMAIN}"], "Quote request 2")
+    stray = p.smtp("sam@unknown.example", [SINK], "Hello sink")  # mailed to the sink directly: no forward
+
+    async def both_decided() -> bool:
+        if not await rows_for(p, tracked):
+            return False
+        return not [m async for m in p.c.graph.list_messages(SINK, "inbox")]
+
+    await p.drain(both_decided)
+    folders = {f["displayName"]: f["id"] for f in await p.c.graph.list_mail_folders(SINK, "inbox")}
+    assert {"Processed", "Undeliverable"} <= set(folders)
+    processed = [m async for m in p.c.graph.list_messages(SINK, folders["Processed"])]
+    aside = [m async for m in p.c.graph.list_messages(SINK, folders["Undeliverable"])]
+    assert len(processed) == 1 and len(aside) == 1
+    moved = await p.c.graph.get_message(SINK, str(processed[0]["id"]), with_attachments=False)
+    assert "Quote request 2" in moved["subject"]
+    stray_moved = await p.c.graph.get_message(SINK, str(aside[0]["id"]), with_attachments=False)
+    assert stray_moved["internetMessageId"] == stray
+
+
 async def test_outlook_and_none_users_get_no_row_with_the_reason_recorded(pipeline: Pipeline) -> None:
     from core.adapters.inbound_state import InboundState
     from core.work_items import InboundItem
