@@ -119,7 +119,7 @@ class EntityDef:
     # Many-to-one relationships as EntityDefinitions(...)/ManyToOneRelationships lists them.
     many_to_one: list[dict[str, str]] = field(default_factory=list)
     schema: str = ""  # SchemaName
-    source: dict[str, str] | None = None  # the reference page (repo, path, commit) or None for hand-written tables
+    source: dict[str, str] | None = None  # the reference page (repo, path, commit) the table was extracted from
     is_activity: bool = False
 
     def __post_init__(self) -> None:
