@@ -34,10 +34,18 @@ Refresh (needs GitHub access, which our machines do not have at run time)::
     git -C pad sparse-checkout set powerapps-docs/developer/data-platform/reference/entities
     cp pad/powerapps-docs/developer/data-platform/reference/entities/{email,activityparty,...}.md \\
        emulators/dataverse/reference/pages/
-    # put `git -C pad rev-parse HEAD` into sources.json ("commit") for the tables you refreshed, then
+    git clone --depth 1 --filter=blob:none --sparse \\
+        https://github.com/MicrosoftDocs/dynamics-365-customer-engagement ce
+    git -C ce sparse-checkout set ce/developer/reference/entities
+    cp ce/ce/developer/reference/entities/{lead,opportunity,incident}.md emulators/dataverse/reference/pages/
+    cp ce/ce/developer/reference/entities/email.md emulators/dataverse/reference/pages/email.d365.md  # likewise
+    # put each clone's `git rev-parse HEAD` into sources.json ("commit", or the supplement's "commit") for the pages
+    # you refreshed, then
     python -m emulators.dataverse.reference.extract
 
 and review the diff of ``tables/*.json``. A selected column the page no longer has is an error, not a silent drop.
+A ``*.current.md`` supplement (a later commit of a page whose base excerpt is the older layout) can be dropped once
+the base page itself is refreshed to the current layout.
 """
 
 from __future__ import annotations
