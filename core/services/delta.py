@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from core.adapters.graph import DeltaPage, GraphError, GraphNotFound, GraphSyncStateNotFound
 from core.domain.leases import JOB_DELTA_FANOUT, delta_lease, new_owner
+from core.domain.records import DeltaCursor
 from core.names import INBOUND_QUEUE, MAILBOX_SYNC_QUEUE
 from core.ports import MailboxDirectory, WorkQueue
 from core.services.jobs import JobBusy, LeaseStore, exclusive
@@ -56,19 +57,6 @@ LATE_ARRIVAL_SLACK: Final = timedelta(minutes=10)
 ENQUEUE_CHUNK: Final = 64
 DELTA_LEASE: Final = timedelta(minutes=2)  # renewed while the rounds run
 BUSY_RETRY_SECONDS: Final = 60  # a lifecycle sync item that finds its mailbox busy comes back this much later
-
-
-@dataclass(frozen=True)
-class DeltaCursor:
-    mailbox: str
-    folder: str
-    link: str | None  # next link mid-round, delta link between rounds; None = start a new round
-    high_water: datetime | None = None  # latest receivedDateTime seen
-    round_started: datetime | None = None  # the receivedDateTime floor of the current sync state
-    # During a first (filtered) round: messages reported so far and the oldest receivedDateTime among them, to
-    # notice Graph's 5,000 cap; None once the round is complete.
-    initial_seen: int | None = None
-    initial_oldest: datetime | None = None
 
 
 class DeltaStateStore(Protocol):

@@ -107,12 +107,14 @@ def attribute_metadata(ent: EntityDef, col: Column) -> dict[str, Any]:
 
 @lru_cache(maxsize=1)
 def _activity_parties() -> frozenset[str]:
-    """IsActivityParty ("email messages can be sent to an email address stored in a record of this type"): the tables
-    an activity party can point at (activityparty.partyid's targets, from the reference and the overlay) that the
-    emulator has."""
+    """IsActivityParty ("email messages can be sent to an email address stored in a record of this type"), derived
+    from the schema data: a table an activity party can point at (activityparty.partyid's Targets, from the
+    Dataverse and Dynamics 365 reference pages) that has a string column of format Email. The targets alone are
+    wider (incident and opportunity are parties as "regarding"/"customer", with no address to send to)."""
     party = ENTITIES.get("activityparty")
     column = party.columns.get("partyid") if party is not None else None
-    return frozenset(t for t in (column.targets if column is not None else ()) if t in ENTITIES)
+    return frozenset(t for t in (column.targets if column is not None else ()) if t in ENTITIES and any(
+        c.type == STRING and c.format_name == "Email" for c in ENTITIES[t].columns.values()))
 
 
 def entity_metadata(ent: EntityDef, variant: OrgVariant | None = None) -> dict[str, Any]:
