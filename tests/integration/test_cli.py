@@ -88,7 +88,9 @@ def test_sync_list_show_and_set(cli: Any) -> None:
 
 def test_settings_get_and_set(cli: Any) -> None:
     code, stored, _ = cli("settings", "set", "maxattachmentbytes", "1024")
-    assert code == 0 and stored == {"key": "MaxAttachmentBytes", "value": "1024"}
+    # a setting that decides what is tracked: the command for mail decided before is printed with it
+    assert code == 0 and stored == {"key": "MaxAttachmentBytes", "value": "1024",
+                                    "past_mail": "emailrouter reprocess --all --since 7d"}
     code, one, _ = cli("settings", "get", "MaxAttachmentBytes")
     assert code == 0 and one["effective"] == "1024" and one["source"] == "value"
     code, every, _ = cli("settings", "get")
