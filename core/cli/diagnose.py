@@ -311,6 +311,8 @@ async def status(container: Any, args: argparse.Namespace, out: Out) -> int:
             console.print(f"  [red]failed[/red] {f.email_id} from {f.sender}: {f.reason}", highlight=False)
         for name, info in sorted(report.last_runs.items()):
             console.print(f"last {name}: {info.get('LastRunOn', '-')}")
+        for line in report.running:
+            console.print(f"now: {line}", highlight=False)
         if not report.last_runs:
             console.print("no runs recorded yet")
 

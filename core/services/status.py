@@ -70,6 +70,7 @@ class StatusReport:
     outbound_window: dict[str, int] = field(default_factory=dict)  # {"done": n, "failed": n} in the window
     outbound_in_flight: int = 0
     last_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    running: list[str] = field(default_factory=list)  # jobs holding their lease now, described
 
     @property
     def by_health(self) -> dict[str, int]:
@@ -87,7 +88,7 @@ class StatusReport:
             "queues": self.queues, "poison": self.poison,
             "outbound": {"in_flight": self.outbound_in_flight, "window": self.outbound_window,
                          "failures": [f.to_json() for f in self.outbound_failures]},
-            "last_runs": self.last_runs,
+            "last_runs": self.last_runs, "running": self.running,
         }
 
 
@@ -172,4 +173,12 @@ async def collect_status(container: Container, *, now: datetime | None = None,
                 email_id=str(row.get("EmailId", "")), sender=str(row.get("SenderMailbox", "")),
                 reason=str(row.get("LastError", "")), attempts=int(row.get("Attempts", 0) or 0), at=at))
     report.outbound_window = {"done": window_counts.get("done", 0), "failed": window_counts.get("failed", 0)}
+    from core.domain.leases import describe_holder
+    from core.services.jobs import lease_store_for
+
+    try:
+        report.running = [describe_holder(lease, now).removeprefix("another ")
+                          for lease in await lease_store_for(container).list_held("job/")]
+    except Exception:  # the Leases table does not exist before the first job ran
+        report.running = []
     return report
