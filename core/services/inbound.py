@@ -376,7 +376,7 @@ class InboundProcessor:
                                      crm_requests=counters.crm)
             existing = already_in_crm(plan, context.correlation)
             if existing is not None:
-                return await self._already_tracked(item, message, plan, existing, counters)
+                return await self._already_tracked(item, message, plan, existing, context.mailbox, org, counters)
             try:
                 counters.crm += 1
                 written = await self.crm.write(plan)
@@ -416,13 +416,18 @@ class InboundProcessor:
                              crm_requests=counters.crm)
 
     async def _already_tracked(self, item: InboundItem, message: MailMessage, plan: TrackEmail, existing: KnownEmail,
-                               counters: _Counters) -> ProcessResult:
-        """The Message-ID is in CRM already (the loop guard): written by someone, most often the router's own send
-        coming back from Sent Items or through a forward rule. Nothing is written; the wrapper/category steps run as
-        after a write."""
+                               mailbox: MailboxConfig, org: OrgEmailSettings, counters: _Counters) -> ProcessResult:
+        """The Message-ID is in CRM already (the loop guard): written by someone — the router's own send coming back
+        from Sent Items or through a forward rule, another mailbox that tracked it first, or this mailbox's own
+        earlier attempt that stopped before its queue items. Nothing is written to the email; its queue items are
+        completed as for any already-tracked email (on the CRM email that exists), and the wrapper/category steps
+        run as after a write."""
+        queued = await self._queue_items(replace(plan, activity_id=existing.activity_id), mailbox, org,
+                                         WriteOutcome.ALREADY_TRACKED, counters)
         await self._after_write(item, message, plan, counters)
+        note = f"CRM email {existing.activity_id} already has this Message-ID (already in CRM): not written again"
         await self._record(item, message, plan, LedgerOutcome.ALREADY_TRACKED, activity_id=str(existing.activity_id),
-                           note=f"CRM email {existing.activity_id} already has this Message-ID: not written again")
+                           note=f"{note}; {queued}" if queued else note)
         return ProcessResult(LedgerOutcome.ALREADY_TRACKED.value, activity_id=str(existing.activity_id),
                              graph_calls=counters.graph, crm_requests=counters.crm)
 
