@@ -301,7 +301,7 @@ class InboundProcessor:
         if entry is not None and entry.outcome.terminal and not reopened_by_category(item, entry):
             # Redelivered/duplicated notification, or delta re-reporting a message: no refetch.
             return ProcessResult("duplicate_item", activity_id=entry.activity_id)
-        attempts = entry.attempts if entry is not None else 0
+        attempts = entry.attempts if entry is not None and not entry.outcome.terminal else 0
         counters = _Counters()
         try:
             return await self._process(item, counters)

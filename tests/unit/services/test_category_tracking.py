@@ -237,3 +237,14 @@ async def test_with_the_setting_off_a_category_item_is_an_ordinary_one() -> None
     w.mail.messages[("alice@contoso.com", "g1")] = graph_message("g1", categories=[TAG])
     result = await w.processor().process(item("alice@contoso.com", "g1", source="category", folder="id-projects"))
     assert result.outcome == "skipped:skip_rule:folder_not_tracked" and not w.crm.emails
+
+
+async def test_a_request_for_failed_mail_starts_its_retries_afresh() -> None:
+    w = _world()
+    w.mail.messages[("alice@contoso.com", "g1")] = graph_message("g1", categories=[TAG])
+    w.ledger.entries[("alice@contoso.com", "g1")] = LedgerEntry("alice@contoso.com", "g1", LedgerOutcome.FAILED,
+                                                               attempts=20, source="notification")
+    w.mail.fail["get_message"].append(GraphThrottled(429, "TooManyRequests", "slow down"))
+    first = await w.processor().process(item("alice@contoso.com", "g1", source="category", folder="id-projects"))
+    assert first.outcome == "retry"  # attempt 1 of a new request, not "retries exhausted"
+    assert (await w.processor().process(item("alice@contoso.com", "g1", source="category"))).outcome == "tracked"
