@@ -29,7 +29,8 @@ async def crm_settings_sync(timer: func.TimerRequest) -> None:
 
 
 @bp.function_name("mailbox_health_probe")
-@bp.timer_trigger(schedule="%MAILBOX_HEALTH_SCHEDULE%", arg_name="timer", run_on_startup=False, use_monitor=True)
+# use_monitor off as for every sub-minute schedule (the outbound scan too): the next tick is 30 s away anyway.
+@bp.timer_trigger(schedule="%MAILBOX_HEALTH_SCHEDULE%", arg_name="timer", run_on_startup=False, use_monitor=False)
 async def mailbox_health_probe(timer: func.TimerRequest) -> None:
     from core.bootstrap import get_container
     from core.settings.health import Health, health_service_for
