@@ -443,9 +443,14 @@ class GraphMailClient:
             # $orderby on the property the $filter names (Graph wants them to match)
             url += "&$filter=" + quote(" and ".join(window), safe="") + "&$orderby=" + quote(
                 "receivedDateTime desc", safe="")
+        async for message in self._message_pages("list_messages", mailbox, url):
+            yield message
+
+    async def _message_pages(self, kind: str, mailbox: str, url: str) -> AsyncIterator[dict[str, Any]]:
+        """Every message of a listing, page after page (``@odata.nextLink`` as Graph gives it), immutable ids."""
         next_url: str | None = url
         while next_url:
-            _, body, _ = await self._send("list_messages", mailbox, self._raw("GET", next_url), idempotent=True,
+            _, body, _ = await self._send(kind, mailbox, self._raw("GET", next_url), idempotent=True,
                                           headers={"Prefer": 'IdType="ImmutableId"'})
             page = self._json(body)
             for message in page.get("value", []):
@@ -461,14 +466,8 @@ class GraphMailClient:
 
         url = (f"/users/{quote(mailbox)}/messages?$filter={quote(category_filter(category, since), safe='')}"
                f"&$select=id,parentFolderId,lastModifiedDateTime,categories&$top={page_size}")
-        next_url: str | None = url
-        while next_url:
-            _, body, _ = await self._send("category_search", mailbox, self._raw("GET", next_url), idempotent=True,
-                                          headers={"Prefer": 'IdType="ImmutableId"'})
-            page = self._json(body)
-            for message in page.get("value", []):
-                yield message
-            next_url = page.get("@odata.nextLink")
+        async for message in self._message_pages("category_search", mailbox, url):
+            yield message
 
     async def well_known_folder_ids(self, mailbox: str, names: Sequence[str]) -> dict[str, str]:
         """Folder id -> well-known name (``inbox``, ``sentitems``, ...) for the names given, in one JSON batch;

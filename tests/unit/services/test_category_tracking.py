@@ -21,11 +21,11 @@ from core.services.category_tracking import (
     category_due,
     category_request_wanted,
 )
-from core.services.delta import DeltaCursor
 from core.services.inbound import LedgerEntry, LedgerOutcome
 from core.settings.rows import RouterSettings
 from core.work_items import InboundItem
 from tests.fakes import StaticMailboxDirectory
+from tests.unit.services.test_delta_catchup import FakeState
 from tests.unit.services.test_inbound_processor import (
     ALICE,
     BOB,
@@ -87,17 +87,6 @@ class FakeGraph:
         return {"id-inbox": "inbox", "id-sent": "sentitems"}
 
 
-class FakeWatermarks:
-    def __init__(self) -> None:
-        self.rows: dict[tuple[str, str], DeltaCursor] = {}
-
-    async def get(self, mailbox: str, folder: str) -> DeltaCursor | None:
-        return self.rows.get((mailbox, folder))
-
-    async def put(self, cursor: DeltaCursor) -> None:
-        self.rows[(cursor.mailbox, cursor.folder)] = cursor
-
-
 class Queue:
     def __init__(self) -> None:
         self.items: list[InboundItem] = []
@@ -114,7 +103,7 @@ def found(graph_id: str, folder: str = "id-projects", categories: Sequence[str] 
 
 class Search:
     def __init__(self, router: RouterSettings = ON, mailboxes: Sequence[Any] | None = None) -> None:
-        self.graph, self.ledger, self.queue, self.marks = FakeGraph(), FakeLedger(), Queue(), FakeWatermarks()
+        self.graph, self.ledger, self.queue, self.marks = FakeGraph(), FakeLedger(), Queue(), FakeState()
         self.now = NOW
         self.directory = StaticMailboxDirectory(
             mailboxes if mailboxes is not None else [user("alice@contoso.com", ALICE)], router=router)
@@ -131,7 +120,7 @@ async def test_found_messages_become_category_items_with_their_folder() -> None:
     assert [(i.message_id, i.source, i.folder) for i in s.queue.items] == [
         ("g1", "category", "id-projects"), ("g2", "category", "sentitems"), ("g3", "category", "inbox")]
     assert s.graph.searches == [("alice@contoso.com", TAG, NOW - FIRST_LOOKBACK)]
-    assert s.marks.rows[("alice@contoso.com", WATERMARK_ROW)].high_water == NOW
+    assert s.marks.cursors[("alice@contoso.com", WATERMARK_ROW)].high_water == NOW
     assert s.graph.folder_lookups == 1  # once per mailbox and process
 
 
@@ -166,7 +155,7 @@ async def test_a_failed_search_keeps_the_watermark() -> None:
     s.now = NOW + timedelta(minutes=5)
     report = await s.tracker.search("alice@contoso.com")
     assert report is not None and "429" in report.error
-    assert s.marks.rows[("alice@contoso.com", WATERMARK_ROW)].high_water == NOW  # the window is searched again
+    assert s.marks.cursors[("alice@contoso.com", WATERMARK_ROW)].high_water == NOW  # the window is searched again
 
 
 @pytest.mark.parametrize(("router", "mailbox"), [
