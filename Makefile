@@ -6,6 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
+# Test workers (pytest-xdist): 2 suits 2 cores, since the whole-stack suites mostly wait while the fuzz suites
+# compute; tests sharing a module's or the chaos suites' stack stay on one worker (tests/conftest.py).
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: run test test-fast lint bench demo chaos reset install clean browser
 
@@ -41,10 +46,10 @@ run: install
 	$(PY) -m local.stack up --live
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 lint: install
 	$(PY) -m ruff check .

@@ -7,11 +7,12 @@
    work per email driven directly by a bench client (bench/pipeline_ceiling.py).
 4. Subscription reconcile for 10,000 extra mailboxes (1,000 with ``--quick``): time, Graph requests, peak RSS.
 
-How: bench/pipeline_stack.py starts ``python -m local.stack up --seed none --fresh`` on free ports in a temporary
-directory; bench/pipeline_load.py seeds the org, runs the host's own CRM sync and subscription reconcile, sends and
-polls; bench/pipeline_reconcile.py seeds the scale mailboxes and runs the CLI reconcile in a subprocess. Every load
-is bounded in count and time; the stack is always stopped. A figure that could not be measured is reported as
-"not measured" with the reason, never as a number. docs/proof.md explains how to read the rows.
+How: the stack driver (``local.stack.Stack``) starts the whole local stack without a demo org on free ports in a
+temporary directory; it seeds the org of bench/pipeline_load.py and runs the host's own CRM sync and subscription
+reconcile; bench/pipeline_load.py sends and polls; bench/pipeline_reconcile.py seeds the scale mailboxes and runs
+the CLI reconcile in a subprocess. Every load is bounded in count and time; the stack is always stopped. A figure
+that could not be measured is reported as "not measured" with the reason, never as a number. docs/proof.md explains
+how to read the rows.
 
     python -m bench.pipeline [--quick] [--steady-s S] [--scale N]   # this section alone, prints JSON
 """
@@ -41,13 +42,11 @@ from bench.pipeline_load import (
     build_org,
     crm_user_id,
     make_mails,
-    seed_org,
     send_mails,
-    sync_and_subscribe,
     wait_rows,
 )
 from bench.pipeline_reconcile import SCALE_PREFIX, run_reconcile, seed_scale
-from bench.pipeline_stack import GRAPH_SCOPE, BenchStack
+from local.stack import GRAPH_SCOPE, Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 50.0
@@ -229,9 +228,9 @@ def run(*, quick: bool, steady_s: float | None = None, scale_n: int | None = Non
     burst_n = 300 if quick else 600
     result: dict[str, Any] = {"quick": quick}
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
-        stack = BenchStack(Path(tmp))
+        stack = Stack(Path(tmp) / "state", log_dir=Path(tmp), seed="none", say=lambda line: None)
         try:
-            _phases(stack, result, quick=quick, steady=steady, burst_n=burst_n, scale_count=scale_count)
+            _phases(stack, Path(tmp), result, quick=quick, steady=steady, burst_n=burst_n, scale_count=scale_count)
         except Exception as exc:  # a broken phase is reported with what was measured before it
             traceback.print_exc()
             result["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
@@ -246,14 +245,16 @@ def _log(message: str) -> None:
     print(f"[bench] pipeline: {message}", file=sys.stderr, flush=True)
 
 
-def _phases(stack: BenchStack, result: dict[str, Any], *, quick: bool, steady: float, burst_n: int,
+def _phases(stack: Stack, workdir: Path, result: dict[str, Any], *, quick: bool, steady: float, burst_n: int,
             scale_count: int) -> None:
-    result["stack_start_s"] = round(stack.start(), 1)
+    t0 = time.monotonic()
+    stack.start()
+    result["stack_start_s"] = round(time.monotonic() - t0, 1)
     _log(f"stack up in {result['stack_start_s']} s")
     org = build_org()
     result["org"] = org.describe()
-    seed_org(stack, org)
-    result["setup"] = sync_and_subscribe(stack, org)
+    stack.seed_org(org)
+    result["setup"] = stack.sync_and_subscribe(org, within=150.0)
     _log(f"org seeded, synced and subscribed: {result['setup']}")
     # The router writes as the application user; Dataverse's service protection (6,000 requests / 5 min per
     # effective user) must not be spent by the bench's own polling, so the poller impersonates a None user.
@@ -269,11 +270,11 @@ def _phases(stack: BenchStack, result: dict[str, Any], *, quick: bool, steady: f
         poller.stop()
     result["ceiling"] = _ceiling(stack, org, seconds=4.0 if quick else 8.0)
     _log(f"ceiling: {result['ceiling']}")
-    result["scale"] = _scale(stack, org, scale_count, timeout=120.0 if quick else 1.5 * SCALE_TARGET_S)
+    result["scale"] = _scale(stack, workdir, org, scale_count, timeout=120.0 if quick else 1.5 * SCALE_TARGET_S)
     _log(f"scale: wall {result['scale'].get('wall_s')} s")
 
 
-def _warm_up(stack: BenchStack, org: BenchOrg, poller: RowPoller) -> None:
+def _warm_up(stack: Stack, org: BenchOrg, poller: RowPoller) -> None:
     """25 mails to tracked mailboxes, waited for: imports, tokens, connection pools and the sender cache are warm
     before anything is measured, as in a router that has been running."""
     mails = make_mails(org, 25, f"warm{uuid.uuid4().hex[:4]}", tracked_only=True)
@@ -281,7 +282,7 @@ def _warm_up(stack: BenchStack, org: BenchOrg, poller: RowPoller) -> None:
     wait_rows(poller, {s.message_id for s, _ in mails if s.accepted is not None}, within=60)
 
 
-def _steady(stack: BenchStack, org: BenchOrg, poller: RowPoller, result: dict[str, Any], *, steady: float) -> None:
+def _steady(stack: Stack, org: BenchOrg, poller: RowPoller, result: dict[str, Any], *, steady: float) -> None:
     tag = f"s{uuid.uuid4().hex[:6]}"
     count = int(RATE * steady)
     mails = make_mails(org, count, tag)
@@ -322,7 +323,7 @@ def _steady(stack: BenchStack, org: BenchOrg, poller: RowPoller, result: dict[st
     }
 
 
-def _burst(stack: BenchStack, org: BenchOrg, poller: RowPoller, result: dict[str, Any], *, count: int) -> None:
+def _burst(stack: Stack, org: BenchOrg, poller: RowPoller, result: dict[str, Any], *, count: int) -> None:
     mails = make_mails(org, count, f"b{uuid.uuid4().hex[:6]}", tracked_only=True)
     t0 = time.monotonic()
     sending = send_mails(stack, mails, rate=None, cap_s=60)
@@ -338,10 +339,11 @@ def _burst(stack: BenchStack, org: BenchOrg, poller: RowPoller, result: dict[str
                        "tracked_per_s": round(len(seen) / span, 1)}
 
 
-def _ceiling(stack: BenchStack, org: BenchOrg, *, seconds: float) -> dict[str, Any]:
+def _ceiling(stack: Stack, org: BenchOrg, *, seconds: float) -> dict[str, Any]:
     targets: list[tuple[str, str]] = []
     for m in [b for b in org.mailboxes if b.watched][:16]:
-        page = stack.graph("GET", f"users/{m.address}/mailFolders/inbox/messages", {"$select": "id", "$top": "4"})
+        page = stack.graph("GET", f"users/{m.address}/mailFolders/inbox/messages",
+                           params={"$select": "id", "$top": "4"})
         targets += [(m.address, str(v["id"])) for v in page.get("value", [])]
     if not targets:
         return {"error": "no message to GET in the watched mailboxes"}
@@ -352,31 +354,30 @@ def _ceiling(stack: BenchStack, org: BenchOrg, *, seconds: float) -> dict[str, A
     stack.emulator("dataverse", "POST", "limits", {"requests": 10**9, "execution_ms": 10**12, "concurrent": 10**6})
     try:
         found = measure_ceiling(graph_url=stack.graph_url, graph_token=stack.token(GRAPH_SCOPE), targets=targets,
-                                api_url=stack.api, dv_token=stack.token(f"{stack.dataverse_url}/.default"),
+                                api_url=stack.dataverse_api_url,
+                                dv_token=stack.token(f"{stack.dataverse_url}/.default"),
                                 owner_id=owner, contact_id=contact, ctx=stack.ssl_context(), seconds=seconds)
     finally:
         stack.emulator("dataverse", "POST", "limits", {"reset": True})
     return found
 
 
-def _scale(stack: BenchStack, org: BenchOrg, count: int, *, timeout: float) -> dict[str, Any]:
-    from bench.local_functions import start_functions_host
-
+def _scale(stack: Stack, workdir: Path, org: BenchOrg, count: int, *, timeout: float) -> dict[str, Any]:
     seed = seed_scale(stack, count, org.mailboxes[0].address)
     before = len(stack.emulator("graph", "GET", "subscriptions")["value"])
-    timers_before = stack.executed("subscription_reconcile")
+    reconciles_before = stack.executed_count("subscription_reconcile")
     # The notification URL of these subscriptions is a second local host serving only the webhook (every other
     # function disabled, the scale tables' prefix), so Graph's validation handshakes hit a real Functions host
     # while no timer of any host touches the 10,000 mailboxes during the measurement.
     others = sorted({name for name, _, _ in _indexed_bindings()} - {"graph_notifications", "graph_lifecycle", "health"})
     values = {"AzureWebJobsStorage": stack.storage_connection_string, "TABLE_PREFIX": SCALE_PREFIX,
-              "GRAPH_TENANT_ID": stack.host_values().get("GRAPH_TENANT_ID", ""),
+              "GRAPH_TENANT_ID": stack.app_settings().get("GRAPH_TENANT_ID", ""),
               **{f"AzureWebJobs.{name}.Disabled": "true" for name in others}}
-    host = start_functions_host(values, stack.workdir / "scale-host")
+    host = Stack(workdir / "scale-host", services=["functions"], host_values=values, host_grace=5).start()
     try:
         stack.emulator("graph", "DELETE", "requests")
-        outcome = run_reconcile(stack, {"TABLE_PREFIX": SCALE_PREFIX, "WEBHOOK_BASE_URL": f"{host.url}/api",
-                                        "WEBHOOK_FUNCTION_KEY": host.host_key}, timeout=timeout)
+        outcome = run_reconcile(stack, {"TABLE_PREFIX": SCALE_PREFIX, "WEBHOOK_BASE_URL": f"{host.functions_root}/api",
+                                        "WEBHOOK_FUNCTION_KEY": host.function_key}, timeout=timeout)
         if "error" in outcome and "did not finish" in str(outcome["error"]):
             outcome.update(timed_out=True, cap_s=timeout)
     finally:
@@ -390,7 +391,8 @@ def _scale(stack: BenchStack, org: BenchOrg, count: int, *, timeout: float) -> d
                                                            for e in graph_log)),
                              "graph_batch_ms_sum": round(sum(float(e.get("ms") or 0) for e in graph_log
                                                              if str(e["path"]).endswith("/$batch")), 1),
-                             "host_reconciles_meanwhile": stack.executed("subscription_reconcile") - timers_before}
+                             "host_reconciles_meanwhile":
+                                 stack.executed_count("subscription_reconcile") - reconciles_before}
     if "error" not in outcome and outcome.get("exit") not in (0, None):
         scale["error"] = f"CLI exited {outcome.get('exit')}: {str(outcome.get('report'))[:200]}"
     return scale

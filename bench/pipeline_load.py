@@ -14,15 +14,13 @@ import smtplib
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
 
-from azure.data.tables import TableServiceClient
-
-from bench.pipeline_stack import BenchStack, StackError
+from local.stack import Stack
 
 DOMAIN = "contoso.example"
 NONE, OUTLOOK, ROUTER, FORWARD = 0, 1, 2, 3
@@ -71,13 +69,62 @@ class BenchOrg:
     contacts: tuple[str, ...]
 
     @property
-    def watched(self) -> list[BenchMailbox]:
+    def watched_mailboxes(self) -> list[BenchMailbox]:
         return [m for m in (*self.mailboxes, self.sink) if m.watched]
 
     def describe(self) -> str:
         count = {k: sum(1 for m in self.mailboxes if m.inbound == k) for k in (ROUTER, FORWARD, OUTLOOK, NONE)}
         return (f"{len(self.mailboxes)} mailboxes: {count[ROUTER]} individual (filter all), {count[FORWARD]} forward "
                 f"users through 1 sink, {count[OUTLOOK]} Outlook, {count[NONE]} None")
+
+    # -- what the stack driver seeds and waits for (local.stack.StackOrg)
+
+    def graph_seed(self) -> dict[str, Any]:
+        users: list[dict[str, Any]] = []
+        for m in (*self.mailboxes, self.sink):
+            user: dict[str, Any] = {"id": object_id(m.address), "userPrincipalName": m.address,
+                                    "displayName": m.local, "mail": m.address}
+            if m.inbound == FORWARD:  # the Rule Deployment Wizard's rule: forward as an attachment to the sink
+                # no "id": the emulator keys rules by id, a shared one would leave only the last user's rule
+                user["rules"] = [{"displayName": "Track in Dynamics 365", "sequence": 1, "isEnabled": True,
+                                  "conditions": {}, "actions": {
+                                      "forwardAsAttachmentTo": [{"emailAddress": {"address": self.sink.address}}]}}]
+            users.append(user)
+        return {"domains": [DOMAIN], "users": users}
+
+    def dataverse_seed(self) -> dict[str, Any]:
+        systemusers = [{
+            "systemuserid": crm_user_id(m.address), "firstname": "Bench", "lastname": m.local,
+            "internalemailaddress": m.address, "domainname": m.address,
+            "azureactivedirectoryobjectid": object_id(m.address),
+            "incomingemaildeliverymethod": m.inbound, "outgoingemaildeliverymethod": NONE,
+            "emailrouteraccessapproval": 0 if m.inbound == NONE else 1,
+            "isemailaddressapprovedbyo365admin": m.inbound != NONE,
+            "usersettings": {"incomingemailfilteringmethod": FILTER_ALL},
+        } for m in self.mailboxes]
+        contacts = [{"contactid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench-pipeline/contact/{c}")),
+                     "firstname": "Customer", "lastname": c.split("@")[0], "emailaddress1": c} for c in self.contacts]
+        return {"systemusers": systemusers, "contacts": contacts}
+
+    def crm_records(self) -> Sequence[tuple[str, Mapping[str, Any]]]:
+        # The CRM forward mailbox record (no seed section exists for it). No regarding user/queue: Dataverse makes
+        # it a forward mailbox (isforwardmailbox is read-only, default Yes); only create-valid columns (mailbox.md).
+        return [("mailboxes", {
+            "name": "Bench forward mailbox", "emailaddress": self.sink.address,
+            "incomingemaildeliverymethod": ROUTER, "outgoingemaildeliverymethod": NONE,
+            "emailrouteraccessapproval": 1, "processanddeleteemails": False})]
+
+    @property
+    def mailbox_addresses(self) -> Collection[str]:
+        return [m.address for m in (*self.mailboxes, self.sink)]
+
+    @property
+    def watched(self) -> Collection[tuple[str, str | None]]:
+        return [(m.address, object_id(m.address)) for m in self.watched_mailboxes]
+
+    @property
+    def caller_id(self) -> str | None:
+        return None  # seeding runs as the application user
 
 
 def build_org(n: int = 50) -> BenchOrg:
@@ -87,86 +134,6 @@ def build_org(n: int = 50) -> BenchOrg:
     boxes = tuple(BenchMailbox(f"{prefix[kind]}{i:02d}", kind) for i, kind in enumerate(pattern[:n]))
     contacts = tuple(f"customer{i:02d}@customer{i % 5}.example" for i in range(20))
     return BenchOrg(boxes, BenchMailbox("bench-sink", ROUTER), contacts)
-
-
-# ------------------------------------------------------------------------------------------------ seeding
-
-
-def seed_org(stack: BenchStack, org: BenchOrg) -> None:
-    users: list[dict[str, Any]] = []
-    for m in (*org.mailboxes, org.sink):
-        user: dict[str, Any] = {"id": object_id(m.address), "userPrincipalName": m.address, "displayName": m.local,
-                                "mail": m.address}
-        if m.inbound == FORWARD:  # the Rule Deployment Wizard's rule: forward as an attachment to the sink
-            # no "id": the emulator keys rules by id, a shared one would leave only the last user's rule
-            user["rules"] = [{"displayName": "Track in Dynamics 365", "sequence": 1,
-                              "isEnabled": True, "conditions": {},
-                              "actions": {"forwardAsAttachmentTo": [{"emailAddress": {"address": org.sink.address}}]}}]
-        users.append(user)
-    stack.emulator("graph", "POST", "seed", {"domains": [DOMAIN], "users": users})
-    systemusers = [{
-        "systemuserid": crm_user_id(m.address), "firstname": "Bench", "lastname": m.local,
-        "internalemailaddress": m.address, "domainname": m.address,
-        "azureactivedirectoryobjectid": object_id(m.address),
-        "incomingemaildeliverymethod": m.inbound, "outgoingemaildeliverymethod": NONE,
-        "emailrouteraccessapproval": 0 if m.inbound == NONE else 1,
-        "isemailaddressapprovedbyo365admin": m.inbound != NONE,
-        "usersettings": {"incomingemailfilteringmethod": FILTER_ALL},
-    } for m in org.mailboxes]
-    contacts = [{"contactid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench-pipeline/contact/{c}")),
-                 "firstname": "Customer", "lastname": c.split("@")[0], "emailaddress1": c} for c in org.contacts]
-    stack.emulator("dataverse", "POST", "seed", {"systemusers": systemusers, "contacts": contacts})
-    # The CRM forward mailbox record (no seed section exists for it). No regarding user/queue: Dataverse makes it
-    # a forward mailbox (isforwardmailbox is read-only, default Yes); only create-valid columns (mailbox.md).
-    stack.dv("POST", "mailboxes", {
-        "name": "Bench forward mailbox", "emailaddress": org.sink.address,
-        "incomingemaildeliverymethod": ROUTER, "outgoingemaildeliverymethod": NONE, "emailrouteraccessapproval": 1,
-        "processanddeleteemails": False})
-
-
-def table_client(stack: BenchStack, logical: str, *, prefix: str | None = None) -> Any:
-    prefix = prefix or stack.host_values().get("TABLE_PREFIX", "emailrouter")
-    return TableServiceClient.from_connection_string(stack.storage_connection_string).get_table_client(
-        f"{prefix}{logical}")
-
-
-def mailbox_rows(stack: BenchStack) -> dict[str, dict[str, Any]]:
-    try:
-        rows = table_client(stack, "Mailboxes").query_entities("PartitionKey eq 'mailbox'")
-        return {str(r.get("Address", "")).lower(): dict(r) for r in rows}
-    except Exception:  # the table does not exist yet
-        return {}
-
-
-def sync_and_subscribe(stack: BenchStack, org: BenchOrg, *, within: float = 150.0) -> dict[str, Any]:
-    """The host's own CRM sync timer (forced due: the launcher's first round ran one a minute ago, and the sync
-    honours CrmSyncIntervalMinutes) and then its subscription reconcile timer, both run now through the admin
-    API, until every watched mailbox has a subscription. In-process runs also refresh the host's settings cache."""
-    t0 = time.monotonic()
-    status = table_client(stack, "MailboxStatus")
-    status.delete_entity("router", "crm-sync")  # the SDK treats a missing entity as deleted: no error to catch
-    outcome = stack.run_function("crm_settings_sync")
-    wanted = {m.address for m in (*org.mailboxes, org.sink)}
-    deadline = time.monotonic() + within
-    while not wanted <= set(mailbox_rows(stack)):
-        if time.monotonic() > deadline:
-            raise StackError(f"CRM sync ({outcome}) did not write every mailbox row: {stack.tail()}")
-        time.sleep(0.5)
-    sync_s = time.monotonic() - t0
-    needed = {m.address for m in org.watched}
-    rounds = 0
-    while time.monotonic() < deadline:
-        rounds += 1
-        stack.run_function("subscription_reconcile")
-        for _ in range(20):
-            subs = stack.emulator("graph", "GET", "subscriptions")["value"]
-            text = " ".join(str(s.get("resource", "")).lower() for s in subs)
-            missing = [a for a in needed if a not in text and object_id(a) not in text]
-            if not missing:
-                return {"sync_s": round(sync_s, 2), "subscribe_s": round(time.monotonic() - t0 - sync_s, 2),
-                        "reconcile_rounds": rounds, "subscriptions": len(subs)}
-            time.sleep(0.5)
-    raise StackError(f"not every watched mailbox got a subscription: {stack.tail()}")
 
 
 # ------------------------------------------------------------------------------------------------ mail
@@ -198,7 +165,7 @@ def make_mails(org: BenchOrg, count: int, tag: str, *, tracked_only: bool = Fals
     return out
 
 
-def send_mails(stack: BenchStack, mails: Sequence[tuple[Sent, EmailMessage]], *, rate: float | None,
+def send_mails(stack: Stack, mails: Sequence[tuple[Sent, EmailMessage]], *, rate: float | None,
                connections: int = 4, cap_s: float = 120.0) -> dict[str, Any]:
     """Send over ``connections`` SMTP sessions. With ``rate``, mail *i* is due at ``t0 + i/rate`` (open loop: a late
     sender does not slow the schedule); without, as fast as the listener accepts. Stops at ``cap_s``."""
@@ -260,7 +227,7 @@ class RowPoller:
     """One light ``modifiedon ge T`` sweep of ``emails`` every ``interval`` s (indexed column; T = newest seen
     minus 2 s, since the column has whole seconds); records when each message id was first seen."""
 
-    stack: BenchStack
+    stack: Stack
     caller_id: str = ""  # MSCRMCallerID: the poller's requests count against this user's service protection
     interval: float = 0.1
     seen: dict[str, float] = field(default_factory=dict)
@@ -285,10 +252,10 @@ class RowPoller:
             return dict(self.seen)
 
     def _run(self) -> None:
-        client = self.stack.client()
+        client = self.stack.http
         while not self._stop.is_set():
             started = time.monotonic()
-            url: str | None = f"{self.stack.api}/{POLL_PATH}{self._since}"
+            url: str | None = f"{self.stack.dataverse_api_url}/{POLL_PATH}{self._since}"
             newest = self._since
             for _ in range(50):  # pages of one sweep (bounded)
                 if url is None:

@@ -18,13 +18,13 @@ import time
 from contextlib import redirect_stdout
 from typing import Any
 
-from bench.pipeline_load import DOMAIN, object_id, table_client
-from bench.pipeline_stack import ROOT, BenchStack, StackError
+from bench.pipeline_load import DOMAIN, object_id
+from local.stack import ROOT, Stack, StackError
 
 SCALE_PREFIX = "benchscale"
 
 
-def seed_scale(stack: BenchStack, count: int, template_address: str, *, cap_s: float = 120.0) -> dict[str, Any]:
+def seed_scale(stack: Stack, count: int, template_address: str, *, cap_s: float = 120.0) -> dict[str, Any]:
     """Graph users in the stack's Graph emulator; settings rows in separate tables (``TABLE_PREFIX`` =
     ``benchscale``) so the stack's own host never sees these mailboxes: its delta catch-up timer (every 5 minutes)
     would otherwise fan out to 10,000 mailboxes in the middle of the measurement."""
@@ -44,8 +44,8 @@ def seed_scale(stack: BenchStack, count: int, template_address: str, *, cap_s: f
             timeout=300)
         seeded += len(chunk)
     graph_s = time.monotonic() - t0
-    template = dict(table_client(stack, "Mailboxes").get_entity("mailbox", encode_key(template_address.lower())))
-    table = table_client(stack, "Mailboxes", prefix=SCALE_PREFIX)
+    template = dict(stack.table("Mailboxes").get_entity("mailbox", encode_key(template_address.lower())))
+    table = stack.table("Mailboxes", prefix=SCALE_PREFIX)
     table.create_table()
     rows = 0
     t1 = time.monotonic()
@@ -65,12 +65,10 @@ def seed_scale(stack: BenchStack, count: int, template_address: str, *, cap_s: f
             "rows_s": round(time.monotonic() - t1, 1)}
 
 
-def run_reconcile(stack: BenchStack, overrides: dict[str, str], *, timeout: float) -> dict[str, Any]:
+def run_reconcile(stack: Stack, overrides: dict[str, str], *, timeout: float) -> dict[str, Any]:
     """The reconcile subprocess with the host's app settings plus ``overrides``; returns its JSON (or
     ``{"error": ...}``) plus the outer wall time."""
-    from emulators.common.tls import client_env, ensure_tls
-
-    env = {**os.environ, **stack.host_values(), **client_env(ensure_tls(stack.state_dir / "tls")), **overrides}
+    env = {**os.environ, **stack.app_settings(), **stack.client_env(), **overrides}
     t0 = time.monotonic()
     try:
         done = subprocess.run([sys.executable, "-m", "bench.pipeline_reconcile"], cwd=ROOT, env=env,

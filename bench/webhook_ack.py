@@ -19,9 +19,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.local_functions import HostNotReady, host_available, start_functions_host
 from bench.metrics import Metric, not_measured, summarise_ms
 from emulators.common import demo
+from local.stack import Stack, StackError
 
 NAME_P99 = "webhook ack at 500/s: p99"
 NAME_P50 = "webhook ack at 500/s: p50"
@@ -156,9 +156,6 @@ def _queued(connection_string: str) -> int | None:
 
 def measure(*, rate: float = 500.0, duration: float = 5.0) -> list[Metric]:
     label = f"{rate:.0f}/s for {duration:.0f} s"
-    if not host_available():
-        reason = "local Functions host (local/host) not present"
-        return [not_measured(NAME_P99, "ms", 100, reason), not_measured(NAME_ERR, "errors", 0, reason, "==")]
     from local.azurite import start_azurite
 
     work = Path(tempfile.mkdtemp(prefix="bench-webhook-"))
@@ -176,17 +173,17 @@ def measure(*, rate: float = 500.0, duration: float = 5.0) -> list[Metric]:
         others = sorted({name for name, _, _ in _indexed_bindings()} - {"graph_notifications", "health"})
         values.update({f"AzureWebJobs.{name}.Disabled": "true" for name in others})
         try:
-            host = start_functions_host(values, work)
-        except HostNotReady as exc:
+            host = Stack(work, services=["functions"], host_values=values, host_grace=5).start()
+        except StackError as exc:
             reason = f"local host did not start: {str(exc).splitlines()[0]}"
             return [not_measured(NAME_P99, "ms", 100, reason, error=True),
                     not_measured(NAME_ERR, "errors", 0, reason, "==", error=True)]
-        path = f"/api/graph/notifications?code={host.host_key}"
+        path = f"/api/graph/notifications?code={host.function_key}"
         make = _notification_body(sub_id, client_state)
         # Warm-up: first calls build the container, the storage clients and the subscription cache.
-        asyncio.run(run_load(host.port, path, make, rate=50, duration=1, connections=4, cap_s=30))
+        asyncio.run(run_load(host.ports.functions, path, make, rate=50, duration=1, connections=4, cap_s=30))
         before = _queued(azurite.connection_string)
-        result = asyncio.run(run_load(host.port, path, make, rate=rate, duration=duration,
+        result = asyncio.run(run_load(host.ports.functions, path, make, rate=rate, duration=duration,
                                       cap_s=duration * 4 + 30))
         after = _queued(azurite.connection_string)
     finally:

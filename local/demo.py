@@ -1,10 +1,11 @@
 """``make demo``: the router on the Contoso demo org, end to end, with a pass/fail report.
 
-    python -m local.demo [--keep] [--timeout 150] [--log PATH]
+    python -m local.demo [--keep] [--timeout 170] [--logs DIR] [--against STATE_DIR]
 
-1. Starts a **fresh** stack (Azurite, identity, Graph and Dataverse emulators, the local Functions host) in a
-   temporary state directory on free ports, seeded with ``local.demo_org``; its output goes to a log file
-   (default ``.local/demo/stack.log``), not to the terminal.
+1. Starts a **fresh** stack (Azurite, identity, Graph and Dataverse emulators, the local Functions host) with the
+   stack driver (``local.stack.Stack``) in a temporary state directory on free ports, seeded with
+   ``local.demo_org``; the services' output goes to log files (default ``.local/demo/logs/<service>.log``), not to
+   the terminal.
 2. Runs the router's own timers through the host's admin API (CRM sync, subscription reconcile, outbound scan):
    the same functions production runs on a schedule, just now instead of in 15 minutes.
 3. Drives the scenario through the real paths: mail from outside arrives over **SMTP** at the Graph emulator's
@@ -26,12 +27,8 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +36,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import httpx
 
@@ -47,91 +44,15 @@ from core.domain.identity import outbound_activity_id
 from local import demo_org
 from local.demo_org import CASE, CONTACTS, LEADS, OPPORTUNITY, QUEUE, QUEUE_OWNER, SINK, person
 from local.send_test_mail import build_message, send_mail
+from local.stack import Stack, StackError
 
 __all__ = ["DemoResult", "Outcome", "build_scenarios", "main", "run_demo"]
 
 ROOT: Final = Path(__file__).resolve().parent.parent
-PORT_NAMES: Final = ("functions", "blob", "queue", "table", "identity", "graph", "smtp", "dataverse")
 STRANGER: Final = "sam@unknown.example"
 TRADE_FAIR: Final = "tia@tradefair.example"  # unknown to CRM: erin's filter 2 skips her mail; erin tracks it by hand
 TRACK_CATEGORY: Final = "Tracked to Dynamics 365"
 _POLL_S: Final = 0.5
-
-
-# ================================================================================================ the stack
-
-
-def free_ports(names: Iterable[str] = PORT_NAMES) -> dict[str, int]:
-    """Distinct free loopback ports (held open together while choosing, so no two are equal)."""
-    socks: list[socket.socket] = []
-    ports: dict[str, int] = {}
-    try:
-        for name in names:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports[name] = s.getsockname()[1]
-    finally:
-        for s in socks:
-            s.close()
-    return ports
-
-
-@dataclass
-class DemoStack:
-    """A stack launched as a child process in its own state directory."""
-
-    state_dir: Path
-    log_path: Path
-    ports: dict[str, int]
-    proc: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("wb")
-        # The launcher seeds the demo org itself (--seed demo is its default).
-        argv = [sys.executable, "-m", "local.stack", "up", "--seed", "demo", "--state-dir", str(self.state_dir),
-                "--fresh"]
-        for name, port in self.ports.items():
-            argv += [f"--{name}-port", str(port)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STACK_")}
-        env.update({"NO_COLOR": "1", "PYTHONUNBUFFERED": "1"})
-        self.proc = subprocess.Popen(  # noqa: S603 - our own module
-            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, deadline: float) -> dict[str, Any]:
-        """stack.json once the launcher says every service is up; raises if the launcher exits first."""
-        path = self.state_dir / "stack.json"
-        assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the stack exited with status {self.proc.returncode} while starting "
-                                   f"(see {self.log_path})")
-            with contextlib.suppress(OSError, ValueError):
-                doc: dict[str, Any] = json.loads(path.read_text())
-                if doc.get("running") and "functions" in doc:
-                    return doc
-            time.sleep(_POLL_S)
-        raise TimeoutError(f"the stack did not come up in time (see {self.log_path})")
-
-    def stop(self) -> None:
-        """SIGTERM the launcher (it stops its services in order), SIGKILL it after a grace; its services die with
-        it (PR_SET_PDEATHSIG) even then."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 # ================================================================================================ clients
@@ -611,7 +532,7 @@ async def _decision_hint(org: Org, message_id: str) -> str:
 class DemoResult:
     scenarios: list[Scenario]
     error: str = ""
-    log_path: Path | None = None
+    log_dir: Path | None = None  # the services' logs
     elapsed_s: float = 0.0
 
     @property
@@ -836,7 +757,7 @@ async def run_scenario(stack: Mapping[str, Any], deadline: float, say: Callable[
     return scenarios
 
 
-def run_demo(*, timeout: float = 170.0, keep: bool = False, log_path: Path | None = None,
+def run_demo(*, timeout: float = 170.0, keep: bool = False, log_dir: Path | None = None,
              say: Callable[[str], None] = lambda line: None,
              inspect: Callable[[Mapping[str, Any]], None] | None = None) -> DemoResult:
     """Start a fresh stack, run the scenario, stop everything. Never raises for scenario failures.
@@ -846,26 +767,27 @@ def run_demo(*, timeout: float = 170.0, keep: bool = False, log_path: Path | Non
     t0 = time.monotonic()
     deadline = t0 + timeout
     state_dir = Path(tempfile.mkdtemp(prefix="emailrouter-demo-"))
-    log_path = log_path or ROOT / ".local" / "demo" / "stack.log"
-    stack = DemoStack(state_dir=state_dir, log_path=log_path, ports=free_ports())
+    log_dir = log_dir or ROOT / ".local" / "demo" / "logs"
+    for old in log_dir.glob("*.log"):  # the driver appends: this run's logs only
+        old.unlink()
+    stack = Stack(state_dir, seed="demo", fresh=True, log_dir=log_dir, say=lambda line: None)
     scenarios = build_scenarios({m.key: m for m in _inbound_mails()})
     error = ""
     try:
-        say(f"starting a fresh stack in {state_dir} (log: {log_path})")
-        stack.start()
-        doc = stack.wait_ready(min(deadline, t0 + 120))
+        say(f"starting a fresh stack in {state_dir} (logs: {log_dir})")
+        stack.start(within=max(1.0, min(deadline, t0 + 120) - time.monotonic()))
         say(f"stack up after {time.monotonic() - t0:.0f}s")
-        scenarios = asyncio.run(run_scenario(doc, deadline, say))
+        scenarios = asyncio.run(run_scenario(stack.doc, deadline, say))
         if inspect is not None:
-            inspect(doc)
-    except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as exc:
+            inspect(stack.doc)
+    except (StackError, OSError, httpx.HTTPError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     finally:
         say("stopping the stack")
         stack.stop()
         if not keep:
             shutil.rmtree(state_dir, ignore_errors=True)
-    return DemoResult(scenarios, error=error, log_path=log_path, elapsed_s=time.monotonic() - t0)
+    return DemoResult(scenarios, error=error, log_dir=log_dir, elapsed_s=time.monotonic() - t0)
 
 
 def render(result: DemoResult) -> None:
@@ -888,7 +810,7 @@ def render(result: DemoResult) -> None:
         console.print(f"[red]demo error:[/red] {result.error}")
     colour = "green" if result.passed else "red"
     console.print(f"[{colour}]{passed}/{len(result.scenarios)} scenarios passed[/{colour}] in "
-                  f"{result.elapsed_s:.0f}s" + (f"; stack log: {result.log_path}" if result.log_path else ""))
+                  f"{result.elapsed_s:.0f}s" + (f"; service logs: {result.log_dir}" if result.log_dir else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -896,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m local.demo", description="Run the scripted demo scenario")
     p.add_argument("--timeout", type=float, default=170.0, help="overall deadline in seconds (default 170)")
     p.add_argument("--keep", action="store_true", help="keep the temporary state directory")
-    p.add_argument("--log", type=Path, help="stack log file (default .local/demo/stack.log)")
+    p.add_argument("--logs", type=Path, help="folder for the services' logs (default .local/demo/logs)")
     p.add_argument("--against", type=Path, metavar="STATE_DIR",
                    help="run the scenario against an already running stack (e.g. .local from `make run`) instead "
                         "of a fresh one; it adds demo mail and CRM emails to that org")
@@ -910,14 +832,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.against is not None:
         t0 = time.monotonic()
-        doc = json.loads((args.against / "stack.json").read_text())
-        if not doc.get("running"):
-            console.print(f"[red]the stack in {args.against} is not running[/red]")
+        try:
+            attached = Stack.attach(args.against)
+        except StackError as exc:
+            console.print(f"[red]{exc}[/red]")
             return 2
-        scenarios = asyncio.run(run_scenario(doc, t0 + args.timeout, say))
-        result = DemoResult(scenarios, log_path=None, elapsed_s=time.monotonic() - t0)
+        scenarios = asyncio.run(run_scenario(attached.doc, t0 + args.timeout, say))
+        result = DemoResult(scenarios, log_dir=None, elapsed_s=time.monotonic() - t0)
     else:
-        result = run_demo(timeout=args.timeout, keep=args.keep, log_path=args.log, say=say)
+        result = run_demo(timeout=args.timeout, keep=args.keep, log_dir=args.logs, say=say)
     render(result)
     return 0 if result.passed else 1
 

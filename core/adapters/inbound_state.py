@@ -1,5 +1,6 @@
 """Azure Table state of the inbound pipeline: processed ledger, decision records, delta links, mailbox status,
-poison log. Implements the ports of ``core.services.inbound`` and ``core.services.delta``.
+poison log. Implements the ports of ``core.services.inbound`` and ``core.services.delta`` (records from
+``core.domain.records``: adapters never import a service).
 
 Keys: mailbox addresses and folder ids go through ``encode_key`` (reversible); Graph message ids are hashed
 (``hash_key``: bounded, and Graph ids contain ``/`` and ``+``); the readable id is kept as a property.
@@ -30,8 +31,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from core.domain.records import DeltaCursor, LedgerOutcome
+from core.domain.records import InboundLedgerEntry as LedgerEntry
 from core.names import (
     DECISION_INDEX_TABLE,
     DECISIONS_TABLE,
@@ -40,8 +43,6 @@ from core.names import (
     POISON_LOG_TABLE,
     PROCESSED_TABLE,
 )
-from core.services.delta import DeltaCursor
-from core.services.inbound import LedgerEntry, LedgerOutcome
 
 from .storage import (
     EntityNotFoundError,
@@ -55,9 +56,6 @@ from .storage import (
     split_text,
 )
 
-if TYPE_CHECKING:
-    from core.bootstrap import Container
-
 __all__ = [
     "DecisionHit",
     "InboundState",
@@ -69,6 +67,11 @@ __all__ = [
 ]
 
 _MAX_RECORD_CHARS = 400_000  # a decision record above this is cut (the entity limit is 1 MiB)
+
+
+class _HasStorage(Protocol):
+    @property
+    def storage(self) -> StorageAccount: ...
 
 
 def _mailbox_key(mailbox: str) -> str:
@@ -360,5 +363,6 @@ class InboundState:
         )
 
     @classmethod
-    def for_container(cls, container: Container) -> InboundState:
+    def for_container(cls, container: _HasStorage) -> InboundState:
+        """From the composition root (``core.bootstrap.Container``), or anything else holding a storage account."""
         return cls.from_account(container.storage)

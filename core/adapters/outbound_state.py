@@ -26,8 +26,9 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from core.domain.records import ActiveMarker, LedgerConflict, Phase
+from core.domain.records import OutboundLedgerEntry as LedgerEntry
 from core.names import MAILBOX_STATUS_TABLE, OUTBOUND_TABLE
-from core.services.outbound import ActiveMarker, LedgerConflict, LedgerEntry, Phase
 
 from .storage import (
     EntityAlreadyExistsError,

@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from core.adapters.graph import DeltaPage, GraphError, GraphNotFound, GraphSyncStateNotFound
+from core.domain.records import DeltaCursor
 from core.names import INBOUND_QUEUE, MAILBOX_SYNC_QUEUE
 from core.ports import MailboxDirectory, WorkQueue
 from core.services.subscriptions import SubscriptionService, watched_folders
@@ -55,19 +56,6 @@ MAX_PAGES_PER_ROUND: Final = 500  # bounded: a huge backlog continues on the nex
 DELTA_FILTER_CAP: Final = 5000  # "Applying $filter in a delta query returns only up to 5,000 messages"
 LATE_ARRIVAL_SLACK: Final = timedelta(minutes=10)
 ENQUEUE_CHUNK: Final = 64
-
-
-@dataclass(frozen=True)
-class DeltaCursor:
-    mailbox: str
-    folder: str
-    link: str | None  # next link mid-round, delta link between rounds; None = start a new round
-    high_water: datetime | None = None  # latest receivedDateTime seen
-    round_started: datetime | None = None  # the receivedDateTime floor of the current sync state
-    # During a first (filtered) round: messages reported so far and the oldest receivedDateTime among them, to
-    # notice Graph's 5,000 cap; None once the round is complete.
-    initial_seen: int | None = None
-    initial_oldest: datetime | None = None
 
 
 class DeltaStateStore(Protocol):

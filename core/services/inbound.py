@@ -28,7 +28,6 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from core.adapters.dataverse import DataverseError
@@ -55,6 +54,8 @@ from core.domain.model import (
 )
 from core.domain.normalize import LIMITS, InvalidMessage, normalize_graph_message
 from core.domain.queue_items import plan_queue_items
+from core.domain.records import InboundLedgerEntry as LedgerEntry
+from core.domain.records import LedgerOutcome
 from core.names import INBOUND_QUEUE
 from core.ports import MailboxDirectory, WorkQueue
 from core.services.inbound_crm import (
@@ -103,34 +104,6 @@ _WELL_KNOWN_FOLDERS: Final[Mapping[str, FolderKind]] = {
 
 
 # ------------------------------------------------------------------------------------------------ ports
-
-
-class LedgerOutcome(StrEnum):
-    TRACKED = "tracked"
-    ALREADY_TRACKED = "already_tracked"
-    SKIPPED = "skipped"
-    FAILED = "failed"
-    GONE = "gone"
-    RETRYING = "retrying"
-
-    @property
-    def terminal(self) -> bool:
-        return self is not LedgerOutcome.RETRYING
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """What happened to one (mailbox, Graph message id)."""
-
-    mailbox: str
-    graph_id: str
-    outcome: LedgerOutcome
-    activity_id: str = ""
-    internet_message_id: str = ""
-    attempts: int = 0
-    reason: str = ""
-    at: datetime | None = None
-    source: str = ""  # the work item's source that wrote it ("category": a track-by-category request)
 
 
 class ProcessedLedger(Protocol):

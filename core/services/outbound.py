@@ -66,6 +66,8 @@ from core.domain.outbound import (
     fair_order,
     next_state,
 )
+from core.domain.records import ActiveMarker, LedgerConflict, Phase
+from core.domain.records import OutboundLedgerEntry as LedgerEntry
 from core.names import OUTBOUND_QUEUE
 from core.ports import MailboxDirectory, WorkQueue
 from core.services.outbound_crm import (
@@ -168,55 +170,6 @@ class OutboundSettings:
 
 
 # ------------------------------------------------------------------------------------------------ ports
-
-
-class Phase(StrEnum):
-    CLAIMED = "claimed"  # CRM claim held, nothing created in Exchange yet
-    DRAFT = "draft"  # a draft exists (draft_id, internet_message_id); a send may have been attempted
-    SENT = "sent"  # Graph accepted the send (or recovery proved it); CRM not yet marked
-    DONE = "done"  # CRM marked Sent
-    RETRY = "retry"  # transient failure: back to Pending Send, not before ``not_before``
-    FAILED = "failed"  # CRM marked Failed; ``last_error`` says why
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """The router's own record of one CRM email's outbound progress (survives crashes)."""
-
-    email_id: str
-    sender_mailbox: str
-    phase: Phase
-    attempts: int = 0  # delivery attempts made (email.deliveryattempts once written to CRM)
-    owner: str = ""  # the worker holding the lease
-    lease_until: datetime | None = None
-    claimed_at: datetime | None = None
-    draft_id: str = ""
-    internet_message_id: str = ""
-    draft_complete: bool = False  # every attachment is on the draft
-    send_attempted_at: datetime | None = None
-    not_before: datetime | None = None
-    last_error: str = ""
-    last_error_code: str = ""
-    updated_at: datetime | None = None
-
-    def leased(self, now: datetime) -> bool:
-        return (self.phase in (Phase.CLAIMED, Phase.DRAFT) and self.lease_until is not None
-                and self.lease_until > now)
-
-
-@dataclass(frozen=True)
-class ActiveMarker:
-    """Index of emails the pipeline is working on: scan de-duplication and the reaper's ledger sweep."""
-
-    email_id: str
-    sender_mailbox: str
-    enqueued_at: datetime | None = None
-    not_before: datetime | None = None
-    updated_at: datetime | None = None
-
-
-class LedgerConflict(Exception):
-    """A conditional ledger write lost: the entry changed (or exists / vanished) since it was read."""
 
 
 class OutboundLedger(Protocol):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -51,6 +52,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="keys used when local.settings.json has no Keys section "
                         "(default SCRIPT_ROOT/.local/host-keys.json)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight invocations get at shutdown")
+    p.add_argument("--lease-seconds", type=int, default=None,
+                   help="how long a running queue message stays invisible (default 600, the real host's); "
+                        "tests that kill the host shorten it")
     p.add_argument("--verbose", "-v", action="store_true", help="DEBUG logging")
     return p.parse_args(argv)
 
@@ -75,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except (HostConfigError, ValueError, OSError) as exc:
         log.error("%s", exc)
         return 2
+    if args.lease_seconds is not None:
+        queues = dataclasses.replace(config.queues, lease_seconds=args.lease_seconds)
+        config = dataclasses.replace(config, queues=queues)
     port = args.port or settings.local_http_port or 7071
     os.environ.setdefault("FUNCTIONS_WORKER_RUNTIME", "python")
     # The worker's working directory is the script root; relative paths in the app resolve there.

@@ -38,7 +38,6 @@ __all__ = ["MessageDecodeError", "QueueListener", "QueueOutputWriter", "StorageC
 
 log = logging.getLogger("Host.Queues")
 
-FETCH_VISIBILITY = 600  # seconds; what the real host uses while a message runs
 MIN_POLL = 0.1
 POISON_SUFFIX = "-poison"
 
@@ -242,7 +241,7 @@ class QueueListener:
         assert self._client is not None
         free = self._options.batch_size
         pages = self._client.receive_messages(
-            messages_per_page=free, max_messages=free, visibility_timeout=FETCH_VISIBILITY
+            messages_per_page=free, max_messages=free, visibility_timeout=self._options.lease_seconds
         )
         return list(pages)
 
@@ -299,8 +298,8 @@ class QueueListener:
 
     async def _renew(self, lease: _Lease) -> None:
         while True:
-            await asyncio.sleep(FETCH_VISIBILITY / 2)
-            await self._set_visibility(lease, FETCH_VISIBILITY, quiet=True)
+            await asyncio.sleep(self._options.lease_seconds / 2)
+            await self._set_visibility(lease, self._options.lease_seconds, quiet=True)
 
     async def _set_visibility(self, lease: _Lease, seconds: int, *, quiet: bool = False) -> None:
         assert self._client is not None

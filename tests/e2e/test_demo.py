@@ -89,10 +89,10 @@ def test_demo_scenario_passes_on_a_fresh_stack(tmp_path: Path) -> None:
         seen["snapshot"] = asyncio.run(snap())
         render(seen["snapshot"])  # renders without error
 
-    result = run_demo(timeout=200, log_path=tmp_path / "stack.log", inspect=inspect)
+    result = run_demo(timeout=200, log_dir=tmp_path / "logs", inspect=inspect)
     failed = [f"{s.title}: expected {s.expected}; observed {s.outcome.observed}"
               for s in result.scenarios if not s.outcome.passed]
-    assert not result.error, f"{result.error} (log {result.log_path})"
+    assert not result.error, f"{result.error} (logs in {result.log_dir})"
     assert not failed, "\n".join(failed)
     snapshot: Snapshot = seen["snapshot"]
     assert snapshot.watched_mailboxes == 7

@@ -10,6 +10,7 @@ truncation notes, never as time.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -93,89 +94,143 @@ hostile_html = st.sampled_from([
 ]) | unicode_text
 
 
+# Every strategy is built once, here, not inside the composites' draws: building one per draw made Hypothesis
+# validate it again each time (most of these tests' time). The drawn examples are the same (derandomized runs).
+_ONE_IN_TEN = st.integers(0, 9)
+_ONE_IN_SIX = st.integers(0, 5)
+_UP_TO_THREE = st.integers(0, 3)
+_booleans = st.booleans()
+_recipient_names = unicode_text | huge_strings | lone_surrogates | st.integers()
+
+
 @st.composite
 def recipient_entries(draw: Callable[[Any], Any]) -> Any:
-    if draw(st.integers(0, 9)) == 0:
+    if draw(_ONE_IN_TEN) == 0:
         return draw(weird)
     inner: dict[str, Any] = {"address": draw(addresses)}
-    if draw(st.booleans()):
-        inner["name"] = draw(unicode_text | huge_strings | lone_surrogates | st.integers())
-    return {"emailAddress": inner if draw(st.integers(0, 9)) else draw(weird)}
+    if draw(_booleans):
+        inner["name"] = draw(_recipient_names)
+    return {"emailAddress": inner if draw(_ONE_IN_TEN) else draw(weird)}
+
+
+_RECIPIENT_ENTRIES = recipient_entries()
+_MANY_RECIPIENTS = st.builds(lambda entry, n: [entry] * n, _RECIPIENT_ENTRIES, st.sampled_from([499, 500, 501, 2000]))
+_RECIPIENT_LISTS = st.lists(_RECIPIENT_ENTRIES, max_size=6) | _MANY_RECIPIENTS | weird
 
 
 def recipient_lists() -> st.SearchStrategy[Any]:
-    many = st.builds(lambda entry, n: [entry] * n, recipient_entries(), st.sampled_from([499, 500, 501, 2000]))
-    return st.lists(recipient_entries(), max_size=6) | many | weird
+    return _RECIPIENT_LISTS
 
 
 b64 = st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode())
 broken_b64 = st.sampled_from(["!!!!", "QUJD", "QUJ", "QQ==QQ==", "Q Q==", "\x00", "====", "é"]) | unicode_text
 
+_MESSAGE_IDS = st.sampled_from(["AAMk-1", "AAMkAD=", " ", "", "i" * 5000]) | weird
+# Field -> (strategy, through ``maybe``: sometimes replaced by a weird value); attachments depend on the depth.
+_MESSAGE_FIELDS: dict[str, tuple[st.SearchStrategy[Any], bool]] = {
+    "subject": (unicode_text | huge_strings | lone_surrogates, True),
+    "from": (_RECIPIENT_ENTRIES, False),
+    "sender": (_RECIPIENT_ENTRIES, False),
+    "toRecipients": (_RECIPIENT_LISTS, False),
+    "ccRecipients": (_RECIPIENT_LISTS, False),
+    "bccRecipients": (_RECIPIENT_LISTS, False),
+    "replyTo": (_RECIPIENT_LISTS, False),
+    "internetMessageId": (st.sampled_from(["<m1@fabrikam.example>", "m1@x", "<>", "<a b>"]) | huge_strings, True),
+    "internetMessageHeaders": (st.lists(st.fixed_dictionaries({
+        "name": st.sampled_from(["X-MS-Exchange-Organization-AuthAs", "Authentication-Results", "References",
+                                 "In-Reply-To", "Auto-Submitted", "Precedence", "x-emailrouter-activityid",
+                                 "Received", "n" * 201, ""]) | unicode_text,
+        "value": st.sampled_from(["Internal", "Anonymous", "spf=fail", "dmarc=pass", "auto-replied",
+                                  "<a@b> <c@d>", "<" + "r@x> <" * 200 + "r@x>"]) | unicode_text | huge_strings,
+    }), max_size=8), True),
+    "body": (st.fixed_dictionaries({"contentType": st.sampled_from(["html", "text", "HTML", "x"]),
+                                    "content": hostile_html | huge_strings}), True),
+    "sentDateTime": (st.sampled_from(["2026-03-02T12:00:00Z", "2026-03-02T12:00:00.1234567Z",
+                                      "2026-13-45T99:99:99Z", "yesterday", "9" * 100]), True),
+    "receivedDateTime": (st.sampled_from(["2026-03-02T12:00:01Z", "2026-03-02", "", "T"]), True),
+    "conversationIndex": (b64 | broken_b64 | st.builds(lambda n: "A" * n, st.integers(6000, 9000)), True),
+    "categories": (st.lists(unicode_text, max_size=60), True),
+    "importance": (st.sampled_from(["low", "HIGH", "urgent", ""]), True),
+    "isDraft": (st.booleans() | weird, False),
+    "singleValueExtendedProperties": (st.lists(st.fixed_dictionaries({
+        "id": st.sampled_from(["String 0x1042", "String 0x1039", "string 0X1042"]) | unicode_text,
+        "value": unicode_text | huge_strings}), max_size=3), True),
+}
+_FIELD_NAMES = st.lists(st.sampled_from(sorted([*_MESSAGE_FIELDS, "attachments"])), unique=True,
+                        max_size=len(_MESSAGE_FIELDS) + 1)
+
+
+@functools.cache
+def _graph_messages_at(depth: int) -> st.SearchStrategy[dict[str, Any]]:
+    return graph_messages(depth)
+
 
 @st.composite
 def graph_messages(draw: Callable[[Any], Any], depth: int = 0) -> dict[str, Any]:
     def maybe(value_strategy: st.SearchStrategy[Any]) -> Any:
-        return draw(value_strategy if draw(st.integers(0, 5)) else weird)
+        return draw(value_strategy if draw(_ONE_IN_SIX) else weird)
 
     data: dict[str, Any] = {}
-    if depth == 0 or draw(st.booleans()):
-        data["id"] = draw(st.sampled_from(["AAMk-1", "AAMkAD=", " ", "", "i" * 5000]) | weird)
-    fields: dict[str, Callable[[], Any]] = {
-        "subject": lambda: maybe(unicode_text | huge_strings | lone_surrogates),
-        "from": lambda: draw(recipient_entries()),
-        "sender": lambda: draw(recipient_entries()),
-        "toRecipients": lambda: draw(recipient_lists()),
-        "ccRecipients": lambda: draw(recipient_lists()),
-        "bccRecipients": lambda: draw(recipient_lists()),
-        "replyTo": lambda: draw(recipient_lists()),
-        "internetMessageId": lambda: maybe(st.sampled_from(["<m1@fabrikam.example>", "m1@x", "<>", "<a b>"])
-                                           | huge_strings),
-        "internetMessageHeaders": lambda: maybe(st.lists(st.fixed_dictionaries({
-            "name": st.sampled_from(["X-MS-Exchange-Organization-AuthAs", "Authentication-Results", "References",
-                                     "In-Reply-To", "Auto-Submitted", "Precedence", "x-emailrouter-activityid",
-                                     "Received", "n" * 201, ""]) | unicode_text,
-            "value": st.sampled_from(["Internal", "Anonymous", "spf=fail", "dmarc=pass", "auto-replied",
-                                      "<a@b> <c@d>", "<" + "r@x> <" * 200 + "r@x>"]) | unicode_text | huge_strings,
-        }), max_size=8)),
-        "body": lambda: maybe(st.fixed_dictionaries({"contentType": st.sampled_from(["html", "text", "HTML", "x"]),
-                                                     "content": hostile_html | huge_strings})),
-        "sentDateTime": lambda: maybe(st.sampled_from(["2026-03-02T12:00:00Z", "2026-03-02T12:00:00.1234567Z",
-                                                       "2026-13-45T99:99:99Z", "yesterday", "9" * 100])),
-        "receivedDateTime": lambda: maybe(st.sampled_from(["2026-03-02T12:00:01Z", "2026-03-02", "", "T"])),
-        "conversationIndex": lambda: maybe(b64 | broken_b64 | st.builds(lambda n: "A" * n, st.integers(6000, 9000))),
-        "categories": lambda: maybe(st.lists(unicode_text, max_size=60)),
-        "importance": lambda: maybe(st.sampled_from(["low", "HIGH", "urgent", ""])),
-        "isDraft": lambda: draw(st.booleans() | weird),
-        "singleValueExtendedProperties": lambda: maybe(st.lists(st.fixed_dictionaries({
-            "id": st.sampled_from(["String 0x1042", "String 0x1039", "string 0X1042"]) | unicode_text,
-            "value": unicode_text | huge_strings}), max_size=3)),
-        "attachments": lambda: draw(attachment_lists(depth)),
-    }
-    for name in draw(st.lists(st.sampled_from(sorted(fields)), unique=True, max_size=len(fields))):
-        data[name] = fields[name]()
+    if depth == 0 or draw(_booleans):
+        data["id"] = draw(_MESSAGE_IDS)
+    for name in draw(_FIELD_NAMES):
+        if name == "attachments":
+            data[name] = draw(_attachment_lists_at(depth))
+            continue
+        strategy, through_maybe = _MESSAGE_FIELDS[name]
+        data[name] = maybe(strategy) if through_maybe else draw(strategy)
     return data
+
+
+_CHARSETS = st.sampled_from(["utf-8", "iso-8859-1", "bogus-charset", "utf-7", "utf-16", "", "x-unknown",
+                             "cp1252 "])  # NUL in a charset: see test_nul_in_charset_* (known bug)
+# Raw MIME is bytes: no lone surrogates here (they exist only in decoded JSON, generated above).
+_MIME_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=30)
+_HEADER_NAMES = st.lists(st.sampled_from(["From", "To", "Cc", "Subject", "Message-ID", "Date", "References",
+                                          "In-Reply-To", "Sender", "Reply-To", "Importance", "X-Junk",
+                                          "X-MS-Exchange-Organization-AuthAs"]), max_size=8)
+_KINDS_SHALLOW = st.sampled_from(["text", "html", "file", "multipart", "rfc822"])
+_KINDS_DEEP = st.sampled_from(["text", "html", "file"])
+_TRANSFER_ENCODINGS = st.sampled_from(["7bit", "8bit", "base64", "quoted-printable", "x-uuencode", "bogus", ""])
+_MULTIPART_KINDS = st.sampled_from(["mixed", "alternative", "related"])
+_LEAF_BODIES = st.binary(max_size=300) | st.sampled_from([b"!!!!not base64", b"PGI+aGk8L2I+", b"=\r\n=ZZ",
+                                                          b"<script>alert(1)</script>"])
+
+
+@functools.cache
+def _header_values(charset: str) -> st.SearchStrategy[str]:
+    encoded_word = st.builds(lambda cs, enc, payload: f"=?{cs}?{enc}?{payload}?=", st.just(charset),
+                             st.sampled_from(["B", "Q", "X"]), st.sampled_from(["SGVsbG8=", "!!!", "=0D=0ABcc:_x",
+                                                                                "w6k", ""]))
+    return (_MIME_TEXT.map(lambda t: t.encode("utf-8").decode("ascii", "replace"))
+            | encoded_word | st.sampled_from(["", "\x00", "a" * 2000, "<a@b> <c@d>"]))
+
+
+@functools.cache
+def _children(depth: int) -> st.SearchStrategy[list[bytes]]:
+    return st.lists(mime_bytes(depth), min_size=0, max_size=3)
+
+
+@functools.cache
+def _closings(boundary: str) -> st.SearchStrategy[bytes]:
+    return st.sampled_from([b"--" + boundary.encode() + b"--\r\n", b""])
+
+
+@functools.cache
+def _mime_bytes_at(depth: int) -> st.SearchStrategy[bytes]:
+    return mime_bytes(depth)
 
 
 @st.composite
 def mime_bytes(draw: Callable[[Any], Any], depth: int = 0) -> bytes:
     """A MIME entity built line by line, with deliberately broken parts."""
-    charset = draw(st.sampled_from(["utf-8", "iso-8859-1", "bogus-charset", "utf-7", "utf-16", "", "x-unknown",
-                                    "cp1252 "]))  # NUL in a charset: see test_nul_in_charset_* (known bug)
-    encoded_word = st.builds(lambda cs, enc, payload: f"=?{cs}?{enc}?{payload}?=", st.just(charset),
-                             st.sampled_from(["B", "Q", "X"]), st.sampled_from(["SGVsbG8=", "!!!", "=0D=0ABcc:_x",
-                                                                                "w6k", ""]))
-    # Raw MIME is bytes: no lone surrogates here (they exist only in decoded JSON, generated above).
-    mime_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=30)
-    header_value = mime_text.map(lambda t: t.encode("utf-8").decode("ascii", "replace")) \
-        | encoded_word | st.sampled_from(["", "\x00", "a" * 2000, "<a@b> <c@d>"])
+    charset = draw(_CHARSETS)
+    header_value = _header_values(charset)
     lines: list[str] = []
-    for name in draw(st.lists(st.sampled_from(["From", "To", "Cc", "Subject", "Message-ID", "Date", "References",
-                                                "In-Reply-To", "Sender", "Reply-To", "Importance", "X-Junk",
-                                                "X-MS-Exchange-Organization-AuthAs"]), max_size=8)):
+    for name in draw(_HEADER_NAMES):
         lines.append(f"{name}: {draw(header_value)}")
-    kind = draw(st.sampled_from(["text", "html", "file", "multipart", "rfc822"] if depth < 4
-                                else ["text", "html", "file"]))
-    cte = draw(st.sampled_from(["7bit", "8bit", "base64", "quoted-printable", "x-uuencode", "bogus", ""]))
+    kind = draw(_KINDS_SHALLOW if depth < 4 else _KINDS_DEEP)
+    cte = draw(_TRANSFER_ENCODINGS)
     boundary = f"b{depth}"
     if kind in ("text", "html"):
         lines.append(f'Content-Type: text/{"plain" if kind == "text" else "html"}; charset="{charset}"')
@@ -183,47 +238,60 @@ def mime_bytes(draw: Callable[[Any], Any], depth: int = 0) -> bytes:
         lines.append('Content-Type: application/octet-stream; name="a\x00b.bin"')
         lines.append('Content-Disposition: attachment; filename="=?bogus?B?!!?="')
     elif kind == "multipart":
-        lines.append(f'Content-Type: multipart/{draw(st.sampled_from(["mixed", "alternative", "related"]))}; '
-                     f'boundary="{boundary}"')
+        lines.append(f'Content-Type: multipart/{draw(_MULTIPART_KINDS)}; boundary="{boundary}"')
     else:
         lines.append("Content-Type: message/rfc822")
     if cte and kind != "multipart":
         lines.append(f"Content-Transfer-Encoding: {cte}")
     head = "\r\n".join(lines).encode("utf-8", "surrogateescape")
     if kind == "multipart":
-        children = draw(st.lists(mime_bytes(depth + 1), min_size=0, max_size=3))
+        children = draw(_children(depth + 1))
         body = b"".join(b"--" + boundary.encode() + b"\r\n" + c + b"\r\n" for c in children)
-        body += draw(st.sampled_from([b"--" + boundary.encode() + b"--\r\n", b""]))  # maybe never closed
+        body += draw(_closings(boundary))  # maybe never closed
     elif kind == "rfc822":
-        body = draw(mime_bytes(depth + 1))
+        body = draw(_mime_bytes_at(depth + 1))
     else:
-        body = draw(st.binary(max_size=300) | st.sampled_from([b"!!!!not base64", b"PGI+aGk8L2I+", b"=\r\n=ZZ",
-                                                                b"<script>alert(1)</script>"]))
-    if kind in ("text", "html", "file") and draw(st.integers(0, 9)) == 0:
+        body = draw(_LEAF_BODIES)
+    if kind in ("text", "html", "file") and draw(_ONE_IN_TEN) == 0:
         # NULs in leaf content only: a NUL inside a nested entity's charset parameter is the known emulator bug
         # pinned by test_nul_in_charset_is_rejected_or_parsed_by_the_emulator.
         body = body.replace(b"\r\n", b"\x00\r\n")
     return head + b"\r\n\r\n" + body
 
 
+_ATTACHMENT_KINDS_SHALLOW = st.sampled_from(["file", "item", "eml", "reference", "weird"])
+_ATTACHMENT_KINDS_DEEP = st.sampled_from(["file", "reference", "weird"])
+_FILE_ATTACHMENT = {
+    "contentType": st.sampled_from(["application/pdf", "image/png", "", "x"]),
+    "contentBytes": b64 | broken_b64,
+    "size": st.integers(-5, 10**12) | weird,
+    "contentId": unicode_text | st.none(),
+}
+
+
+@functools.cache
+def _attachment_lists_at(depth: int) -> st.SearchStrategy[Any]:
+    return attachment_lists(depth)
+
+
 @st.composite
 def attachment_lists(draw: Callable[[Any], Any], depth: int) -> Any:
-    if draw(st.integers(0, 9)) == 0:
+    if draw(_ONE_IN_TEN) == 0:
         return draw(weird)
     items: list[Any] = []
-    for _ in range(draw(st.integers(0, 3))):
-        kind = draw(st.sampled_from(["file", "item", "eml", "reference", "weird"] if depth < 5
-                                    else ["file", "reference", "weird"]))
+    for _ in range(draw(_UP_TO_THREE)):
+        kind = draw(_ATTACHMENT_KINDS_SHALLOW if depth < 5 else _ATTACHMENT_KINDS_DEEP)
         if kind == "file":
             items.append({"@odata.type": "#microsoft.graph.fileAttachment", "name": draw(unicode_text),
-                          "contentType": draw(st.sampled_from(["application/pdf", "image/png", "", "x"])),
-                          "contentBytes": draw(b64 | broken_b64), "size": draw(st.integers(-5, 10**12) | weird),
-                          "isInline": draw(st.booleans()), "contentId": draw(unicode_text | st.none())})
+                          "contentType": draw(_FILE_ATTACHMENT["contentType"]),
+                          "contentBytes": draw(_FILE_ATTACHMENT["contentBytes"]),
+                          "size": draw(_FILE_ATTACHMENT["size"]),
+                          "isInline": draw(_booleans), "contentId": draw(_FILE_ATTACHMENT["contentId"])})
         elif kind == "item":
             items.append({"@odata.type": "#microsoft.graph.itemAttachment", "name": "fwd",
-                          "item": draw(graph_messages(depth + 1))})
+                          "item": draw(_graph_messages_at(depth + 1))})
         elif kind == "eml":
-            raw = draw(mime_bytes(0))
+            raw = draw(_mime_bytes_at(0))
             items.append({"@odata.type": "#microsoft.graph.fileAttachment", "name": "orig.eml",
                           "contentType": "message/rfc822", "contentBytes": base64.b64encode(raw).decode()})
         elif kind == "reference":

@@ -10,6 +10,7 @@ independent oracle says exactly which items must be enqueued.
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from collections.abc import Callable
@@ -71,37 +72,69 @@ message_ids = (st.text(string.ascii_letters + string.digits + "-_=+/", min_size=
                | unicode_text | lone_surrogates)
 
 
-def _wrong_client_state(draw: Callable[[Any], Any], secret: str) -> Any:
+# Every strategy is built once, here, not inside the composites' draws: building one per draw made Hypothesis
+# validate it again each time (most of these tests' time). The drawn examples are the same (derandomized runs).
+_ONE_IN_TEN = st.integers(0, 9)
+_ONE_IN_TWENTY = st.integers(0, 19)
+_UP_TO_THREE = st.integers(0, 3)
+_SUBS = st.sampled_from(SUBS)
+_TENANTS = st.sampled_from([TENANT, TENANT.upper()])
+_LIFECYCLE_EVENTS = st.sampled_from(LIFECYCLE_EVENTS)
+_CHANGE_TYPES = st.sampled_from(["created", "updated", "deleted"])
+_OPS = st.sampled_from(["drop", "retype", "secret", "unknown", "huge", "numstr", "tenant", "event", "rd", "extra"])
+_BAD_TENANTS = st.sampled_from(["", TENANT + " ", "common", TENANT.replace("1", "2")]) | weird_values
+_BAD_EVENTS = st.sampled_from(["Created", "created ", "missed\x00", "", "subscriptionremoved"]) | weird_values
+_BAD_RESOURCE_DATA = st.sampled_from([None, [], "id", {"id": ""}, {"id": None}, {"ID": "x"}, {"id": "m" * 1025},
+                                      {"id": 42}]) | json_values
+_EXTRA_KEYS = st.text(max_size=20)
+
+
+@functools.lru_cache(maxsize=1024)
+def _keys_of(keys: tuple[str, ...]) -> st.SearchStrategy[str]:
+    return st.sampled_from(keys)
+
+
+@functools.cache
+def _unknown_subscription_ids(sub_id: str) -> st.SearchStrategy[Any]:
+    return st.sampled_from([sub_id.upper(), sub_id + " ", "", "s" * 1025,
+                            "00000000-0000-0000-0000-000000000000"]) | weird_values
+
+
+@functools.cache
+def _wrong_client_states(secret: str) -> st.SearchStrategy[Any]:
     other = [s.client_state for s in SUBS if s.client_state != secret]
-    return draw(st.sampled_from([
+    return st.sampled_from([
         secret[:-1], secret + " ", " " + secret, secret.upper(), secret[::-1], "", secret + "\x00",
         secret.encode().hex(), other[0], other[-1], None, 0, [secret], {"value": secret},
-    ]) | weird_values)
+    ]) | weird_values
+
+
+def _wrong_client_state(draw: Callable[[Any], Any], secret: str) -> Any:
+    return draw(_wrong_client_states(secret))
 
 
 @st.composite
 def notifications(draw: Callable[[Any], Any], *, lifecycle: bool = False) -> Any:
-    if draw(st.integers(0, 19)) == 0:
+    if draw(_ONE_IN_TWENTY) == 0:
         return draw(weird_values)  # not even an object
-    sub = draw(st.sampled_from(SUBS))
+    sub = draw(_SUBS)
     item: dict[str, Any] = {
         "subscriptionId": sub.id,
         "subscriptionExpirationDateTime": "2030-01-01T00:00:00.0000000Z",
         "clientState": sub.client_state,
-        "tenantId": draw(st.sampled_from([TENANT, TENANT.upper()])),
+        "tenantId": draw(_TENANTS),
     }
     if lifecycle:
-        item["lifecycleEvent"] = draw(st.sampled_from(LIFECYCLE_EVENTS))
+        item["lifecycleEvent"] = draw(_LIFECYCLE_EVENTS)
     else:
         mid = draw(message_ids)
-        item["changeType"] = draw(st.sampled_from(["created", "updated", "deleted"]))
+        item["changeType"] = draw(_CHANGE_TYPES)
         item["resource"] = f"Users/{sub.id}/Messages/{mid}"
         item["resourceData"] = {"@odata.type": "#Microsoft.Graph.Message", "@odata.id": f"Users/x/Messages/{mid}",
                                 "@odata.etag": 'W/"CQAAABYAAAA"', "id": mid}
-    for _ in range(draw(st.integers(0, 3))):
-        op = draw(st.sampled_from(["drop", "retype", "secret", "unknown", "huge", "numstr", "tenant", "event",
-                                   "rd", "extra"]))
-        key = draw(st.sampled_from(sorted(item)))
+    for _ in range(draw(_UP_TO_THREE)):
+        op = draw(_OPS)
+        key = draw(_keys_of(tuple(sorted(item))))
         if op == "drop":
             item.pop(key, None)
         elif op == "retype":
@@ -109,25 +142,25 @@ def notifications(draw: Callable[[Any], Any], *, lifecycle: bool = False) -> Any
         elif op == "secret":
             item["clientState"] = _wrong_client_state(draw, sub.client_state)
         elif op == "unknown":
-            item["subscriptionId"] = draw(st.sampled_from([sub.id.upper(), sub.id + " ", "", "s" * 1025,
-                                                            "00000000-0000-0000-0000-000000000000"]) | weird_values)
+            item["subscriptionId"] = draw(_unknown_subscription_ids(sub.id))
         elif op == "huge":
             item[key] = draw(huge_strings)
         elif op == "numstr":
             item[key] = draw(numbers_as_strings)
         elif op == "tenant":
-            item["tenantId"] = draw(st.sampled_from(["", TENANT + " ", "common", TENANT.replace("1", "2")])
-                                    | weird_values)
+            item["tenantId"] = draw(_BAD_TENANTS)
         elif op == "event":
             field = "lifecycleEvent" if lifecycle else "changeType"
-            item[field] = draw(st.sampled_from(["Created", "created ", "missed\x00", "", "subscriptionremoved"])
-                               | weird_values)
+            item[field] = draw(_BAD_EVENTS)
         elif op == "rd":
-            item["resourceData"] = draw(st.sampled_from([None, [], "id", {"id": ""}, {"id": None}, {"ID": "x"},
-                                                          {"id": "m" * 1025}, {"id": 42}]) | json_values)
+            item["resourceData"] = draw(_BAD_RESOURCE_DATA)
         else:
-            item[draw(st.text(max_size=20))] = draw(weird_values)
+            item[draw(_EXTRA_KEYS)] = draw(weird_values)
     return item
+
+
+_NOTIFICATIONS = notifications()
+_LIFECYCLE_NOTIFICATIONS = notifications(lifecycle=True)
 
 
 def _encode(data: Any, ensure_ascii: bool) -> bytes:
@@ -179,7 +212,7 @@ def test_change_notification_collections() -> None:
     runs = Counter()
 
     @fuzz_settings(4000)
-    @given(items=st.lists(notifications(), max_size=12), ascii_only=st.booleans(),
+    @given(items=st.lists(_NOTIFICATIONS, max_size=12), ascii_only=st.booleans(),
            queue_down=st.integers(0, 9).map(lambda n: n == 0), extra=st.dictionaries(st.text(max_size=8),
                                                                                       json_values, max_size=2))
     def run(items: list[Any], ascii_only: bool, queue_down: bool, extra: dict[str, Any]) -> None:
@@ -196,7 +229,7 @@ def test_lifecycle_notification_collections() -> None:
     runs = Counter()
 
     @fuzz_settings(1500)
-    @given(items=st.lists(notifications(lifecycle=True), max_size=8), ascii_only=st.booleans(),
+    @given(items=st.lists(_LIFECYCLE_NOTIFICATIONS, max_size=8), ascii_only=st.booleans(),
            queue_down=st.integers(0, 9).map(lambda n: n == 0))
     def run(items: list[Any], ascii_only: bool, queue_down: bool) -> None:
         runs()
@@ -208,25 +241,36 @@ def test_lifecycle_notification_collections() -> None:
     assert runs.accepted > runs.n // 10, "the generator must also produce authentic notifications"
 
 
+_DUPLICATE_KEY_ITEMS = st.lists(_NOTIFICATIONS, min_size=1, max_size=5)
+_ONE_TO_THREE = st.integers(1, 3)
+_DECOYS = st.sampled_from(["", None, 0, "forged", [1]]) | weird_values
+_BOOLEANS = st.booleans()
+
+
+@functools.cache
+def _up_to(n: int) -> st.SearchStrategy[int]:
+    return st.integers(0, n)
+
+
 @st.composite
 def duplicate_key_bodies(draw: Callable[[Any], Any]) -> tuple[bytes, list[Any]]:
     """Objects with repeated keys (e.g. a wrong clientState first, the right one last): JSON's last value wins."""
     effective: list[Any] = []
     texts: list[str] = []
-    for item in draw(st.lists(notifications(), min_size=1, max_size=5)):
+    for item in draw(_DUPLICATE_KEY_ITEMS):
         if not isinstance(item, dict) or not item:
             effective.append(item)
             texts.append(json.dumps(item))
             continue
         pairs = list(item.items())
-        for _ in range(draw(st.integers(1, 3))):
-            key = draw(st.sampled_from([k for k, _ in pairs]))
-            decoy = draw(st.sampled_from(["", None, 0, "forged", [1]]) | weird_values)
-            pairs.insert(draw(st.integers(0, len(pairs))), (key, decoy))
+        for _ in range(draw(_ONE_TO_THREE)):
+            key = draw(_keys_of(tuple(k for k, _ in pairs)))
+            decoy = draw(_DECOYS)
+            pairs.insert(draw(_up_to(len(pairs))), (key, decoy))
         effective.append(dict(pairs))
         texts.append("{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}")
     body = '{"value":[' + ",".join(texts) + "]}"
-    if draw(st.booleans()):
+    if draw(_BOOLEANS):
         body = '{"value":[],' + body[1:]  # a duplicated top-level "value" too: the last array counts
     return body.encode("utf-8"), effective
 
@@ -252,46 +296,59 @@ def _valid_body() -> bytes:
                                   "changeType": "created", "resourceData": {"id": "AAMkAD="}}]}).encode()
 
 
+_HOSTILE_KINDS = st.sampled_from(["binary", "json_value", "nested", "nested_inside", "oversized", "truncated",
+                                  "flipped", "constants", "many_items", "bom", "big_number"])
+_BINARY_BODIES = st.binary(max_size=3000)
+_NESTED_DEPTHS = st.integers(50, 30_000)
+_NESTINGS = st.sampled_from([("[", "]"), ('{"value":', "}"), ('{"a":[', "]}")])
+_INNER_DEPTHS = st.integers(50, 20_000)
+_PADS = st.integers(1, 5000)
+_FLIPS = st.integers(1, 4)
+_BYTES = st.integers(0, 255)
+_CONSTANT_BODIES = st.sampled_from([b'{"value":[NaN]}', b'{"value":[Infinity]}', b'{"value":-Infinity}',
+                                    b'{"value":[1e999]}', b"null", b"", b"   ", b'{"value":null}',
+                                    b'{"value":{}}', b'{"value":"[]"}', b"[]", b'"value"'])
+_ITEM_COUNTS = st.sampled_from([999, 1000, 1001, 5000])
+_BIG_NUMBER_DIGITS = st.integers(4000, 20_000)
+
+
 @st.composite
 def hostile_bodies(draw: Callable[[Any], Any]) -> bytes:
-    kind = draw(st.sampled_from(["binary", "json_value", "nested", "nested_inside", "oversized", "truncated",
-                                 "flipped", "constants", "many_items", "bom", "big_number"]))
+    kind = draw(_HOSTILE_KINDS)
     if kind == "binary":
-        return draw(st.binary(max_size=3000))
+        return draw(_BINARY_BODIES)
     if kind == "json_value":
         return json.dumps(draw(json_values)).encode("utf-8", "surrogatepass")
     if kind == "nested":
-        depth = draw(st.integers(50, 30_000))
-        opener, closer = draw(st.sampled_from([("[", "]"), ('{"value":', "}"), ('{"a":[', "]}")]))
+        depth = draw(_NESTED_DEPTHS)
+        opener, closer = draw(_NESTINGS)
         return (opener * depth + closer * depth).encode()[:MAX_BODY]
     if kind == "nested_inside":
-        depth = draw(st.integers(50, 20_000))
+        depth = draw(_INNER_DEPTHS)
         s = SUBS[0]
         head = (f'{{"value":[{{"subscriptionId":"{s.id}","clientState":{json.dumps(s.client_state)},'
                 f'"tenantId":"{TENANT}","changeType":"created","resourceData":')
         return (head + '{"id":' * depth + '"x"' + "}" * depth + "}]}").encode()
     if kind == "oversized":
-        pad = draw(st.integers(1, 5000))
+        pad = draw(_PADS)
         base = _valid_body()
         return base[:-1] + b" " * (MAX_BODY - len(base) + pad) + b"}"
     if kind == "truncated":
         base = _valid_body()
-        return base[: draw(st.integers(0, len(base) - 1))]
+        return base[: draw(_up_to(len(base) - 1))]
     if kind == "flipped":
         base = bytearray(_valid_body())
-        for _ in range(draw(st.integers(1, 4))):
-            base[draw(st.integers(0, len(base) - 1))] = draw(st.integers(0, 255))
+        for _ in range(draw(_FLIPS)):
+            base[draw(_up_to(len(base) - 1))] = draw(_BYTES)
         return bytes(base)
     if kind == "constants":
-        return draw(st.sampled_from([b'{"value":[NaN]}', b'{"value":[Infinity]}', b'{"value":-Infinity}',
-                                     b'{"value":[1e999]}', b"null", b"", b"   ", b'{"value":null}',
-                                     b'{"value":{}}', b'{"value":"[]"}', b"[]", b'"value"']))
+        return draw(_CONSTANT_BODIES)
     if kind == "many_items":
-        n = draw(st.sampled_from([999, 1000, 1001, 5000]))
+        n = draw(_ITEM_COUNTS)
         return ('{"value":[' + ",".join(["{}"] * n) + "]}").encode()
     if kind == "bom":
         return b"\xef\xbb\xbf" + _valid_body()
-    return ('{"value":[{"subscriptionId":' + "9" * draw(st.integers(4000, 20_000)) + "}]}").encode()
+    return ('{"value":[{"subscriptionId":' + "9" * draw(_BIG_NUMBER_DIGITS) + "}]}").encode()
 
 
 def test_hostile_bodies() -> None:

@@ -632,7 +632,8 @@ def test_expiry_deletes_silently_and_reauthorization_follows_the_token_cadence(
             next(s for subs in g.emulator.notifier._subs.values() for s in subs if s.id == sub["id"])))
         before = g.emulator.notifier.paused_dropped
         deliver(e, external_mail("while paused"), [ALICE])
-        assert g.emulator.notifier.paused_dropped == before + 1
+        # the notifier handles store events on its own thread: wait for the drop, never assume it already happened
+        assert receiver.wait_for(lambda _r: g.emulator.notifier.paused_dropped == before + 1)
         # one PATCH answers the challenge (renewing also reauthorizes): notifications flow again (no new challenge
         # from here on, so the check below does not race the next one)
         assert e.post("/config", json={"reauthorize_interval_s": None}).status_code == 200

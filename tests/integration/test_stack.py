@@ -1,4 +1,5 @@
-"""The stack launcher, run as `python -m local.stack up --only azurite,functions` on free ports.
+"""The stack launcher, run as `python -m local.stack up --only azurite,functions` on free ports, and the stack
+driver under it (``local.stack.Stack``): port probing, host kill and restart.
 
 Ports and state live in a temporary folder so a developer's running `make run` is never touched.
 """
@@ -161,5 +162,84 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         taken = blocker.getsockname()[1]
         launcher = start_launcher(tmp_path, functions_port=taken)
         assert launcher.proc.wait(60) == 2
-    assert f"port in use: functions http port {taken}" in launcher.output()
+    out = launcher.output()
+    assert f"port in use: {taken} (functions); choose another with --functions-port" in out, out
     assert launcher.state() is None  # nothing was started
+
+
+def _time_wait_port() -> int:
+    """A port whose last connection is in TIME_WAIT on our side (we closed first) and that nobody listens on."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = int(listener.getsockname()[1])
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        conn.close()  # the active close: TIME_WAIT stays with the listening port
+        time.sleep(0.05)
+        client.close()
+    return port
+
+
+def test_the_port_probe_binds_like_the_servers() -> None:
+    """A port in TIME_WAIT is free to a server (uvicorn, aiosmtpd and Node set SO_REUSEADDR), so the probe says free;
+    a port someone listens on is taken."""
+    from local.services import port_is_free
+
+    lingering = _time_wait_port()
+    with socket.socket() as plain:  # what the old probe did: refused while TIME_WAIT lasts
+        with contextlib.suppress(OSError):
+            plain.bind(("127.0.0.1", lingering))
+            pytest.skip("this kernel let a plain bind through TIME_WAIT; nothing to tell apart")
+    assert port_is_free(lingering)
+    with socket.socket() as server:  # and a server really can bind it
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", lingering))
+        server.listen(1)
+        assert not port_is_free(lingering)
+
+
+def test_the_driver_names_every_taken_port_and_its_flag(tmp_path: Path) -> None:
+    from local.stack import PortInUseError, Stack
+
+    with socket.socket() as a, socket.socket() as b:
+        for s in (a, b):
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+        queue, table = a.getsockname()[1], b.getsockname()[1]
+        stack = Stack(tmp_path, services=["azurite"], ports={"queue": queue, "table": table})
+        with pytest.raises(PortInUseError) as info:
+            stack.start()
+    text = str(info.value)
+    assert f"port in use: {queue} (azurite queue); choose another with --queue-port" in text
+    assert f"port in use: {table} (azurite table); choose another with --table-port" in text
+    assert not (tmp_path / "stack.json").exists()
+
+
+def test_the_driver_kills_and_restarts_the_host(tmp_path: Path) -> None:
+    """SIGKILL the host: it is gone at once (whole process group), ``watch`` does not call that a failure, and a
+    new host comes up on the same port; ``run_function`` waits for the admin run's Executed line."""
+    import threading
+
+    from local.stack import Stack
+
+    with Stack(tmp_path / "state", services=["azurite", "functions"], host_lease_seconds=30) as stack:
+        first = stack.pids()["functions"]
+        host = psutil.Process(first)
+        assert "--lease-seconds" in host.cmdline()
+        stack.kill_host()
+        assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
+        stop = threading.Event()
+        stop.set()
+        assert stack.watch(stop) == 0
+        stack.start_host()
+        assert stack.pids()["functions"] != first and stack.host_starts == 2
+        r = requests.get(f"{stack.functions_root}/api/health", timeout=10)
+        assert r.status_code == 200
+        before = stack.executed_count("outbound_scan")  # its schedule (every 15 s) may have run it already
+        status = stack.run_function("outbound_scan", within=120)  # a timer; no Dataverse here, so it may fail
+        assert status in ("Succeeded", "Failed") and stack.executed_count("outbound_scan") > before
+        children = [psutil.Process(p) for p in stack.pids().values()]
+    assert _alive(children) == []
+    assert json.loads((tmp_path / "state" / "stack.json").read_text())["running"] is False

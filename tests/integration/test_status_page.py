@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import requests
 
-from bench.local_functions import FunctionsHost, host_available, start_functions_host
 from core.bootstrap import Container
 from core.config import Settings
 from core.names import INBOUND_QUEUE
 from local.azurite import Azurite
+from local.stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,6 @@ if not _browser_available() and os.environ.get("CI"):
                 "chromium-driver", pytrace=False)
 needs_browser = pytest.mark.skipif(not _browser_available(),
                                    reason="Debian's chromium + chromium-driver not installed (make install does)")
-needs_host = pytest.mark.skipif(not host_available(), reason="local Functions host (local/host) not present")
 
 
 async def _seed(values: dict[str, str]) -> None:
@@ -84,14 +83,14 @@ async def _seed(values: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def host(azurite: Azurite, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FunctionsHost]:
+def host(azurite: Azurite, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The local Functions host alone (the stack driver with only ``functions``), over the session's Azurite; its
+    timers never fire (no schedules), as nothing here is for them."""
     values = {"AzureWebJobsStorage": azurite.connection_string, "TABLE_PREFIX": "st" + uuid.uuid4().hex[:10]}
     asyncio.run(_seed(values))
-    h = start_functions_host(values, Path(tmp_path_factory.mktemp("statushost")))
-    try:
+    with Stack(Path(tmp_path_factory.mktemp("statushost")), services=["functions"], host_values=values,
+               host_grace=5, timers=False) as h:
         yield h
-    finally:
-        h.stop()
 
 
 @pytest.fixture
@@ -125,23 +124,22 @@ def _screenshot(driver: Any, tmp_path: Path, name: str) -> Path:
 
 
 @needs_browser
-@needs_host
-def test_status_page_in_chromium(host: FunctionsHost, browser: Any, tmp_path: Path) -> None:
+def test_status_page_in_chromium(host: Stack, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
-    url = f"{host.url}/api/status"
+    url = f"{host.functions_root}/api/status"
     # Without the key: 401 and no data, in the browser too.
     assert requests.get(url, timeout=30).status_code == 401
     browser.get(url)
     assert ERIN not in browser.page_source and "Email Router status" not in browser.page_source
 
-    response = requests.get(url, params={"code": host.host_key}, timeout=60)
-    assert response.status_code == 200, host.log_tail()
+    response = requests.get(url, params={"code": host.function_key}, timeout=60)
+    assert response.status_code == 200, host.log_tail("functions")
     assert response.headers["Content-Type"].startswith("text/html")
     assert "script-src" not in response.headers["Content-Security-Policy"]  # default-src 'none': no script at all
     assert response.headers["Cache-Control"] == "no-store"
 
-    browser.get(f"{url}?code={host.host_key}")
+    browser.get(f"{url}?code={host.function_key}")
     shot = _screenshot(browser, tmp_path, "status-page.png")
     assert shot.stat().st_size > 10_000
 

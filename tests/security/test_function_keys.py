@@ -19,8 +19,8 @@ import azure.functions as func
 import pytest
 import requests
 
-from bench.local_functions import FunctionsHost, host_available, start_functions_host
 from emulators.common import demo
+from local.stack import Stack
 from tests.fuzz.webhook_support import indexed_functions
 
 PUBLIC = {"health"}  # anonymous by design: returns version + which settings are configured, never values
@@ -67,18 +67,15 @@ def test_no_http_route_collides_with_the_host_admin_api() -> None:
 
 # ------------------------------------------------------------------------------------------ through the host
 
-needs_host = pytest.mark.skipif(not host_available(), reason="local Functions host (local/host) not present")
-
-
 @pytest.fixture(scope="module")
-def host(azurite: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FunctionsHost]:
+def host(azurite: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The local Functions host alone (the stack driver with only ``functions``), over the session's Azurite; its
+    timers never fire (no schedules), as nothing here is for them."""
     values = {"AzureWebJobsStorage": azurite.connection_string, "GRAPH_TENANT_ID": demo.TENANT_ID,
               "TABLE_PREFIX": "keys" + uuid.uuid4().hex[:8]}
-    h = start_functions_host(values, Path(tmp_path_factory.mktemp("keyhost")))
-    try:
+    with Stack(Path(tmp_path_factory.mktemp("keyhost")), services=["functions"], host_values=values,
+               host_grace=5, timers=False) as h:
         yield h
-    finally:
-        h.stop()
 
 
 def _concrete(route: str) -> str:
@@ -86,35 +83,34 @@ def _concrete(route: str) -> str:
     return re.sub(r"\{[^}]*\}", "x", route)
 
 
-@needs_host
 @pytest.mark.integration
-def test_protected_routes_answer_401_without_a_valid_key(host: FunctionsHost) -> None:
+def test_protected_routes_answer_401_without_a_valid_key(host: Stack) -> None:
     checked = 0
     for name, binding in http_functions().items():
         methods = [m.upper() for m in (binding.get("methods") or ["GET", "POST"])]
-        url = f"{host.url}/api/{_concrete(str(binding.get('route') or name))}"
+        url = f"{host.functions_root}/api/{_concrete(str(binding.get('route') or name))}"
         for method in methods:
             anonymous = requests.request(method, url, data=b"{}", timeout=10)
             if name in PUBLIC:
                 assert anonymous.status_code != 401, name
                 continue
             assert anonymous.status_code == 401, (name, method, anonymous.status_code)
-            for wrong in ({"params": {"code": "wrong"}}, {"headers": {"x-functions-key": host.host_key[:-1]}},
-                          {"params": {"code": ""}}, {"headers": {"x-functions-key": host.host_key + " "}}):
+            for wrong in ({"params": {"code": "wrong"}}, {"headers": {"x-functions-key": host.function_key[:-1]}},
+                          {"params": {"code": ""}}, {"headers": {"x-functions-key": host.function_key + " "}}):
                 r = requests.request(method, url, data=b"{}", timeout=10, **wrong)  # type: ignore[arg-type]
                 assert r.status_code == 401, (name, method, wrong)
-            ok = requests.request(method, url, data=b'{"value": []}', params={"code": host.host_key}, timeout=10)
-            assert ok.status_code not in (401, 403, 404, 500), (name, method, ok.status_code, host.log_tail())
+            ok = requests.request(method, url, data=b'{"value": []}', params={"code": host.function_key}, timeout=10)
+            assert ok.status_code not in (401, 403, 404, 500), (name, method, ok.status_code,
+                                                                 host.log_tail("functions"))
             checked += 1
     assert checked >= 2
 
 
-@needs_host
 @pytest.mark.integration
-def test_health_is_public_and_admin_api_is_not(host: FunctionsHost) -> None:
-    assert requests.get(f"{host.url}/api/health", timeout=10).status_code == 200
-    assert requests.get(f"{host.url}/admin/host/status", timeout=10).status_code == 401
-    assert requests.get(f"{host.url}/admin/host/status", params={"code": host.host_key}, timeout=10
+def test_health_is_public_and_admin_api_is_not(host: Stack) -> None:
+    assert requests.get(f"{host.functions_root}/api/health", timeout=10).status_code == 200
+    assert requests.get(f"{host.functions_root}/admin/host/status", timeout=10).status_code == 401
+    assert requests.get(f"{host.functions_root}/admin/host/status", params={"code": host.function_key}, timeout=10
                         ).status_code == 401  # a function-level key is not enough for admin APIs
-    assert requests.get(f"{host.url}/admin/host/status", params={"code": host.master_key}, timeout=10
+    assert requests.get(f"{host.functions_root}/admin/host/status", params={"code": host.admin_key}, timeout=10
                         ).status_code == 200
