@@ -20,7 +20,8 @@ __all__ = [
 
 _MAX_FIELD = 1024  # Graph ids are ~150 chars; anything longer is not ours
 
-InboundSource = Literal["notification", "delta", "backfill", "replay"]
+# "category": a user gave the message the org's tracking category in Outlook (track by category).
+InboundSource = Literal["notification", "delta", "backfill", "replay", "category"]
 
 
 class InvalidWorkItem(ValueError):
@@ -72,7 +73,7 @@ class InboundItem:
     def from_json(cls, raw: str | bytes) -> InboundItem:
         data = _load(raw, "inbound")
         source = _str(data, "source")
-        if source not in ("notification", "delta", "backfill", "replay"):
+        if source not in ("notification", "delta", "backfill", "replay", "category"):
             raise InvalidWorkItem(f"unknown source {source!r}")
         return cls(
             mailbox=_str(data, "mailbox"),
