@@ -21,8 +21,10 @@ __all__ = [
 
 _MAX_FIELD = 1024  # Graph ids are ~150 chars; anything longer is not ours
 
-InboundSource = Literal["notification", "delta", "backfill", "replay", "reprocess"]
-_SOURCES = ("notification", "delta", "backfill", "replay", "reprocess")
+# "category": a user gave the message the org's tracking category in Outlook (track by category).
+# "reprocess": an admin asked for an earlier decision to be made again (``emailrouter reprocess``).
+InboundSource = Literal["notification", "delta", "backfill", "replay", "category", "reprocess"]
+_SOURCES = ("notification", "delta", "backfill", "replay", "category", "reprocess")
 # Earlier outcomes a re-evaluation may overrule (``emailrouter reprocess``, ``backfill --reevaluate``).
 REEVALUATE_OUTCOMES = ("skipped", "failed")
 

@@ -477,14 +477,47 @@ class GraphMailClient:
             # $orderby on the property the $filter names (Graph wants them to match)
             url += "&$filter=" + quote(" and ".join(window), safe="") + "&$orderby=" + quote(
                 "receivedDateTime desc", safe="")
+        async for message in self._message_pages("list_messages", mailbox, url):
+            yield message
+
+    async def _message_pages(self, kind: str, mailbox: str, url: str) -> AsyncIterator[dict[str, Any]]:
+        """Every message of a listing, page after page (``@odata.nextLink`` as Graph gives it), immutable ids."""
         next_url: str | None = url
         while next_url:
-            _, body, _ = await self._send("list_messages", mailbox, self._raw("GET", next_url), idempotent=True,
+            _, body, _ = await self._send(kind, mailbox, self._raw("GET", next_url), idempotent=True,
                                           headers={"Prefer": 'IdType="ImmutableId"'})
             page = self._json(body)
             for message in page.get("value", []):
                 yield message
             next_url = page.get("@odata.nextLink")
+
+    async def list_categorized_messages(self, mailbox: str, category: str, *, since: datetime,
+                                        page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
+        """Messages in any folder of the mailbox that carry ``category`` and changed at or after ``since`` (track by
+        category): ``/users/{id}/messages`` with ``$filter=lastModifiedDateTime ge ... and categories/any(c:c eq
+        '...')`` (core/domain/category.py), only what the search needs, immutable ids as everywhere else."""
+        from core.domain.category import category_filter
+
+        url = (f"/users/{quote(mailbox)}/messages?$filter={quote(category_filter(category, since), safe='')}"
+               f"&$select=id,parentFolderId,lastModifiedDateTime,categories&$top={page_size}")
+        async for message in self._message_pages("category_search", mailbox, url):
+            yield message
+
+    async def well_known_folder_ids(self, mailbox: str, names: Sequence[str]) -> dict[str, str]:
+        """Folder id -> well-known name (``inbox``, ``sentitems``, ...) for the names given, in one JSON batch;
+        a name the mailbox does not have is left out."""
+        requests = [{"id": str(n), "method": "GET",
+                     "url": f"/users/{quote(mailbox)}/mailFolders/{quote(name, safe='')}?$select=id"}
+                    for n, name in enumerate(names, start=1)]
+        found: dict[str, str] = {}
+        for start in range(0, len(requests), GRAPH_BATCH_ITEMS):
+            chunk = requests[start:start + GRAPH_BATCH_ITEMS]
+            for request, response in zip(chunk, await self.batch(chunk, mailbox=mailbox), strict=True):
+                folder_id = (response.get("body") or {}).get("id") if int(response.get("status") or 0) == 200 \
+                    else None
+                if folder_id:
+                    found[str(folder_id)] = names[int(request["id"]) - 1]
+        return found
 
     # -- delta ---------------------------------------------------------------------------------
 

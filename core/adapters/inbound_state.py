@@ -104,7 +104,7 @@ class TableLedger:
                            activity_id=str(e.get("ActivityId", "")),
                            internet_message_id=str(e.get("InternetMessageId", "")),
                            attempts=int(e.get("Attempts", 0) or 0), reason=str(e.get("Reason", "")),
-                           at=e.get("At"))
+                           at=e.get("At"), source=str(e.get("Source", "") or ""))
 
     async def expire(self, mailbox: str, before: datetime, limit: int) -> tuple[int, bool]:
         """Delete up to ``limit`` of the mailbox's entries written before ``before`` (one partition query).
@@ -117,7 +117,7 @@ class TableLedger:
             "PartitionKey": _mailbox_key(entry.mailbox), "RowKey": hash_key(entry.graph_id),
             "GraphId": entry.graph_id[:1024], "Outcome": entry.outcome.value, "ActivityId": entry.activity_id,
             "InternetMessageId": entry.internet_message_id[:1024], "Attempts": entry.attempts,
-            "Reason": entry.reason[:1024], "At": entry.at or _now(),
+            "Reason": entry.reason[:1024], "At": entry.at or _now(), "Source": entry.source[:32],
         }, mode="replace")
 
 

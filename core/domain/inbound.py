@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final, Literal
 
+from core.domain.category import category_trackable, has_category
 from core.domain.correlation import (
     Correlation,
     CorrelationKeys,
@@ -118,6 +119,9 @@ class InboundContext:
     correlation: CorrelationLookup = field(default_factory=CorrelationLookup.empty)
     forward_users: Mapping[str, MailboxConfig] = field(default_factory=dict)
     known_mailboxes: Sequence[MailboxConfig] = ()
+    # Track by category: the org's tracking category when this message came as a user's request
+    # (InboundItem source "category" while TrackCategorizedItems is on); "" otherwise.
+    requested_category: str = ""
 
     def mailboxes_by_owner(self) -> dict[CrmRecordRef, MailboxConfig]:
         return {m.owner: m for m in self.known_mailboxes if m.owner is not None}
@@ -278,6 +282,16 @@ def _mailbox_gate(mailbox: MailboxConfig) -> tuple[str, str] | None:
     return None
 
 
+def _requested_category(message: MailMessage, context: InboundContext) -> str:
+    """The tracking category when the user asked for this message (track by category) and may: the request came
+    from the category search, the mailbox is one whose users may ask (core/domain/category.py), and the message,
+    as fetched now, still carries the category (a user who removed it again has withdrawn the request)."""
+    name = context.requested_category
+    if name and category_trackable(context.mailbox) and has_category(message.categories, name):
+        return name
+    return ""
+
+
 def _approval_gate(mailbox: MailboxConfig, org: OrgEmailSettings) -> tuple[str, str] | None:
     required = (org.require_approval_for_queue_email if mailbox.kind is MailboxKind.QUEUE
                 else org.require_approval_for_user_email)
@@ -426,7 +440,12 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
     if approval is not None:
         return skip("mailbox", *approval, wrapper_graph_id=wrapper_graph_id)
 
-    reason = first_skip_reason(message, tracking_mailbox, org, queue_addresses=context.queue_addresses())
+    requested = _requested_category(message, context)
+    if requested:
+        decisions.append(Decision("request", "category", f"the user gave the message the Outlook category "
+                                  f"{requested!r}: tracked whatever the tracking filter and the folder"))
+    reason = first_skip_reason(message, tracking_mailbox, org, queue_addresses=context.queue_addresses(),
+                               manual=bool(requested))
     if reason is not None:
         return skip("skip_rule", reason.code.value, reason.why, wrapper_graph_id)
     decisions.append(Decision("skip_rule", "none", "no skip rule matched"))
@@ -448,7 +467,8 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
                               if correlation.matched else "no known conversation"))
 
     tracking = decide_tracking(message, tracking_mailbox, parties=parties, correlation=correlation,
-                               direction=direction, org=org, mailboxes_by_owner=context.mailboxes_by_owner())
+                               direction=direction, org=org, mailboxes_by_owner=context.mailboxes_by_owner(),
+                               requested_category=requested)
     for evaluation in tracking.evaluations:
         decisions.append(Decision("filter", "accept" if evaluation.accepted else "reject",
                                   f"{evaluation.entity.table} {evaluation.entity.id}: {evaluation.why}"))

@@ -56,6 +56,9 @@ class _SkipInput:
     mailbox: MailboxConfig
     org: OrgEmailSettings
     queue_addresses: frozenset[str]
+    # The user asked for this message (track by category): SSS tracks manually tracked mail whatever folder it is
+    # in, so the folder rules do not apply; every other rule does.
+    manual: bool = False
 
 
 SkipRule = Callable[[_SkipInput], SkipReason | None]
@@ -68,7 +71,7 @@ def _draft(s: _SkipInput) -> SkipReason | None:
 
 
 def _junk(s: _SkipInput) -> SkipReason | None:
-    if s.message.folder.kind is FolderKind.JUNK:
+    if s.message.folder.kind is FolderKind.JUNK and not s.manual:
         return SkipReason(SkipCode.JUNK, "the message is in the Junk Email folder")
     return None
 
@@ -78,7 +81,7 @@ def _folder(s: _SkipInput) -> SkipReason | None:
     # (not for queues, crm-ref §4); Sent Items only with AutoTrackSentFolderItems.
     folder = s.message.folder
     mapped = s.mailbox.kind is MailboxKind.USER and folder.folder_id in s.mailbox.folder_regarding
-    if folder.kind is FolderKind.INBOX or mapped:
+    if folder.kind is FolderKind.INBOX or mapped or s.manual:
         return None
     if folder.kind is FolderKind.SENT_ITEMS:
         if s.mailbox.track_sent_items and s.mailbox.kind is MailboxKind.USER:
@@ -217,10 +220,12 @@ SKIP_RULES: Final[tuple[tuple[SkipCode, SkipRule], ...]] = (
 
 
 def first_skip_reason(message: MailMessage, mailbox: MailboxConfig, org: OrgEmailSettings, *,
-                      queue_addresses: Sequence[str] | frozenset[str] = frozenset()) -> SkipReason | None:
+                      queue_addresses: Sequence[str] | frozenset[str] = frozenset(),
+                      manual: bool = False) -> SkipReason | None:
     """The first skip rule that matches, or None when the message may be tracked. ``queue_addresses`` = addresses
-    of queue mailboxes (for DoNotIgnoreInternalEmailToQueues)."""
-    given = _SkipInput(message, mailbox, org, frozenset(a.lower() for a in queue_addresses))
+    of queue mailboxes (for DoNotIgnoreInternalEmailToQueues); ``manual``: the user asked for this message to be
+    tracked (track by category), so the folder rules (Junk Email, folder not tracked) are left out."""
+    given = _SkipInput(message, mailbox, org, frozenset(a.lower() for a in queue_addresses), manual)
     for _code, rule in SKIP_RULES:
         reason = rule(given)
         if reason is not None:

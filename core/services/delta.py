@@ -15,6 +15,8 @@
   reauthorizes; coalesced), then delta (notifications may have paused).
 * :meth:`DeltaService.fan_out` - the timer: one ``MailboxSyncItem(reason="timer")`` per watched mailbox, so the
   rounds spread over every instance that reads the mailbox-sync queue instead of running in one timer invocation.
+  A ``timer``/``manual`` item also runs the mailbox's track-by-category search when that is on and due
+  (core/services/category_tracking.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from core.work_items import InboundItem, MailboxSyncItem
 
 if TYPE_CHECKING:
     from core.bootstrap import Container
+    from core.services.category_tracking import CategoryTracker
 
 __all__ = [
     "BackfillReport",
@@ -111,7 +114,8 @@ class DeltaService:
                  *, subscriptions: SubscriptionService | None = None, page_size: int = 100,
                  concurrency: int = 4, clock: Callable[[], datetime] | None = None,
                  change_type: str | None = "created", filter_cap: int = DELTA_FILTER_CAP,
-                 leases: LeaseStore | None = None, owner: str | None = None) -> None:
+                 category: CategoryTracker | None = None, leases: LeaseStore | None = None,
+                 owner: str | None = None) -> None:
         self._leases = leases
         self._owner = owner or new_owner("delta")
         self._graph = graph
@@ -124,6 +128,7 @@ class DeltaService:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._change_type = change_type
         self._filter_cap = filter_cap
+        self._category = category  # track by category rides the timer's per-mailbox items
 
     # -- one round ------------------------------------------------------------------------------------------
 
@@ -269,7 +274,13 @@ class DeltaService:
             elif item.reason == "reauthorizationRequired" and item.subscription_id:
                 await self._subscriptions.reauthorize(item.mailbox, item.subscription_id)
         # A lifecycle event concerns one subscription, i.e. one folder: only that folder can have missed mail.
-        return await self.sync_mailbox(item.mailbox, [item.folder] if item.folder else None)
+        reports = await self.sync_mailbox(item.mailbox, [item.folder] if item.folder else None)
+        if self._category is not None and item.reason in ("timer", "manual"):
+            try:
+                await self._category.search(item.mailbox)
+            except Exception as exc:  # never undoes the delta rounds above; the next search covers the window
+                log.warning("track by category: search failed (%s)", exc.__class__.__name__)
+        return reports
 
     async def fan_out(self, *, reason: str = "timer", only: Sequence[str] | None = None, wait: float = 0.0,
                       on_wait: Callable[[str], None] | None = None) -> int:
@@ -355,10 +366,13 @@ def delta_service_for(container: Container, *, role: str = "router") -> DeltaSer
     change_type = container.settings.raw("DELTA_CHANGE_TYPE").strip().lower()
     if change_type not in ("created", "all"):
         raise ValueError(f"App setting 'DELTA_CHANGE_TYPE' must be created or all, got {change_type!r}")
+    from core.services.category_tracking import category_tracker_for
+
     return DeltaService(container.graph, InboundState.for_container(container).delta, container.work_queue,
                         container.mailbox_directory,
                         subscriptions=subscriptions, change_type=None if change_type == "all" else change_type,
-                        leases=lease_store_for(container), owner=new_owner(role))
+                        category=category_tracker_for(container), leases=lease_store_for(container),
+                        owner=new_owner(role))
 
 
 async def backfill(container: Container, mailbox: str, since: datetime,

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from core.adapters.dataverse import DataverseError
 from core.adapters.graph import AttachmentContents, GraphAccessDenied, GraphError, GraphNotFound
+from core.domain.category import CATEGORY_SOURCE
 from core.domain.correlation import KnownEmail
 from core.domain.forward import WrapperFate, wrapper_fate
 from core.domain.inbound import (
@@ -88,6 +89,7 @@ __all__ = [
     "is_transient",
     "processor_for",
     "reevaluation_allowed",
+    "reopened_by_category",
 ]
 
 log = logging.getLogger("emailrouter.inbound")
@@ -182,6 +184,16 @@ def reevaluation_allowed(item: InboundItem, entry: LedgerEntry) -> bool:
         return False
     at = entry.at if entry.at.tzinfo else entry.at.replace(tzinfo=UTC)
     return at < (requested if requested.tzinfo else requested.replace(tzinfo=UTC))
+
+
+_REOPENABLE: Final = frozenset({LedgerOutcome.SKIPPED, LedgerOutcome.FAILED, LedgerOutcome.GONE})
+
+
+def reopened_by_category(item: InboundItem, entry: LedgerEntry) -> bool:
+    """A track-by-category request re-evaluates a message that automatic processing skipped, failed or did not
+    find - once: never one already tracked, never one a category request was answered for already."""
+    return (item.source == CATEGORY_SOURCE and entry.outcome in _REOPENABLE
+            and entry.source != CATEGORY_SOURCE)
 
 
 def folder_kind_of(folder: str) -> FolderKind:
@@ -289,7 +301,8 @@ class InboundProcessor:
 
     async def process(self, item: InboundItem) -> ProcessResult:
         entry = await self.ledger.get(item.mailbox, item.message_id)
-        if entry is not None and entry.outcome.terminal and not reevaluation_allowed(item, entry):
+        if entry is not None and entry.outcome.terminal and not (
+                reevaluation_allowed(item, entry) or reopened_by_category(item, entry)):
             # Redelivered/duplicated notification, or delta re-reporting a message: no refetch.
             return ProcessResult("duplicate_item", activity_id=entry.activity_id)
         attempts = entry.attempts if entry is not None and not entry.outcome.terminal else 0
@@ -345,6 +358,10 @@ class InboundProcessor:
             return await self._permanent(item, None, "invalid_message", exc.reason, tag=(mailbox.address, []))
 
         known = await self._known_mailboxes()
+        requested = ""
+        if item.source == CATEGORY_SOURCE:
+            router = await self.mailboxes.get_router_settings()
+            requested = router.track_category_name if router.track_categorized_items else ""
         if item.source == "backfill":
             # An explicit history import: the admin chose the start date, so "process email received after" does
             # not apply (the backfill lists only mail received after its own `since`).
@@ -353,6 +370,7 @@ class InboundProcessor:
         context = InboundContext(
             mailbox=mailbox, org=org, now=self.clock(), known_mailboxes=known,
             forward_users={m.address: m for m in known if m.inbound_method is InboundMethod.FORWARD},
+            requested_category=requested,
         )
         return await self._plan_and_write(item, message, context, org, counters)
 
@@ -426,7 +444,7 @@ class InboundProcessor:
                                      crm_requests=counters.crm)
             existing = already_in_crm(plan, context.correlation)
             if existing is not None:
-                return await self._already_tracked(item, message, plan, existing, counters)
+                return await self._already_tracked(item, message, plan, existing, context.mailbox, org, counters)
             try:
                 counters.crm += 1
                 written = await self.crm.write(plan)
@@ -466,13 +484,18 @@ class InboundProcessor:
                              crm_requests=counters.crm)
 
     async def _already_tracked(self, item: InboundItem, message: MailMessage, plan: TrackEmail, existing: KnownEmail,
-                               counters: _Counters) -> ProcessResult:
-        """The Message-ID is in CRM already (the loop guard): written by someone, most often the router's own send
-        coming back from Sent Items or through a forward rule. Nothing is written; the wrapper/category steps run as
-        after a write."""
+                               mailbox: MailboxConfig, org: OrgEmailSettings, counters: _Counters) -> ProcessResult:
+        """The Message-ID is in CRM already (the loop guard): written by someone — the router's own send coming back
+        from Sent Items or through a forward rule, another mailbox that tracked it first, or this mailbox's own
+        earlier attempt that stopped before its queue items. Nothing is written to the email; its queue items are
+        completed as for any already-tracked email (on the CRM email that exists), and the wrapper/category steps
+        run as after a write."""
+        queued = await self._queue_items(replace(plan, activity_id=existing.activity_id), mailbox, org,
+                                         WriteOutcome.ALREADY_TRACKED, counters)
         await self._after_write(item, message, plan, counters)
+        note = f"CRM email {existing.activity_id} already has this Message-ID (already in CRM): not written again"
         await self._record(item, message, plan, LedgerOutcome.ALREADY_TRACKED, activity_id=str(existing.activity_id),
-                           note=f"CRM email {existing.activity_id} already has this Message-ID: not written again")
+                           note=f"{note}; {queued}" if queued else note)
         return ProcessResult(LedgerOutcome.ALREADY_TRACKED.value, activity_id=str(existing.activity_id),
                              graph_calls=counters.graph, crm_requests=counters.crm)
 
@@ -583,7 +606,7 @@ class InboundProcessor:
             activity_id=activity_id if activity_id is not None else
             str(plan.activity_id) if isinstance(plan, TrackEmail) else "",
             internet_message_id=message.internet_message_id or "",
-            reason=record["outcome"], at=self.clock()))
+            reason=record["outcome"], at=self.clock(), source=item.source))
 
     async def _skip_unfetched(self, item: InboundItem, code: str, reason: str) -> ProcessResult:
         await self.decisions.record(item.mailbox, item.message_id, {
@@ -591,7 +614,7 @@ class InboundProcessor:
             "outcome": f"skipped:{code}", "decisions": [{"step": "mailbox", "outcome": f"skip:{code}",
                                                          "why": reason}]})
         await self.ledger.put(LedgerEntry(item.mailbox, item.message_id, LedgerOutcome.SKIPPED, reason=reason,
-                                          at=self.clock()))
+                                          at=self.clock(), source=item.source))
         return ProcessResult(f"skipped:{code}")
 
     async def _terminal(self, item: InboundItem, outcome: LedgerOutcome, code: str, reason: str, *,
@@ -605,7 +628,8 @@ class InboundProcessor:
             "decisions": [{"step": "processing", "outcome": code, "why": reason}]})
         await self.ledger.put(LedgerEntry(
             item.mailbox, item.message_id, outcome, reason=f"{code}: {reason}"[:1024],
-            internet_message_id=(message.internet_message_id or "") if message else "", at=self.clock()))
+            internet_message_id=(message.internet_message_id or "") if message else "", at=self.clock(),
+            source=item.source))
         if record_status:
             await self.status.record_failure(item.mailbox, code=code, reason=reason, permanent=True)
         prefix = "gone" if outcome is LedgerOutcome.GONE else f"failed:{code}"
@@ -639,7 +663,7 @@ class InboundProcessor:
         delay = int(min(self.options.max_retry_delay, max(self.options.min_retry_delay, wanted)))
         log.info("inbound item for %s hit %s; retry %d in %d s", item.mailbox, describe_error(exc), attempts, delay)
         await self.ledger.put(LedgerEntry(item.mailbox, item.message_id, LedgerOutcome.RETRYING, attempts=attempts,
-                                          reason=describe_error(exc), at=self.clock()))
+                                          reason=describe_error(exc), at=self.clock(), source=item.source))
         await self.queue.send_many(INBOUND_QUEUE, [item.to_json()], delay_seconds=delay)
         return ProcessResult("retry", retry_in=delay, graph_calls=counters.graph, crm_requests=counters.crm)
 

@@ -18,6 +18,11 @@ Per mailbox the probe checks what the router needs for that mailbox's methods:
   sets ``testmailboxaccesscompletedon`` on the mailbox record to now (a column Microsoft documents as writable and
   that means exactly "the mailbox was last tested at"; nothing else changes). Counts for both sides.
 
+CRM's own **Test & Enable** button sets ``testemailconfigurationscheduled`` on the mailbox record; for router
+mailboxes without an email server profile ``core/settings/test_requests.py`` answers it within a minute through
+:meth:`MailboxHealthService.answer_test_request` (these checks, then one PATCH with the results and the cleared
+request).
+
 Results go to the MailboxStatus table (row per mailbox) and back to the CRM ``mailbox`` record
 (``incomingemailstatus``/``outgoingemailstatus``/``mailboxstatus`` 1 Success / 2 Failure / 0 Not Run,
 ``lastsyncerror*``, ``transientfailurecount``, ``testmailboxaccesscompletedon``, ``lastsuccessfulsynccompletedon``).
@@ -34,7 +39,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -69,6 +74,7 @@ __all__ = [
     "backoff",
     "checks_for",
     "crm_mailbox_update",
+    "crm_test_answer",
     "health_service_for",
     "next_state",
     "send_permission",
@@ -311,6 +317,23 @@ def subscription_verdict(*, expired: bool, row: Mapping[str, Any], needed_since:
                        f"{format_value(reconciled_from)} (`emailrouter subscriptions reconcile` shows why)")
 
 
+def crm_test_answer(outcome: ProbeOutcome, mailbox: MailboxConfig, now: datetime) -> dict[str, Any]:
+    """The PATCH that answers CRM's Test & Enable (``testemailconfigurationscheduled``) for a router mailbox without
+    an email server profile: the probe's columns (:func:`crm_mailbox_update`, with the incoming/outgoing statuses:
+    no profile means SSS never reads them) and the request cleared. Only columns mailbox.md lists as writable;
+    ``testemailconfigurationretrycount`` (SSS's own retry counter) is left alone. A mailbox the router serves in
+    neither direction gets Not Run on both sides and says why in ``lastsyncerror``."""
+    body = crm_mailbox_update(outcome, now, statuses=True)
+    body["testemailconfigurationscheduled"] = False
+    if outcome.health is Health.NOT_APPLICABLE:
+        text = (f"Email Router: nothing to test - the router processes neither incoming nor outgoing email of "
+                f"this mailbox (incoming: {mailbox.inbound_method.name.lower()}"
+                f"{'' if mailbox.enabled_for_incoming else ', disabled'}, outgoing: "
+                f"{mailbox.outbound_method.name.lower()}{'' if mailbox.enabled_for_outgoing else ', disabled'})")
+        body["lastsyncerror"] = text[:LAST_SYNC_ERROR_MAX]
+    return body
+
+
 @dataclass(frozen=True)
 class SendPermission:
     ok: bool
@@ -473,31 +496,46 @@ class MailboxHealthService:
 
     async def probe_due(self, *, wait: float = 0.0) -> list[ProbeOutcome]:
         """Probe every mailbox whose next probe time has come (new ones at once). Never raises for one mailbox.
-        Holds the probe job's lease: a second run (another instance, an admin's ``mailbox test --all``) waits up to
-        ``wait`` seconds, then raises :class:`core.services.jobs.JobBusy`."""
-        async with exclusive(self._leases, JOB_HEALTH, owner=self._owner, wait=wait, purpose="due mailboxes"):
-            return await self._probe_due()
 
-    async def _probe_due(self) -> list[ProbeOutcome]:
+        The timer runs every 30 s (it also answers CRM's Test & Enable requests): a tick with nothing due reads the
+        status rows and the (cached) settings only; the subscriptions and the token's roles are read when some
+        mailbox is due. Probing holds the probe job's lease: a second run (another instance, an admin's
+        ``mailbox test --all``) waits up to ``wait`` seconds, then raises :class:`core.services.jobs.JobBusy`."""
         now = self._clock()
-        ctx = await self._context()
         states = {str(r.get("RowKey")): r async for r in self._status.list_partition(MAILBOX_PARTITION)}
-        ctx.status_rows = states
-        outcomes: list[ProbeOutcome] = []
+        due: list[tuple[MailboxConfig, ProbeState]] = []
         for mailbox in await self._settings.list_mailboxes():
             state = ProbeState.from_row(states.get(row_key(mailbox.address)))
             if state.next_probe is not None and state.next_probe > now:
                 continue
             if not any(checks_for(mailbox).values()) and state.health is Health.NOT_APPLICABLE:
                 continue
-            try:
-                outcomes.append(await self._probe(mailbox, state, ctx))
-            except Exception:
-                _log.exception("health probe of %s crashed; retried next round", mailbox.address)
+            due.append((mailbox, state))
+        if not due:
+            return []
+        async with exclusive(self._leases, JOB_HEALTH, owner=self._owner, wait=wait, purpose="due mailboxes"):
+            ctx = await self._context()
+            ctx.status_rows = states
+            outcomes: list[ProbeOutcome] = []
+            for mailbox, state in due:
+                try:
+                    outcomes.append(await self._probe(mailbox, state, ctx))
+                except Exception:
+                    _log.exception("health probe of %s crashed; retried next round", mailbox.address)
         return outcomes
 
     async def probe(self, address: str, *, crm_write: bool = False) -> ProbeOutcome:
         """Probe one mailbox now, whatever its schedule."""
+        return await self._probe_now(address, crm_write=crm_write)
+
+    async def answer_test_request(self, address: str) -> ProbeOutcome:
+        """CRM's Test & Enable for one router mailbox (``core/settings/test_requests.py`` decides which): probe now
+        and write every result column and the cleared request (``testemailconfigurationscheduled``) to the CRM
+        mailbox record in one PATCH. That PATCH is the CRM write check; when CRM refuses it, it raises and the
+        request stays set."""
+        return await self._probe_now(address, answer=True)
+
+    async def _probe_now(self, address: str, *, crm_write: bool = False, answer: bool = False) -> ProbeOutcome:
         mailbox = await self._settings.get_mailbox(address)
         if mailbox is None:
             raise KeyError(f"no mailbox {address!r} in the settings table")
@@ -505,9 +543,13 @@ class MailboxHealthService:
             row: Mapping[str, Any] | None = await self._status.get(MAILBOX_PARTITION, row_key(mailbox.address))
         except KeyError:  # EntityNotFoundError is a KeyError
             row = None
+        if answer:
+            # Answered only for a CRM mailbox record read just now without an email server profile: SSS serves
+            # neither direction of it, whatever the last CRM sync copied into the settings row.
+            mailbox = replace(mailbox, sss_incoming=SssStatus.NONE, sss_outgoing=SssStatus.NONE)
         ctx = await self._context()
         ctx.status_rows = {row_key(mailbox.address): row} if row else {}
-        return await self._probe(mailbox, ProbeState.from_row(row), ctx, crm_write=crm_write)
+        return await self._probe(mailbox, ProbeState.from_row(row), ctx, crm_write=crm_write, answer=answer)
 
     async def probe_all(self, *, crm_write: bool = False, progress: Callable[[int, int], None] | None = None,
                         wait: float = 0.0, on_wait: Callable[[str], None] | None = None) -> list[ProbeOutcome]:
@@ -573,7 +615,7 @@ class MailboxHealthService:
         return outcomes
 
     async def _probe(self, mailbox: MailboxConfig, previous: ProbeState, ctx: _Context, *,
-                     crm_write: bool = False) -> ProbeOutcome:
+                     crm_write: bool = False, answer: bool = False) -> ProbeOutcome:
         now = self._clock()
         needed = {n for names in checks_for(mailbox, crm_write=crm_write).values() for n in names}
         if "subscription" in needed:
@@ -590,7 +632,7 @@ class MailboxHealthService:
                 results.append(await getattr(self, f"_check_{name}")(mailbox, ctx, now))
         state, incoming, outgoing, alert = next_state(previous, mailbox, results, now, ctx.router)
         outcome = ProbeOutcome(mailbox.address, state.health, incoming, outgoing, tuple(results), state, alert)
-        await self._record(mailbox, outcome, previous, now, ctx)
+        await self._record(mailbox, outcome, previous, now, ctx, answer=answer)
         return outcome
 
     # -- checks ----------------------------------------------------------------------------------------
@@ -717,7 +759,7 @@ class MailboxHealthService:
     # -- recording -------------------------------------------------------------------------------------
 
     async def _record(self, mailbox: MailboxConfig, outcome: ProbeOutcome, previous: ProbeState, now: datetime,
-                      ctx: _Context) -> None:
+                      ctx: _Context, *, answer: bool = False) -> None:
         failing = [c for c in outcome.checks if not c.ok and not c.pending]
         row: dict[str, Any] = {
             "PartitionKey": MAILBOX_PARTITION, "RowKey": row_key(mailbox.address), "Address": mailbox.address,
@@ -737,6 +779,14 @@ class MailboxHealthService:
             row["LastAlert"] = f"{format_value(now)} {outcome.alert}"
             _log.warning("mailbox health: %s", outcome.alert)
             await self._notify(outcome.alert, ctx.router)
+        if answer:
+            # One PATCH with every result and the cleared request; a refusal propagates (the request stays set).
+            if mailbox.mailbox_id is None:
+                raise KeyError(f"{mailbox.address} has no CRM mailbox record to answer")
+            await self._crm.update("mailboxes", mailbox.mailbox_id, crm_test_answer(outcome, mailbox, now))
+            row.update({"CrmTestAnsweredOn": format_value(now), "CrmTestError": "", "CrmTestRetryOn": ""})
+            await self._status.upsert(row, mode="merge")
+            return
         await self._status.upsert(row, mode="merge")
         if mailbox.mailbox_id is not None and (outcome.alert or outcome.health is Health.FAILING
                                                or outcome.health is not previous.health):

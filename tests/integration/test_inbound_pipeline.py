@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from email.message import EmailMessage
 from typing import Any
@@ -627,3 +627,66 @@ async def test_attachments_are_listed_by_metadata_and_only_kept_ones_downloaded(
     # one GET of the message (attachment metadata only) and one $batch for the three small files; never big.bin
     assert len([r for r in log if "$batch" in r["path"]]) == 1, reads
     assert not [r for r in log if "/attachments" in r["path"]], reads
+
+
+async def test_track_by_category_tracks_a_skipped_mail_once_in_any_folder(pipeline: Pipeline) -> None:
+    """Track by category over the emulators: erin's filter (replies to CRM email) skips a new mail; she moves it to
+    a folder of her own and gives it the category (what Outlook does, here through Graph); the delta timer's
+    fan-out runs her mailbox's search, which sends it through the pipeline: one CRM email owned by erin. The
+    router's "tracked" category (the same name, as SSS uses) brings the message back in the next search, where the
+    ledger ends it: nothing enqueued, nothing written."""
+    from core.adapters.inbound_state import InboundState
+    from core.services.category_tracking import category_tracker_for
+    from core.settings.rows import RouterSettings
+
+    p = pipeline
+    tag = "Tracked to Dynamics 365"
+    erin_address = f"erin@{DOMAIN}"
+    boxes = [replace(m, tracking_filter=TrackingFilter.REPLIES_TO_CRM_EMAIL) if m.address == erin_address else m
+             for m in mailboxes()]
+    p.c.mailbox_directory = StaticMailboxDirectory(  # type: ignore[attr-defined]
+        boxes, ORG, RouterSettings(track_categorized_items=True, track_category_name=tag, tracked_category=tag))
+    await p.subscribe()
+    mid = p.smtp("nora@northwind.example", [erin_address], "Partnership offer")
+    graph_ids: list[str] = []
+
+    async def skipped() -> bool:
+        graph_ids[:] = [m["id"] async for m in p.c.graph.list_messages(erin_address, "inbox")]
+        state = InboundState.for_container(p.c)
+        return bool(graph_ids) and await state.ledger.get(erin_address, graph_ids[0]) is not None
+
+    await p.drain(skipped)
+    assert await rows_for(p, mid) == []
+    entry = await InboundState.for_container(p.c).ledger.get(erin_address, graph_ids[0])
+    assert entry is not None and entry.outcome.value == "skipped"
+
+    # Erin, in Outlook: moves the mail to her own folder and gives it the category.
+    from core.adapters.auth import graph_token_provider
+
+    token = await graph_token_provider(p.c.settings).get_token_async()
+    headers = {"Authorization": f"Bearer {token}", "Prefer": 'IdType="ImmutableId"'}
+    base = f"{p.env.graph.base_url}/users/{erin_address}"
+    folder = (await p.http.post(f"{base}/mailFolders", json={"displayName": "Partners"}, headers=headers)).json()
+    moved = (await p.http.post(f"{base}/messages/{graph_ids[0]}/move", json={"destinationId": folder["id"]},
+                               headers=headers)).json()
+    assert moved["id"] == graph_ids[0]  # an immutable id survives the move: the ledger still knows the message
+    await p.c.graph.set_categories(erin_address, moved["id"], [tag])
+
+    # The delta timer fans out; erin's mailbox-sync item runs her delta rounds and her category search.
+    await delta_service_for(p.c).fan_out()
+    await p.drain(has_row(p, mid))
+    (row,) = await rows_for(p, mid)
+    assert row["_ownerid_value"] == ERIN_ID
+    record = await InboundState.for_container(p.c).decisions.get(erin_address, moved["id"])
+    assert record is not None and record["source"] == "category"
+    assert any(d["outcome"] == "tracked:category" for d in record["decisions"])
+
+    # The next search finds the message again (it still carries the category, now also the router's "tracked"
+    # one): one Graph request, nothing enqueued, nothing written.
+    await p.clear_logs()
+    report = await category_tracker_for(p.c).search(erin_address, force=True)
+    assert report is not None and (report.found, report.known, report.enqueued) == (1, 1, 0), report
+    graph_calls, dv_calls = await p.pipeline_calls()
+    assert (graph_calls, dv_calls) == (1, 0)
+    await p.drain(has_row(p, mid))
+    assert len(await rows_for(p, mid)) == 1

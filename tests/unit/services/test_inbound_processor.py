@@ -132,7 +132,12 @@ class FakeCrm:
         if self.fail_lookup:
             raise self.fail_lookup.pop(0)
         found = {a: self.directory.get(a, ()) for a in addresses}
-        hits = {k: self.by_message_id[k] for k in keys.message_ids if k in self.by_message_id}
+        # CRM finds by messageid what anyone wrote, the router's own earlier writes included (a crash or a lost
+        # ledger entry must not hide them from the loop guard).
+        written = {e.message_id: KnownEmail(e.activity_id, regarding=e.regarding, owner=e.owner)
+                   for e in self.emails.values()}
+        known = {**written, **self.by_message_id}
+        hits = {k: known[k] for k in keys.message_ids if k in known}
         return CrmLookup(found, CorrelationLookup(hits, {}, {}), requests=1)
 
     async def write(self, plan: TrackEmail) -> WriteOutcome:
