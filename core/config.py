@@ -171,8 +171,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("DELTA_CATCHUP_SCHEDULE", "0 */5 * * * *", "When delta catch-up rounds run."),
     Setting("OUTBOUND_SCAN_SCHEDULE", "*/15 * * * * *", "When CRM is scanned for Pending Send emails."),
     Setting("CRM_SYNC_SCHEDULE", "0 */15 * * * *", "When delivery methods are synced from CRM."),
-    Setting("MAILBOX_HEALTH_SCHEDULE", "0 */5 * * * *",
-            "How often mailboxes due for a health probe are looked at (each mailbox backs off on its own)."),
+    Setting("MAILBOX_HEALTH_SCHEDULE", "*/30 * * * * *",
+            "How often CRM's Test & Enable requests are answered and mailboxes due for a health probe are looked "
+            "at (each mailbox backs off on its own)."),
+    Setting("RETENTION_MAX_DELETES", "5000",
+            "Most rows and wrappers one retention run deletes (the rest waits for the next run)."),
     # Pipelines (engineering knobs; admin-facing behaviour lives in the OrgSettings table)
     Setting("CRM_PARTY_CACHE_SECONDS", "120", "How long resolved sender/recipient lookups are cached per instance."),
     Setting("CRM_CORRELATION_DAYS", "90",

@@ -27,6 +27,7 @@ DECISIONS_TABLE: Final = "Decisions"
 DECISION_INDEX_TABLE: Final = "DecisionIndex"
 OUTBOUND_TABLE: Final = "Outbound"
 POISON_LOG_TABLE: Final = "PoisonLog"
+LEASES_TABLE: Final = "Leases"
 
 TABLES: Final = (
     MAILBOXES_TABLE,
@@ -39,6 +40,7 @@ TABLES: Final = (
     DECISION_INDEX_TABLE,
     OUTBOUND_TABLE,
     POISON_LOG_TABLE,
+    LEASES_TABLE,
 )
 
 

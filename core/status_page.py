@@ -79,6 +79,7 @@ def render_status_page(report: StatusReport, *, version: str = "") -> str:
                  + _card("failing", health.get("failing", 0), "mailboxes-failing",
                          "failing" if health.get("failing") else "ok")
                  + _card("ok", health.get("ok", 0), "mailboxes-ok", "ok")
+                 + _card("pending (being set up)", health.get("pending", 0), "mailboxes-pending", "unknown")
                  + _card("not probed yet", health.get("unknown", 0), "mailboxes-unknown")
                  + (_card("ignored settings rows", report.ignored_rows, "ignored-rows", "failing")
                     if report.ignored_rows else "")
@@ -90,7 +91,7 @@ def render_status_page(report: StatusReport, *, version: str = "") -> str:
         ("mailbox", "kind", "inbound", "outbound", "health", "last probe", "last error", "last inbound error",
          "last outbound error"),
         ([_td(m.address), _td(m.kind), _td(m.inbound), _td(m.outbound), _td(m.health, m.health),
-          _td(m.last_probe), f'<td class="err">{_e(m.last_error)}</td>',
+          _td(m.last_probe), f'<td class="err">{_e(m.last_error or m.pending)}</td>',
           f'<td class="err">{_e(m.inbound_error)}'
           + (f' <span class="muted">({_e(m.inbound_error_at)})</span>' if m.inbound_error_at else "") + "</td>",
           f'<td class="err">{_e(m.outbound_error)}'

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 __all__ = [
+    "REEVALUATE_OUTCOMES",
     "InboundItem",
     "InvalidWorkItem",
     "MailboxSyncItem",
@@ -20,7 +21,12 @@ __all__ = [
 
 _MAX_FIELD = 1024  # Graph ids are ~150 chars; anything longer is not ours
 
-InboundSource = Literal["notification", "delta", "backfill", "replay"]
+# "category": a user gave the message the org's tracking category in Outlook (track by category).
+# "reprocess": an admin asked for an earlier decision to be made again (``emailrouter reprocess``).
+InboundSource = Literal["notification", "delta", "backfill", "replay", "category", "reprocess"]
+_SOURCES = ("notification", "delta", "backfill", "replay", "category", "reprocess")
+# Earlier outcomes a re-evaluation may overrule (``emailrouter reprocess``, ``backfill --reevaluate``).
+REEVALUATE_OUTCOMES = ("skipped", "failed")
 
 
 class InvalidWorkItem(ValueError):
@@ -64,16 +70,32 @@ class InboundItem:
     folder: str = ""  # well-known name or folder id the message was seen in, if known
     subscription_id: str = ""
     change_type: str = "created"
+    # A re-evaluation: the earlier outcomes (comma-separated, of REEVALUATE_OUTCOMES) this item may overrule, and
+    # when it was asked for (ISO 8601). A ledger entry written after that moment is the re-evaluation itself (the
+    # item was delivered twice): then it is a duplicate like any other.
+    reevaluate: str = ""
+    requested_at: str = ""
 
     def to_json(self) -> str:
-        return _dump("inbound", asdict(self))
+        payload = asdict(self)
+        for name in ("reevaluate", "requested_at"):  # absent unless used: items stay as small as they were
+            if not payload[name]:
+                del payload[name]
+        return _dump("inbound", payload)
+
+    @property
+    def reevaluates(self) -> frozenset[str]:
+        return frozenset(o for o in self.reevaluate.split(",") if o)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> InboundItem:
         data = _load(raw, "inbound")
         source = _str(data, "source")
-        if source not in ("notification", "delta", "backfill", "replay"):
+        if source not in _SOURCES:
             raise InvalidWorkItem(f"unknown source {source!r}")
+        reevaluate = _str(data, "reevaluate", required=False)
+        if any(o not in REEVALUATE_OUTCOMES for o in reevaluate.split(",") if o):
+            raise InvalidWorkItem(f"field 'reevaluate' has an unknown outcome: {reevaluate!r}")
         return cls(
             mailbox=_str(data, "mailbox"),
             message_id=_str(data, "message_id"),
@@ -81,6 +103,8 @@ class InboundItem:
             folder=_str(data, "folder", required=False),
             subscription_id=_str(data, "subscription_id", required=False),
             change_type=_str(data, "change_type", required=False) or "created",
+            reevaluate=reevaluate,
+            requested_at=_str(data, "requested_at", required=False),
         )
 
 

@@ -63,9 +63,14 @@ async def mailbox_sync(msg: func.QueueMessage) -> None:
                   use_monitor=True)
 async def subscription_reconcile(timer: func.TimerRequest) -> None:
     from core.bootstrap import get_container
+    from core.services.jobs import JobBusy
     from core.services.subscriptions import service_for
 
-    report = await service_for(get_container()).reconcile()
+    try:
+        report = await service_for(get_container(), role="timer").reconcile()
+    except JobBusy as busy:  # an admin's reconcile (or another instance's) is running: it does this run's work
+        log.info("subscription reconcile skipped: %s", busy)
+        return
     log.info("subscription reconcile: %s", {k: v for k, v in report.as_dict().items() if k != "failed"}
              | {"failed": len(report.failed)})
 
@@ -75,6 +80,23 @@ async def subscription_reconcile(timer: func.TimerRequest) -> None:
 async def delta_catchup(timer: func.TimerRequest) -> None:
     from core.bootstrap import get_container
     from core.services.delta import delta_service_for
+    from core.services.jobs import JobBusy
 
-    count = await delta_service_for(get_container()).fan_out()
-    log.info("delta catch-up: %d mailbox sync item(s) enqueued", count)
+    container = get_container()
+    try:
+        count = await delta_service_for(container, role="timer").fan_out()
+        log.info("delta catch-up: %d mailbox sync item(s) enqueued", count)
+    except JobBusy as busy:
+        log.info("delta catch-up skipped: %s", busy)
+    # The router's own records expire here too (at most every RetentionIntervalMinutes; a timer of its own would
+    # be one more Flex scale group, and the instance budget of docs/deploy.md "Scaling" has none to spare).
+    from core.services.retention import run_retention_if_due
+
+    try:
+        report = await run_retention_if_due(container)
+    except JobBusy as busy:  # an admin's `emailrouter retention run` is running
+        log.info("retention clean-up skipped: %s", busy)
+        return
+    if report is not None:
+        log.info("retention clean-up: %d deleted%s", report.deleted, " (more next run)" if report.more else "")
+

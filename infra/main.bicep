@@ -135,8 +135,8 @@ param outboundScanSchedule string = '*/15 * * * * *'
 @description('NCRONTAB: sync delivery methods from CRM (CRM_SYNC_SCHEDULE).')
 param crmSyncSchedule string = '0 */15 * * * *'
 
-@description('NCRONTAB: mailbox health probe sweep (MAILBOX_HEALTH_SCHEDULE).')
-param mailboxHealthSchedule string = '0 */5 * * * *'
+@description('NCRONTAB: CRM Test & Enable requests and the mailbox health probe sweep (MAILBOX_HEALTH_SCHEDULE).')
+param mailboxHealthSchedule string = '*/30 * * * * *'
 
 @allowed([
   'DEBUG'

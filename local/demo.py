@@ -50,6 +50,9 @@ __all__ = ["DemoResult", "Outcome", "build_scenarios", "main", "run_demo"]
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 STRANGER: Final = "sam@unknown.example"
+PROSPECT: Final = "kim@prospect.example"  # unknown to CRM: erin's filter 2 skips her mail until the admin acts
+TRADE_FAIR: Final = "tia@tradefair.example"  # unknown to CRM: erin's filter 2 skips her mail; erin tracks it by hand
+TRACK_CATEGORY: Final = "Tracked to Dynamics 365"
 _POLL_S: Final = 0.5
 
 
@@ -282,6 +285,8 @@ def _inbound_mails() -> list[InboundMail]:
                     "I am out of the office.", "Sam", headers={"Auto-Submitted": "auto-replied"}),
         InboundMail("forward", gus.email, (person("bob").address,), "Contract draft", "Bob, the draft is attached.",
                     "Gus Gray"),
+        InboundMail("filter-change", PROSPECT, (erin,), "Introduction", "Erin, may I introduce our firm?", "Kim"),
+        InboundMail("category", TRADE_FAIR, (erin,), "Nice meeting you at the fair", "Erin, as promised...", "Tia"),
     ]
 
 
@@ -460,6 +465,64 @@ def build_scenarios(mails: Mapping[str, InboundMail]) -> list[Scenario]:
         return Outcome(queues == [QUEUE.record_id], f"{len(items)} queue item(s), in "
                        f"{', '.join('Support' if q == QUEUE.record_id else q for q in queues) or 'no queue'}")
 
+    async def filter_change(org: Org, ctx: dict[str, Any]) -> Outcome:
+        """An admin changes erin's filter to "all" and applies it to mail already skipped, with the product's own
+        services (what `emailrouter mailbox set erin --filter all` and `emailrouter reprocess erin --from kim` do);
+        the host decides the message again. Runs last (final_only): the other scenarios have settled."""
+        from datetime import UTC, datetime, timedelta
+
+        from core.bootstrap import Container
+        from core.cli.config import stack_values
+        from core.config import Settings
+        from core.services.reprocess import reprocess
+
+        mail, state = mails["filter-change"], ctx.setdefault("filter-change", {})
+
+        async def admin(step: Callable[[Any], Awaitable[Any]]) -> Any:
+            container = Container(Settings(stack_values(org.stack)))
+            try:
+                return await step(container)
+            finally:
+                await container.storage.close()
+
+        if "first" not in state:
+            decisions = await org.decisions_for(mail.message_id)
+            if not decisions:
+                return Outcome(False, "no decision recorded yet")
+            state["first"] = "; ".join(sorted({str(d.get("outcome")) for d in decisions}))
+            if not state["first"].startswith("skipped"):
+                return Outcome(False, f"expected a skip first, got {state['first']}")
+
+            async def change_and_reprocess(container: Any) -> int:
+                await container.mailbox_directory.set_overrides(erin.address, {"Filter": "all"})
+                since = datetime.now(UTC) - timedelta(hours=1)
+                return (await reprocess(container, erin.address, since, sender=PROSPECT)).enqueued
+
+            state["queued"] = await admin(change_and_reprocess)
+        if not state["first"].startswith("skipped"):
+            return Outcome(False, f"expected a skip first, got {state['first']}")
+        rows = await org.emails_by_message_id(mail.message_id)
+        if len(rows) == 1 and not state.get("restored"):
+            # Erin's filter goes back to CRM's value once the message is decided (what `--filter ""` does).
+            await admin(lambda c: c.mailbox_directory.set_overrides(erin.address, {"Filter": ""}))
+            state["restored"] = True
+        observed = (f"first {state['first']}; filter set to all, reprocess queued {state['queued']}; "
+                    f"{len(rows)} CRM email(s)")
+        return Outcome(len(rows) == 1 and state["queued"] == 1, observed)
+
+    async def by_category(org: Org, ctx: dict[str, Any]) -> Outcome:
+        row, why = await one_email(org, "category")
+        steps = ctx.get("category", {})
+        if row is None:
+            return Outcome(False, f"{steps.get('done', 'not categorised yet')}; {why}"
+                           + await _decision_hint(org, mails["category"].message_id))
+        decisions = await org.decisions_for(mails["category"].message_id)
+        via = sorted({str(d.get("source", "?")) for d in decisions})
+        owner = _name(row, "_ownerid_value")
+        return Outcome(owner == erin.name and via == ["category"],
+                       f"first {steps.get('first', '?')}; {steps.get('done', '')}; then 1 email, owner {owner}, "
+                       f"decided from a {'/'.join(via)} request")
+
     return [
         Scenario("settings", "CRM sync: delivery methods -> settings", "a row per mailbox, methods and filters "
                  "as in CRM; bob forwards to crm-sink", settings),
@@ -494,9 +557,13 @@ def build_scenarios(mails: Mapping[str, InboundMail]) -> list[Scenario]:
                  outbound_o2),
         Scenario("reply-token", "Reply correlated by tracking token", f"Gus's mail with only the token: "
                  f"tracked, regarding {CASE.name}", reply("reply-token", "o2", regarding=CASE.name, parent=False)),
+        Scenario("category", "Track by category (erin, TrackCategorizedItems)", "a mail her filter skipped, moved "
+                 f"to a folder and given '{TRACK_CATEGORY}' in Outlook: tracked once, owner {erin.name}", by_category),
         Scenario("outlook", "Outlook-client user (carol)", "mail to carol: no CRM email (Outlook tracks)",
                  untouched("outlook"), final_only=True),
         Scenario("none", "User with None (dave)", "mail to dave: no CRM email", untouched("none"), final_only=True),
+        Scenario("filter-change", "Apply a filter change to past mail", "prospect -> erin: skipped (filter 2); "
+                 "filter set to all + `reprocess`: tracked, ONE CRM email", filter_change, final_only=True),
     ]
 
 
@@ -561,6 +628,60 @@ async def _send_from_crm(org: Org, *, to: demo_org.CrmRecord, regarding: demo_or
             "token": row.get("trackingtoken"), "status": _name(row, "statuscode")}
 
 
+async def _switch_on_track_by_category(org: Org) -> None:
+    """The admin's step (OrgSettings, as `emailrouter settings set` writes it): track by category on, every
+    delta catch-up may search (TrackCategoryIntervalMinutes 1, so the demo needs no 5-minute wait)."""
+    from core.names import MAILBOXES_TABLE, ORG_SETTINGS_TABLE
+    from core.settings.store import TableMailboxDirectory
+
+    settings = TableMailboxDirectory(org.table(MAILBOXES_TABLE), org.table(ORG_SETTINGS_TABLE))
+    await settings.set_org_value("TrackCategorizedItems", "true")
+    await settings.set_org_value("TrackCategoryIntervalMinutes", "1")
+
+
+async def _track_by_category(org: Org, mail: InboundMail, scenario: Scenario, ctx: dict[str, Any],
+                             run_timer: Callable[[str], Awaitable[None]], deadline: float,
+                             say: Callable[[str], None]) -> None:
+    """Erin's step, once the router skipped the mail (her filter: leads, contacts, accounts only): in Outlook she
+    moves it to a folder of her own and gives it the category (here the same Graph calls Outlook makes). The router
+    finds it at the next delta catch-up (the timer, run now) and tracks it."""
+    state: dict[str, Any] = ctx.setdefault("category", {})
+    erin = person("erin").address
+    until = min(deadline, time.monotonic() + 45)
+    while time.monotonic() < until:
+        decisions = await org.decisions_for(mail.message_id)
+        if decisions:
+            state["first"] = "; ".join(sorted({str(d.get("outcome")) for d in decisions}))
+            break
+        await asyncio.sleep(_POLL_S)
+    if not str(state.get("first", "")).startswith("skipped"):
+        scenario.outcome = Outcome(False, f"expected the filter to skip it first, got {state.get('first', 'nothing')}")
+        return
+    headers = {"Authorization": f"Bearer {await org.token('https://graph.microsoft.com/.default')}",
+               "Prefer": 'IdType="ImmutableId"'}
+    core = mail.message_id.strip("<>").replace("'", "''")
+    found = await org.graph_get(f"users/{erin}/messages", {"$filter": f"internetMessageId eq '<{core}>'",
+                                                            "$select": "id"})
+    folder = await org.http.post(f"{org.graph}/users/{erin}/mailFolders", json={"displayName": "Trade fair"},
+                                 headers=headers)
+    moved = await org.http.post(f"{org.graph}/users/{erin}/messages/{found['value'][0]['id']}/move",
+                                json={"destinationId": folder.json()["id"]}, headers=headers)
+    tagged = await org.http.patch(f"{org.graph}/users/{erin}/messages/{moved.json()['id']}",
+                                  json={"categories": [TRACK_CATEGORY]}, headers=headers)
+    tagged.raise_for_status()
+    state["done"] = f"moved to 'Trade fair' and given '{TRACK_CATEGORY}'"
+    say(f"erin gave the skipped mail the category '{TRACK_CATEGORY}' in a folder of her own")
+    last = 0.0
+
+    async def catch_up() -> None:
+        nonlocal last
+        if time.monotonic() - last > 5:
+            last = time.monotonic()
+            await run_timer("delta")
+
+    await _poll([scenario], org, ctx, [scenario.key], min(deadline, time.monotonic() + 60), catch_up)
+
+
 async def _poll(scenarios: Sequence[Scenario], org: Org, ctx: dict[str, Any], keys: Iterable[str],
                 deadline: float, tick: Callable[[], Awaitable[None]] | None = None) -> bool:
     """Evaluate the named scenarios until all pass or the deadline; True if all passed."""
@@ -596,6 +717,7 @@ async def run_scenario(stack: Mapping[str, Any], deadline: float, say: Callable[
                 with contextlib.suppress(httpx.HTTPError):
                     await org.run_function(name)
 
+        await _switch_on_track_by_category(org)
         # 1. settings from CRM, then subscriptions (production does both on timers)
         say("running the CRM sync")
         await run_timer("crm_sync")
@@ -672,6 +794,7 @@ async def run_scenario(stack: Mapping[str, Any], deadline: float, say: Callable[
             await asyncio.to_thread(send_mail, org.smtp, msg)
             mails[reply.key] = reply
 
+        await _track_by_category(org, mails["category"], by_key["category"], ctx, run_timer, deadline, say)
         # 5. everything else, then the negatives that need the rest to have settled
         say("waiting for the router")
         positives = [s.key for s in scenarios if not s.final_only]

@@ -67,3 +67,56 @@ class StaticMailboxDirectory:
 
     async def get_router_settings(self):  # type: ignore[no-untyped-def]
         return self.router
+
+
+class MemoryLeaseStore:
+    """In-memory ``core.services.jobs.LeaseStore`` with the table store's semantics (first writer wins, an expired
+    lease can be taken over, renew/release only by the holder of the current version)."""
+
+    def __init__(self, clock=None) -> None:  # type: ignore[no-untyped-def]
+        from datetime import UTC, datetime
+
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.rows: dict[str, object] = {}
+        self.version = 0
+        self.acquired: list[str] = []  # owners in the order they got a lease
+
+    def _stamp(self) -> str:
+        self.version += 1
+        return str(self.version)
+
+    async def acquire(self, name, owner, duration, *, purpose=""):  # type: ignore[no-untyped-def]
+        from core.domain.leases import Lease, LeaseHeld
+
+        now = self.clock()
+        current = self.rows.get(name)
+        if current is not None and current.held(now) and current.owner != owner:  # type: ignore[attr-defined]
+            raise LeaseHeld(current)  # type: ignore[arg-type]
+        lease = Lease(name, owner, now, now + duration, purpose, self._stamp())
+        self.rows[name] = lease
+        self.acquired.append(owner)
+        return lease
+
+    async def renew(self, lease, duration):  # type: ignore[no-untyped-def]
+        from dataclasses import replace
+
+        from core.domain.leases import LeaseLost
+
+        current = self.rows.get(lease.name)
+        if current is None or current.etag != lease.etag:  # type: ignore[attr-defined]
+            raise LeaseLost(lease.name)
+        renewed = replace(lease, until=self.clock() + duration, etag=self._stamp())
+        self.rows[lease.name] = renewed
+        return renewed
+
+    async def release(self, lease) -> None:  # type: ignore[no-untyped-def]
+        current = self.rows.get(lease.name)
+        if current is not None and current.etag == lease.etag:  # type: ignore[attr-defined]
+            del self.rows[lease.name]
+
+    async def get(self, name):  # type: ignore[no-untyped-def]
+        return self.rows.get(name)
+
+    async def list_held(self, prefix=""):  # type: ignore[no-untyped-def]
+        now = self.clock()
+        return [lease for name, lease in self.rows.items() if name.startswith(prefix) and lease.held(now)]  # type: ignore[attr-defined]

@@ -468,6 +468,40 @@ class GraphMailClient:
         except GraphNotFound:
             pass  # already gone: deleting is idempotent for us
 
+    async def move_message(self, mailbox: str, message_id: str, destination_id: str) -> dict[str, Any]:
+        """``POST .../messages/{id}/move``: the moved message (its immutable id is the same, its REST id is not)."""
+        url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}/move"
+        request = self._raw("POST", url, {"destinationId": destination_id})
+        _, body, _ = await self._send("move_message", mailbox, request, idempotent=True,
+                                      headers={"Prefer": 'IdType="ImmutableId"'})
+        return self._json(body)
+
+    async def ensure_child_folder(self, mailbox: str, parent: str, display_name: str) -> str:
+        """The id of ``parent``'s child folder named ``display_name`` (case-insensitive), created when missing
+        (``POST .../mailFolders/{parent}/childFolders``; a 409 from a concurrent create is answered by looking
+        again)."""
+        def find(folders: Sequence[Mapping[str, Any]]) -> str | None:
+            wanted = display_name.strip().lower()
+            return next((str(f["id"]) for f in folders if str(f.get("displayName", "")).strip().lower() == wanted
+                         and f.get("id")), None)
+
+        found = find(await self.list_mail_folders(mailbox, parent))
+        if found is not None:
+            return found
+        url = f"/users/{quote(mailbox)}/mailFolders/{quote(parent, safe='')}/childFolders"
+        try:
+            _, body, _ = await self._send("create_folder", mailbox, self._raw("POST", url,
+                                                                              {"displayName": display_name}),
+                                          idempotent=False)
+        except GraphError as exc:
+            if exc.status != 409:
+                raise
+            again = find(await self.list_mail_folders(mailbox, parent))
+            if again is None:
+                raise
+            return again
+        return str(self._json(body)["id"])
+
     async def find_messages_by_internet_id(
         self, mailbox: str, internet_message_id: str, *, folder: str | None = None
     ) -> list[dict[str, Any]]:
@@ -493,14 +527,47 @@ class GraphMailClient:
             # $orderby on the property the $filter names (Graph wants them to match)
             url += "&$filter=" + quote(" and ".join(window), safe="") + "&$orderby=" + quote(
                 "receivedDateTime desc", safe="")
+        async for message in self._message_pages("list_messages", mailbox, url):
+            yield message
+
+    async def _message_pages(self, kind: str, mailbox: str, url: str) -> AsyncIterator[dict[str, Any]]:
+        """Every message of a listing, page after page (``@odata.nextLink`` as Graph gives it), immutable ids."""
         next_url: str | None = url
         while next_url:
-            _, body, _ = await self._send("list_messages", mailbox, self._raw("GET", next_url), idempotent=True,
+            _, body, _ = await self._send(kind, mailbox, self._raw("GET", next_url), idempotent=True,
                                           headers={"Prefer": 'IdType="ImmutableId"'})
             page = self._json(body)
             for message in page.get("value", []):
                 yield message
             next_url = page.get("@odata.nextLink")
+
+    async def list_categorized_messages(self, mailbox: str, category: str, *, since: datetime,
+                                        page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
+        """Messages in any folder of the mailbox that carry ``category`` and changed at or after ``since`` (track by
+        category): ``/users/{id}/messages`` with ``$filter=lastModifiedDateTime ge ... and categories/any(c:c eq
+        '...')`` (core/domain/category.py), only what the search needs, immutable ids as everywhere else."""
+        from core.domain.category import category_filter
+
+        url = (f"/users/{quote(mailbox)}/messages?$filter={quote(category_filter(category, since), safe='')}"
+               f"&$select=id,parentFolderId,lastModifiedDateTime,categories&$top={page_size}")
+        async for message in self._message_pages("category_search", mailbox, url):
+            yield message
+
+    async def well_known_folder_ids(self, mailbox: str, names: Sequence[str]) -> dict[str, str]:
+        """Folder id -> well-known name (``inbox``, ``sentitems``, ...) for the names given, in one JSON batch;
+        a name the mailbox does not have is left out."""
+        requests = [{"id": str(n), "method": "GET",
+                     "url": f"/users/{quote(mailbox)}/mailFolders/{quote(name, safe='')}?$select=id"}
+                    for n, name in enumerate(names, start=1)]
+        found: dict[str, str] = {}
+        for start in range(0, len(requests), GRAPH_BATCH_ITEMS):
+            chunk = requests[start:start + GRAPH_BATCH_ITEMS]
+            for request, response in zip(chunk, await self.batch(chunk, mailbox=mailbox), strict=True):
+                folder_id = (response.get("body") or {}).get("id") if int(response.get("status") or 0) == 200 \
+                    else None
+                if folder_id:
+                    found[str(folder_id)] = names[int(request["id"]) - 1]
+        return found
 
     # -- delta ---------------------------------------------------------------------------------
 

@@ -19,13 +19,15 @@ the whole record table:
   the original's.
 
 Records written before the index existed are still read: ``explain <Message-ID>`` falls back to the old filter
-over ``Decisions`` when the index has no entry for that Message-ID. The index is not pruned yet (a day partition
-can be deleted as a whole).
+over ``Decisions`` when the index has no entry for that Message-ID. Retention (``core.services.retention``) works
+through the oldest day partitions (:meth:`TableDecisionLog.expire_day`): each expired record goes with its
+Message-ID rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -49,6 +51,7 @@ from .storage import (
     StorageAccount,
     TableStore,
     day_partitions,
+    decode_key,
     encode_key,
     hash_key,
     inverted_time_key,
@@ -101,14 +104,20 @@ class TableLedger:
                            activity_id=str(e.get("ActivityId", "")),
                            internet_message_id=str(e.get("InternetMessageId", "")),
                            attempts=int(e.get("Attempts", 0) or 0), reason=str(e.get("Reason", "")),
-                           at=e.get("At"))
+                           at=e.get("At"), source=str(e.get("Source", "") or ""))
+
+    async def expire(self, mailbox: str, before: datetime, limit: int) -> tuple[int, bool]:
+        """Delete up to ``limit`` of the mailbox's entries written before ``before`` (one partition query).
+        Returns (deleted, more left)."""
+        return await self._table.delete_where("PartitionKey eq @pk and At lt @before",
+                                              parameters={"pk": _mailbox_key(mailbox), "before": before}, limit=limit)
 
     async def put(self, entry: LedgerEntry) -> None:
         await self._table.upsert({
             "PartitionKey": _mailbox_key(entry.mailbox), "RowKey": hash_key(entry.graph_id),
             "GraphId": entry.graph_id[:1024], "Outcome": entry.outcome.value, "ActivityId": entry.activity_id,
             "InternetMessageId": entry.internet_message_id[:1024], "Attempts": entry.attempts,
-            "Reason": entry.reason[:1024], "At": entry.at or _now(),
+            "Reason": entry.reason[:1024], "At": entry.at or _now(), "Source": entry.source[:32],
         }, mode="replace")
 
 
@@ -134,12 +143,13 @@ class DecisionHit:
     tracked_for: str  # the forwarding user, for mail unwrapped in a forward sink
     activity_id: str
     source: str
+    folder: str = ""  # the folder the work item named (well-known name or id); "" = not recorded (older rows)
 
     def to_json(self) -> dict[str, Any]:
         return {"at": self.at, "mailbox": self.mailbox, "graph_id": self.graph_id, "outcome": self.outcome,
                 "kind": self.kind, "reason": self.code, "why": self.why, "from": self.sender, "subject": self.subject,
                 "internet_message_id": self.internet_message_id, "tracked_for": self.tracked_for,
-                "activity_id": self.activity_id, "source": self.source}
+                "activity_id": self.activity_id, "source": self.source, "folder": self.folder}
 
     @staticmethod
     def from_entity(e: Mapping[str, Any]) -> DecisionHit:
@@ -150,7 +160,8 @@ class DecisionHit:
             kind=str(e.get("Kind", "")), code=str(e.get("Code", "")), why=str(e.get("Why", "")),
             sender=str(e.get("From", "")), subject=str(e.get("Subject", "")),
             internet_message_id=str(e.get("InternetMessageId", "")), tracked_for=str(e.get("TrackedFor", "")),
-            activity_id=str(e.get("ActivityId", "")), source=str(e.get("Source", "")))
+            activity_id=str(e.get("ActivityId", "")), source=str(e.get("Source", "")),
+            folder=str(e.get("Folder", "")))
 
 
 def _kind_and_code(outcome: str) -> tuple[str, str]:
@@ -198,6 +209,7 @@ class TableDecisionLog:
             "InternetMessageId": (mids[-1] if mids else "")[:1024],
             "TrackedFor": str(record.get("trackedFor") or "").lower()[:320],
             "ActivityId": str(record.get("activityId") or ""), "Source": str(record.get("source") or "")[:64],
+            "Folder": str(record.get("folder") or "")[:1024],
         }]
         row_key = f"{_mailbox_key(mailbox)}|{hash_key(graph_id)}"
         for mid in dict.fromkeys(mids):
@@ -255,6 +267,62 @@ class TableDecisionLog:
     async def list_mailbox(self, mailbox: str) -> list[dict[str, Any]]:
         return [dict(json.loads(join_text(e, "Record")))
                 async for e in self._table.list_partition(_mailbox_key(mailbox))]
+
+    # -- retention ------------------------------------------------------------------------------------------
+
+    async def oldest_day(self) -> str | None:
+        """The oldest index day partition (``tYYYYMMDD``), or None: time partitions sort after the Message-ID
+        ones (``m...``), so one range read finds it."""
+        if self._index is None:
+            return None
+        return await self._index.first_partition("t", "u")
+
+    async def expire_day(self, day: str, before: datetime, limit: int) -> tuple[int, int, bool]:
+        """Work through one index day partition (decided before ``before``): each decision record whose latest
+        decision is older goes with its Message-ID index rows; the time row goes in any case (a newer decision of
+        the same message has its own). At most ``limit`` deletions. Returns (records, index rows, more left)."""
+        assert self._index is not None
+        index = self._index
+        records = index_rows = 0
+        async with contextlib.aclosing(index.list_partition(day)) as rows:
+            async for row in rows:
+                # Deleted in this order (Message-ID rows, record, time row) so that a run that stops half-way
+                # leaves the time row, and the next run finds the rest through it (deletes are idempotent).
+                mailbox, graph_id = str(row.get("Mailbox", "")), str(row.get("GraphId", ""))
+                record = None
+                if mailbox and graph_id:
+                    try:
+                        record = await self._table.get(_mailbox_key(mailbox), hash_key(graph_id))
+                    except EntityNotFoundError:
+                        record = None
+                at = record.get("At") if record is not None else None
+                if record is not None and isinstance(at, datetime) and at < before:
+                    try:
+                        doc = json.loads(join_text(record, "Record"))
+                    except ValueError:
+                        doc = {}
+                    mids = {str(m) for m in (record.get("InternetMessageId"), doc.get("internetMessageId"),
+                                             doc.get("originalInternetMessageId")) if m}
+                    pointer = f"{_mailbox_key(mailbox)}|{hash_key(graph_id)}"
+                    for mid in sorted(mids):
+                        if records + index_rows >= limit:
+                            return records, index_rows, True
+                        await index.delete(message_id_key(mid), pointer)
+                        index_rows += 1
+                    if records + index_rows >= limit:
+                        return records, index_rows, True
+                    await self._table.delete(_mailbox_key(mailbox), hash_key(graph_id))
+                    records += 1
+                if records + index_rows >= limit:
+                    return records, index_rows, True
+                await index.delete(day, str(row["RowKey"]))
+                index_rows += 1
+        return records, index_rows, False
+
+    async def expire_unindexed(self, before: datetime, limit: int) -> tuple[int, bool]:
+        """Records written before the index existed (no time row points at them) and older than ``before``: a
+        filtered scan of the record table, bounded by ``limit``. Run only once every older index day is gone."""
+        return await self._table.delete_where("At lt @before", parameters={"before": before}, limit=limit)
 
 
 class TableMailboxStatus:
@@ -342,6 +410,16 @@ class TableDeltaState:
 
     async def delete(self, mailbox: str, folder: str) -> None:
         await self._table.delete(_mailbox_key(mailbox), encode_key(folder))
+
+    async def list_mailbox(self, mailbox: str) -> list[DeltaCursor]:
+        """Every folder's cursor of one mailbox (one partition read)."""
+        out: list[DeltaCursor] = []
+        async for e in self._table.list_partition(_mailbox_key(mailbox)):
+            folder = decode_key(str(e.get("RowKey", "")))
+            cursor = await self.get(mailbox, folder)
+            if cursor is not None:
+                out.append(cursor)
+        return out
 
 
 @dataclass(frozen=True)

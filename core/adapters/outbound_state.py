@@ -162,6 +162,14 @@ class TableOutboundLedger:
             if on_day is not None:
                 on_day(n, len(days))
 
+    async def oldest_finished_day(self) -> str | None:
+        """The oldest finished-index day partition (``doneYYYYMMDD``), or None (one range read)."""
+        return await self._table.first_partition(FINISHED_PREFIX, FINISHED_PREFIX + "~")
+
+    async def expire_finished_day(self, day: str, limit: int) -> tuple[int, bool]:
+        """Delete up to ``limit`` rows of one finished-index day partition. Returns (deleted, more left)."""
+        return await self._table.delete_where("PartitionKey eq @pk", parameters={"pk": day}, limit=limit)
+
     async def mark_active(self, marker: ActiveMarker) -> None:
         entity: dict[str, Any] = {"PartitionKey": ACTIVE_PARTITION, "RowKey": marker.email_id,
                                   "SenderMailbox": marker.sender_mailbox}

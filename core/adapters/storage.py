@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -768,6 +769,30 @@ class TableStore:
     async def list_partition(self, partition_key: str) -> AsyncIterator[Entity]:
         async for entity in self.query("PartitionKey eq @pk", parameters={"pk": partition_key}):
             yield entity
+
+    async def first_partition(self, lo: str, hi: str) -> str | None:
+        """The lowest PartitionKey in ``[lo, hi)``: entities are kept in PartitionKey order, so this is one short
+        range read (retention finds its oldest day partition this way, without a scan)."""
+        async with contextlib.aclosing(self.query("PartitionKey ge @lo and PartitionKey lt @hi",
+                                                  parameters={"lo": lo, "hi": hi}, select=["PartitionKey"],
+                                                  page_size=1)) as found:
+            async for entity in found:
+                return str(entity["PartitionKey"])
+        return None
+
+    async def delete_where(self, filter: str, *, parameters: Mapping[str, Any] | None = None, limit: int
+                           ) -> tuple[int, bool]:
+        """Delete at most ``limit`` entities matching ``filter`` (only their keys are read). Returns (deleted, more
+        match): the bounded unit of a clean-up that continues next run."""
+        deleted = 0
+        async with contextlib.aclosing(self.query(filter, parameters=parameters, select=["PartitionKey", "RowKey"],
+                                                  page_size=max(1, min(1000, limit + 1)))) as found:
+            async for entity in found:
+                if deleted >= limit:
+                    return deleted, True
+                await self.delete(str(entity["PartitionKey"]), str(entity["RowKey"]))
+                deleted += 1
+        return deleted, False
 
     async def close(self) -> None:
         await self._client.close()

@@ -17,8 +17,6 @@ from rich.table import Table
 from core.names import (
     ALL_QUEUES,
     MAILBOX_STATUS_TABLE,
-    MAILBOXES_TABLE,
-    ORG_SETTINGS_TABLE,
     POISON_LOG_TABLE,
     POISON_SUFFIX,
     QUEUES,
@@ -91,10 +89,15 @@ async def run(spec: Command, args: argparse.Namespace, *, cwd: Path, environ: Ma
         container = _container(args, cwd, environ)
     except (ConfigError, ValueError) as exc:
         raise UnavailableError(f"{exc}\n{describe_sources(args.settings, cwd, environ)}") from exc
+    from core.services.jobs import JobBusy
+
     try:
         return await spec.handler(container, args, out)
     except CliError:
         raise
+    except JobBusy as exc:
+        raise CliError(f"{exc}. Nothing was changed by this run: try again when it has finished, or give "
+                       "--wait SECONDS") from exc
     except ConfigError as exc:
         raise UnavailableError(f"{exc}\n{describe_sources(args.settings, cwd, environ)}") from exc
     except Exception as exc:
@@ -320,10 +323,40 @@ async def mailbox_set(container: Any, args: argparse.Namespace, out: Out) -> int
         config = await _directory(container).set_overrides(args.address, changes)
     except ValueError as exc:
         raise CliError(f"not written: {exc}") from exc
-    data = {"written": sorted(changes), "effective": _config_json(config)}
-    out.emit(data, lambda c: c.print(f"{config.address}: overrides written ({', '.join(sorted(changes))}); "
-                                     "effective within the settings cache TTL (≤ 60 s)"))
+    hint = _past_mail_hint(config.address, changes)
+    data = {"written": sorted(changes), "effective": _config_json(config), "past_mail": hint}
+
+    def render(c: Console) -> None:
+        c.print(f"{config.address}: overrides written ({', '.join(sorted(changes))}); effective for new mail within "
+                "the settings cache TTL (≤ 60 s)")
+        if hint:
+            c.print(f"mail decided before keeps its outcome; to apply this change to it: {hint}", highlight=False)
+
+    out.emit(data, render)
     return 0
+
+
+# Settings whose change can turn an earlier "skipped" into "tracked" (mailbox overrides / org keys).
+_DECIDING_FIELDS = frozenset({"Inbound", "Filter", "Approval", "Enabled", "EnabledIncoming", "ForwardSink",
+                              "ProcessEmailFrom", "TrackedFolders", "TrackSentItems", "Kind", "OwnerId"})
+_DECIDING_ORG_KEYS = frozenset(k.lower() for k in (
+    "IgnoreInternalEmail", "DoNotIgnoreInternalEmailToQueues", "InternalDomains", "NeverLogAddresses",
+    "NeverLogDomains", "RequireApprovalForUserEmail", "RequireApprovalForQueueEmail",
+    "TreatAutoResponseSuppressAsAutoReply", "TreatPrecedenceBulkAsAutoReply", "UseSyncingMailboxFilterOnly",
+    "UseCorrelation", "UseTrackingToken", "TrackingPrefixes", "UseReferences", "ResolveForInactiveEntities",
+    "UnresolveIfMultipleMatch", "WrapperRequireInternalAuth", "WrapperAuthAsHeader", "WrapperInternalAuthValues",
+    "MaxAttachmentBytes", "TrackSentItemsDefault", "DefaultForwardSink"))
+
+
+def _past_mail_hint(address: str | None, changes: Mapping[str, str] | None = None, key: str | None = None
+                    ) -> str | None:
+    """The command that applies a settings change to mail the router decided before (None: the change cannot
+    change an earlier decision)."""
+    if key is not None:
+        return "emailrouter reprocess --all --since 7d" if key.lower() in _DECIDING_ORG_KEYS else None
+    if changes is not None and not _DECIDING_FIELDS & set(changes):
+        return None
+    return f"emailrouter reprocess {address} --since 7d"
 
 
 async def _folders_by_id(container: Any, address: str, raw: str) -> str:
@@ -342,7 +375,7 @@ async def _folders_by_id(container: Any, address: str, raw: str) -> str:
 def _health_service(container: Any) -> Any:
     from core.settings.health import health_service_for
 
-    return health_service_for(container)
+    return health_service_for(container, role="cli")
 
 
 def _test_arguments(parser: argparse.ArgumentParser) -> None:
@@ -350,6 +383,7 @@ def _test_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="test every mailbox, as the Router's Test Access did")
     parser.add_argument("--no-crm-write", dest="crm_write", action="store_false",
                         help="skip the CRM write check (it sets testmailboxaccesscompletedon on the mailbox record)")
+    _wait_arguments(parser, 60)
 
 
 def _validate_test(args: argparse.Namespace) -> None:
@@ -365,7 +399,8 @@ def _failing_checks(outcome: Any) -> str:
          arguments=_test_arguments, validate=_validate_test,
          description="Run the health checks now and record the result (MailboxStatus table and the CRM mailbox "
                      "record). Also checks that the app can write to CRM: it sets testmailboxaccesscompletedon on "
-                     "the mailbox record. Exit 1 when a mailbox is failing.",
+                     "the mailbox record. Exit 1 when a mailbox is failing (pending - e.g. waiting for its first "
+                     "subscription - is not a failure).",
          examples=["emailrouter mailbox test alice@contoso.com", "emailrouter mailbox test --all"])
 async def mailbox_test(container: Any, args: argparse.Namespace, out: Out) -> int:
     service = _health_service(container)
@@ -374,7 +409,8 @@ async def mailbox_test(container: Any, args: argparse.Namespace, out: Out) -> in
             task = progress.add_task("testing mailboxes", total=None)
             outcomes = await service.probe_all(
                 crm_write=args.crm_write, progress=lambda done, total: progress.update(task, completed=done,
-                                                                                       total=total))
+                                                                                       total=total),
+                wait=float(args.wait), on_wait=_say_waiting)
         data: Any = [o.to_json() for o in outcomes]
 
         def render_all(console: Console) -> None:
@@ -400,11 +436,12 @@ async def mailbox_test(container: Any, args: argparse.Namespace, out: Out) -> in
         table.add_column("result")
         table.add_column("detail")
         for c in outcome.checks:
-            table.add_row(c.name, "[green]ok[/green]" if c.ok else "[red]FAIL[/red]", c.detail)
+            table.add_row(c.name, "[green]ok[/green]" if c.ok else "[yellow]pending[/yellow]" if c.pending
+                          else "[red]FAIL[/red]", c.detail)
         console.print(table)
 
     out.emit(outcome.to_json(), render)
-    return 0 if outcome.health.value in ("ok", "n/a") else 1
+    return 1 if outcome.health.value == "failing" else 0
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -458,28 +495,45 @@ async def settings_set(container: Any, args: argparse.Namespace, out: Out) -> in
     from core.settings.rows import org_key
 
     key = org_key(args.key).key
-    out.emit({"key": key, "value": stored}, lambda c: c.print(f"{key} = {stored!r}" if stored
-                                                              else f"{key}: admin value cleared"))
+    hint = _past_mail_hint(None, key=key)
+
+    def render(c: Console) -> None:
+        c.print(f"{key} = {stored!r}" if stored else f"{key}: admin value cleared")
+        if hint:
+            c.print(f"mail decided before keeps its outcome; to apply this change to it: {hint}", highlight=False)
+
+    out.emit({"key": key, "value": stored, "past_mail": hint}, render)
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ sync
 
 
-@command("sync-crm", help="copy delivery methods and org settings from CRM now")
-async def sync_crm(container: Any, args: argparse.Namespace, out: Out) -> int:
-    from core.settings.crm_sync import CrmSyncService
+def _wait_arguments(parser: argparse.ArgumentParser, default: int = 120) -> None:
+    parser.add_argument("--wait", type=int, default=default, metavar="SECONDS",
+                        help=f"when the same job is already running (the timer, another admin): wait this long for "
+                             f"it to finish, then give up (default {default}; 0 = do not wait)")
 
-    storage = container.storage
-    service = CrmSyncService(container.dataverse, storage.table(MAILBOXES_TABLE), storage.table(ORG_SETTINGS_TABLE),
-                             storage.table(MAILBOX_STATUS_TABLE))
+
+def _say_waiting(message: str) -> None:
+    Console(stderr=True, soft_wrap=True).print(message, markup=False, highlight=False)
+
+
+@command("sync-crm", help="copy delivery methods and org settings from CRM now",
+         arguments=_wait_arguments,
+         description="Read CRM now (as the crm_settings_sync timer does), write the settings tables, and re-probe "
+                     "the health of every mailbox that changed. Runs one at a time: when the timer (or another "
+                     "admin) is syncing, waits for it (--wait).")
+async def sync_crm(container: Any, args: argparse.Namespace, out: Out) -> int:
+    from core.settings.crm_sync import sync_now
+
     with out.progress() as progress:
         task = progress.add_task("reading CRM", total=None)
 
         def tick(step: str, done: int, total: int) -> None:
             progress.update(task, description=step, completed=done, total=total or None)
 
-        report = await service.run(progress=tick)
+        report = await sync_now(container, role="cli", wait=float(args.wait), on_wait=_say_waiting, progress=tick)
 
     def render(console: Console) -> None:
         console.print(f"added {len(report.added)}, changed {len(report.changed)}, disabled "
@@ -524,23 +578,89 @@ async def subscriptions_list(container: Any, args: argparse.Namespace, out: Out)
     return 0
 
 
-@command("subscriptions", "reconcile", help="create/renew/delete subscriptions now (needs WEBHOOK_BASE_URL)")
+@command("subscriptions", "reconcile", help="create/renew/delete subscriptions now (needs WEBHOOK_BASE_URL)",
+         arguments=_wait_arguments,
+         description="Make the Graph subscriptions match the mailbox settings now (as the subscription_reconcile "
+                     "timer does): create missing ones, renew expiring ones, delete unwanted and duplicate ones, "
+                     "then re-probe the health of the mailboxes that changed. Runs one at a time: when the timer "
+                     "(or another admin) is reconciling, waits for it to finish (--wait), then checks again.")
 async def subscriptions_reconcile(container: Any, args: argparse.Namespace, out: Out) -> int:
     try:
         from core.services.subscriptions import service_for
     except ImportError as exc:
         raise NotAvailableError("subscriptions reconcile is not available in this build") from exc
-    service = service_for(container)
+    service = service_for(container, role="cli")
     with out.progress() as progress:
         task = progress.add_task("reconciling subscriptions", total=None)
         report = await service.reconcile(
-            progress=lambda done, total: progress.update(task, completed=done, total=total or None))
+            progress=lambda done, total: progress.update(task, completed=done, total=total or None),
+            wait=float(args.wait), on_wait=_say_waiting)
     data = report.as_dict()
     out.emit(data, lambda c: c.print(", ".join(f"{k} {v if not isinstance(v, list) else len(v)}"
                                                for k, v in data.items())
                                      + "".join(f"\n  failed {f['mailbox']} {f['folder']}: {f['reason']}"
                                                for f in data["failed"])))
     return 1 if data["failed"] else 0
+
+
+def _catch_up_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("addresses", nargs="*", metavar="ADDRESS", help="only these mailboxes (default: every "
+                        "mailbox the router reads)")
+    _wait_arguments(parser, 60)
+
+
+@command("catch-up", help="run a delta round for every watched mailbox now (what the delta_catchup timer does)",
+         arguments=_catch_up_arguments,
+         description="Queue one mailbox-sync item per watched mailbox (or per ADDRESS): each runs a delta round "
+                     "that enqueues the mail a missed notification would have brought. Safe to run while the timer "
+                     "runs: one fan-out at a time, and one round per mailbox at a time.",
+         examples=["emailrouter catch-up", "emailrouter catch-up erin@contoso.com"])
+async def catch_up(container: Any, args: argparse.Namespace, out: Out) -> int:
+    from core.services.delta import delta_service_for
+
+    service = delta_service_for(container, role="cli")
+    count = await service.fan_out(reason="manual", only=args.addresses or None, wait=float(args.wait),
+                                  on_wait=_say_waiting)
+    if args.addresses and count < len(set(args.addresses)):
+        raise CliError(f"{count} of {len(set(args.addresses))} mailbox(es) queued: the others are not read by the "
+                       "router (see `emailrouter mailbox show ADDRESS`)")
+    out.emit({"enqueued": count}, lambda c: c.print(f"{count} mailbox sync item(s) queued; the mailbox_sync "
+                                                    "function runs the delta rounds"))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ retention
+
+group("retention", "the router's own records expire: decision records, index and ledger rows, old forward wrappers")
+
+
+@command("retention", "run", help="delete expired records now (what the delta catch-up timer does hourly)",
+         arguments=_wait_arguments,
+         description="Delete decision records and their index rows decided more than RetentionDays ago, outbound "
+                     "finished-index rows as old, processed-ledger rows that delta can no longer report again, and "
+                     "processed forward wrappers older than ProcessedWrapperDays - at most RETENTION_MAX_DELETES per "
+                     "run. One run at a time: when the timer is cleaning up, waits for it (--wait).",
+         examples=["emailrouter retention run"])
+async def retention_run(container: Any, args: argparse.Namespace, out: Out) -> int:
+    from core.services.retention import retention_service_for
+
+    with out.progress() as progress:
+        progress.add_task("deleting expired records", total=None)
+        report = await retention_service_for(container, role="cli").run(wait=float(args.wait), on_wait=_say_waiting)
+
+    def render(console: Console) -> None:
+        console.print(f"deleted {report.deleted} (decision records {report.decisions}, index rows "
+                      f"{report.index_rows}, outbound index rows {report.outbound_rows}, ledger rows "
+                      f"{report.ledger_rows}, forward wrappers {report.wrappers}) older than "
+                      f"{report.cutoff:%Y-%m-%d} UTC" + ("; more next run" if report.more else ""))
+        for mailbox, until in sorted(report.ledger_held.items()):
+            console.print(f"  {mailbox}: ledger rows kept from {until:%Y-%m-%d %H:%M} UTC on (delta could still "
+                          "report them again)", highlight=False)
+        for error in report.errors:
+            console.print(f"  [red]error[/red] {error}", highlight=False)
+
+    out.emit(report.to_json(), render)
+    return 1 if report.errors else 0
 
 
 # ------------------------------------------------------------------------------------------------ poison
@@ -745,6 +865,9 @@ async def poison_discard(container: Any, args: argparse.Namespace, out: Out) -> 
 def _backfill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", help="the mailbox to read")
     parser.add_argument("--since", required=True, metavar="DATE", help="ISO date, e.g. 2024-01-31")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="also decide again the messages the router skipped or failed before (with today's "
+                             "settings); without it they are left as they were")
 
 
 def _validate_backfill(args: argparse.Namespace) -> None:
@@ -767,15 +890,91 @@ async def backfill(container: Any, args: argparse.Namespace, out: Out) -> int:
     except ImportError as exc:
         raise NotAvailableError("backfill is not available in this build") from exc
     since = parse_datetime(args.since)
+    reevaluate = ("skipped", "failed") if args.reevaluate else ()
     with out.progress() as progress:
         task = progress.add_task(f"enqueueing {args.address}", total=None)
         report = await run_backfill(container, args.address, since,
-                                    lambda n: progress.update(task, completed=n))
+                                    lambda n: progress.update(task, completed=n), reevaluate=reevaluate)
     if report.error:
         raise CliError(f"{args.address}: {report.error}")
-    data = {"mailbox": report.mailbox, "since": since, "enqueued": report.enqueued, "folders": report.folders}
+    data = {"mailbox": report.mailbox, "since": since, "enqueued": report.enqueued, "folders": report.folders,
+            "reevaluate": list(reevaluate)}
+    note = ("messages the router skipped or failed before are decided again with today's settings; tracked ones "
+            "stay as they are (one CRM email each)" if reevaluate else
+            "messages the router has decided before are left as they were: tracked ones stay one CRM email, skipped "
+            "ones stay skipped (decide those again with --reevaluate or `emailrouter reprocess`)")
     out.emit(data, lambda c: c.print(f"{report.enqueued} message(s) from {', '.join(report.folders)} enqueued; "
-                                     "already tracked ones are recognised and skipped"))
+                                     f"{note}"))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ reprocess
+
+
+def _reprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", nargs="?", help="the mailbox (a forward user's address finds the mail unwrapped "
+                                                   "for them in the forward mailbox)")
+    parser.add_argument("--all", action="store_true", help="every mailbox (after an org setting changed)")
+    parser.add_argument("--since", required=True, metavar="WHEN",
+                        help="decisions made since: 30m, 2h, 7d, 2w or an ISO date (decision records are kept "
+                             "RetentionDays, default 30)")
+    parser.add_argument("--outcome", choices=("skipped", "failed", "all"), default="all",
+                        help="which earlier outcomes to decide again (default all: skipped and failed)")
+    parser.add_argument("--from", dest="sender", metavar="TEXT", help="only mail whose sender's address contains TEXT")
+    parser.add_argument("--subject", metavar="TEXT", help="only mail whose subject contains TEXT")
+
+
+def _validate_reprocess(args: argparse.Namespace) -> None:
+    from datetime import UTC, datetime
+
+    from .diagnose import parse_since
+
+    if bool(args.address) == bool(args.all):
+        raise UsageError("give one mailbox ADDRESS or --all")
+    parse_since(args.since, datetime.now(UTC))
+
+
+@command("reprocess", help="decide again the mail that was skipped or failed (after a filter or setting change)",
+         arguments=_reprocess_arguments, validate=_validate_reprocess, destructive=True,
+         description="Find the messages whose latest decision since --since was skipped (or failed) in the decision "
+                     "records, and queue each to be decided again through the normal pipeline with today's "
+                     "settings: what the new filter accepts is tracked, once (the CRM email id comes from the "
+                     "Message-ID, which is looked up in CRM first); tracked mail is never touched. Shows the "
+                     "messages and asks first (--yes to skip, --dry-run to only list).",
+         examples=["emailrouter reprocess erin@contoso.com --since 7d",
+                   "emailrouter reprocess erin@contoso.com --since 2024-05-01 --outcome skipped --yes",
+                   "emailrouter reprocess --all --since 24h --dry-run"])
+async def reprocess(container: Any, args: argparse.Namespace, out: Out) -> int:
+    from datetime import UTC, datetime
+
+    from core.services.reprocess import reprocess as run_reprocess
+
+    from .diagnose import parse_since
+
+    since = parse_since(args.since, datetime.now(UTC))
+    outcomes = ("skipped", "failed") if args.outcome == "all" else (args.outcome,)
+    mailbox = None if args.all else args.address
+    with out.progress() as progress:
+        task = progress.add_task("reading decisions", total=None)
+        planned = await run_reprocess(container, mailbox, since, outcomes=outcomes, sender=args.sender,
+                                      subject=args.subject, dry_run=True,
+                                      on_day=lambda d, n: progress.update(task, completed=d, total=n))
+    who = mailbox or "every mailbox"
+    if not planned.items:
+        out.emit(planned.to_json(), lambda c: c.print(f"nothing to decide again: no {' or '.join(outcomes)} mail "
+                                                      f"for {who} since {since:%Y-%m-%d %H:%M} UTC"))
+        return 0
+    listed = [f"{i['decided_at']:%Y-%m-%d %H:%M} {i['tracked_for'] or i['mailbox']}: {i['from']} "
+              f"'{i['subject']}' ({i['outcome']})" for i in planned.items]
+    if not confirm(args, out, f"reprocess {who}: decide again", listed):
+        return 0
+    report = await run_reprocess(container, mailbox, since, outcomes=outcomes, sender=args.sender,
+                                 subject=args.subject, now=planned.requested_at)
+    counts = ", ".join(f"{k} {v}" for k, v in report.by_outcome.most_common())
+    follow = f"emailrouter explain --mailbox {mailbox} --since 10m" if mailbox else "emailrouter status"
+    out.emit(report.to_json(), lambda c: c.print(
+        f"{report.enqueued} message(s) queued to be decided again ({counts}); the inbound processor decides them "
+        f"with today's settings within moments. See the result: {follow}", highlight=False))
     return 0
 
 

@@ -289,6 +289,8 @@ async def status(container: Any, args: argparse.Namespace, out: Out) -> int:
         for line in report.mailboxes:
             if line.health == "failing":
                 console.print(f"  [red]failing[/red] {line.address}: {line.last_error}", highlight=False)
+            elif line.health == "pending":
+                console.print(f"  [yellow]pending[/yellow] {line.address}: {line.pending}", highlight=False)
         c = report.counts
         console.print(f"[bold]last hour[/bold]: tracked {c['tracked']}, already in CRM {c['already_tracked']}, "
                       f"skipped {c['skipped']}, failed {c['failed']}, gone {c['gone']}")
@@ -309,6 +311,8 @@ async def status(container: Any, args: argparse.Namespace, out: Out) -> int:
             console.print(f"  [red]failed[/red] {f.email_id} from {f.sender}: {f.reason}", highlight=False)
         for name, info in sorted(report.last_runs.items()):
             console.print(f"last {name}: {info.get('LastRunOn', '-')}")
+        for line in report.running:
+            console.print(f"now: {line}", highlight=False)
         if not report.last_runs:
             console.print("no runs recorded yet")
 

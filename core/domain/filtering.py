@@ -51,7 +51,7 @@ class FilterEvaluation:
 @dataclass(frozen=True, slots=True)
 class TrackingDecision:
     tracked: bool
-    via: Literal["folder", "filter", "none"]
+    via: Literal["folder", "category", "filter", "none"]
     accepting_entity: CrmRecordRef | None
     folder_regarding: CrmRecordRef | None
     why: str
@@ -98,15 +98,21 @@ def _may_receive(config: MailboxConfig) -> bool:
 
 def decide_tracking(message: MailMessage, mailbox: MailboxConfig, *, parties: ResolvedParties,
                     correlation: Correlation, direction: Direction, org: OrgEmailSettings,
-                    mailboxes_by_owner: Mapping[CrmRecordRef, MailboxConfig]) -> TrackingDecision:
+                    mailboxes_by_owner: Mapping[CrmRecordRef, MailboxConfig],
+                    requested_category: str = "") -> TrackingDecision:
     """Tracked or not, by whom, and why. ``mailbox`` is the mailbox the mail is tracked for (for a forward sink:
-    the forwarding user's mailbox)."""
+    the forwarding user's mailbox). ``requested_category``: the user gave the message this Outlook category (track
+    by category): tracked for the mailbox's owner "regardless of the filtering options configured" (SSS)."""
     folder_id = message.folder.folder_id
     if mailbox.kind is MailboxKind.USER and folder_id and folder_id in mailbox.folder_regarding:
         regarding = mailbox.folder_regarding[folder_id]
         return TrackingDecision(True, "folder", mailbox.owner, regarding,
                                 f"folder-level tracking: folder {folder_id!r} is mapped to {regarding.table} "
                                 f"{regarding.id}")
+    if requested_category:
+        return TrackingDecision(True, "category", mailbox.owner, None,
+                                f"the user asked for it with the Outlook category {requested_category!r} (manual "
+                                "tracking: the tracking filter does not apply)")
 
     entities: list[tuple[CrmRecordRef, TrackingFilter]] = []
     if mailbox.owner is not None:

@@ -35,7 +35,8 @@ from core.domain.model import (
     WrapperTrustPolicy,
 )
 
-__all__ = ["NotUnwrapped", "UnwrapCode", "UnwrapResult", "Unwrapped", "unwrap_forwarded"]
+__all__ = ["NotUnwrapped", "UnwrapCode", "UnwrapResult", "Unwrapped", "WrapperFate", "unwrap_forwarded",
+           "wrapper_fate"]
 
 
 class UnwrapCode(StrEnum):
@@ -130,3 +131,27 @@ def unwrap_forwarded(wrapper: MailMessage, sink: MailboxConfig, forward_users: M
         truncations=original.truncations + wrapper.truncations,
     )
     return Unwrapped(rehomed, user, wrapper.graph_id)
+
+
+class WrapperFate(StrEnum):
+    KEEP = "keep"
+    DELETE = "delete"
+    PROCESSED = "processed"  # moved to the processed folder
+    UNDELIVERABLE = "undeliverable"  # moved to the undeliverable folder
+
+
+def wrapper_fate(*, delivered: bool, delete_after_processing: bool, processed_folder: str,
+                 undeliverable_folder: str) -> tuple[WrapperFate, str]:
+    """What happens to a wrapper in a forward mailbox once it has been decided, and the folder it goes to. Pure.
+
+    ``delivered``: the router decided it for a forwarding user (tracked, already in CRM, or not tracked by a skip
+    rule or that user's filter) - a processed wrapper, tracked or not: deleted when the sink deletes processed mail
+    (``DeleteAfterProcessing``, CRM's ``processanddeleteemails``), else moved to the processed folder (the CRM 2011
+    Router kept forward mailboxes from filling up the same way). Not delivered: nobody it can be tracked for (not a
+    forward, not trusted, an unknown forwarder) or it failed for good - moved to the undeliverable folder (SSS's
+    ``moveundeliveredemails``), never deleted. An empty folder name leaves the wrapper where it is."""
+    if delivered:
+        if delete_after_processing:
+            return WrapperFate.DELETE, ""
+        return (WrapperFate.PROCESSED, processed_folder) if processed_folder else (WrapperFate.KEEP, "")
+    return (WrapperFate.UNDELIVERABLE, undeliverable_folder) if undeliverable_folder else (WrapperFate.KEEP, "")

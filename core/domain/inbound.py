@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final, Literal
 
+from core.domain.category import category_trackable, has_category
 from core.domain.correlation import (
     Correlation,
     CorrelationKeys,
@@ -118,6 +119,9 @@ class InboundContext:
     correlation: CorrelationLookup = field(default_factory=CorrelationLookup.empty)
     forward_users: Mapping[str, MailboxConfig] = field(default_factory=dict)
     known_mailboxes: Sequence[MailboxConfig] = ()
+    # Track by category: the org's tracking category when this message came as a user's request
+    # (InboundItem source "category" while TrackCategorizedItems is on); "" otherwise.
+    requested_category: str = ""
 
     def mailboxes_by_owner(self) -> dict[CrmRecordRef, MailboxConfig]:
         return {m.owner: m for m in self.known_mailboxes if m.owner is not None}
@@ -212,6 +216,8 @@ class TrackEmail:
     # The navigation property the correlated email's regarding was bound through
     # (Microsoft.Dynamics.CRM.associatednavigationproperty): binding the copy through the same name is exact.
     regarding_nav: str | None = None
+    # What normalisation left out that the CRM email would hold (listed in its description, ``notifications``).
+    dropped: tuple[str, ...] = ()
 
 
 InboundPlan = Skip | TrackEmail
@@ -276,6 +282,16 @@ def _mailbox_gate(mailbox: MailboxConfig) -> tuple[str, str] | None:
     return None
 
 
+def _requested_category(message: MailMessage, context: InboundContext) -> str:
+    """The tracking category when the user asked for this message (track by category) and may: the request came
+    from the category search, the mailbox is one whose users may ask (core/domain/category.py), and the message,
+    as fetched now, still carries the category (a user who removed it again has withdrawn the request)."""
+    name = context.requested_category
+    if name and category_trackable(context.mailbox) and has_category(message.categories, name):
+        return name
+    return ""
+
+
 def _approval_gate(mailbox: MailboxConfig, org: OrgEmailSettings) -> tuple[str, str] | None:
     required = (org.require_approval_for_queue_email if mailbox.kind is MailboxKind.QUEUE
                 else org.require_approval_for_user_email)
@@ -323,15 +339,40 @@ def _plan_attachments(message: MailMessage, activity_id: uuid.UUID, org: OrgEmai
     return tuple(kept), tuple(omitted)
 
 
-def _description(message: MailMessage, omitted: Sequence[OmittedAttachment]) -> str:
+# Normalisation notes (MailMessage.truncations) about what CRM stores of the email: shown on the email itself.
+# Notes about headers the email row does not keep (References, categories, Thread-Index, Date) stay in the
+# decision record only.
+_VISIBLE_NOTES: Final = frozenset({"attachment", "attachments", "message/rfc822", "body", "subject", "from",
+                                   "sender", "toRecipients", "ccRecipients", "bccRecipients", "To", "Cc", "Bcc",
+                                   "From", "Sender"})
+
+
+def visible_drops(truncations: Sequence[str]) -> tuple[str, ...]:
+    """The normalisation notes that change what the CRM email holds (see :data:`_VISIBLE_NOTES`). Pure."""
+    return tuple(n for n in truncations if n.split(":", 1)[0].split(" ", 1)[0] in _VISIBLE_NOTES)
+
+
+def notifications_for(omitted: Sequence[OmittedAttachment], drops: Sequence[str]) -> int:
+    """``email.notifications`` (email.md): 1 = not all attachments could be saved, 2 = truncated body, 0 = none.
+    One value only: a missing attachment is named first (the description lists both)."""
+    if omitted or any(d.startswith(("attachment", "message/rfc822")) for d in drops):
+        return 1
+    if any(d.startswith("body") for d in drops):
+        return 2
+    return 0
+
+
+def _description(message: MailMessage, omitted: Sequence[OmittedAttachment], drops: Sequence[str] = ()) -> str:
     if message.body_html is not None:
         body = sanitize_html(message.body_html)
     else:
         body = text_to_html(message.body_text or "")
-    if omitted:
-        notes = "".join(
-            f"<li>{html.escape(o.filename)} ({_human_size(o.size)}): {html.escape(o.reason)}</li>" for o in omitted)
-        body += f"<hr><p>Email Router: attachments not saved in CRM:</p><ul>{notes}</ul>"
+    items = [f"<li>{html.escape(o.filename)} ({_human_size(o.size)}): {html.escape(o.reason)}</li>" for o in omitted]
+    items += [f"<li>{html.escape(d)}</li>" for d in drops]
+    if items:
+        title = "attachments not saved in CRM" if omitted and not drops else "not everything of this message is " \
+            "in CRM"
+        body += f"<hr><p>Email Router: {title}:</p><ul>{''.join(items)}</ul>"
     return body
 
 
@@ -386,6 +427,7 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
 
     tracking_mailbox = context.mailbox
     wrapper_graph_id: str | None = None
+    truncations = message.truncations  # the whole fetched message's, nested original included
     unwrapped = _unwrap(message, context)
     if isinstance(unwrapped, NotUnwrapped):
         return skip("unwrap", unwrapped.code.value, unwrapped.why, message.graph_id)
@@ -398,7 +440,12 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
     if approval is not None:
         return skip("mailbox", *approval, wrapper_graph_id=wrapper_graph_id)
 
-    reason = first_skip_reason(message, tracking_mailbox, org, queue_addresses=context.queue_addresses())
+    requested = _requested_category(message, context)
+    if requested:
+        decisions.append(Decision("request", "category", f"the user gave the message the Outlook category "
+                                  f"{requested!r}: tracked whatever the tracking filter and the folder"))
+    reason = first_skip_reason(message, tracking_mailbox, org, queue_addresses=context.queue_addresses(),
+                               manual=bool(requested))
     if reason is not None:
         return skip("skip_rule", reason.code.value, reason.why, wrapper_graph_id)
     decisions.append(Decision("skip_rule", "none", "no skip rule matched"))
@@ -420,7 +467,8 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
                               if correlation.matched else "no known conversation"))
 
     tracking = decide_tracking(message, tracking_mailbox, parties=parties, correlation=correlation,
-                               direction=direction, org=org, mailboxes_by_owner=context.mailboxes_by_owner())
+                               direction=direction, org=org, mailboxes_by_owner=context.mailboxes_by_owner(),
+                               requested_category=requested)
     for evaluation in tracking.evaluations:
         decisions.append(Decision("filter", "accept" if evaluation.accepted else "reject",
                                   f"{evaluation.entity.table} {evaluation.entity.id}: {evaluation.why}"))
@@ -453,8 +501,9 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
     state = SENT if direction is Direction.OUTGOING else RECEIVED
     actual_end = ((message.sent_at if direction is Direction.OUTGOING else message.received_at)
                   or message.received_at or message.sent_at or context.now)
-    for note in message.truncations:
+    for note in truncations:
         decisions.append(Decision("normalize", "truncated", note))
+    drops = visible_drops(truncations)
 
     return TrackEmail(
         activity_id=activity_id,
@@ -465,7 +514,7 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
                               else tracking_mailbox.mailbox_id),
         direction=direction,
         subject=message.subject[:EMAIL_SUBJECT_MAX],
-        description=_description(message, omitted),
+        description=_description(message, omitted, drops),
         parties=parties,
         regarding=regarding,
         owner=owner.owner,
@@ -483,7 +532,8 @@ def plan_inbound(message: MailMessage, context: InboundContext) -> InboundPlan:
         attachments=attachments,
         omitted_attachments=omitted,
         new_contact=new_contact,
-        notifications=1 if omitted else 0,
+        notifications=notifications_for(omitted, drops),
+        dropped=drops,
         is_duplicate_sender_unresolved=parties.sender_is_duplicate_unresolved,
         wrapper_graph_id=wrapper_graph_id,
         delete_wrapper=wrapper_graph_id is not None and context.mailbox.delete_after_processing,
@@ -664,6 +714,12 @@ def decision_record(message: MailMessage, plan: InboundPlan) -> dict[str, Any]:
         record["originalInternetMessageId"] = plan.original.internet_message_id
     if isinstance(plan, TrackEmail):
         record["activityId"] = str(plan.activity_id)
+        # Counted: what the CRM email lacks (attachments left out or past the cap, a truncated or re-decoded body).
+        record["incomplete"] = {"omittedAttachments": len(plan.omitted_attachments), "dropped": len(plan.dropped),
+                                "notifications": plan.notifications}
+    truncations = [d.why for d in plan.decisions if d.step == "normalize"]
+    if truncations:
+        record["truncations"] = len(truncations)
     return record
 
 

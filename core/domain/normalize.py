@@ -273,7 +273,8 @@ def _attachments(value: object, mailbox: str, depth: int, notes: _Notes,
     if not isinstance(value, Sequence) or isinstance(value, str | bytes):
         return ()
     if len(value) > LIMITS.max_attachments:
-        notes.add(f"attachments: capped at {LIMITS.max_attachments}")
+        notes.add(f"attachments: capped at {LIMITS.max_attachments} ({len(value) - LIMITS.max_attachments} more "
+                  "not saved)")
         value = value[: LIMITS.max_attachments]
     found: list[Attachment] = []
     for entry in value:
@@ -448,6 +449,23 @@ def _mime_addresses(msg: email.message.Message, name: str, notes: _Notes) -> tup
     return tuple(found)
 
 
+def _decode_body(content: bytes, charset: str | None, notes: _Notes) -> str:
+    """A body part as text. Bytes its charset cannot decode (or an unknown charset) become U+FFFD, with a note:
+    the email in CRM shows the body, and says it is not exactly what was sent."""
+    name = charset or "utf-8"
+    try:
+        return content.decode(name)
+    except (LookupError, ValueError):  # unknown charset (or a name with a NUL in it), or bytes not in it
+        pass
+    try:
+        text = content.decode(name, errors="replace")
+        notes.add(f"body: bytes not valid in its charset {name[:40]!r} replaced")
+    except (LookupError, ValueError):
+        text = content.decode("utf-8", errors="replace")
+        notes.add(f"body: unknown charset {name[:40]!r}, read as UTF-8")
+    return text
+
+
 def _mime(mailbox: str, data: bytes, depth: int, notes: _Notes) -> MailMessage | None:
     try:
         msg = email.message_from_bytes(data, policy=policy.compat32)
@@ -478,12 +496,17 @@ def _from_mime(mailbox: str, msg: email.message.Message, depth: int, notes: _Not
     body_html: str | None = None
     body_text: str | None = None
     attachments: list[Attachment] = []
+    beyond_cap = 0
     for part in msg.walk() if msg.is_multipart() else [msg]:
         if part.is_multipart():
             continue
         media = part.get_content_type()
         disposition = (part.get_content_disposition() or "").lower()
         filename = _decoded_header(part.get_filename()) if part.get_filename() else None
+        is_body = disposition != "attachment" and filename is None and media in ("text/html", "text/plain")
+        if not is_body and len(attachments) >= LIMITS.max_attachments:
+            beyond_cap += 1  # counted, not decoded: the note says how many are missing
+            continue
         if media == "message/rfc822":
             inner = part.get_payload()
             item = None
@@ -495,27 +518,26 @@ def _from_mime(mailbox: str, msg: email.message.Message, depth: int, notes: _Not
             continue
         payload = part.get_payload(decode=True)
         content = payload if isinstance(payload, bytes) else b""
-        if disposition != "attachment" and filename is None and media in ("text/html", "text/plain"):
-            charset = part.get_content_charset() or "utf-8"
-            try:
-                text = content.decode(charset, errors="replace")
-            except (LookupError, ValueError):  # unknown charset, or a name with a NUL in it: keep the body
-                text = content.decode("utf-8", errors="replace")
-            text = text[: LIMITS.max_body_chars]
-            if media == "text/html" and body_html is None:
+        if is_body:
+            if (media == "text/html" and body_html is not None) or (media == "text/plain" and body_text is not None):
+                continue
+            text = _decode_body(content, part.get_content_charset(), notes)
+            if len(text) > LIMITS.max_body_chars:
+                notes.add(f"body: truncated to {LIMITS.max_body_chars} characters")
+                text = text[: LIMITS.max_body_chars]
+            if media == "text/html":
                 body_html = text
-            elif media == "text/plain" and body_text is None:
+            else:
                 body_text = text
             continue
-        if len(attachments) >= LIMITS.max_attachments:
-            notes.add(f"attachments: capped at {LIMITS.max_attachments}")
-            break
         content_id = part.get("Content-ID")
         attachments.append(Attachment(
             name=_clean_line(filename or "attachment")[:255], content_type=media, size=len(content),
             is_inline=disposition == "inline", content_id=str(content_id).strip().strip("<>") if content_id else None,
             content=content))
 
+    if beyond_cap:
+        notes.add(f"attachments: capped at {LIMITS.max_attachments} ({beyond_cap} more not saved)")
     importance_header = (headers.get("Importance") or "").lower()
     thread_index = headers.get("Thread-Index")
     return MailMessage(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-__all__ = ["BINDS", "DOCUMENTED", "OrgSchema", "Relationship", "WantedBind"]
+__all__ = ["BINDS", "DOCUMENTED", "EmailEnabledTable", "OrgSchema", "Relationship", "WantedBind"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,21 @@ class Relationship:
     referencing_attribute: str
     referenced_entity: str  # a table, or "owner" for the systemuser/team owner lookup
     navigation_property: str
+
+
+@dataclass(frozen=True, slots=True)
+class EmailEnabledTable:
+    """A table whose rows an email address can resolve to (EntityMetadata.IsActivityParty: "email messages can be
+    sent to an email address stored in a record of this type"), with its Email-format string columns
+    (StringAttributeMetadata.FormatName = Email)."""
+
+    logical_name: str
+    entity_set: str
+    primary_id: str
+    primary_name: str
+    email_columns: tuple[str, ...]
+    owned: bool  # OwnershipType UserOwned/TeamOwned: the row has an ownerid
+    has_state: bool  # the table has statecode (0 = active)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +128,9 @@ class OrgSchema:
     relationships: Mapping[str, tuple[Relationship, ...]] = field(default_factory=_documented_relationships)
     optimistic_concurrency: Mapping[str, bool] = field(default_factory=lambda: {"email": True})
     from_org: bool = False  # False: the documented defaults (metadata not read yet)
+    # The org's email-enabled tables (IsActivityParty) with their email columns; () = not read (the router then
+    # resolves addresses in the documented five: systemuser, queue, contact, account, lead).
+    email_enabled: tuple[EmailEnabledTable, ...] = ()
 
     @classmethod
     def documented(cls) -> OrgSchema:

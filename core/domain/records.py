@@ -51,6 +51,7 @@ class InboundLedgerEntry:
     attempts: int = 0
     reason: str = ""
     at: datetime | None = None
+    source: str = ""  # the work item's source that wrote it ("category": a track-by-category request)
 
 
 @dataclass(frozen=True)

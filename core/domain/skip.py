@@ -56,6 +56,9 @@ class _SkipInput:
     mailbox: MailboxConfig
     org: OrgEmailSettings
     queue_addresses: frozenset[str]
+    # The user asked for this message (track by category): SSS tracks manually tracked mail whatever folder it is
+    # in, so the folder rules do not apply; every other rule does.
+    manual: bool = False
 
 
 SkipRule = Callable[[_SkipInput], SkipReason | None]
@@ -68,7 +71,7 @@ def _draft(s: _SkipInput) -> SkipReason | None:
 
 
 def _junk(s: _SkipInput) -> SkipReason | None:
-    if s.message.folder.kind is FolderKind.JUNK:
+    if s.message.folder.kind is FolderKind.JUNK and not s.manual:
         return SkipReason(SkipCode.JUNK, "the message is in the Junk Email folder")
     return None
 
@@ -78,7 +81,7 @@ def _folder(s: _SkipInput) -> SkipReason | None:
     # (not for queues, crm-ref §4); Sent Items only with AutoTrackSentFolderItems.
     folder = s.message.folder
     mapped = s.mailbox.kind is MailboxKind.USER and folder.folder_id in s.mailbox.folder_regarding
-    if folder.kind is FolderKind.INBOX or mapped:
+    if folder.kind is FolderKind.INBOX or mapped or s.manual:
         return None
     if folder.kind is FolderKind.SENT_ITEMS:
         if s.mailbox.track_sent_items and s.mailbox.kind is MailboxKind.USER:
@@ -110,18 +113,28 @@ _BOUNCE_LOCALPARTS: Final = frozenset({"mailer-daemon", "postmaster"})
 
 
 def _bounce(s: _SkipInput) -> SkipReason | None:
+    """A delivery report, recognised by its evidence, never by the sender's name alone: people write from
+    postmaster@ too (a mail admin answering a customer), and that mail is tracked like any other.
+
+    Evidence: ``Content-Type: multipart/report`` (RFC 6522; report-type delivery-status = non-delivery report,
+    RFC 3464, disposition-notification = read receipt, RFC 8098); Exchange's ``X-MS-Exchange-Message-Is-Ndr``;
+    ``X-Failed-Recipients`` (Exim, Postfix); or a mailer-daemon/postmaster sender with the null reverse path
+    (``Return-Path: <>``) that RFC 5321 §4.5.5 requires of non-delivery notifications."""
     headers = s.message.headers
     content_type = (headers.get("Content-Type") or "").lower()
     if content_type.startswith("multipart/report"):
         match = _REPORT_TYPE.search(content_type)
         kind = match.group(1) if match else "unknown"
-        # delivery-status = NDR (RFC 3464); disposition-notification = read receipt (RFC 8098).
         return SkipReason(SkipCode.BOUNCE, f"delivery report (multipart/report; report-type={kind})")
     if headers.get("X-MS-Exchange-Message-Is-Ndr") is not None:
         return SkipReason(SkipCode.BOUNCE, "Exchange non-delivery report (X-MS-Exchange-Message-Is-Ndr)")
+    if headers.get("X-Failed-Recipients") is not None:
+        return SkipReason(SkipCode.BOUNCE, "non-delivery report (X-Failed-Recipients)")
     origin = s.message.originator
-    if origin is not None and origin.local_part in _BOUNCE_LOCALPARTS:
-        return SkipReason(SkipCode.BOUNCE, f"sent by {origin.local_part} (bounce sender)")
+    return_path = (headers.get("Return-Path") or "").strip()
+    if origin is not None and origin.local_part in _BOUNCE_LOCALPARTS and return_path == "<>":
+        return SkipReason(SkipCode.BOUNCE, f"sent by {origin.local_part} with the null reverse path "
+                                           "(Return-Path: <>) of a non-delivery notice")
     return None
 
 
@@ -207,10 +220,12 @@ SKIP_RULES: Final[tuple[tuple[SkipCode, SkipRule], ...]] = (
 
 
 def first_skip_reason(message: MailMessage, mailbox: MailboxConfig, org: OrgEmailSettings, *,
-                      queue_addresses: Sequence[str] | frozenset[str] = frozenset()) -> SkipReason | None:
+                      queue_addresses: Sequence[str] | frozenset[str] = frozenset(),
+                      manual: bool = False) -> SkipReason | None:
     """The first skip rule that matches, or None when the message may be tracked. ``queue_addresses`` = addresses
-    of queue mailboxes (for DoNotIgnoreInternalEmailToQueues)."""
-    given = _SkipInput(message, mailbox, org, frozenset(a.lower() for a in queue_addresses))
+    of queue mailboxes (for DoNotIgnoreInternalEmailToQueues); ``manual``: the user asked for this message to be
+    tracked (track by category), so the folder rules (Junk Email, folder not tracked) are left out."""
+    given = _SkipInput(message, mailbox, org, frozenset(a.lower() for a in queue_addresses), manual)
     for _code, rule in SKIP_RULES:
         reason = rule(given)
         if reason is not None:

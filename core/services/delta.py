@@ -15,6 +15,8 @@
   reauthorizes; coalesced), then delta (notifications may have paused).
 * :meth:`DeltaService.fan_out` - the timer: one ``MailboxSyncItem(reason="timer")`` per watched mailbox, so the
   rounds spread over every instance that reads the mailbox-sync queue instead of running in one timer invocation.
+  A ``timer``/``manual`` item also runs the mailbox's track-by-category search when that is on and due
+  (core/services/category_tracking.py).
 """
 
 from __future__ import annotations
@@ -27,14 +29,17 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from core.adapters.graph import DeltaPage, GraphError, GraphNotFound, GraphSyncStateNotFound
+from core.domain.leases import JOB_DELTA_FANOUT, delta_lease, new_owner
 from core.domain.records import DeltaCursor
 from core.names import INBOUND_QUEUE, MAILBOX_SYNC_QUEUE
 from core.ports import MailboxDirectory, WorkQueue
+from core.services.jobs import JobBusy, LeaseStore, exclusive
 from core.services.subscriptions import SubscriptionService, watched_folders
 from core.work_items import InboundItem, MailboxSyncItem
 
 if TYPE_CHECKING:
     from core.bootstrap import Container
+    from core.services.category_tracking import CategoryTracker
 
 __all__ = [
     "BackfillReport",
@@ -53,6 +58,8 @@ MAX_PAGES_PER_ROUND: Final = 500  # bounded: a huge backlog continues on the nex
 DELTA_FILTER_CAP: Final = 5000  # "Applying $filter in a delta query returns only up to 5,000 messages"
 LATE_ARRIVAL_SLACK: Final = timedelta(minutes=10)
 ENQUEUE_CHUNK: Final = 64
+DELTA_LEASE: Final = timedelta(minutes=2)  # renewed while the rounds run
+BUSY_RETRY_SECONDS: Final = 60  # a lifecycle sync item that finds its mailbox busy comes back this much later
 
 
 class DeltaStateStore(Protocol):
@@ -106,7 +113,11 @@ class DeltaService:
     def __init__(self, graph: DeltaGateway, state: DeltaStateStore, queue: WorkQueue, mailboxes: MailboxDirectory,
                  *, subscriptions: SubscriptionService | None = None, page_size: int = 100,
                  concurrency: int = 4, clock: Callable[[], datetime] | None = None,
-                 change_type: str | None = "created", filter_cap: int = DELTA_FILTER_CAP) -> None:
+                 change_type: str | None = "created", filter_cap: int = DELTA_FILTER_CAP,
+                 category: CategoryTracker | None = None, leases: LeaseStore | None = None,
+                 owner: str | None = None) -> None:
+        self._leases = leases
+        self._owner = owner or new_owner("delta")
         self._graph = graph
         self._state = state
         self._queue = queue
@@ -117,6 +128,7 @@ class DeltaService:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._change_type = change_type
         self._filter_cap = filter_cap
+        self._category = category  # track by category rides the timer's per-mailbox items
 
     # -- one round ------------------------------------------------------------------------------------------
 
@@ -239,22 +251,52 @@ class DeltaService:
         return reports
 
     async def handle_sync_item(self, item: MailboxSyncItem) -> list[DeltaReport]:
+        """One mailbox-sync item, under the mailbox's delta lease: two rounds for the same mailbox at once would
+        read the same pages and enqueue every message twice. An item that finds the mailbox busy: the timer's is
+        dropped (the running round covers it); a lifecycle event's or an admin's comes back later (its round must
+        start after the event)."""
+        try:
+            async with exclusive(self._leases, delta_lease(item.mailbox), owner=self._owner, duration=DELTA_LEASE,
+                                 purpose=item.reason):
+                return await self._handle_sync_item(item)
+        except JobBusy as busy:
+            if item.reason == "timer":
+                log.info("delta catch-up item dropped: %s", busy)
+                return []
+            log.info("mailbox sync item (%s) retried in %d s: %s", item.reason, BUSY_RETRY_SECONDS, busy)
+            await self._queue.send_many(MAILBOX_SYNC_QUEUE, [item.to_json()], delay_seconds=BUSY_RETRY_SECONDS)
+            return []
+
+    async def _handle_sync_item(self, item: MailboxSyncItem) -> list[DeltaReport]:
         if self._subscriptions is not None:
             if item.reason == "subscriptionRemoved":
                 await self._subscriptions.recreate(item.mailbox, item.subscription_id)
             elif item.reason == "reauthorizationRequired" and item.subscription_id:
                 await self._subscriptions.reauthorize(item.mailbox, item.subscription_id)
         # A lifecycle event concerns one subscription, i.e. one folder: only that folder can have missed mail.
-        return await self.sync_mailbox(item.mailbox, [item.folder] if item.folder else None)
+        reports = await self.sync_mailbox(item.mailbox, [item.folder] if item.folder else None)
+        if self._category is not None and item.reason in ("timer", "manual"):
+            try:
+                await self._category.search(item.mailbox)
+            except Exception as exc:  # never undoes the delta rounds above; the next search covers the window
+                log.warning("track by category: search failed (%s)", exc.__class__.__name__)
+        return reports
 
-    async def fan_out(self) -> int:
-        """Timer: one sync item per watched mailbox on the mailbox-sync queue."""
-        org = await self._mailboxes.get_org_settings()
-        items = [MailboxSyncItem(m.address, "timer").to_json()
-                 for m in await self._mailboxes.list_mailboxes() if watched_folders(m, org)]
-        for start in range(0, len(items), ENQUEUE_CHUNK):
-            await self._queue.send_many(MAILBOX_SYNC_QUEUE, items[start:start + ENQUEUE_CHUNK])
-        return len(items)
+    async def fan_out(self, *, reason: str = "timer", only: Sequence[str] | None = None, wait: float = 0.0,
+                      on_wait: Callable[[str], None] | None = None) -> int:
+        """One sync item per watched mailbox (or per mailbox in ``only``) on the mailbox-sync queue: the timer, and
+        ``emailrouter catch-up``. Under the fan-out lease, so an admin's catch-up and the timer do not enqueue every
+        mailbox twice."""
+        async with exclusive(self._leases, JOB_DELTA_FANOUT, owner=self._owner, wait=wait, on_wait=on_wait,
+                             purpose=reason):
+            org = await self._mailboxes.get_org_settings()
+            wanted = {a.strip().lower() for a in only} if only is not None else None
+            items = [MailboxSyncItem(m.address, reason).to_json()  # type: ignore[arg-type]
+                     for m in await self._mailboxes.list_mailboxes()
+                     if watched_folders(m, org) and (wanted is None or m.address in wanted)]
+            for start in range(0, len(items), ENQUEUE_CHUNK):
+                await self._queue.send_many(MAILBOX_SYNC_QUEUE, items[start:start + ENQUEUE_CHUNK])
+            return len(items)
 
     async def sync_all(self, addresses: Sequence[str] | None = None) -> list[DeltaReport]:
         """Run rounds in this process for many mailboxes (CLI / tests), a bounded number at a time."""
@@ -273,7 +315,8 @@ class DeltaService:
     # -- backfill -------------------------------------------------------------------------------------------
 
     async def backfill(self, mailbox: str, since: datetime,
-                       progress: Callable[[int], None] | None = None) -> BackfillReport:
+                       progress: Callable[[int], None] | None = None, *, reevaluate: Sequence[str] = (),
+                       requested_at: datetime | None = None) -> BackfillReport:
         report = BackfillReport(mailbox, since)
         config = await self._mailboxes.get_mailbox(mailbox)
         if config is None:
@@ -284,13 +327,15 @@ class DeltaService:
         if not folders:
             report.error = "the router does not read this mailbox (incoming method or approval)"
             return report
+        stamp = (requested_at or self._clock()).astimezone(UTC).isoformat() if reevaluate else ""
         for folder in folders:
             report.folders.append(folder)
             batch: list[str] = []
             async for message in self._graph.list_messages(config.address, folder, received_after=since):
                 if not message.get("id"):
                     continue
-                batch.append(InboundItem(config.address, str(message["id"]), "backfill", folder=folder).to_json())
+                batch.append(InboundItem(config.address, str(message["id"]), "backfill", folder=folder,
+                                         reevaluate=",".join(reevaluate), requested_at=stamp).to_json())
                 if len(batch) >= ENQUEUE_CHUNK:
                     await self._queue.send_many(INBOUND_QUEUE, batch)
                     report.enqueued += len(batch)
@@ -308,26 +353,33 @@ class DeltaService:
 # ------------------------------------------------------------------------------------------------ wiring
 
 
-def delta_service_for(container: Container) -> DeltaService:
+def delta_service_for(container: Container, *, role: str = "router") -> DeltaService:
     from core.adapters.inbound_state import InboundState
+    from core.services.jobs import lease_store_for
     from core.services.subscriptions import service_for
 
     try:
-        subscriptions: SubscriptionService | None = service_for(container)
+        subscriptions: SubscriptionService | None = service_for(container, role=f"{role}-lifecycle")
     except Exception as exc:  # e.g. WEBHOOK_BASE_URL unset: delta still works, lifecycle recreation does not
         log.warning("subscriptions unavailable for lifecycle handling: %s", exc.__class__.__name__)
         subscriptions = None
     change_type = container.settings.raw("DELTA_CHANGE_TYPE").strip().lower()
     if change_type not in ("created", "all"):
         raise ValueError(f"App setting 'DELTA_CHANGE_TYPE' must be created or all, got {change_type!r}")
+    from core.services.category_tracking import category_tracker_for
+
     return DeltaService(container.graph, InboundState.for_container(container).delta, container.work_queue,
                         container.mailbox_directory,
-                        subscriptions=subscriptions, change_type=None if change_type == "all" else change_type)
+                        subscriptions=subscriptions, change_type=None if change_type == "all" else change_type,
+                        category=category_tracker_for(container), leases=lease_store_for(container),
+                        owner=new_owner(role))
 
 
 async def backfill(container: Container, mailbox: str, since: datetime,
-                   progress: Callable[[int], None] | None = None) -> BackfillReport:
+                   progress: Callable[[int], None] | None = None, *,
+                   reevaluate: Sequence[str] = ()) -> BackfillReport:
     """Explicit history import for one mailbox (admin CLI): every message received after ``since`` in the
-    mailbox's watched folders becomes an ``InboundItem(source="backfill")``. Idempotent: already tracked messages
-    are recognised by the ledger or the deterministic activity id."""
-    return await delta_service_for(container).backfill(mailbox, since, progress)
+    mailbox's watched folders becomes an ``InboundItem(source="backfill")``. Idempotent: a message the router has
+    decided before is left as it was (tracked ones stay one CRM email), except that ``reevaluate`` (skipped, failed)
+    lets those earlier outcomes be decided again with today's settings."""
+    return await delta_service_for(container, role="cli").backfill(mailbox, since, progress, reevaluate=reevaluate)

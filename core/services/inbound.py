@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from core.adapters.dataverse import DataverseError
 from core.adapters.graph import AttachmentContents, GraphAccessDenied, GraphError, GraphNotFound
+from core.domain.category import CATEGORY_SOURCE
 from core.domain.correlation import KnownEmail
+from core.domain.forward import WrapperFate, wrapper_fate
 from core.domain.inbound import (
     InboundContext,
     InboundPlan,
@@ -86,6 +88,8 @@ __all__ = [
     "folder_kind_of",
     "is_transient",
     "processor_for",
+    "reevaluation_allowed",
+    "reopened_by_category",
 ]
 
 log = logging.getLogger("emailrouter.inbound")
@@ -139,6 +143,10 @@ class MailGateway(Protocol):
 
     async def delete_message(self, mailbox: str, message_id: str) -> None: ...
 
+    async def move_message(self, mailbox: str, message_id: str, destination_id: str) -> dict[str, Any]: ...
+
+    async def ensure_child_folder(self, mailbox: str, parent: str, display_name: str) -> str: ...
+
 
 @dataclass(frozen=True)
 class InboundOptions:
@@ -158,6 +166,34 @@ class ProcessResult:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def reevaluation_allowed(item: InboundItem, entry: LedgerEntry) -> bool:
+    """Whether a re-evaluation item (``emailrouter reprocess``) may decide a message the ledger has an outcome for.
+    Pure. Only an outcome the item names (skipped, failed) is overruled - tracked mail stays tracked, gone mail is
+    gone - and only once: an entry written after the request is the re-evaluation itself, so a redelivered item is a
+    duplicate like any other (exactly once in CRM also holds without this: the deterministic activity id and the
+    Message-ID lookup find an email that is there already)."""
+    if not item.reevaluates or entry.outcome.value not in item.reevaluates:
+        return False
+    if not item.requested_at or entry.at is None:
+        return True
+    try:
+        requested = datetime.fromisoformat(item.requested_at.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    at = entry.at if entry.at.tzinfo else entry.at.replace(tzinfo=UTC)
+    return at < (requested if requested.tzinfo else requested.replace(tzinfo=UTC))
+
+
+_REOPENABLE: Final = frozenset({LedgerOutcome.SKIPPED, LedgerOutcome.FAILED, LedgerOutcome.GONE})
+
+
+def reopened_by_category(item: InboundItem, entry: LedgerEntry) -> bool:
+    """A track-by-category request re-evaluates a message that automatic processing skipped, failed or did not
+    find - once: never one already tracked, never one a category request was answered for already."""
+    return (item.source == CATEGORY_SOURCE and entry.outcome in _REOPENABLE
+            and entry.source != CATEGORY_SOURCE)
 
 
 def folder_kind_of(folder: str) -> FolderKind:
@@ -208,12 +244,17 @@ class _MailboxSnapshot:
         self._clock = clock
         self._expires = 0.0
         self._value: tuple[MailboxConfig, ...] = ()
+        self.read_at: datetime | None = None
 
     async def get(self, directory: MailboxDirectory) -> tuple[MailboxConfig, ...]:
         if self._clock() >= self._expires:
             self._value = tuple(await directory.list_mailboxes())
             self._expires = self._clock() + self._ttl
+            self.read_at = datetime.now(UTC)
         return self._value
+
+    def expire(self) -> None:
+        self._expires = 0.0
 
 
 @dataclass
@@ -240,6 +281,7 @@ class InboundProcessor:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     monotonic: Callable[[], float] = time.monotonic
     _snapshot: _MailboxSnapshot | None = field(default=None, init=False, repr=False)
+    _folders: dict[tuple[str, str], str] = field(default_factory=dict, init=False, repr=False)
 
     # -- entry points ---------------------------------------------------------------------------------------
 
@@ -259,10 +301,13 @@ class InboundProcessor:
 
     async def process(self, item: InboundItem) -> ProcessResult:
         entry = await self.ledger.get(item.mailbox, item.message_id)
-        if entry is not None and entry.outcome.terminal:
+        if entry is not None and entry.outcome.terminal and not (
+                reevaluation_allowed(item, entry) or reopened_by_category(item, entry)):
             # Redelivered/duplicated notification, or delta re-reporting a message: no refetch.
             return ProcessResult("duplicate_item", activity_id=entry.activity_id)
-        attempts = entry.attempts if entry is not None else 0
+        attempts = entry.attempts if entry is not None and not entry.outcome.terminal else 0
+        if item.reevaluates:
+            await self._settings_fresh_since(item.requested_at)
         counters = _Counters()
         try:
             return await self._process(item, counters)
@@ -270,6 +315,19 @@ class InboundProcessor:
             if is_transient(exc):
                 return await self._retry_later(item, attempts + 1, exc, counters)
             raise
+
+    async def _settings_fresh_since(self, requested_at: str) -> None:
+        """A re-evaluation is asked for right after an admin changed a setting: decide it with the settings as
+        they are now, not as this process cached them before the change (up to the cache TTL)."""
+        try:
+            moment = datetime.fromisoformat(requested_at.replace("Z", "+00:00")) if requested_at else self.clock()
+        except ValueError:
+            moment = self.clock()
+        fresh = getattr(self.mailboxes, "fresh_since", None)
+        if callable(fresh):
+            await fresh(moment)
+        if self._snapshot is not None and (self._snapshot.read_at is None or self._snapshot.read_at < moment):
+            self._snapshot.expire()
 
     # -- the pipeline ---------------------------------------------------------------------------------------
 
@@ -300,6 +358,10 @@ class InboundProcessor:
             return await self._permanent(item, None, "invalid_message", exc.reason, tag=(mailbox.address, []))
 
         known = await self._known_mailboxes()
+        requested = ""
+        if item.source == CATEGORY_SOURCE:
+            router = await self.mailboxes.get_router_settings()
+            requested = router.track_category_name if router.track_categorized_items else ""
         if item.source == "backfill":
             # An explicit history import: the admin chose the start date, so "process email received after" does
             # not apply (the backfill lists only mail received after its own `since`).
@@ -308,6 +370,7 @@ class InboundProcessor:
         context = InboundContext(
             mailbox=mailbox, org=org, now=self.clock(), known_mailboxes=known,
             forward_users={m.address: m for m in known if m.inbound_method is InboundMethod.FORWARD},
+            requested_category=requested,
         )
         return await self._plan_and_write(item, message, context, org, counters)
 
@@ -372,11 +435,16 @@ class InboundProcessor:
             plan = plan_inbound(message, context)
             if isinstance(plan, Skip):
                 await self._record(item, message, plan, LedgerOutcome.SKIPPED)
+                if plan.wrapper_graph_id and context.mailbox.kind is MailboxKind.FORWARD_SINK:
+                    # Decided for a forwarding user (a skip rule, the filter): processed. Not unwrappable for anyone:
+                    # undeliverable.
+                    await self._dispose_wrapper(item.mailbox, plan.wrapper_graph_id, context.mailbox,
+                                                delivered=plan.stage != "unwrap", counters=counters)
                 return ProcessResult(f"skipped:{plan.stage}:{plan.code}", graph_calls=counters.graph,
                                      crm_requests=counters.crm)
             existing = already_in_crm(plan, context.correlation)
             if existing is not None:
-                return await self._already_tracked(item, message, plan, existing, counters)
+                return await self._already_tracked(item, message, plan, existing, context.mailbox, org, counters)
             try:
                 counters.crm += 1
                 written = await self.crm.write(plan)
@@ -416,13 +484,18 @@ class InboundProcessor:
                              crm_requests=counters.crm)
 
     async def _already_tracked(self, item: InboundItem, message: MailMessage, plan: TrackEmail, existing: KnownEmail,
-                               counters: _Counters) -> ProcessResult:
-        """The Message-ID is in CRM already (the loop guard): written by someone, most often the router's own send
-        coming back from Sent Items or through a forward rule. Nothing is written; the wrapper/category steps run as
-        after a write."""
+                               mailbox: MailboxConfig, org: OrgEmailSettings, counters: _Counters) -> ProcessResult:
+        """The Message-ID is in CRM already (the loop guard): written by someone — the router's own send coming back
+        from Sent Items or through a forward rule, another mailbox that tracked it first, or this mailbox's own
+        earlier attempt that stopped before its queue items. Nothing is written to the email; its queue items are
+        completed as for any already-tracked email (on the CRM email that exists), and the wrapper/category steps
+        run as after a write."""
+        queued = await self._queue_items(replace(plan, activity_id=existing.activity_id), mailbox, org,
+                                         WriteOutcome.ALREADY_TRACKED, counters)
         await self._after_write(item, message, plan, counters)
+        note = f"CRM email {existing.activity_id} already has this Message-ID (already in CRM): not written again"
         await self._record(item, message, plan, LedgerOutcome.ALREADY_TRACKED, activity_id=str(existing.activity_id),
-                           note=f"CRM email {existing.activity_id} already has this Message-ID: not written again")
+                           note=f"{note}; {queued}" if queued else note)
         return ProcessResult(LedgerOutcome.ALREADY_TRACKED.value, activity_id=str(existing.activity_id),
                              graph_calls=counters.graph, crm_requests=counters.crm)
 
@@ -468,14 +541,12 @@ class InboundProcessor:
 
     async def _after_write(self, item: InboundItem, message: MailMessage, plan: TrackEmail,
                            counters: _Counters) -> None:
-        """Category and wrapper deletion: best effort, never undoes or fails a written email."""
-        if plan.delete_wrapper and plan.wrapper_graph_id:
-            try:
-                counters.graph += 1
-                await self.mail.delete_message(item.mailbox, plan.wrapper_graph_id)
-            except GraphError as exc:
-                log.warning("forward wrapper not deleted (%s); it stays in the sink", describe_error(exc))
-            return
+        """Category, and the forward wrapper deleted or moved: best effort, never undoes or fails a written email."""
+        if plan.wrapper_graph_id:
+            sink = await self.mailboxes.get_mailbox(item.mailbox)
+            if sink is not None and sink.kind is MailboxKind.FORWARD_SINK and await self._dispose_wrapper(
+                    item.mailbox, plan.wrapper_graph_id, sink, delivered=True, counters=counters):
+                return
         # Admin knob in the OrgSettings table (TrackedCategory); "" = don't tag (saves a Graph call per email).
         category = (await self.mailboxes.get_router_settings()).tracked_category
         if not category or category in message.categories:
@@ -486,12 +557,44 @@ class InboundProcessor:
         except GraphError as exc:
             log.warning("tracked category not set (%s)", describe_error(exc))
 
+    async def _dispose_wrapper(self, mailbox: str, wrapper_id: str, sink: MailboxConfig, *, delivered: bool,
+                               counters: _Counters) -> bool:
+        """Delete or move a decided forward wrapper (``core.domain.forward.wrapper_fate``): the sink keeps only mail
+        not decided yet in its Inbox. True when the wrapper left the Inbox. Best effort: a failure is logged and
+        the wrapper stays where it is."""
+        router = await self.mailboxes.get_router_settings()
+        fate, folder = wrapper_fate(delivered=delivered, delete_after_processing=sink.delete_after_processing,
+                                    processed_folder=router.processed_folder,
+                                    undeliverable_folder=router.undeliverable_folder)
+        if fate is WrapperFate.KEEP:
+            return False
+        try:
+            if fate is WrapperFate.DELETE:
+                counters.graph += 1
+                await self.mail.delete_message(mailbox, wrapper_id)
+                return True
+            key = (mailbox.lower(), folder.lower())
+            folder_id = self._folders.get(key)
+            if folder_id is None:
+                counters.graph += 1
+                folder_id = self._folders[key] = await self.mail.ensure_child_folder(mailbox, "inbox", folder)
+            counters.graph += 1
+            await self.mail.move_message(mailbox, wrapper_id, folder_id)
+            return True
+        except GraphNotFound:
+            self._folders.pop((mailbox.lower(), folder.lower()), None)  # the folder may have been deleted
+            log.info("forward wrapper not %s: not found (gone already, or its folder was removed)", fate.value)
+        except GraphError as exc:
+            log.warning("forward wrapper not %s (%s); it stays in the sink's Inbox", fate.value, describe_error(exc))
+        return False
+
     # -- outcomes ---------------------------------------------------------------------------------------------
 
     async def _record(self, item: InboundItem, message: MailMessage, plan: InboundPlan, outcome: LedgerOutcome,
                       *, note: str | None = None, activity_id: str | None = None) -> None:
         record = decision_record(message, plan)
         record["source"] = item.source
+        record["folder"] = item.folder
         if note:
             record["note"] = note
             record["outcome"] = outcome.value
@@ -503,21 +606,21 @@ class InboundProcessor:
             activity_id=activity_id if activity_id is not None else
             str(plan.activity_id) if isinstance(plan, TrackEmail) else "",
             internet_message_id=message.internet_message_id or "",
-            reason=record["outcome"], at=self.clock()))
+            reason=record["outcome"], at=self.clock(), source=item.source))
 
     async def _skip_unfetched(self, item: InboundItem, code: str, reason: str) -> ProcessResult:
         await self.decisions.record(item.mailbox, item.message_id, {
-            "mailbox": item.mailbox, "graphId": item.message_id, "source": item.source,
+            "mailbox": item.mailbox, "graphId": item.message_id, "source": item.source, "folder": item.folder,
             "outcome": f"skipped:{code}", "decisions": [{"step": "mailbox", "outcome": f"skip:{code}",
                                                          "why": reason}]})
         await self.ledger.put(LedgerEntry(item.mailbox, item.message_id, LedgerOutcome.SKIPPED, reason=reason,
-                                          at=self.clock()))
+                                          at=self.clock(), source=item.source))
         return ProcessResult(f"skipped:{code}")
 
     async def _terminal(self, item: InboundItem, outcome: LedgerOutcome, code: str, reason: str, *,
                         record_status: bool, message: MailMessage | None = None) -> ProcessResult:
         await self.decisions.record(item.mailbox, item.message_id, {
-            "mailbox": item.mailbox, "graphId": item.message_id, "source": item.source,
+            "mailbox": item.mailbox, "graphId": item.message_id, "source": item.source, "folder": item.folder,
             "internetMessageId": message.internet_message_id if message else None,
             **({"from": message.originator.address if message.originator else "", "subject": message.subject[:400]}
                if message else {}),
@@ -525,7 +628,8 @@ class InboundProcessor:
             "decisions": [{"step": "processing", "outcome": code, "why": reason}]})
         await self.ledger.put(LedgerEntry(
             item.mailbox, item.message_id, outcome, reason=f"{code}: {reason}"[:1024],
-            internet_message_id=(message.internet_message_id or "") if message else "", at=self.clock()))
+            internet_message_id=(message.internet_message_id or "") if message else "", at=self.clock(),
+            source=item.source))
         if record_status:
             await self.status.record_failure(item.mailbox, code=code, reason=reason, permanent=True)
         prefix = "gone" if outcome is LedgerOutcome.GONE else f"failed:{code}"
@@ -541,6 +645,9 @@ class InboundProcessor:
                 await self.mail.set_categories(item.mailbox, item.message_id, [*tag[1], category])
             except GraphError as exc:
                 log.info("undeliverable category not set (%s)", describe_error(exc))
+        sink = await self.mailboxes.get_mailbox(item.mailbox)
+        if sink is not None and sink.kind is MailboxKind.FORWARD_SINK and code != "access_denied":
+            await self._dispose_wrapper(item.mailbox, item.message_id, sink, delivered=False, counters=_Counters())
         return result
 
     async def _retry_later(self, item: InboundItem, attempts: int, exc: BaseException,
@@ -556,7 +663,7 @@ class InboundProcessor:
         delay = int(min(self.options.max_retry_delay, max(self.options.min_retry_delay, wanted)))
         log.info("inbound item for %s hit %s; retry %d in %d s", item.mailbox, describe_error(exc), attempts, delay)
         await self.ledger.put(LedgerEntry(item.mailbox, item.message_id, LedgerOutcome.RETRYING, attempts=attempts,
-                                          reason=describe_error(exc), at=self.clock()))
+                                          reason=describe_error(exc), at=self.clock(), source=item.source))
         await self.queue.send_many(INBOUND_QUEUE, [item.to_json()], delay_seconds=delay)
         return ProcessResult("retry", retry_in=delay, graph_calls=counters.graph, crm_requests=counters.crm)
 

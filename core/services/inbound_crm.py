@@ -55,6 +55,7 @@ from core.domain.parties import PartyDirectory
 from core.services.org_schema import OrgSchemaCache, OrgSchemaSource
 
 __all__ = [
+    "PARTY_TABLES",
     "AttachmentRejected",
     "CrmLookup",
     "DataverseInboundCrm",
@@ -62,6 +63,7 @@ __all__ = [
     "PartyTable",
     "StaleReference",
     "WriteOutcome",
+    "party_tables_for",
 ]
 
 log = logging.getLogger("emailrouter.inbound.crm")
@@ -155,6 +157,30 @@ PARTY_TABLES: Final[tuple[PartyTable, ...]] = (
 
 _EMAIL_SELECT: Final = ("activityid", "messageid", "trackingtoken", "conversationindex", "senton",
                         "_regardingobjectid_value", "_ownerid_value")
+
+
+def party_tables_for(schema: OrgSchema, documented: Sequence[PartyTable] = PARTY_TABLES) -> tuple[PartyTable, ...]:
+    """The tables an address is looked up in: every email-enabled table the org has (its metadata, read with the
+    org's names), bounded by ``core.services.org_schema.MAX_EMAIL_TABLES``. Pure.
+
+    The documented five keep the columns the router always searched (systemuser: internalemailaddress only - a
+    user's personal address does not make mail theirs; queue: emailaddress; contact/account/lead: emailaddress1-3)
+    and come first; any other email-enabled table (equipment, custom tables) is searched on its Email-format
+    columns. A documented table the org does not report as email-enabled (lead in an org without Sales) is not
+    queried. Before the org's metadata is read: the documented five."""
+    if not schema.from_org or not schema.email_enabled:
+        return tuple(documented)
+    known = {t.table: t for t in documented}
+    reported = {t.logical_name: t for t in schema.email_enabled}
+    out = [PartyTable(spec.table, reported[spec.table].entity_set, spec.key, spec.address_columns, spec.name_column,
+                      owned=spec.owned, has_state=spec.has_state)
+           for spec in documented if spec.table in reported]
+    for table in sorted(reported.values(), key=lambda t: t.logical_name):
+        if table.logical_name in known:
+            continue
+        out.append(PartyTable(table.logical_name, table.entity_set, table.primary_id, table.email_columns,
+                              table.primary_name, owned=table.owned, has_state=table.has_state))
+    return tuple(out)
 
 
 def _ref(table: str | None, value: object) -> CrmRecordRef | None:
@@ -338,7 +364,7 @@ class DataverseInboundCrm:
         self,
         client: DataverseClient,
         *,
-        tables: Sequence[PartyTable] = PARTY_TABLES,
+        tables: Sequence[PartyTable] | None = None,
         party_ttl: float = 120.0,
         correlation_ttl: float = 60.0,
         coalesce_window: float = 0.01,
@@ -354,7 +380,7 @@ class DataverseInboundCrm:
         self._correlation_days = correlation_days
         self._now = now
         self._schema = schema if schema is not None else OrgSchemaCache(client)
-        self._tables = tuple(tables)
+        self._tables = tuple(tables) if tables is not None else None  # None: the org's email-enabled tables
         self._parties = _TtlCache(party_ttl, clock)
         self._keys = _TtlCache(correlation_ttl, clock)
         self._include_ro = include_read_only_columns
@@ -367,11 +393,17 @@ class DataverseInboundCrm:
 
     # -- lookup -------------------------------------------------------------------------------------------
 
-    def _party_requests(self, addresses: Sequence[str]) -> list[tuple[PartyTable, BatchRequest]]:
+    async def party_tables(self) -> tuple[PartyTable, ...]:
+        if self._tables is not None:
+            return self._tables
+        return party_tables_for(await self._schema.get())
+
+    def _party_requests(self, addresses: Sequence[str], tables: Sequence[PartyTable]
+                        ) -> list[tuple[PartyTable, BatchRequest]]:
         out: list[tuple[PartyTable, BatchRequest]] = []
         for start in range(0, len(addresses), _VALUES_PER_QUERY):
             chunk = addresses[start:start + _VALUES_PER_QUERY]
-            for spec in self._tables:
+            for spec in tables:
                 condition = or_(*(in_(column, chunk) for column in spec.address_columns))
                 query = build_query(select=spec.select, filter=condition)
                 out.append((spec, BatchRequest("GET", f"{spec.entity_set}?{query}", headers=_ANNOTATIONS)))
@@ -425,7 +457,7 @@ class DataverseInboundCrm:
                 else:
                     missing_keys[kind].append(value)
 
-        party_plan = self._party_requests(missing)
+        party_plan = self._party_requests(missing, await self.party_tables() if missing else ())
         sent_by_router = _router_message_ids(missing_keys["m"])
         email_plan = self._email_requests(missing_keys, sent_by_router)
         requests = [req for _, req in party_plan] + [req for _, req in email_plan]

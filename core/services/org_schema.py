@@ -1,13 +1,19 @@
 """Reads the org's names (:class:`core.domain.org_schema.OrgSchema`) from Dataverse metadata, and caches them.
 
-One ``$batch`` of GETs:
+Two ``$batch`` requests of GETs. The first:
 
-* ``EntityDefinitions?$select=LogicalName,EntitySetName,IsOptimisticConcurrencyEnabled`` for every table's entity
-  set name (never guessed as ``<logical>s``: a correlated email's regarding can be any table, custom ones included)
-  and whether optimistic concurrency is on;
+* ``EntityDefinitions?$select=LogicalName,EntitySetName,IsOptimisticConcurrencyEnabled,IsActivityParty,...`` for
+  every table's entity set name (never guessed as ``<logical>s``: a correlated email's regarding can be any table,
+  custom ones included), whether optimistic concurrency is on, and whether it is email-enabled (``IsActivityParty``:
+  "email messages can be sent to an email address stored in a record of this type");
 * ``EntityDefinitions(LogicalName='<t>')/ManyToOneRelationships?$select=SchemaName,ReferencingAttribute,
   ReferencedEntity,ReferencingEntityNavigationPropertyName&$filter=ReferencingAttribute eq ...`` for each table the
   router binds on (email, activityparty, activitymimeattachment, contact).
+
+The second, for each email-enabled table (at most :data:`MAX_EMAIL_TABLES`): its string attributes
+(``.../Attributes/Microsoft.Dynamics.CRM.StringAttributeMetadata?$select=LogicalName,FormatName``; the Email-format
+ones are the addresses a row is found by) and its state attribute (``StateAttributeMetadata``: whether rows have a
+``statecode``). Filter 3 ("email-enabled records") and party resolution search exactly these tables.
 
 The result is cached per process (``ttl`` seconds, default one hour) and refreshed with the CRM sync. If the read
 fails, the last good schema is kept; before the first success the documented names are used (logged).
@@ -20,6 +26,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Final, Protocol
 
 from core.adapters.dataverse import DataverseError, map_error
@@ -28,6 +35,7 @@ from core.domain.org_schema import (
     BINDS,
     DOCUMENTED,
     RELATIONSHIP_TABLES,
+    EmailEnabledTable,
     OrgSchema,
     Relationship,
 )
@@ -38,6 +46,12 @@ log = logging.getLogger("emailrouter.crm.schema")
 
 _RELATIONSHIP_SELECT: Final = ("SchemaName", "ReferencingAttribute", "ReferencedEntity",
                                "ReferencingEntityNavigationPropertyName")
+_DEFINITION_SELECT: Final = ("LogicalName", "EntitySetName", "IsOptimisticConcurrencyEnabled", "IsActivityParty",
+                             "PrimaryIdAttribute", "PrimaryNameAttribute", "OwnershipType")
+# Bounds on what party resolution searches: each table is one GET in a lookup's $batch, each column one condition.
+MAX_EMAIL_TABLES: Final = 25
+MAX_EMAIL_COLUMNS: Final = 5
+_OWNED: Final = frozenset({"UserOwned", "TeamOwned"})
 
 
 class _BatchClient(Protocol):
@@ -55,8 +69,7 @@ def _quoted(value: str) -> str:
 
 def schema_requests() -> list[BatchRequest]:
     """The GETs (in order: entity definitions, then one per relationship table). Pure."""
-    requests = [BatchRequest("GET", "EntityDefinitions?" + build_query(
-        select=("LogicalName", "EntitySetName", "IsOptimisticConcurrencyEnabled")))]
+    requests = [BatchRequest("GET", "EntityDefinitions?" + build_query(select=_DEFINITION_SELECT))]
     for table in RELATIONSHIP_TABLES:
         attributes = sorted({b.attribute for b in BINDS if b.entity == table})
         condition = " or ".join(f"ReferencingAttribute eq {_quoted(a)}" for a in attributes)
@@ -88,8 +101,62 @@ def parse_schema(responses: Sequence[BatchResponse]) -> OrgSchema:
                      from_org=True)
 
 
+def email_table_candidates(responses: Sequence[BatchResponse]) -> list[dict[str, Any]]:
+    """The email-enabled tables of the first round's EntityDefinitions answer (logical name order), bounded. Pure."""
+    rows = (responses[0].json() or {}).get("value", []) if responses and responses[0].ok else []
+    found = sorted((d for d in rows if d.get("IsActivityParty") is True and d.get("LogicalName")
+                    and d.get("EntitySetName") and d.get("PrimaryIdAttribute")),
+                   key=lambda d: str(d["LogicalName"]))
+    if len(found) > MAX_EMAIL_TABLES:
+        log.warning("the org has %d email-enabled tables; addresses are resolved in the first %d (by name)",
+                    len(found), MAX_EMAIL_TABLES)
+    return found[:MAX_EMAIL_TABLES]
+
+
+def email_table_requests(candidates: Sequence[Mapping[str, Any]]) -> list[BatchRequest]:
+    """Two GETs per email-enabled table: its string attributes with their format, its state attribute. Pure."""
+    out: list[BatchRequest] = []
+    for d in candidates:
+        base = f"EntityDefinitions(LogicalName={_quoted(str(d['LogicalName']))})/Attributes/Microsoft.Dynamics.CRM."
+        out.append(BatchRequest("GET", base + "StringAttributeMetadata?" + build_query(
+            select=("LogicalName", "FormatName"))))
+        out.append(BatchRequest("GET", base + "StateAttributeMetadata?" + build_query(select=("LogicalName",))))
+    return out
+
+
+def parse_email_tables(candidates: Sequence[Mapping[str, Any]], responses: Sequence[BatchResponse]
+                       ) -> tuple[EmailEnabledTable, ...]:
+    """Responses of :func:`email_table_requests` -> the tables with at least one Email-format column. Pure. A table
+    whose attributes could not be read is left out (logged): the rest still resolve."""
+    out: list[EmailEnabledTable] = []
+    for n, d in enumerate(candidates):
+        strings, states = responses[2 * n], responses[2 * n + 1]
+        name = str(d["LogicalName"])
+        if not strings.ok or not states.ok:
+            log.warning("org schema: attributes of email-enabled table %s not readable (%s); not searched", name,
+                        strings.status if not strings.ok else states.status)
+            continue
+        columns = sorted(str(a["LogicalName"]) for a in (strings.json() or {}).get("value", [])
+                         if a.get("LogicalName") and str((a.get("FormatName") or {}).get("Value", "")) == "Email")
+        if not columns:
+            continue
+        has_state = any(str(a.get("LogicalName")) == "statecode" for a in (states.json() or {}).get("value", []))
+        out.append(EmailEnabledTable(
+            logical_name=name, entity_set=str(d["EntitySetName"]), primary_id=str(d["PrimaryIdAttribute"]),
+            primary_name=str(d.get("PrimaryNameAttribute") or d["PrimaryIdAttribute"]),
+            email_columns=tuple(columns[:MAX_EMAIL_COLUMNS]),
+            owned=str(d.get("OwnershipType") or "") in _OWNED, has_state=has_state))
+    return tuple(out)
+
+
 async def read_org_schema(client: _BatchClient) -> OrgSchema:
-    return parse_schema(await client.execute_batch(schema_requests(), continue_on_error=True))
+    first = await client.execute_batch(schema_requests(), continue_on_error=True)
+    schema = parse_schema(first)
+    candidates = email_table_candidates(first)
+    if not candidates:
+        return schema
+    second = await client.execute_batch(email_table_requests(candidates), continue_on_error=True)
+    return replace(schema, email_enabled=parse_email_tables(candidates, second))
 
 
 def describe_missing(schema: OrgSchema) -> list[str]:
@@ -140,6 +207,9 @@ class OrgSchemaCache:
         self._schema = schema
         self._expires = self._clock() + self._ttl
         if changed:
+            if schema.email_enabled:
+                log.info("org schema: addresses resolve in the email-enabled tables %s",
+                         ", ".join(t.logical_name for t in schema.email_enabled))
             for finding in describe_missing(schema):
                 log.warning("org schema: %s", finding)
             if schema.concurrency_enabled("email") is False:
@@ -147,8 +217,8 @@ class OrgSchemaCache:
         return schema
 
 
-def _names(schema: OrgSchema) -> tuple[Mapping[str, str], Mapping[str, tuple[Relationship, ...]]]:
-    return schema.entity_sets, schema.relationships
+def _names(schema: OrgSchema) -> tuple[Any, ...]:
+    return schema.entity_sets, schema.relationships, schema.email_enabled
 
 
 _CACHES: weakref.WeakKeyDictionary[Any, OrgSchemaCache] = weakref.WeakKeyDictionary()

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MailboxLine", "OutboundFailure", "StatusReport", "collect_status"]
 
-HEALTH_ORDER = {"failing": 0, "unknown": 1, "ok": 2, "n/a": 3}
+HEALTH_ORDER = {"failing": 0, "pending": 1, "unknown": 2, "ok": 3, "n/a": 4}
 KINDS = ("tracked", "already_tracked", "skipped", "failed", "gone")
 
 
@@ -34,6 +34,7 @@ class MailboxLine:
     health: str
     last_probe: str
     last_error: str  # the health probe's failing checks
+    pending: str  # what a pending mailbox waits for (its first subscription ...)
     inbound_error: str
     inbound_error_at: str
     outbound_error: str
@@ -69,6 +70,7 @@ class StatusReport:
     outbound_window: dict[str, int] = field(default_factory=dict)  # {"done": n, "failed": n} in the window
     outbound_in_flight: int = 0
     last_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    running: list[str] = field(default_factory=list)  # jobs holding their lease now, described
 
     @property
     def by_health(self) -> dict[str, int]:
@@ -79,13 +81,14 @@ class StatusReport:
             "at": self.at, "window_minutes": int(self.window.total_seconds() // 60),
             "mailboxes": {"total": len(self.mailboxes), "by_health": self.by_health,
                           "failing": [m.address for m in self.mailboxes if m.health == "failing"],
+                          "pending": [m.address for m in self.mailboxes if m.health == "pending"],
                           "ignored_rows": self.ignored_rows, "list": [m.to_json() for m in self.mailboxes]},
             "inbound": {"counts": self.counts,
                         "skip_reasons": [{"reason": c, "count": n, "example": w} for c, n, w in self.skip_reasons]},
             "queues": self.queues, "poison": self.poison,
             "outbound": {"in_flight": self.outbound_in_flight, "window": self.outbound_window,
                          "failures": [f.to_json() for f in self.outbound_failures]},
-            "last_runs": self.last_runs,
+            "last_runs": self.last_runs, "running": self.running,
         }
 
 
@@ -131,6 +134,7 @@ async def collect_status(container: Container, *, now: datetime | None = None,
             address=m.address, kind=m.kind.value, inbound=m.inbound_method.name.lower(),
             outbound=m.outbound_method.name.lower(), health=str(row.get("Health") or "unknown"),
             last_probe=_text(row, "LastProbeOn"), last_error=_text(row, "LastError"),
+            pending=_text(row, "PendingReason") if row.get("Health") == "pending" else "",
             inbound_error=_text(row, "InboundLastError"), inbound_error_at=_text(row, "InboundLastErrorAt"),
             outbound_error=_text(row, "LastOutboundError"), outbound_error_at=_text(row, "LastOutboundErrorAt")))
     report.mailboxes.sort(key=lambda m: (HEALTH_ORDER.get(m.health, 9), m.address))
@@ -169,4 +173,12 @@ async def collect_status(container: Container, *, now: datetime | None = None,
                 email_id=str(row.get("EmailId", "")), sender=str(row.get("SenderMailbox", "")),
                 reason=str(row.get("LastError", "")), attempts=int(row.get("Attempts", 0) or 0), at=at))
     report.outbound_window = {"done": window_counts.get("done", 0), "failed": window_counts.get("failed", 0)}
+    from core.domain.leases import describe_holder
+    from core.services.jobs import lease_store_for
+
+    try:
+        report.running = [describe_holder(lease, now).removeprefix("another ")
+                          for lease in await lease_store_for(container).list_held("job/")]
+    except Exception:  # the Leases table does not exist before the first job ran
+        report.running = []
     return report

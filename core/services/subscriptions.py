@@ -32,8 +32,10 @@ from urllib.parse import quote
 
 from core.adapters.graph import GraphError
 from core.adapters.state import SubscriptionRecord
+from core.domain.leases import JOB_RECONCILE, new_owner
 from core.domain.model import ApprovalStatus, InboundMethod, MailboxConfig, MailboxKind, OrgEmailSettings
 from core.ports import MailboxDirectory
+from core.services.jobs import LeaseStore, exclusive
 
 if TYPE_CHECKING:
     from core.bootstrap import Container
@@ -143,6 +145,7 @@ class ReconcilePlan:
     delete: tuple[str, ...] = ()  # subscription ids to delete in Graph (and from our table)
     drop_records: tuple[SubscriptionRecord, ...] = ()  # records Graph no longer has
     keep: int = 0
+    duplicates: tuple[str, ...] = ()  # the part of ``delete`` that duplicates a kept subscription (or is an orphan)
 
 
 def _key(mailbox: str, folder: str) -> tuple[str, str]:
@@ -169,9 +172,10 @@ def plan_reconcile(desired: Iterable[tuple[str, str]], records: Iterable[Subscri
                 orphans.append(sid)
     drop: list[SubscriptionRecord] = []
     delete: list[str] = list(orphans)
+    duplicates: list[str] = list(orphans)
     renew: list[SubscriptionRecord] = []
     live: dict[tuple[str, str], SubscriptionRecord] = {}
-    for record in sorted(by_id.values(), key=lambda r: r.expires, reverse=True):
+    for record in sorted(by_id.values(), key=lambda r: (r.expires, r.id), reverse=True):
         key = _key(record.mailbox, record.folder)
         expired = record.expires <= now
         if (graph_ids is not None and record.id not in graph_ids) or expired:
@@ -179,13 +183,15 @@ def plan_reconcile(desired: Iterable[tuple[str, str]], records: Iterable[Subscri
             continue
         if key not in wanted or key in live:  # unwanted, or a duplicate of a newer one
             delete.append(record.id)
+            if key in live:
+                duplicates.append(record.id)
             continue
         live[key] = record
         if record.expires - now <= renew_before:
             renew.append(record)
     create = tuple(wanted[k] for k in sorted(wanted) if k not in live)
     return ReconcilePlan(create=create, renew=tuple(renew), delete=tuple(delete), drop_records=tuple(drop),
-                         keep=len(live) - len(renew))
+                         keep=len(live) - len(renew), duplicates=tuple(duplicates))
 
 
 # ------------------------------------------------------------------------------------------------ the service
@@ -203,6 +209,7 @@ class SubscriptionOptions:
     writes_per_window: int = DEFAULT_WRITES_PER_WINDOW  # subscription writes per 20 s (Graph allows 1,000)
     reauthorize_coalesce: timedelta = timedelta(minutes=10)  # renewed this recently: a challenge needs no PATCH
     max_batch_wait: float = 30.0  # longest Retry-After honoured inline for a throttled batch or create
+    recreate_wait: float = 20.0  # a lifecycle re-subscribe waits this long for a running reconcile, then retries later
 
 
 @dataclass
@@ -213,10 +220,16 @@ class ReconcileReport:
     dropped: int = 0
     unchanged: int = 0
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # (mailbox, folder, reason)
+    duplicates: int = 0  # subscriptions deleted because another one serves the same mailbox folder (or none of ours)
+    # Mailboxes whose subscriptions this run created, deleted or failed to write (their health is re-probed).
+    changed: set[str] = field(default_factory=set)
+    mailboxes: set[str] = field(default_factory=set)  # every mailbox the run looked at
+    full: bool = True  # every mailbox (False: one mailbox, e.g. a lifecycle event's re-subscribe)
+    started_at: datetime | None = None  # when the run read the mailbox settings
 
     def as_dict(self) -> dict[str, Any]:
         return {"created": self.created, "renewed": self.renewed, "deleted": self.deleted, "dropped": self.dropped,
-                "unchanged": self.unchanged,
+                "unchanged": self.unchanged, "duplicates_removed": self.duplicates,
                 "failed": [{"mailbox": m, "folder": f, "reason": r} for m, f, r in self.failed]}
 
 
@@ -226,6 +239,7 @@ class _Op:
     mailbox: str = ""
     folder: str = ""
     record: SubscriptionRecord | None = None
+    duplicate: bool = False
 
 
 class WritePacer:
@@ -287,8 +301,12 @@ class SubscriptionService:
                  options: SubscriptionOptions, *, status: SyncStatusLog | None = None,
                  clock: Callable[[], datetime] | None = None,
                  on_created: Callable[[str, str, datetime], Awaitable[None]] | None = None,
-                 pacer: WritePacer | None = None) -> None:
+                 pacer: WritePacer | None = None, leases: LeaseStore | None = None, owner: str | None = None,
+                 on_reconciled: Callable[[ReconcileReport], Awaitable[None]] | None = None) -> None:
         self._on_created = on_created
+        self._on_reconciled = on_reconciled
+        self._leases = leases
+        self._owner = owner or new_owner("router")
         self._graph = graph
         self._store = store
         self._mailboxes = mailboxes
@@ -300,8 +318,33 @@ class SubscriptionService:
     # -- whole reconcile ------------------------------------------------------------------------------------
 
     async def reconcile(self, *, only_mailbox: str | None = None,
-                        progress: Callable[[int, int], None] | None = None) -> ReconcileReport:
-        """``progress(done, total)`` is called as Graph requests complete (the CLI's progress bar)."""
+                        progress: Callable[[int, int], None] | None = None, wait: float = 0.0,
+                        on_wait: Callable[[str], None] | None = None) -> ReconcileReport:
+        """``progress(done, total)`` is called as Graph requests complete (the CLI's progress bar).
+
+        Every run - the timer's, an admin's, a lifecycle event's re-subscribe of one mailbox - holds the reconcile
+        lease while it plans and writes: two runs that both planned "create" for the same folder would make two
+        subscriptions (two notifications per message). A run that finds the lease held waits up to ``wait`` seconds,
+        then raises :class:`core.services.jobs.JobBusy` naming the holder. Duplicates that exist anyway (from
+        before, or from a run whose lease lapsed) are deleted by the plan: the newest subscription per mailbox
+        folder is kept."""
+        purpose = f"mailbox {only_mailbox}" if only_mailbox else "all mailboxes"
+        async with exclusive(self._leases, JOB_RECONCILE, owner=self._owner, wait=wait, on_wait=on_wait,
+                             purpose=purpose):
+            report = await self._reconcile(only_mailbox, progress)
+        if self._on_reconciled is not None:
+            try:
+                await self._on_reconciled(report)
+            except Exception as exc:  # the re-probe is a courtesy; the subscriptions are written
+                log.warning("after reconcile: re-probe of the changed mailboxes failed (%s)", type(exc).__name__)
+        return report
+
+    async def _reconcile(self, only_mailbox: str | None,
+                         progress: Callable[[int, int], None] | None) -> ReconcileReport:
+        invalidate = getattr(self._mailboxes, "invalidate", None)
+        if only_mailbox is None and callable(invalidate):
+            invalidate()  # read the settings as they are now, not as this process cached them a minute ago
+        started = self._clock()
         org = await self._mailboxes.get_org_settings()
         if only_mailbox is not None:
             config = await self._mailboxes.get_mailbox(only_mailbox)
@@ -325,13 +368,22 @@ class SubscriptionService:
         now = self._clock()
         plan = plan_reconcile(desired, records, graph_subs, now=now, renew_before=self._options.renew_before,
                               notification_url=self._options.notification_url)
-        return await self.apply(plan, now=now, progress=progress)
+        if plan.duplicates:
+            log.warning("reconcile: %d duplicate or orphaned subscription(s); deleting them", len(plan.duplicates))
+        report = await self.apply(plan, now=now, progress=progress)
+        report.mailboxes = {m.address.lower() for m in configs}
+        report.full = only_mailbox is None
+        report.started_at = started
+        mailbox_of = {r.id: r.mailbox.lower() for r in records}
+        report.changed |= {mailbox_of[sid] for sid in plan.delete if sid in mailbox_of}
+        report.changed |= {r.mailbox.lower() for r in plan.drop_records}
+        return report
 
     async def recreate(self, mailbox: str, subscription_id: str = "") -> ReconcileReport:
         """After ``subscriptionRemoved``: forget the removed subscription and subscribe the mailbox again."""
         if subscription_id:
             await self._store.delete(subscription_id)
-        return await self.reconcile(only_mailbox=mailbox)
+        return await self.reconcile(only_mailbox=mailbox, wait=self._options.recreate_wait)
 
     async def reauthorize(self, mailbox: str, subscription_id: str) -> ReconcileReport:
         """After ``reauthorizationRequired``: one PATCH of the expiry, which reauthorizes *and* renews (lifecycle
@@ -365,6 +417,7 @@ class SubscriptionService:
     async def apply(self, plan: ReconcilePlan, *, now: datetime,
                     progress: Callable[[int, int], None] | None = None) -> ReconcileReport:
         report = ReconcileReport(unchanged=plan.keep)
+        duplicates = set(plan.duplicates)
         for record in plan.drop_records:
             await self._store.delete(record.id)
             report.dropped += 1
@@ -372,7 +425,7 @@ class SubscriptionService:
         ops: list[_Op] = []
         for sid in plan.delete:
             ops.append(_Op({"method": "DELETE", "url": f"/subscriptions/{quote(sid, safe='')}"},
-                           record=SubscriptionRecord(sid, "", "", "", "", "", now)))
+                           record=SubscriptionRecord(sid, "", "", "", "", "", now), duplicate=sid in duplicates))
         for record in plan.renew:
             ops.append(_Op({"method": "PATCH", "url": f"/subscriptions/{quote(record.id, safe='')}",
                             "headers": {"Content-Type": "application/json"},
@@ -389,6 +442,7 @@ class SubscriptionService:
             for mailbox, folder, reason in report.failed:
                 if mailbox != "-":
                     await self._status.record_sync(mailbox, ok=False, detail=f"subscription {folder}: {reason}")
+        report.changed |= {m.lower() for m, _, _ in report.failed if m != "-"}
         return report
 
     async def _graph_users(self) -> dict[str, str]:
@@ -452,6 +506,7 @@ class SubscriptionService:
             expires=_parse_time(body.get("expirationDateTime"), expires), change_type="created")
         await self._store.put(record)
         report.created += 1
+        report.changed.add(mailbox.lower())
         if self._on_created is not None:
             # Delta's first round for this folder starts now: a notification dropped from here on is
             # recovered by delta, nothing older is imported.
@@ -525,6 +580,7 @@ class SubscriptionService:
                 assert op.record is not None
                 await self._store.delete(op.record.id)
                 report.deleted += 1
+                report.duplicates += op.duplicate
             else:
                 report.failed.append((op.mailbox or "-", op.folder or "-", f"delete: {_error_text(response)}"))
             return
@@ -563,8 +619,11 @@ def _with_expiry(record: SubscriptionRecord, expires: datetime) -> SubscriptionR
 # ------------------------------------------------------------------------------------------------ wiring
 
 
-def service_for(container: Container) -> SubscriptionService:
+def service_for(container: Container, *, role: str = "router") -> SubscriptionService:
+    """The reconcile service over the container's adapters. ``role`` names the run in its lease (``timer``, ``cli``,
+    ``lifecycle``): a second run is told who holds it."""
     from core.adapters.inbound_state import InboundState
+    from core.services.jobs import lease_store_for
 
     s = container.settings
     key = s.webhook_function_key
@@ -588,6 +647,19 @@ def service_for(container: Container) -> SubscriptionService:
         if await state.delta.get(mailbox, folder) is None:
             await state.delta.put(DeltaCursor(mailbox, folder, None, None, at))
 
+    async def after_reconcile(report: ReconcileReport) -> None:
+        from core.settings.health import RECONCILE_RUN, after_change
+        from core.settings.rows import format_value
+
+        run = None
+        if report.full and report.started_at is not None:
+            run = {"StartedOn": format_value(report.started_at), "LastRunOn": format_value(datetime.now(UTC)),
+                   **{k.title().replace("_", ""): v for k, v in report.as_dict().items() if k != "failed"},
+                   "Failed": len(report.failed)}
+        await after_change(container, RECONCILE_RUN, report.changed, run=run)
+
     return SubscriptionService(container.graph, container.subscription_directory,
                                container.mailbox_directory,
-                               options, status=state.status, on_created=start_delta)
+                               options, status=state.status, on_created=start_delta,
+                               leases=lease_store_for(container), owner=new_owner(role),
+                               on_reconciled=after_reconcile)

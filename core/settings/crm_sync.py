@@ -22,7 +22,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from core.domain.leases import JOB_CRM_SYNC, new_owner
 from core.domain.model import SssStatus
+from core.services.jobs import LeaseStore, exclusive
 
 from .rows import (
     MAILBOX_PARTITION,
@@ -384,7 +386,11 @@ class CrmSyncService:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         page_size: int = 500,
         write_concurrency: int = 16,
+        leases: LeaseStore | None = None,
+        owner: str | None = None,
     ) -> None:
+        self._leases = leases
+        self._owner = owner or new_owner("crm-sync")
         self._crm = crm
         self._mailboxes = mailboxes
         self._org = org
@@ -397,8 +403,15 @@ class CrmSyncService:
     async def _read(self, entity_set: str, select: Sequence[str]) -> list[dict[str, Any]]:
         return [row async for row in self._crm.list(entity_set, select=select, page_size=self._page_size)]
 
-    async def run(self, *, progress: Callable[[str, int, int], None] | None = None) -> SyncReport:
-        """One sync. ``progress(step, done, total)`` is called as work advances (CLI progress bar)."""
+    async def run(self, *, progress: Callable[[str, int, int], None] | None = None, wait: float = 0.0,
+                  on_wait: Callable[[str], None] | None = None) -> SyncReport:
+        """One sync. ``progress(step, done, total)`` is called as work advances (CLI progress bar). Holds the CRM
+        sync lease: a second run (the timer while an admin syncs) waits up to ``wait`` seconds, then raises
+        :class:`core.services.jobs.JobBusy`."""
+        async with exclusive(self._leases, JOB_CRM_SYNC, owner=self._owner, wait=wait, on_wait=on_wait):
+            return await self._run(progress)
+
+    async def _run(self, progress: Callable[[str, int, int], None] | None) -> SyncReport:
         notify = progress or (lambda step, done, total: None)
         now = self._clock()
         notify("reading CRM", 0, 6)
@@ -479,12 +492,40 @@ class CrmSyncService:
 # ------------------------------------------------------------------------------------------------ wiring
 
 
-def sync_service_for(container: Any) -> CrmSyncService:
+def sync_service_for(container: Any, *, role: str = "timer") -> CrmSyncService:
     from core.names import MAILBOX_STATUS_TABLE, MAILBOXES_TABLE, ORG_SETTINGS_TABLE
+    from core.services.jobs import lease_store_for
 
     storage = container.storage
     return CrmSyncService(container.dataverse, storage.table(MAILBOXES_TABLE), storage.table(ORG_SETTINGS_TABLE),
-                          storage.table(MAILBOX_STATUS_TABLE), users=container.graph)
+                          storage.table(MAILBOX_STATUS_TABLE), users=container.graph,
+                          leases=lease_store_for(container), owner=new_owner(role))
+
+
+async def sync_now(container: Any, *, role: str = "timer", wait: float = 0.0,
+                   on_wait: Callable[[str], None] | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> SyncReport:
+    """One CRM sync and what follows it, for the timer and ``emailrouter sync-crm`` alike: this process's settings
+    cache is dropped (its pipelines see the new rows at once; other instances within the cache TTL), the org's names
+    are re-read (what the org does not declare becomes a finding in the report), and the mailboxes the sync added,
+    changed or disabled are re-probed (``emailrouter status`` tells the new truth at once)."""
+    report = await sync_service_for(container, role=role).run(progress=progress, wait=wait, on_wait=on_wait)
+    container.mailbox_directory.invalidate()
+    from core.services.org_schema import describe_missing, org_schema_for
+
+    schema = await org_schema_for(container).refresh()
+    if schema.from_org:
+        report.errors.extend(f"org schema: {finding}" for finding in describe_missing(schema))
+    from core.settings.health import after_change
+
+    try:
+        changed = [*report.added, *report.changed, *report.disabled]
+        if report.org_changed:  # an org value (approval required, ...) can change every mailbox's health
+            changed += [m.address for m in await container.mailbox_directory.list_mailboxes()]
+        await after_change(container, "crm-sync", changed)
+    except Exception as exc:  # the sync itself is done; the next probe run catches up
+        _log.warning("CRM sync: re-probe of the changed mailboxes failed (%s)", type(exc).__name__)
+    return report
 
 
 def sync_due(last_run: datetime | None, now: datetime, interval_minutes: int) -> bool:
@@ -511,14 +552,4 @@ async def run_scheduled_sync(container: Any, *, now: datetime | None = None) -> 
     if not sync_due(last, moment, router.crm_sync_interval_minutes):
         _log.info("CRM sync skipped: last run %s is within CrmSyncIntervalMinutes", last)
         return None
-    report = await sync_service_for(container).run()
-    # This process's pipelines see the new rows at once, not after the cache TTL (other instances: within it).
-    directory.invalidate()
-    # The org's names (entity sets, navigation properties) are re-read with the sync; what the org does not
-    # declare becomes a finding in the sync report (and a doctor check), not a failed email.
-    from core.services.org_schema import describe_missing, org_schema_for
-
-    schema = await org_schema_for(container).refresh()
-    if schema.from_org:
-        report.errors.extend(f"org schema: {finding}" for finding in describe_missing(schema))
-    return report
+    return await sync_now(container, role="timer")

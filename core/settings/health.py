@@ -18,6 +18,11 @@ Per mailbox the probe checks what the router needs for that mailbox's methods:
   sets ``testmailboxaccesscompletedon`` on the mailbox record to now (a column Microsoft documents as writable and
   that means exactly "the mailbox was last tested at"; nothing else changes). Counts for both sides.
 
+CRM's own **Test & Enable** button sets ``testemailconfigurationscheduled`` on the mailbox record; for router
+mailboxes without an email server profile ``core/settings/test_requests.py`` answers it within a minute through
+:meth:`MailboxHealthService.answer_test_request` (these checks, then one PATCH with the results and the cleared
+request).
+
 Results go to the MailboxStatus table (row per mailbox) and back to the CRM ``mailbox`` record
 (``incomingemailstatus``/``outgoingemailstatus``/``mailboxstatus`` 1 Success / 2 Failure / 0 Not Run,
 ``lastsyncerror*``, ``transientfailurecount``, ``testmailboxaccesscompletedon``, ``lastsuccessfulsynccompletedon``).
@@ -30,14 +35,16 @@ when Dataverse is the thing that is down).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from core.domain.leases import JOB_HEALTH, JOB_RECONCILE, new_owner
 from core.domain.model import (
     ApprovalStatus,
     InboundMethod,
@@ -47,6 +54,7 @@ from core.domain.model import (
     OutboundMethod,
     SssStatus,
 )
+from core.services.jobs import LeaseStore, exclusive
 
 if TYPE_CHECKING:
     from core.services.org_schema import OrgSchemaSource
@@ -55,17 +63,22 @@ from .rows import MAILBOX_PARTITION, RouterSettings, format_value, parse_datetim
 from .store import RowStore
 
 __all__ = [
+    "RECONCILE_RUN",
+    "ROUTER_PARTITION",
     "CheckResult",
     "Health",
     "MailboxHealthService",
     "ProbeOutcome",
     "ProbeState",
+    "after_change",
     "backoff",
     "checks_for",
     "crm_mailbox_update",
+    "crm_test_answer",
     "health_service_for",
     "next_state",
     "send_permission",
+    "subscription_verdict",
     "token_roles",
 ]
 
@@ -73,10 +86,15 @@ _log = logging.getLogger("emailrouter.health")
 
 PROBE_SUBJECT = "Email Router permission probe (deleted automatically)"
 
+# Rows of the MailboxStatus table's "router" partition: one per job, with its last run (emailrouter status).
+ROUTER_PARTITION = "router"
+RECONCILE_RUN = "subscription-reconcile"  # StartedOn = when the last finished full reconcile read the settings
+
 
 class Health(StrEnum):
     UNKNOWN = "unknown"
     OK = "ok"
+    PENDING = "pending"  # set up and waiting for the router (first subscription being created): not a failure
     FAILING = "failing"
     NOT_APPLICABLE = "n/a"
 
@@ -87,9 +105,11 @@ class CheckResult:
     ok: bool
     detail: str
     code: int = 0  # HTTP status of the failing call (lastsyncerrorcode), 0 if none
+    pending: bool = False  # not ok yet, but nothing is wrong: the router is still setting it up
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail, "code": self.code}
+        return {"name": self.name, "ok": self.ok, "detail": self.detail, "code": self.code,
+                **({"pending": True} if self.pending else {})}
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,7 @@ class ProbeState:
     next_probe: datetime | None = None
     last_change: datetime | None = None
     last_ok: datetime | None = None
+    settled: Health = Health.UNKNOWN  # the last health that was not "pending" (alerts compare these)
 
     @staticmethod
     def from_row(row: Mapping[str, Any] | None) -> ProbeState:
@@ -116,8 +137,13 @@ class ProbeState:
             health = Health(str(row.get("Health") or "unknown"))
         except ValueError:
             health = Health.UNKNOWN
+        try:
+            settled = Health(str(row.get("SettledHealth") or "")) if row.get("SettledHealth") else (
+                health if health is not Health.PENDING else Health.UNKNOWN)
+        except ValueError:
+            settled = Health.UNKNOWN
         return ProbeState(health, int(row.get("Failures") or 0), when("NextProbeOn"), when("LastChangeOn"),
-                          when("LastOkOn"))
+                          when("LastOkOn"), settled)
 
 
 @dataclass(frozen=True)
@@ -173,7 +199,14 @@ def backoff(failures: int, base: timedelta, cap: timedelta) -> timedelta:
 def _side(results: Mapping[str, CheckResult], names: Sequence[str]) -> Health:
     if not names:
         return Health.NOT_APPLICABLE
-    return Health.OK if all(results[n].ok for n in names if n in results) else Health.FAILING
+    checked = [results[n] for n in names if n in results]
+    if any(not r.ok and not r.pending for r in checked):
+        return Health.FAILING
+    return Health.PENDING if any(r.pending for r in checked) else Health.OK
+
+
+# A pending mailbox is looked at again soon: it becomes ok (or failing) within minutes, not a probe interval.
+PENDING_REPROBE = timedelta(minutes=1)
 
 
 def next_state(
@@ -182,35 +215,42 @@ def next_state(
     """New state, incoming and outgoing health, and the alert text when the overall health changed.
 
     ``unknown -> ok`` is the first baseline, not an alert (a fresh deployment must not mail the admin once per
-    mailbox); ``unknown -> failing``, ``ok -> failing`` and ``failing -> ok`` are alerts.
+    mailbox); ``unknown -> failing``, ``ok -> failing`` and ``failing -> ok`` are alerts. ``pending`` (the router is
+    still setting the mailbox up) is neither a failure nor an alert: alerts compare the last settled states, and
+    back-off counts failures only.
     """
     by_name = {r.name: r for r in results}
     needed = checks_for(mailbox, crm_write="crm_write" in by_name)
     incoming, outgoing = _side(by_name, needed["incoming"]), _side(by_name, needed["outgoing"])
     sides = [h for h in (incoming, outgoing) if h is not Health.NOT_APPLICABLE]
     health = (Health.NOT_APPLICABLE if not sides
-              else Health.FAILING if Health.FAILING in sides else Health.OK)
+              else Health.FAILING if Health.FAILING in sides
+              else Health.PENDING if Health.PENDING in sides else Health.OK)
     base = timedelta(minutes=router.health_probe_interval_minutes)
     cap = timedelta(minutes=router.health_max_backoff_minutes)
     failures = previous.failures + 1 if health is Health.FAILING else 0
-    delay = backoff(failures, base, cap) if health is Health.FAILING else base
+    delay = (backoff(failures, base, cap) if health is Health.FAILING
+             else min(base, PENDING_REPROBE) if health is Health.PENDING else base)
     changed = health is not previous.health
+    settled = previous.settled if health is Health.PENDING else health
     alert: str | None = None
-    if changed and not (previous.health is Health.UNKNOWN and health in (Health.OK, Health.NOT_APPLICABLE)):
-        failing = [f"{r.name}: {r.detail}" for r in results if not r.ok]
-        if health is Health.FAILING:
+    if settled is not previous.settled and not (previous.settled is Health.UNKNOWN
+                                                and settled in (Health.OK, Health.NOT_APPLICABLE)):
+        failing = [f"{r.name}: {r.detail}" for r in results if not r.ok and not r.pending]
+        if settled is Health.FAILING:
             alert = f"{mailbox.address} is failing ({'; '.join(failing)}); re-probed automatically with back-off"
         else:
-            alert = f"{mailbox.address} changed from {previous.health.value} to {health.value}"
+            alert = f"{mailbox.address} changed from {previous.settled.value} to {settled.value}"
     state = ProbeState(
         health=health, failures=failures, next_probe=now + delay,
         last_change=now if changed else previous.last_change,
         last_ok=now if health is Health.OK else previous.last_ok,
+        settled=settled,
     )
     return state, incoming, outgoing, alert
 
 
-_CRM_STATUS = {Health.OK: 1, Health.FAILING: 2, Health.NOT_APPLICABLE: 0, Health.UNKNOWN: 0}
+_CRM_STATUS = {Health.OK: 1, Health.FAILING: 2, Health.NOT_APPLICABLE: 0, Health.UNKNOWN: 0, Health.PENDING: 0}
 
 
 # mailbox.lastsyncerror is String(2048) in mailbox.md: a longer value fails the whole PATCH with 0x80044331.
@@ -231,7 +271,7 @@ def crm_mailbox_update(outcome: ProbeOutcome, now: datetime, *, statuses: bool =
     if statuses:
         body["incomingemailstatus"] = _CRM_STATUS[outcome.incoming]
         body["outgoingemailstatus"] = _CRM_STATUS[outcome.outgoing]
-    failing = [c for c in outcome.checks if not c.ok]
+    failing = [c for c in outcome.checks if not c.ok and not c.pending]
     if outcome.health is Health.FAILING and failing:
         text = "Email Router: " + "; ".join(f"{c.name}: {c.detail}" for c in failing)
         body["lastsyncerror"] = text[:LAST_SYNC_ERROR_MAX]
@@ -241,6 +281,56 @@ def crm_mailbox_update(outcome: ProbeOutcome, now: datetime, *, statuses: bool =
         body["lastsyncerror"] = ""
         body["lastsyncerrorcode"] = 0
         body["lastsuccessfulsynccompletedon"] = stamp
+    return body
+
+
+def subscription_verdict(*, expired: bool, row: Mapping[str, Any], needed_since: datetime,
+                         reconcile_running: str | None, reconciled_from: datetime | None, now: datetime,
+                         grace: timedelta) -> CheckResult:
+    """The ``subscription`` check of a mailbox that has no live subscription. Pure (unit-tested).
+
+    * The last reconcile tried and failed for this mailbox (after its last success): failing, with Graph's answer.
+    * An expired subscription: failing (reconcile renews before expiry; expiry means it did not).
+    * A reconcile is running now: pending (it is creating the subscription).
+    * No full reconcile has read the settings since the mailbox needed a subscription (``needed_since``): pending,
+      for at most ``grace`` (HealthPendingMinutes) - longer means the reconcile timer is not running.
+    * Otherwise a reconcile saw the mailbox and it still has none: failing.
+    """
+    error_at, ok_at = _when(row.get("InboundLastSyncErrorAt")), _when(row.get("InboundLastSyncAt"))
+    error = str(row.get("InboundLastSyncError") or "")
+    if error_at is not None and error.startswith("subscription") and (ok_at is None or error_at > ok_at):
+        return CheckResult("subscription", False, f"the last reconcile could not write it ({error[:300]})")
+    if expired:
+        return CheckResult("subscription", False, "subscription expired (reconcile renews it)")
+    if reconcile_running:
+        return CheckResult("subscription", False, f"being created: a subscription reconcile is running "
+                                                  f"({reconcile_running})", pending=True)
+    waited = now - needed_since
+    if reconciled_from is None or reconciled_from < needed_since:
+        if waited < grace:
+            return CheckResult("subscription", False, "waiting for the first subscription reconcile since this "
+                                                      "mailbox was set up", pending=True)
+        return CheckResult("subscription", False, f"no Graph subscription {int(waited.total_seconds() // 60)} min "
+                           "after the mailbox was set up and no reconcile since: is the subscription_reconcile "
+                           "timer running? (`emailrouter subscriptions reconcile` creates it now)")
+    return CheckResult("subscription", False, f"no Graph subscription although a reconcile ran at "
+                       f"{format_value(reconciled_from)} (`emailrouter subscriptions reconcile` shows why)")
+
+
+def crm_test_answer(outcome: ProbeOutcome, mailbox: MailboxConfig, now: datetime) -> dict[str, Any]:
+    """The PATCH that answers CRM's Test & Enable (``testemailconfigurationscheduled``) for a router mailbox without
+    an email server profile: the probe's columns (:func:`crm_mailbox_update`, with the incoming/outgoing statuses:
+    no profile means SSS never reads them) and the request cleared. Only columns mailbox.md lists as writable;
+    ``testemailconfigurationretrycount`` (SSS's own retry counter) is left alone. A mailbox the router serves in
+    neither direction gets Not Run on both sides and says why in ``lastsyncerror``."""
+    body = crm_mailbox_update(outcome, now, statuses=True)
+    body["testemailconfigurationscheduled"] = False
+    if outcome.health is Health.NOT_APPLICABLE:
+        text = (f"Email Router: nothing to test - the router processes neither incoming nor outgoing email of "
+                f"this mailbox (incoming: {mailbox.inbound_method.name.lower()}"
+                f"{'' if mailbox.enabled_for_incoming else ', disabled'}, outgoing: "
+                f"{mailbox.outbound_method.name.lower()}{'' if mailbox.enabled_for_outgoing else ', disabled'})")
+        body["lastsyncerror"] = text[:LAST_SYNC_ERROR_MAX]
     return body
 
 
@@ -345,6 +435,9 @@ class _Context:
     subscriptions: dict[str, list[Any]] = field(default_factory=dict)
     roles: frozenset[str] | None = None
     status_rows: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # MailboxStatus rows by RowKey
+    reconcile_running: str | None = None  # who holds the reconcile lease now (None: no reconcile running)
+    reconciled_from: datetime | None = None  # when the last completed full reconcile read the mailbox settings
+    needed_since: dict[str, datetime] = field(default_factory=dict)  # address -> subscription expected since
 
 
 class MailboxHealthService:
@@ -360,8 +453,12 @@ class MailboxHealthService:
         *,
         roles: Callable[[], Awaitable[frozenset[str]]] | None = None,
         schema: OrgSchemaSource | None = None,
+        leases: LeaseStore | None = None,
+        owner: str | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        self._leases = leases  # the reconcile's lease says "subscription being created"; the probe job's own lease
+        self._owner = owner or new_owner("health")
         self._settings = settings
         self._graph = graph
         self._crm = crm
@@ -375,6 +472,20 @@ class MailboxHealthService:
         ctx = _Context(await self._settings.get_org_settings(), await self._settings.get_router_settings())
         async for record in self._subscriptions.list():
             ctx.subscriptions.setdefault(str(record.mailbox).lower(), []).append(record)
+        if self._leases is not None:
+            try:
+                holder = await self._leases.get(JOB_RECONCILE)
+            except Exception as exc:  # unknown: treated as "not running"
+                _log.info("health: cannot read the reconcile lease (%s)", type(exc).__name__)
+                holder = None
+            if holder is not None and holder.held(self._clock()):
+                ctx.reconcile_running = holder.owner
+        try:
+            run = await self._status.get(ROUTER_PARTITION, RECONCILE_RUN)
+            started = run.get("StartedOn")
+            ctx.reconciled_from = parse_datetime(started) if started else None
+        except (KeyError, ValueError):  # no full reconcile has finished yet
+            ctx.reconciled_from = None
         if self._roles is not None:
             try:
                 ctx.roles = await self._roles()
@@ -383,27 +494,48 @@ class MailboxHealthService:
                 ctx.roles = frozenset()
         return ctx
 
-    async def probe_due(self) -> list[ProbeOutcome]:
-        """Probe every mailbox whose next probe time has come (new ones at once). Never raises for one mailbox."""
+    async def probe_due(self, *, wait: float = 0.0) -> list[ProbeOutcome]:
+        """Probe every mailbox whose next probe time has come (new ones at once). Never raises for one mailbox.
+
+        The timer runs every 30 s (it also answers CRM's Test & Enable requests): a tick with nothing due reads the
+        status rows and the (cached) settings only; the subscriptions and the token's roles are read when some
+        mailbox is due. Probing holds the probe job's lease: a second run (another instance, an admin's
+        ``mailbox test --all``) waits up to ``wait`` seconds, then raises :class:`core.services.jobs.JobBusy`."""
         now = self._clock()
-        ctx = await self._context()
         states = {str(r.get("RowKey")): r async for r in self._status.list_partition(MAILBOX_PARTITION)}
-        ctx.status_rows = states
-        outcomes: list[ProbeOutcome] = []
+        due: list[tuple[MailboxConfig, ProbeState]] = []
         for mailbox in await self._settings.list_mailboxes():
             state = ProbeState.from_row(states.get(row_key(mailbox.address)))
             if state.next_probe is not None and state.next_probe > now:
                 continue
             if not any(checks_for(mailbox).values()) and state.health is Health.NOT_APPLICABLE:
                 continue
-            try:
-                outcomes.append(await self._probe(mailbox, state, ctx))
-            except Exception:
-                _log.exception("health probe of %s crashed; retried next round", mailbox.address)
+            due.append((mailbox, state))
+        if not due:
+            return []
+        async with exclusive(self._leases, JOB_HEALTH, owner=self._owner, wait=wait, purpose="due mailboxes"):
+            ctx = await self._context()
+            ctx.status_rows = states
+            outcomes: list[ProbeOutcome] = []
+            for mailbox, state in due:
+                try:
+                    outcomes.append(await self._probe(mailbox, state, ctx))
+                except Exception:
+                    _log.exception("health probe of %s crashed; retried next round", mailbox.address)
         return outcomes
 
     async def probe(self, address: str, *, crm_write: bool = False) -> ProbeOutcome:
         """Probe one mailbox now, whatever its schedule."""
+        return await self._probe_now(address, crm_write=crm_write)
+
+    async def answer_test_request(self, address: str) -> ProbeOutcome:
+        """CRM's Test & Enable for one router mailbox (``core/settings/test_requests.py`` decides which): probe now
+        and write every result column and the cleared request (``testemailconfigurationscheduled``) to the CRM
+        mailbox record in one PATCH. That PATCH is the CRM write check; when CRM refuses it, it raises and the
+        request stays set."""
+        return await self._probe_now(address, answer=True)
+
+    async def _probe_now(self, address: str, *, crm_write: bool = False, answer: bool = False) -> ProbeOutcome:
         mailbox = await self._settings.get_mailbox(address)
         if mailbox is None:
             raise KeyError(f"no mailbox {address!r} in the settings table")
@@ -411,14 +543,59 @@ class MailboxHealthService:
             row: Mapping[str, Any] | None = await self._status.get(MAILBOX_PARTITION, row_key(mailbox.address))
         except KeyError:  # EntityNotFoundError is a KeyError
             row = None
+        if answer:
+            # Answered only for a CRM mailbox record read just now without an email server profile: SSS serves
+            # neither direction of it, whatever the last CRM sync copied into the settings row.
+            mailbox = replace(mailbox, sss_incoming=SssStatus.NONE, sss_outgoing=SssStatus.NONE)
         ctx = await self._context()
         ctx.status_rows = {row_key(mailbox.address): row} if row else {}
-        return await self._probe(mailbox, ProbeState.from_row(row), ctx, crm_write=crm_write)
+        return await self._probe(mailbox, ProbeState.from_row(row), ctx, crm_write=crm_write, answer=answer)
 
-    async def probe_all(self, *, crm_write: bool = False,
-                        progress: Callable[[int, int], None] | None = None) -> list[ProbeOutcome]:
+    async def probe_all(self, *, crm_write: bool = False, progress: Callable[[int, int], None] | None = None,
+                        wait: float = 0.0, on_wait: Callable[[str], None] | None = None) -> list[ProbeOutcome]:
         """Probe every mailbox now (``emailrouter mailbox test --all``, the Router's "Test Access"). A probe that
         crashes is reported as a failing outcome for that mailbox; the others go on."""
+        async with exclusive(self._leases, JOB_HEALTH, owner=self._owner, wait=wait, on_wait=on_wait,
+                             purpose="every mailbox"):
+            return await self._probe_all(crm_write=crm_write, progress=progress)
+
+    async def probe_some(self, addresses: Iterable[str], *, limit: int = 25, concurrency: int = 4
+                         ) -> list[ProbeOutcome]:
+        """Probe these mailboxes now (after a reconcile or a CRM sync changed them), at most ``limit`` of them; the
+        rest are made due, so the next probe run takes them at once. Not under the probe job's lease: a mailbox
+        probed twice at the same moment only writes the same state twice."""
+        wanted = sorted({a.strip().lower() for a in addresses if a})
+        if not wanted:
+            return []
+        ctx = await self._context()
+        ctx.status_rows = {str(r.get("RowKey")): r async for r in self._status.list_partition(MAILBOX_PARTITION)}
+        mailboxes = {m.address: m for m in await self._settings.list_mailboxes()}
+        now_list = [mailboxes[a] for a in wanted if a in mailboxes][:limit]
+        later = [a for a in wanted if a in mailboxes][limit:]
+        gate = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(mailbox: MailboxConfig) -> ProbeOutcome | None:
+            async with gate:
+                previous = ProbeState.from_row(ctx.status_rows.get(row_key(mailbox.address)))
+                try:
+                    return await self._probe(mailbox, previous, ctx)
+                except Exception:
+                    _log.exception("health probe of %s crashed; retried next round", mailbox.address)
+                    return None
+
+        outcomes = [o for o in await asyncio.gather(*(one(m) for m in now_list)) if o is not None]
+        now = self._clock()
+        for address in later:
+            # Without a status row a mailbox is probed at the next run anyway; a healthy one needs nothing sooner.
+            # A failing or pending one may sit in back-off: make it due now.
+            state = ProbeState.from_row(ctx.status_rows.get(row_key(address)))
+            if state.health in (Health.FAILING, Health.PENDING) and state.next_probe and state.next_probe > now:
+                await self._status.upsert({"PartitionKey": MAILBOX_PARTITION, "RowKey": row_key(address),
+                                           "NextProbeOn": format_value(now)}, mode="merge")
+        return outcomes
+
+    async def _probe_all(self, *, crm_write: bool, progress: Callable[[int, int], None] | None
+                         ) -> list[ProbeOutcome]:
         ctx = await self._context()
         states = {str(r.get("RowKey")): r async for r in self._status.list_partition(MAILBOX_PARTITION)}
         ctx.status_rows = states
@@ -438,9 +615,16 @@ class MailboxHealthService:
         return outcomes
 
     async def _probe(self, mailbox: MailboxConfig, previous: ProbeState, ctx: _Context, *,
-                     crm_write: bool = False) -> ProbeOutcome:
+                     crm_write: bool = False, answer: bool = False) -> ProbeOutcome:
         now = self._clock()
         needed = {n for names in checks_for(mailbox, crm_write=crm_write).values() for n in names}
+        if "subscription" in needed:
+            row = ctx.status_rows.get(row_key(mailbox.address)) or {}
+            try:
+                since = parse_datetime(row["SubscriptionNeededSince"]) if row.get("SubscriptionNeededSince") else None
+            except ValueError:
+                since = None
+            ctx.needed_since[mailbox.address] = since or now
         results: list[CheckResult] = []
         for name in ("crm_owner", "crm_write", "graph_read", "forward_rule", "graph_send", "subscription",
                      "sss_incoming", "sss_outgoing", "crm_concurrency"):
@@ -448,7 +632,7 @@ class MailboxHealthService:
                 results.append(await getattr(self, f"_check_{name}")(mailbox, ctx, now))
         state, incoming, outgoing, alert = next_state(previous, mailbox, results, now, ctx.router)
         outcome = ProbeOutcome(mailbox.address, state.health, incoming, outgoing, tuple(results), state, alert)
-        await self._record(mailbox, outcome, previous, now, ctx)
+        await self._record(mailbox, outcome, previous, now, ctx, answer=answer)
         return outcome
 
     # -- checks ----------------------------------------------------------------------------------------
@@ -498,9 +682,11 @@ class MailboxHealthService:
         if live:
             latest = max(_aware(r.expires) for r in live)
             return CheckResult("subscription", True, f"{len(live)} subscription(s), expires {format_value(latest)}")
-        if records:
-            return CheckResult("subscription", False, "subscription expired (reconcile renews it)")
-        return CheckResult("subscription", False, "no Graph subscription yet (created at the next reconcile)")
+        return subscription_verdict(
+            expired=bool(records), row=ctx.status_rows.get(row_key(mailbox.address)) or {},
+            needed_since=ctx.needed_since.get(mailbox.address, now), reconcile_running=ctx.reconcile_running,
+            reconciled_from=ctx.reconciled_from, now=now,
+            grace=timedelta(minutes=ctx.router.health_pending_minutes))
 
     async def _check_sss_incoming(self, mailbox: MailboxConfig, ctx: _Context, now: datetime) -> CheckResult:
         return _sss_check("sss_incoming", mailbox.sss_incoming, "incoming",
@@ -573,8 +759,8 @@ class MailboxHealthService:
     # -- recording -------------------------------------------------------------------------------------
 
     async def _record(self, mailbox: MailboxConfig, outcome: ProbeOutcome, previous: ProbeState, now: datetime,
-                      ctx: _Context) -> None:
-        failing = [c for c in outcome.checks if not c.ok]
+                      ctx: _Context, *, answer: bool = False) -> None:
+        failing = [c for c in outcome.checks if not c.ok and not c.pending]
         row: dict[str, Any] = {
             "PartitionKey": MAILBOX_PARTITION, "RowKey": row_key(mailbox.address), "Address": mailbox.address,
             "Health": outcome.health.value, "Incoming": outcome.incoming.value, "Outgoing": outcome.outgoing.value,
@@ -584,11 +770,23 @@ class MailboxHealthService:
             "LastChangeOn": format_value(outcome.state.last_change) if outcome.state.last_change else "",
             "LastOkOn": format_value(outcome.state.last_ok) if outcome.state.last_ok else "",
             "LastError": "; ".join(f"{c.name}: {c.detail}" for c in failing)[:4000],
+            "PendingReason": "; ".join(f"{c.name}: {c.detail}" for c in outcome.checks if c.pending)[:2000],
+            "SettledHealth": outcome.state.settled.value,
+            "SubscriptionNeededSince": format_value(ctx.needed_since[mailbox.address])
+            if mailbox.address in ctx.needed_since else "",
         }
         if outcome.alert:
             row["LastAlert"] = f"{format_value(now)} {outcome.alert}"
             _log.warning("mailbox health: %s", outcome.alert)
             await self._notify(outcome.alert, ctx.router)
+        if answer:
+            # One PATCH with every result and the cleared request; a refusal propagates (the request stays set).
+            if mailbox.mailbox_id is None:
+                raise KeyError(f"{mailbox.address} has no CRM mailbox record to answer")
+            await self._crm.update("mailboxes", mailbox.mailbox_id, crm_test_answer(outcome, mailbox, now))
+            row.update({"CrmTestAnsweredOn": format_value(now), "CrmTestError": "", "CrmTestRetryOn": ""})
+            await self._status.upsert(row, mode="merge")
+            return
         await self._status.upsert(row, mode="merge")
         if mailbox.mailbox_id is not None and (outcome.alert or outcome.health is Health.FAILING
                                                or outcome.health is not previous.health):
@@ -641,7 +839,7 @@ def _graph_failure(name: str, what: str, exc: Exception) -> CheckResult:
 # ------------------------------------------------------------------------------------------------ wiring
 
 
-def health_service_for(container: Any) -> MailboxHealthService:
+def health_service_for(container: Any, *, role: str = "router") -> MailboxHealthService:
     """The health service over the container's adapters (Graph roles read from our own token)."""
     from core.adapters.auth import graph_token_provider
     from core.names import MAILBOX_STATUS_TABLE
@@ -653,9 +851,31 @@ def health_service_for(container: Any) -> MailboxHealthService:
     async def roles() -> frozenset[str]:
         return token_roles(await tokens.get_token_async())
 
+    from core.services.jobs import lease_store_for
     from core.services.org_schema import org_schema_for
 
     directory = getattr(container, "mailbox_directory", None) or TableMailboxDirectory.from_account(container.storage)
     return MailboxHealthService(directory, container.graph, container.dataverse, container.subscription_directory,
                                 container.storage.table(MAILBOX_STATUS_TABLE), roles=roles,
-                                schema=org_schema_for(container))
+                                schema=org_schema_for(container), leases=lease_store_for(container),
+                                owner=new_owner(role))
+
+
+async def after_change(container: Any, job: str, changed: Iterable[str], *,
+                       run: Mapping[str, Any] | None = None) -> list[ProbeOutcome]:
+    """After a reconcile or a CRM sync: record the run (``run``: its ``router/<job>`` status row values, for a full
+    run) and re-probe the mailboxes it changed, so ``emailrouter status`` shows the new truth at once instead of at
+    the next probe (and back-off) of each mailbox."""
+    from core.names import MAILBOX_STATUS_TABLE
+
+    if run is not None:
+        await container.storage.table(MAILBOX_STATUS_TABLE).upsert(
+            {"PartitionKey": ROUTER_PARTITION, "RowKey": job, **run}, mode="merge")
+    wanted = sorted(set(changed))
+    if not wanted:
+        return []
+    outcomes = await health_service_for(container, role=f"after-{job}").probe_some(wanted)
+    _log.info("%s: re-probed %d changed mailbox(es): %s", job, len(outcomes),
+              dict(sorted({o.health.value: sum(1 for x in outcomes if x.health is o.health)
+                           for o in outcomes}.items())))
+    return outcomes

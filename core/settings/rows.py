@@ -463,8 +463,26 @@ class RouterSettings:
     track_sent_items_default: bool = False
     health_probe_interval_minutes: int = 15
     health_max_backoff_minutes: int = 240
+    # A mailbox waiting for its first subscription is "pending", not "failing", for at most this long.
+    health_pending_minutes: int = 30
+    # Forward mailboxes (sinks): where processed wrappers (tracked or not) go when they are not deleted, and where
+    # wrappers that cannot be delivered into CRM go; "" leaves them in the Inbox. Child folders of the Inbox.
+    processed_folder: str = "Processed"
+    undeliverable_folder: str = "Undeliverable"
+    processed_wrapper_days: int = 30  # wrappers in the processed folder older than this are deleted; 0 = keep
+    retention_days: int = 30  # decision records, their index, outbound index rows, processed-ledger rows
+    retention_interval_minutes: int = 60  # the delta catch-up timer runs the retention clean-up this often
     alert_sender: str = ""
     alert_recipients: tuple[str, ...] = ()
+    # CRM's Test & Enable (mailbox.testemailconfigurationscheduled) answered by the router for its mailboxes without
+    # an email server profile (core/settings/test_requests.py).
+    answer_crm_test_requests: bool = True
+    # Track by category (SSS's TrackCategorizedItems): a user gives a message this Outlook category and the router
+    # tracks it. Off by default: it costs one Graph query per eligible mailbox per search (docs/admin-guide.md);
+    # searches ride the delta catch-up (DELTA_CATCHUP_SCHEDULE, 5 min), spaced by the interval.
+    track_categorized_items: bool = False
+    track_category_name: str = "Tracked to Dynamics 365"
+    track_category_interval_minutes: int = 5
 
 
 def _parse_int(lo: int, hi: int) -> Callable[[object], int]:
@@ -519,6 +537,15 @@ def _parse_prefixes(value: object) -> tuple[str, ...]:
         if len(p) > 20:
             raise ValueError(f"prefix {p!r} is longer than 20 characters")
     return items
+
+
+def _parse_category_name(value: object) -> str:
+    # Outlook category names (outlookCategory.displayName) are free text; empty would match nothing, and a comma
+    # would split the name in Outlook clients that store categories as a comma separated Keywords list.
+    text = parse_text(value)
+    if not text or len(text) > 255 or "," in text or ";" in text:
+        raise ValueError(f"{text!r} is not a category name (1-255 characters, no comma or semicolon)")
+    return text
 
 
 def _parse_internal_values(value: object) -> frozenset[str]:
@@ -634,10 +661,30 @@ ORG_KEYS: Final[tuple[OrgKey, ...]] = (
            "re-probe interval of healthy mailboxes and first back-off step"),
     OrgKey("HealthMaxBackoffMinutes", "router", "health_max_backoff_minutes", _parse_int(1, 10080),
            "longest back-off of a failing mailbox"),
+    OrgKey("HealthPendingMinutes", "router", "health_pending_minutes", _parse_int(1, 1440),
+           "how long a mailbox waiting for its first subscription shows as pending before it counts as failing"),
+    OrgKey("ProcessedFolder", "router", "processed_folder", parse_text,
+           "forward mailboxes: Inbox child folder processed wrappers are moved to when not deleted (\"\" = leave)"),
+    OrgKey("UndeliverableFolder", "router", "undeliverable_folder", parse_text,
+           "forward mailboxes: Inbox child folder for wrappers that cannot be delivered into CRM (\"\" = leave)"),
+    OrgKey("ProcessedWrapperDays", "router", "processed_wrapper_days", _parse_int(0, 3650),
+           "wrappers in the processed folder older than this are deleted by the retention timer (0 = never)"),
+    OrgKey("RetentionDays", "router", "retention_days", _parse_int(1, 3650),
+           "decision records, their index and the processed ledger are deleted after this many days"),
+    OrgKey("RetentionIntervalMinutes", "router", "retention_interval_minutes", _parse_int(5, 10080),
+           "how often the retention clean-up runs (with the delta catch-up timer)"),
     OrgKey("AlertSender", "router", "alert_sender", parse_optional_address,
            "mailbox that sends health alert emails (Graph sendMail)"),
     OrgKey("AlertRecipients", "router", "alert_recipients", _parse_list(normalise_address),
            "admins who get health alert emails"),
+    OrgKey("AnswerCrmTestRequests", "router", "answer_crm_test_requests", parse_bool,
+           "answer CRM's Test & Enable on router mailboxes without an email server profile"),
+    OrgKey("TrackCategorizedItems", "router", "track_categorized_items", parse_bool,
+           "users track a message by giving it the TrackCategoryName category in Outlook"),
+    OrgKey("TrackCategoryName", "router", "track_category_name", _parse_category_name,
+           "the Outlook category that asks for a message to be tracked"),
+    OrgKey("TrackCategoryIntervalMinutes", "router", "track_category_interval_minutes", _parse_int(1, 1440),
+           "least gap between two searches of a mailbox for categorised mail (they run with the delta catch-up)"),
 )
 _ORG_BY_KEY: Final[Mapping[str, OrgKey]] = {k.key.lower(): k for k in ORG_KEYS}
 

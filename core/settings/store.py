@@ -13,7 +13,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from core.names import MAILBOXES_TABLE, ORG_SETTINGS_TABLE
@@ -63,6 +64,7 @@ class _Snapshot:
     mailboxes: Mapping[str, MailboxConfig]
     errors: tuple[RowError, ...]
     org: OrgParseResult
+    read_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # wall clock, for fresh_since
 
 
 class TableMailboxDirectory:
@@ -125,6 +127,13 @@ class TableMailboxDirectory:
     async def refresh(self) -> None:
         self.invalidate()
         await self._current()
+
+    async def fresh_since(self, moment: datetime) -> None:
+        """Make sure the settings in use were read after ``moment`` (a re-evaluation asked for after an admin's
+        change must not be decided with the settings cached before it)."""
+        snapshot = self._snapshot
+        if snapshot is None or snapshot.read_at < moment:
+            await self.refresh()
 
     async def _current(self) -> _Snapshot:
         snapshot = self._snapshot

@@ -89,6 +89,8 @@ def attribute_metadata(ent: EntityDef, col: Column) -> dict[str, Any]:
     }
     if col.max_length is not None:
         md["MaxLength"] = col.max_length
+    if col.type in (STRING, MEMO) and md["@odata.type"].endswith(("StringAttributeMetadata", "MemoAttributeMetadata")):
+        md["FormatName"] = {"Value": col.format_name or "Text"}
     if col.min_value is not None:
         md["MinValue"] = col.min_value
     if col.max_value is not None:
@@ -103,6 +105,18 @@ def attribute_metadata(ent: EntityDef, col: Column) -> dict[str, Any]:
     return md
 
 
+@lru_cache(maxsize=1)
+def _activity_parties() -> frozenset[str]:
+    """IsActivityParty ("email messages can be sent to an email address stored in a record of this type"), derived
+    from the schema data: a table an activity party can point at (activityparty.partyid's Targets, from the
+    Dataverse and Dynamics 365 reference pages) that has a string column of format Email. The targets alone are
+    wider (incident and opportunity are parties as "regarding"/"customer", with no address to send to)."""
+    party = ENTITIES.get("activityparty")
+    column = party.columns.get("partyid") if party is not None else None
+    return frozenset(t for t in (column.targets if column is not None else ()) if t in ENTITIES and any(
+        c.type == STRING and c.format_name == "Email" for c in ENTITIES[t].columns.values()))
+
+
 def entity_metadata(ent: EntityDef, variant: OrgVariant | None = None) -> dict[str, Any]:
     return {
         "MetadataId": ent.metadata_id, "LogicalName": ent.logical_name, "SchemaName": ent.schema_name,
@@ -110,8 +124,7 @@ def entity_metadata(ent: EntityDef, variant: OrgVariant | None = None) -> dict[s
         "CollectionSchemaName": ent.entity_set.capitalize(), "PrimaryIdAttribute": ent.primary_id,
         "PrimaryNameAttribute": ent.primary_name, "ObjectTypeCode": ent.object_type_code,
         "OwnershipType": ent.ownership if ent.ownership != "None" else "None",
-        "IsActivity": ent.is_activity, "IsActivityParty": ent.logical_name in (
-            "contact", "account", "lead", "systemuser", "queue"),
+        "IsActivity": ent.is_activity, "IsActivityParty": ent.logical_name in _activity_parties(),
         "IsCustomEntity": False, "IsManaged": True,
         "IsOptimisticConcurrencyEnabled": variant is None or ent.logical_name not in variant.concurrency_off,
         "IsValidForAdvancedFind": True, "TableType": "Standard",

@@ -62,7 +62,7 @@ ROUTER_APP_PRIVILEGES: Final[tuple[str, ...]] = (
 )
 
 _SEED_SETS: Final = ("businessunits", "teams", "emailserverprofiles", "systemusers", "queues", "accounts",
-                     "contacts", "leads", "opportunities", "incidents")
+                     "contacts", "leads", "opportunities", "incidents", "equipments")
 
 
 class SeedError(ValueError):

@@ -627,12 +627,17 @@ class Dataverse:
 
     def _queue_item_rules(self, row: Row) -> None:
         """What the platform fills on a new queue item (queueitem.md, of the columns the emulator carries): Entered
-        Queue (enteredon); for email, Sender and To copied from it; state Active. objectid and queueid are
-        ApplicationRequired."""
+        Queue (enteredon); Title, which "is copied from the record that was assigned to the queue" (the record's
+        primary name: an email's subject); for email, Sender and To copied from it; state Active. objectid and queueid
+        are ApplicationRequired. A title the client sends is kept (which one wins is NOT VERIFIED)."""
         object_id, object_type = row.get("_objectid_value"), row.get("~objectid")
         if not object_id or not row.get("_queueid_value"):
             raise DataverseError.bad_request("A queue item needs objectid and queueid.", code="0x80040203")
-        target = self.store.get(ENTITIES[object_type], object_id) if object_type in ENTITIES else None
+        object_ent = ENTITIES.get(object_type or "")
+        target = self.store.get(object_ent, object_id) if object_ent is not None else None
+        if target is not None and not row.get("title") and object_ent is not None:
+            title_limit = ENTITIES["queueitem"].columns["title"].max_length
+            row["title"] = (target.get(object_ent.primary_name) or "")[:title_limit] or None
         if target is not None and object_type == "email":
             row["sender"] = (target.get("sender") or "")[:250] or None
             row["torecipients"] = (target.get("torecipients") or "")[:500] or None

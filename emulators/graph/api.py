@@ -27,7 +27,7 @@ from .config import GraphConfig
 from .limits import FaultRegistry, MailboxLimits, SubscriptionLimits
 from .mail import DRAFT_HEADERS, MailService, _ci
 from .notify import Notifier, check_notification_url
-from .odata import Prefer, compile_filter, parse_expand, parse_orderby, parse_prefer
+from .odata import Prefer, check_orderby_against_filter, compile_filter, parse_expand, parse_orderby, parse_prefer
 from .render import normalise_select, render_attachment, render_message, sort_rows
 from .store import Folder, MessageRow, Store, User
 from .util import GraphError, GraphResponse, error_body, format_dt7, json_response, new_id, now_utc, parse_dt
@@ -461,8 +461,9 @@ class GraphApi:
         fold = self._folder(user, folder) if folder else None
         rows = self.store.list_messages(user.id, fold.id if fold else None)
         if ctx.query.get("$filter"):
-            node = compile_filter(ctx.query["$filter"])
+            node = compile_filter(ctx.query["$filter"], "message")
             rows = [r for r in rows if node({**r.data, "id": r.rid, "parentFolderId": r.folder_id})]
+        check_orderby_against_filter(ctx.query.get("$filter"), parse_orderby(ctx.query.get("$orderby")))
         order = parse_orderby(ctx.query.get("$orderby")) or [("receivedDateTime", True)]
         rows = sorted(rows, key=lambda r: r.ord, reverse=True)  # stable tie-break: newest first
         rows = sort_rows(rows, order, lambda r: r.data)
@@ -936,7 +937,7 @@ class GraphApi:
                 name, _, value = part.partition("=")
                 if name.strip().lower() == "$filter":
                     filter_text = unquote(value)
-                    compile_filter(filter_text)
+                    compile_filter(filter_text, "message")
         return user, folder, filter_text
 
     def _expiry(self, value: Any) -> str:

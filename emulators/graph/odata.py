@@ -16,7 +16,8 @@ from typing import Any
 
 from .util import GraphError, parse_dt
 
-__all__ = ["Prefer", "compile_filter", "parse_expand", "parse_orderby", "parse_prefer", "split_top_level"]
+__all__ = ["Prefer", "check_filter", "check_orderby_against_filter", "compile_filter", "filter_properties",
+           "parse_expand", "parse_orderby", "parse_prefer", "split_top_level"]
 
 _TOKEN = re.compile(
     r"\s*(?:(?P<str>'(?:[^']|'')*')|(?P<lp>\()|(?P<rp>\))|(?P<comma>,)"
@@ -100,6 +101,10 @@ class _Parser:
     def __init__(self, tokens: list[tuple[str, str]]) -> None:
         self.tokens = tokens
         self.i = 0
+        # What the expression names, in textual order, for the schema check (:func:`check_filter`):
+        # ("property", path) | ("any", collection path) | ("element", collection path, path inside the element).
+        self.names: list[tuple[str, ...]] = []
+        self.scope: dict[str, str] = {}  # lambda variable -> the collection it ranges over
 
     def peek(self) -> tuple[str, str] | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
@@ -201,6 +206,11 @@ class _Parser:
                     return y in x if f == "contains" else x.startswith(y) if f == "startswith" else x.endswith(y)
 
                 return func
+            head, _, rest = text.partition("/")
+            if head in self.scope:
+                self.names.append(("element", self.scope[head], rest))
+            else:
+                self.names.append(("property", text))
             return lambda o: lookup(o, text)
         raise _bad(f"Unexpected token {text!r}.")
 
@@ -214,8 +224,15 @@ class _Parser:
         if m is None:
             raise _bad("any() needs a lambda 'x:x ...'.")
         var = m.group(1)
+        self.names.append(("any", collection))
         self.tokens.insert(self.i, ("name", m.group(2)))
+        outer = self.scope.get(var)
+        self.scope[var] = collection
         body = self.or_expr()
+        if outer is None:
+            del self.scope[var]
+        else:
+            self.scope[var] = outer
         if self.take()[0] != "rp":
             raise _bad("Missing ')'.")
 
@@ -228,8 +245,84 @@ class _Parser:
         return any_of
 
 
-def compile_filter(text: str) -> Node:
-    return _Parser(_tokenize(text)).parse()
+def compile_filter(text: str, entity_type: str | None = None) -> Node:
+    """``$filter`` text -> a predicate over Graph-shaped dicts. With ``entity_type`` (a type of Graph's v1.0
+    metadata, e.g. ``message``) every property it names must be declared on that type, as Graph answers
+    otherwise (:func:`check_filter`)."""
+    parser = _Parser(_tokenize(text))
+    node = parser.parse()
+    if entity_type is not None:
+        check_filter(parser.names, entity_type)
+    return node
+
+
+def filter_properties(text: str) -> list[str]:
+    """The top-level properties a ``$filter`` names, in order of first appearance (a lambda counts as its
+    collection), lower-cased: what Graph compares ``$orderby`` against (InefficientFilter)."""
+    parser = _Parser(_tokenize(text))
+    parser.parse()
+    seen: list[str] = []
+    for name in parser.names:
+        if name[0] in ("property", "any") and name[1].lower() not in seen:
+            seen.append(name[1].lower())
+    return seen
+
+
+def _unknown(name: str, type_name: str) -> GraphError:
+    return GraphError(400, "RequestBroker--ParseUri",
+                      f"Could not find a property named '{name}' on type 'microsoft.graph.{type_name}'.")
+
+
+def _resolve(meta: Any, type_name: str, path: str) -> str:
+    """The declared type of ``path`` (``from/emailAddress/address``) on ``type_name``: each segment must be a
+    property (case-insensitive, as Graph matches them) of the complex type before it; no step through a
+    collection (that needs ``any``)."""
+    current = type_name
+    declared = ""
+    for segment in path.split("/"):
+        if declared.startswith("Collection("):
+            raise _bad(f"The property '{segment}' cannot be reached through the collection before it; use any().")
+        if current.startswith("Edm.") or current not in meta.types:
+            raise _unknown(segment, current)
+        props = {k.lower(): v for k, v in meta.properties(current).items()}
+        spec = props.get(segment.lower())
+        if spec is None:
+            raise _unknown(segment, current)
+        declared = str(spec["type"])
+        inner = declared[len("Collection("):-1] if declared.startswith("Collection(") else declared
+        current = inner.removeprefix("graph.")
+    return declared
+
+
+def check_filter(names: list[tuple[str, ...]], entity_type: str) -> None:
+    """Refuse what Graph refuses about the properties of a ``$filter`` (400): an undeclared property, ``any`` over a
+    property that is no collection, a lambda body that reaches into a collection of primitives."""
+    from .metadata import load_metadata
+
+    meta = load_metadata()
+    for name in names:
+        if name[0] == "property":
+            _resolve(meta, entity_type, name[1])
+        elif name[0] == "any":
+            declared = _resolve(meta, entity_type, name[1])
+            if not declared.startswith("Collection("):
+                raise _bad(f"The any() operator needs a collection; '{name[1]}' is {declared}.")
+        else:  # inside a lambda: the element itself (a primitive) or a property of it (a complex element)
+            element = _resolve(meta, entity_type, name[1])[len("Collection("):-1]
+            if name[2]:
+                _resolve(meta, element.removeprefix("graph."), name[2])
+            elif not element.startswith("Edm."):
+                raise _bad(f"The elements of '{name[1]}' are {element}; compare one of their properties.")
+
+
+def check_orderby_against_filter(filter_text: str | None, order: list[tuple[str, bool]]) -> None:
+    """List messages: "Properties that appear in $orderby must also appear in $filter", "in the same order", and
+    "before any properties that aren't" - else 400 ``InefficientFilter`` (Graph, List messages)."""
+    if not filter_text or not order:
+        return
+    wanted = [path.lower() for path, _ in order]
+    if filter_properties(filter_text)[:len(wanted)] != wanted:
+        raise GraphError(400, "InefficientFilter", "The restriction or sort order is too complex for this operation.")
 
 
 def split_top_level(text: str, sep: str = ",") -> list[str]:

@@ -58,7 +58,7 @@ param subscriptionReconcileSchedule string = '0 */15 * * * *'
 param deltaCatchupSchedule string = '0 */5 * * * *'
 param outboundScanSchedule string = '*/15 * * * * *'
 param crmSyncSchedule string = '0 */15 * * * *'
-param mailboxHealthSchedule string = '0 */5 * * * *'
+param mailboxHealthSchedule string = '*/30 * * * * *'
 param logLevel string = 'INFO'
 
 @description('Per-instance queue concurrency (main.bicep queueBatchSize / queueNewBatchThreshold).')

@@ -40,6 +40,7 @@ var tableNames = [
   'DecisionIndex'
   'Outbound'
   'PoisonLog'
+  'Leases'
 ]
 
 resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {

@@ -170,8 +170,9 @@ def decision(stack: Stack, internet_message_id: str, mailbox: str) -> dict[str, 
 
 
 def wrapper_id_in_sink(stack: Stack, org: Org, subject: str) -> str | None:
-    """The internetMessageId of the forward wrapper ("FW: <subject>") in the sink's Inbox."""
-    found = stack.graph("GET", f"users/{org.sink.address}/mailFolders/inbox/messages",
+    """The internetMessageId of the forward wrapper ("FW: <subject>") in the sink: in its Inbox, or already moved to
+    Inbox/Processed or Inbox/Undeliverable once decided (every folder of the mailbox)."""
+    found = stack.graph("GET", f"users/{org.sink.address}/messages",
                         params={"$select": "subject,internetMessageId", "$top": "100"})["value"]
     hits = [m for m in found if subject in str(m.get("subject", ""))]
     return str(hits[0]["internetMessageId"]) if hits else None

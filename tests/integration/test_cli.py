@@ -66,7 +66,8 @@ def test_sync_list_show_and_set(cli: Any) -> None:
     code, listing, _ = cli("mailbox", "list")
     assert code == 0
     alice = next(m for m in listing["mailboxes"] if m["address"] == ALICE)
-    assert alice["inbound"] == "individual" and alice["outbound"] == "router" and alice["health"] == "unknown"
+    # The sync re-probed the mailboxes it added: Alice waits for her first subscription (pending, not failing).
+    assert alice["inbound"] == "individual" and alice["outbound"] == "router" and alice["health"] == "pending"
 
     code, written, _ = cli("mailbox", "set", ALICE, "--filter", "all", "--track-sent-items", "true")
     assert code == 0 and written["effective"]["filter"] == "all" and written["effective"]["track_sent_items"]
@@ -87,7 +88,9 @@ def test_sync_list_show_and_set(cli: Any) -> None:
 
 def test_settings_get_and_set(cli: Any) -> None:
     code, stored, _ = cli("settings", "set", "maxattachmentbytes", "1024")
-    assert code == 0 and stored == {"key": "MaxAttachmentBytes", "value": "1024"}
+    # a setting that decides what is tracked: the command for mail decided before is printed with it
+    assert code == 0 and stored == {"key": "MaxAttachmentBytes", "value": "1024",
+                                    "past_mail": "emailrouter reprocess --all --since 7d"}
     code, one, _ = cli("settings", "get", "MaxAttachmentBytes")
     assert code == 0 and one["effective"] == "1024" and one["source"] == "value"
     code, every, _ = cli("settings", "get")
@@ -108,11 +111,11 @@ def test_mailbox_test_reports_checks(cli: Any, stack: LocalStack) -> None:
     assert names["graph_read"]["ok"] and names["graph_send"]["ok"] and names["crm_owner"]["ok"]
     assert names["crm_write"]["ok"], names["crm_write"]
     assert names["sss_outgoing"]["ok"] and names["crm_concurrency"]["ok"]
-    assert not names["subscription"]["ok"]  # nothing reconciled yet
-    assert code == 1 and outcome["health"] == "failing"
+    assert not names["subscription"]["ok"] and names["subscription"]["pending"]  # nothing reconciled yet
+    assert code == 0 and outcome["health"] == "pending"  # waiting for the router is not a failure
     code, listing, _ = cli("mailbox", "list")
     alice = next(m for m in listing["mailboxes"] if m["address"] == ALICE)
-    assert alice["health"] == "failing"
+    assert alice["health"] == "pending"
     # The CRM write check wrote the mailbox record's "last tested" column, and nothing else of ours.
     (record,) = stack.dv("GET", f"mailboxes?$select=testmailboxaccesscompletedon&$filter=mailboxid eq "
                                 f"{alice['mailbox_id']}").json()["value"]
@@ -697,3 +700,59 @@ def test_tracked_folder_names_are_saved_as_folder_ids(cli: Any, stack: LocalStac
     code, shown, _ = cli("mailbox", "show", ALICE)
     assert set(shown["effective"]["tracked_folders"]) == {projects.id, year.id}  # refused writes changed nothing
     assert cli("mailbox", "set", ALICE, "--folders", "")[0] == 0
+
+
+def test_reprocess_applies_a_filter_change_to_mail_skipped_before(cli: Any, stack: LocalStack, workdir: Path) -> None:
+    """The issue's "skipped is final": an admin fixes a filter; `reprocess` decides the skipped mail again through the
+    normal pipeline, once; tracked mail is never touched, and a second run finds nothing left to do."""
+    from core.work_items import InboundItem
+
+    assert cli("sync-crm")[0] == 0
+    assert cli("mailbox", "set", ALICE, "--filter", "replies")[0] == 0
+    tag = uuid.uuid4().hex[:8]
+    message_id = _send_from(stack, "nora@northwind.example", ALICE, f"Prospect {tag}")
+
+    async def notify_and_drain() -> list[str]:
+        container = Container(Settings(values(workdir)))
+        try:
+            graph_id = await _graph_id(container, ALICE, message_id)
+            sender = container.storage.queue_sender(INBOUND_QUEUE)
+            await sender.send(InboundItem(ALICE, graph_id, "notification", folder="inbox").to_json())
+            await sender.close()
+            return await _drain_inbound(container)
+        finally:
+            await container.storage.close()
+            await container.graph.close()
+
+    async def drain() -> list[str]:
+        container = Container(Settings(values(workdir)))
+        try:
+            return await _drain_inbound(container)
+        finally:
+            await container.storage.close()
+            await container.graph.close()
+
+    assert "skipped:filter:not_accepted" in asyncio.run(notify_and_drain())
+    assert _crm_emails(stack, message_id) == []
+
+    code, written, _ = cli("mailbox", "set", ALICE, "--filter", "all")
+    assert code == 0 and written["past_mail"] == f"emailrouter reprocess {ALICE} --since 7d"
+    code, _, err = cli("reprocess", ALICE, "--since", "1h", "--from", "nora@")
+    assert code == 2 and "--yes" in err  # a bulk change: asks first, refuses without a terminal
+    code, dry, _ = cli("reprocess", ALICE, "--since", "1h", "--from", "nora@", "--dry-run")
+    assert code == 0 and dry["dry_run"] and any(f"Prospect {tag}" in line for line in dry["items"])
+    code, done, err = cli("reprocess", ALICE, "--since", "1h", "--from", "nora@", "--subject", tag, "--yes")
+    assert code == 0 and done["enqueued"] == 1 and done["by_outcome"] == {"skipped:filter:not_accepted": 1}, err
+
+    assert "tracked" in asyncio.run(drain())
+    assert len(_crm_emails(stack, message_id)) == 1
+    # The latest decision is "tracked" now: nothing to decide again, and a redelivered notification is a duplicate.
+    code, again, _ = cli("reprocess", ALICE, "--since", "1h", "--subject", tag, "--yes")
+    assert code == 0 and again["enqueued"] == 0 and again["items"] == []
+    assert "duplicate_item" in asyncio.run(notify_and_drain())
+    assert len(_crm_emails(stack, message_id)) == 1
+    code, shown, _ = cli("explain", message_id)
+    assert code == 0 and shown[0]["source"] == "reprocess" and shown[0]["outcome"] == "tracked"
+    code, hint, _ = cli("settings", "set", "NeverLogDomains", "")
+    assert code == 0 and hint["past_mail"] == "emailrouter reprocess --all --since 7d"
+    assert cli("mailbox", "set", ALICE, "--filter", "")[0] == 0

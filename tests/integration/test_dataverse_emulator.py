@@ -813,3 +813,41 @@ def test_failed_change_set_can_echo_content_id_when_configured(api: Api) -> None
         assert "Content-ID: 7" in api.request("POST", "$batch", content=body, headers=headers).text
     finally:
         api.emulator("POST", "options", {"echo_content_id_on_failure": False})
+
+
+def test_queue_item_title_is_copied_from_the_email_subject(api: Api) -> None:
+    """queueitem.md (current layout), Title: "This value is copied from the record that was assigned to the queue"."""
+    support = api.request("GET", "queues", params={"$select": "queueid", "$top": "1"}).json()["value"][0]["queueid"]
+    email = str(uuid.uuid4())
+    created = api.request("POST", "emails", json_body={"activityid": email, "subject": "Printer on fire"})
+    assert created.status_code == 204
+    resp = api.request("POST", "queueitems", json_body={
+        "objectid_email@odata.bind": f"/emails({email})", "queueid@odata.bind": f"/queues({support})"})
+    assert resp.status_code == 204, resp.text
+    rows = api.request("GET", "queueitems", params={"$filter": f"_objectid_value eq {email}",
+                                                     "$select": "title"}).json()["value"]
+    assert [r["title"] for r in rows] == ["Printer on fire"]
+    # the names the older page lacked come from the current page: an undeclared one is refused
+    status, code, _ = _error(api.request("POST", "queueitems", json_body={
+        "objectid@odata.bind": f"/emails({email})", "queueid@odata.bind": f"/queues({support})"}))
+    assert (status, code) == (400, "0x80048d19")
+
+
+def test_generated_tables_keep_their_page_limits(api: Api) -> None:
+    # account.md: name MaxLength 160; systemuser.md: fullname and isemailaddressapprovedbyo365admin are read-only
+    status, code, message = _error(api.request("POST", "accounts", json_body={"name": "n" * 161}))
+    assert (status, code) == (400, "0x80044331") and "maximum allowed length of '160'" in message
+    status, _code, message = _error(api.request("PATCH", f"systemusers({ALICE})",
+                                                json_body={"isemailaddressapprovedbyo365admin": True}))
+    assert status == 400 and "IsValidForUpdate = false" in message
+    # lead/opportunity/incident binds are the Dynamics 365 pages' names
+    lead = _created_id(api.request("POST", "leads", json_body={"lastname": "Page", "subject": "From the CE page",
+                                                               "ownerid@odata.bind": f"/systemusers({ALICE})"}))
+    resp = api.request("POST", "emails", json_body={
+        "subject": "about a lead", "regardingobjectid_lead_email@odata.bind": f"/leads({lead})"})
+    assert resp.status_code == 204, resp.text
+    status, code, _ = _error(api.request("POST", "incidents", json_body={
+        "title": "t", "customerid@odata.bind": f"/contacts({FIONA})"}))
+    assert (status, code) == (400, "0x80048d19")
+    assert api.request("POST", "incidents", json_body={
+        "title": "t", "customerid_contact@odata.bind": f"/contacts({FIONA})"}).status_code == 204

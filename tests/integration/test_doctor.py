@@ -110,7 +110,7 @@ def test_a_renamed_relationship_is_reported_and_bound_by_its_new_name(stack: Loc
 def test_doctor_fails_naming_a_mailbox_where_server_side_sync_also_sends(stack: LocalStack, doctor: Any) -> None:
     alice = demo_user_id("alice")
     mailbox = stack.dv("GET", f"systemusers({alice})?$select=_defaultmailbox_value").json()["_defaultmailbox_value"]
-    profile = stack.dv("POST", "emailserverprofiles", {"name": "Exchange Online", "servertype": 4})
+    profile = stack.dv("POST", "emailserverprofiles", {"name": "IMAP/SMTP server", "servertype": 4})
     profile_id = profile.headers["OData-EntityId"].rsplit("(", 1)[1].rstrip(")")
     seed = {"systemusers": [{"systemuserid": alice, "mailbox": {
         "_emailserverprofile_value": profile_id, "outgoingemailstatus": 1, "incomingemailstatus": 0}}]}

@@ -244,3 +244,65 @@ def test_rbac_for_applications_grants_outside_the_token(graph: RunningGraph, ide
         assert {r["id"]: r["status"] for r in batch["responses"]} == {"1": 200, "2": 403}
     assignments: dict[str, Any] = emu.get("/role-assignments").json()
     assert assignments[NOMAIL_ID.lower()]["Mail.ReadWrite"] == [ALICE]
+
+
+# -- $filter on messages: the documented syntax, checked against the v1.0 metadata ------------------------------
+
+
+def test_categories_filter_finds_categorised_mail_in_every_folder(client: httpx.Client, emu: httpx.Client) -> None:
+    """Track by category's query: ``categories/any(c:c eq '...')`` (Graph's lambda over a collection of strings) on
+    ``/users/{id}/messages`` finds the category in any folder, case-insensitively, after a date condition on
+    ``lastModifiedDateTime`` that moves when the category is set."""
+    tag = "Tracked to Dynamics 365"
+    for subject in ("in the inbox", "moved away", "not categorised"):
+        deliver(emu, external_mail(subject), [ALICE])
+    by_subject = {m["subject"]: m for m in inbox(client, ALICE, **{"$select": "subject,lastModifiedDateTime"})}
+    folder = client.post(f"/users/{ALICE}/mailFolders", json={"displayName": "Projects"}).json()
+    moved = client.post(f"/users/{ALICE}/messages/{by_subject['moved away']['id']}/move",
+                        json={"destinationId": folder["id"]}).json()
+    before = client.get(f"/users/{ALICE}/messages/{moved['id']}", params={"$select": "lastModifiedDateTime"}).json()
+    for message_id in (by_subject["in the inbox"]["id"], moved["id"]):
+        r = client.patch(f"/users/{ALICE}/messages/{message_id}", json={"categories": ["tracked to DYNAMICS 365"]})
+        assert r.status_code == 200, r.text
+    after = client.get(f"/users/{ALICE}/messages/{moved['id']}", params={"$select": "lastModifiedDateTime"}).json()
+    assert after["lastModifiedDateTime"] >= before["lastModifiedDateTime"]
+
+    query = {"$filter": f"lastModifiedDateTime ge {before['lastModifiedDateTime']} and "
+                        f"categories/any(c:c eq '{tag}')",
+             "$select": "id,parentFolderId,lastModifiedDateTime,categories"}
+    found = client.get(f"/users/{ALICE}/messages", params=query)
+    assert found.status_code == 200, found.text
+    rows = found.json()["value"]
+    assert {r["id"] for r in rows} == {by_subject["in the inbox"]["id"], moved["id"]}
+    assert folder["id"] in {r["parentFolderId"] for r in rows}
+    later = {**query, "$filter": f"lastModifiedDateTime ge 2999-01-01T00:00:00Z and categories/any(c:c eq '{tag}')"}
+    assert client.get(f"/users/{ALICE}/messages", params=later).json()["value"] == []
+
+
+@pytest.mark.parametrize(("where", "code"), [
+    ("categoriez/any(c:c eq 'x')", "RequestBroker--ParseUri"),  # not a property of message
+    ("subject/any(c:c eq 'x')", "ErrorInvalidUrlQueryFilter"),  # any() over a string
+    ("toRecipients/any(r:r eq 'x')", "ErrorInvalidUrlQueryFilter"),  # an element of recipients is an object
+    ("toRecipients/emailAddress/address eq 'x'", "ErrorInvalidUrlQueryFilter"),  # through a collection
+    ("from/emailAddress/adress eq 'x'", "RequestBroker--ParseUri"),
+])
+def test_a_filter_naming_what_message_does_not_declare_is_refused(client: httpx.Client, where: str,
+                                                                  code: str) -> None:
+    r = client.get(f"/users/{ALICE}/messages", params={"$filter": where})
+    assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+    ok = client.get(f"/users/{ALICE}/messages",
+                    params={"$filter": "toRecipients/any(r:r/emailAddress/address eq 'x')"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_orderby_must_lead_the_filter_of_a_message_list(client: httpx.Client) -> None:
+    """List messages: properties in $orderby must appear in $filter, in the same order, before any others."""
+    stamp = "2020-01-01T00:00:00Z"
+    good = {"$filter": f"receivedDateTime ge {stamp} and categories/any(c:c eq 'x')",
+            "$orderby": "receivedDateTime desc"}
+    assert client.get(f"/users/{ALICE}/messages", params=good).status_code == 200
+    for bad in ({"$filter": f"categories/any(c:c eq 'x') and receivedDateTime ge {stamp}",
+                 "$orderby": "receivedDateTime desc"},
+                {"$filter": "categories/any(c:c eq 'x')", "$orderby": "receivedDateTime"}):
+        r = client.get(f"/users/{ALICE}/messages", params=bad)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "InefficientFilter", r.text

@@ -166,3 +166,49 @@ async def test_oversized_attachment_without_content_id_is_dropped_not_the_email(
     assert caught.value.filename == "big.bin"  # failed part carried no Content-ID: the largest is blamed
     assert dataverse.store.get(ENTITIES["email"], str(plan.activity_id)) is None  # rolled back, to be re-planned
 
+
+
+async def test_every_email_enabled_table_of_the_org_resolves_addresses(
+        client: DataverseClient, dataverse: RunningDataverse) -> None:
+    """Filter 3 covers the org's email-enabled tables (IsActivityParty, Email-format columns from the metadata), not
+    five hard-coded ones: mail from a facility's address (equipment: BusinessOwned, no statecode) resolves to it and
+    is tracked under "email-enabled records", its party bound through the org's partyid_equipment."""
+    from core.domain.correlation import CorrelationKeys
+    from core.domain.model import TrackingFilter
+    from emulators.dataverse.seed import apply_seed
+
+    schema = await read_org_schema(client)
+    tables = {t.logical_name: t for t in schema.email_enabled}
+    assert set(tables) == {"account", "contact", "equipment", "lead", "queue", "systemuser"}
+    room = tables["equipment"]
+    assert (room.entity_set, room.primary_name, room.email_columns, room.owned, room.has_state) == (
+        "equipments", "name", ("emailaddress",), False, False)
+    assert tables["contact"].email_columns == ("emailaddress1", "emailaddress2", "emailaddress3")
+    assert tables["contact"].owned and tables["contact"].has_state
+
+    room_id = str(uuid.uuid4())
+    apply_seed(dataverse.state.dv, {"equipments": [{"equipmentid": room_id, "name": "Board room",
+                                                    "emailaddress": "boardroom@contoso.com"}]})
+    crm = DataverseInboundCrm(client)
+    assert [t.table for t in await crm.party_tables()] == ["systemuser", "queue", "contact", "account", "lead",
+                                                           "equipment"]
+    found = await crm.lookup(["boardroom@contoso.com"], CorrelationKeys((), (), ()))
+    (candidate,) = found.directory["boardroom@contoso.com"]
+    assert candidate.record == CrmRecordRef("equipment", uuid.UUID(room_id))
+    assert candidate.display_name == "Board room" and candidate.owner is None and candidate.is_active
+
+    ctx = InboundContext(mailbox=user_mailbox(address="alice@contoso.com", owner=ALICE,
+                                              mailbox_id=_mailbox_id(dataverse),
+                                              tracking_filter=TrackingFilter.FROM_EMAIL_ENABLED_RECORDS),
+                         org=org(), now=NOW, directory=found.directory)
+    plan = plan_inbound(message(internet_message_id=f"<{uuid.uuid4()}@contoso.com>",
+                                from_=addr("boardroom@contoso.com", "Board room"), to=(addr("alice@contoso.com"),)),
+                        ctx)
+    assert isinstance(plan, TrackEmail), plan
+    assert any("filter 3: sender resolves to an email-enabled equipment" in d.why for d in plan.decisions)
+    assert await crm.write(replace(plan, owner=ALICE)) is WriteOutcome.CREATED
+    from emulators.dataverse.schema import ENTITIES
+
+    parties = dataverse.store.find(ENTITIES["activityparty"], "_activityid_value", str(plan.activity_id))
+    sender = next(p for p in parties if p["participationtypemask"] == 1)
+    assert sender["_partyid_value"] == room_id

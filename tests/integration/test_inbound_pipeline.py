@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from email.message import EmailMessage
 from typing import Any
@@ -374,6 +374,39 @@ async def test_forward_mailbox_user_is_tracked_for_that_user_and_the_wrapper_del
     assert sink_items == []  # the wrapper was deleted after processing
 
 
+async def test_decided_wrappers_move_to_processed_and_undeliverable_ones_aside(pipeline: Pipeline) -> None:
+    """Without DeleteAfterProcessing the sink keeps only undecided mail in its Inbox: a tracked wrapper goes to
+    Inbox/Processed (created on first use), mail that is no forward to Inbox/Undeliverable; a moved wrapper keeps
+    its immutable id, so its decision (and `reprocess`) still find it."""
+    from dataclasses import replace
+
+    p = pipeline
+    p.c.mailbox_directory = StaticMailboxDirectory([  # type: ignore[attr-defined]
+        replace(m, delete_after_processing=False) for m in mailboxes()], ORG)
+    await p.c.graph.create_inbox_rule(f"bob@{DOMAIN}", {
+        "displayName": "to CRM", "sequence": 1, "isEnabled": True, "conditions": {},
+        "actions": {"forwardAsAttachmentTo": [{"emailAddress": {"address": SINK}}]}})
+    await p.subscribe()
+    tracked = p.smtp("gus@example.org", [f"bob@{DOMAIN}"], "Quote request 2")
+    stray = p.smtp("sam@unknown.example", [SINK], "Hello sink")  # mailed to the sink directly: no forward
+
+    async def both_decided() -> bool:
+        if not await rows_for(p, tracked):
+            return False
+        return not [m async for m in p.c.graph.list_messages(SINK, "inbox")]
+
+    await p.drain(both_decided)
+    folders = {f["displayName"]: f["id"] for f in await p.c.graph.list_mail_folders(SINK, "inbox")}
+    assert {"Processed", "Undeliverable"} <= set(folders)
+    processed = [m async for m in p.c.graph.list_messages(SINK, folders["Processed"])]
+    aside = [m async for m in p.c.graph.list_messages(SINK, folders["Undeliverable"])]
+    assert len(processed) == 1 and len(aside) == 1
+    moved = await p.c.graph.get_message(SINK, str(processed[0]["id"]), with_attachments=False)
+    assert "Quote request 2" in moved["subject"]
+    stray_moved = await p.c.graph.get_message(SINK, str(aside[0]["id"]), with_attachments=False)
+    assert stray_moved["internetMessageId"] == stray
+
+
 async def test_outlook_and_none_users_get_no_row_with_the_reason_recorded(pipeline: Pipeline) -> None:
     from core.adapters.inbound_state import InboundState
     from core.work_items import InboundItem
@@ -486,6 +519,48 @@ async def test_subscription_creates_keep_validation_handshakes_few(pipeline: Pip
     assert len(creates) == 12  # direct POSTs (Prefer: IdType applies to the request it is sent with)
 
 
+async def test_two_reconciles_at_once_make_one_subscription_per_watched_folder(pipeline: Pipeline) -> None:
+    """The issue's start-up race (the launcher's reconcile and the timer's at the same second), as two processes:
+    two containers over the same storage and Graph. One run holds the reconcile lease, the other waits for it and
+    then finds nothing to do."""
+    p = pipeline
+    users = ("alice", "erin", "bob", "carol", "dave", "support")
+    configs = StaticMailboxDirectory([
+        MailboxConfig(f"{u}@{DOMAIN}", MailboxKind.USER, owner=ref("alice"), inbound_method=InboundMethod.INDIVIDUAL,
+                      track_sent_items=u in ("alice", "erin")) for u in users], ORG)
+    p.c.mailbox_directory = configs  # type: ignore[attr-defined]
+    other = Container(p.c.settings)
+    other.mailbox_directory = configs  # type: ignore[attr-defined]
+    try:
+        timer, admin = await asyncio.gather(service_for(p.c, role="timer").reconcile(wait=120),
+                                            service_for(other, role="cli").reconcile(wait=120))
+    finally:
+        await other.graph.close()
+        await other.dataverse.close()
+        await other.storage.close()
+    assert sorted((timer.created, admin.created)) == [0, 8] and not timer.failed and not admin.failed
+    in_graph = [s["resource"].lower() for s in await p.c.graph.list_subscriptions()]
+    assert len(in_graph) == len(set(in_graph)) == 8  # one per mailbox folder: 6 inboxes + 2 sent items folders
+    records = [(r.mailbox, r.folder) async for r in p.c.subscription_directory.list()]
+    assert len(records) == len(set(records)) == 8
+
+
+async def test_duplicate_subscriptions_are_removed_by_the_next_reconcile(pipeline: Pipeline) -> None:
+    """Duplicates made anyway (here: two runs without the lease, as before this fix) are deleted in Graph."""
+    from core.services.subscriptions import SubscriptionService
+
+    p = pipeline
+    service = service_for(p.c)
+    unguarded = [SubscriptionService(p.c.graph, p.c.subscription_directory, p.c.mailbox_directory,
+                                     service._options) for _ in range(2)]
+    await asyncio.gather(*(s.reconcile() for s in unguarded))
+    assert len(await p.c.graph.list_subscriptions()) == 6  # alice, erin, crm-sink: two each
+    report = await service.reconcile()
+    assert report.duplicates == 3 and report.deleted == 3 and report.created == 0
+    in_graph = [s["resource"].lower() for s in await p.c.graph.list_subscriptions()]
+    assert len(in_graph) == len(set(in_graph)) == 3
+
+
 async def test_a_reauthorization_challenge_is_one_patch_and_a_delta_of_that_folder(pipeline: Pipeline) -> None:
     from dataclasses import replace
 
@@ -552,3 +627,66 @@ async def test_attachments_are_listed_by_metadata_and_only_kept_ones_downloaded(
     # one GET of the message (attachment metadata only) and one $batch for the three small files; never big.bin
     assert len([r for r in log if "$batch" in r["path"]]) == 1, reads
     assert not [r for r in log if "/attachments" in r["path"]], reads
+
+
+async def test_track_by_category_tracks_a_skipped_mail_once_in_any_folder(pipeline: Pipeline) -> None:
+    """Track by category over the emulators: erin's filter (replies to CRM email) skips a new mail; she moves it to
+    a folder of her own and gives it the category (what Outlook does, here through Graph); the delta timer's
+    fan-out runs her mailbox's search, which sends it through the pipeline: one CRM email owned by erin. The
+    router's "tracked" category (the same name, as SSS uses) brings the message back in the next search, where the
+    ledger ends it: nothing enqueued, nothing written."""
+    from core.adapters.inbound_state import InboundState
+    from core.services.category_tracking import category_tracker_for
+    from core.settings.rows import RouterSettings
+
+    p = pipeline
+    tag = "Tracked to Dynamics 365"
+    erin_address = f"erin@{DOMAIN}"
+    boxes = [replace(m, tracking_filter=TrackingFilter.REPLIES_TO_CRM_EMAIL) if m.address == erin_address else m
+             for m in mailboxes()]
+    p.c.mailbox_directory = StaticMailboxDirectory(  # type: ignore[attr-defined]
+        boxes, ORG, RouterSettings(track_categorized_items=True, track_category_name=tag, tracked_category=tag))
+    await p.subscribe()
+    mid = p.smtp("nora@northwind.example", [erin_address], "Partnership offer")
+    graph_ids: list[str] = []
+
+    async def skipped() -> bool:
+        graph_ids[:] = [m["id"] async for m in p.c.graph.list_messages(erin_address, "inbox")]
+        state = InboundState.for_container(p.c)
+        return bool(graph_ids) and await state.ledger.get(erin_address, graph_ids[0]) is not None
+
+    await p.drain(skipped)
+    assert await rows_for(p, mid) == []
+    entry = await InboundState.for_container(p.c).ledger.get(erin_address, graph_ids[0])
+    assert entry is not None and entry.outcome.value == "skipped"
+
+    # Erin, in Outlook: moves the mail to her own folder and gives it the category.
+    from core.adapters.auth import graph_token_provider
+
+    token = await graph_token_provider(p.c.settings).get_token_async()
+    headers = {"Authorization": f"Bearer {token}", "Prefer": 'IdType="ImmutableId"'}
+    base = f"{p.env.graph.base_url}/users/{erin_address}"
+    folder = (await p.http.post(f"{base}/mailFolders", json={"displayName": "Partners"}, headers=headers)).json()
+    moved = (await p.http.post(f"{base}/messages/{graph_ids[0]}/move", json={"destinationId": folder["id"]},
+                               headers=headers)).json()
+    assert moved["id"] == graph_ids[0]  # an immutable id survives the move: the ledger still knows the message
+    await p.c.graph.set_categories(erin_address, moved["id"], [tag])
+
+    # The delta timer fans out; erin's mailbox-sync item runs her delta rounds and her category search.
+    await delta_service_for(p.c).fan_out()
+    await p.drain(has_row(p, mid))
+    (row,) = await rows_for(p, mid)
+    assert row["_ownerid_value"] == ERIN_ID
+    record = await InboundState.for_container(p.c).decisions.get(erin_address, moved["id"])
+    assert record is not None and record["source"] == "category"
+    assert any(d["outcome"] == "tracked:category" for d in record["decisions"])
+
+    # The next search finds the message again (it still carries the category, now also the router's "tracked"
+    # one): one Graph request, nothing enqueued, nothing written.
+    await p.clear_logs()
+    report = await category_tracker_for(p.c).search(erin_address, force=True)
+    assert report is not None and (report.found, report.known, report.enqueued) == (1, 1, 0), report
+    graph_calls, dv_calls = await p.pipeline_calls()
+    assert (graph_calls, dv_calls) == (1, 0)
+    await p.drain(has_row(p, mid))
+    assert len(await rows_for(p, mid)) == 1

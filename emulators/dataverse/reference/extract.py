@@ -1,8 +1,17 @@
 """Extract the emulator's table schema from Microsoft's generated entity reference pages.
 
 Input: a directory of pages from ``MicrosoftDocs/powerapps-docs`` (``powerapps-docs/developer/data-platform/reference/
-entities/<table>.md``) — whole pages or excerpts of them — and ``sources.json`` (which page each table comes from, the
-commit it was read at, and which of its columns the emulator carries). Output: one JSON file per table in ``tables/``.
+entities/<table>.md``) and, for the Dynamics 365 apps tables (lead, opportunity, incident), from
+``MicrosoftDocs/dynamics-365-customer-engagement`` (``ce/developer/reference/entities/<table>.md``) — whole pages or
+excerpts of them — and ``sources.json`` (which page each table comes from, the commit it was read at, and which of its
+columns the emulator carries). Output: one JSON file per table in ``tables/``.
+
+A table may also list ``supplements``: other pages (``page``, with their own repo/path/commit) whose Many-to-One
+relationships are merged into the table — a later version of the same page that states the navigation property names
+the older layout lacks, or the Dynamics 365 extension page of a Dataverse table (its relationships to lead, opportunity
+and incident, and its "Customized columns/attributes", whose ``Targets`` extend a column's targets). A supplement may
+also name ``columns`` the base page does not carry (taken from the supplement's own blocks). Only relationships whose
+referencing column the table carries are kept.
 
 The pages come in two layouts (the generator changed over time); both are parsed:
 
@@ -25,10 +34,18 @@ Refresh (needs GitHub access, which our machines do not have at run time)::
     git -C pad sparse-checkout set powerapps-docs/developer/data-platform/reference/entities
     cp pad/powerapps-docs/developer/data-platform/reference/entities/{email,activityparty,...}.md \\
        emulators/dataverse/reference/pages/
-    # put `git -C pad rev-parse HEAD` into sources.json ("commit") for the tables you refreshed, then
+    git clone --depth 1 --filter=blob:none --sparse \\
+        https://github.com/MicrosoftDocs/dynamics-365-customer-engagement ce
+    git -C ce sparse-checkout set ce/developer/reference/entities
+    cp ce/ce/developer/reference/entities/{lead,opportunity,incident}.md emulators/dataverse/reference/pages/
+    cp ce/ce/developer/reference/entities/email.md emulators/dataverse/reference/pages/email.d365.md  # likewise
+    # put each clone's `git rev-parse HEAD` into sources.json ("commit", or the supplement's "commit") for the pages
+    # you refreshed, then
     python -m emulators.dataverse.reference.extract
 
 and review the diff of ``tables/*.json``. A selected column the page no longer has is an error, not a silent drop.
+A ``*.current.md`` supplement (a later commit of a page whose base excerpt is the older layout) can be dropped once
+the base page itself is refreshed to the current layout.
 """
 
 from __future__ import annotations
@@ -49,6 +66,7 @@ _LIST_ITEM = re.compile(r"^- \[([^\]]+)\]\(#BKMK_")
 _SECTIONS = {
     "writable columns/attributes": "writable",
     "read-only columns/attributes": "readonly",
+    "customized columns/attributes": "customized",
     "many-to-one relationships": "many_to_one",
     "one-to-many relationships": "one_to_many",
 }
@@ -166,10 +184,9 @@ def _options(block: _Block) -> tuple[dict[str, str], dict[str, int]]:
     return labels, extra
 
 
-def table_schema(page: Page, source: dict[str, Any]) -> dict[str, Any]:
+def _columns(page: Page, selected: list[str] | None) -> dict[str, dict[str, Any]]:
     writable = {name.lower() for name in page.writable}
     readonly = {name.lower() for name in page.readonly}
-    selected = source.get("columns")
     columns: dict[str, dict[str, Any]] = {}
     for block in page.blocks:
         if block.section not in ("writable", "readonly"):
@@ -187,6 +204,8 @@ def table_schema(page: Page, source: dict[str, Any]) -> dict[str, Any]:
         }
         if "Targets" in block.rows:
             col["targets"] = [t.strip() for t in block.rows["Targets"].split(",") if t.strip()]
+        if block.rows.get("FormatName") and kind in ("String", "Memo"):
+            col["format_name"] = block.rows["FormatName"]  # Email, Text, Url, ... (StringAttributeMetadata)
         for key, name in (("MaxLength", "max_length"), ("MinValue", "min_value"), ("MaxValue", "max_value")):
             n = _int(block.rows.get(key))
             if n is not None:
@@ -199,25 +218,68 @@ def table_schema(page: Page, source: dict[str, Any]) -> dict[str, Any]:
             elif kind == "Status":
                 col["state_of_status"] = extra
         columns[logical] = col
+    return columns
+
+
+def _missing(columns: dict[str, Any], selected: list[str] | None, path: str) -> None:
     if selected is not None:
         missing = sorted(set(selected) - set(columns))
         if missing:
-            raise SystemExit(f"{source['path']}: selected columns not on the page: {', '.join(missing)}")
-    many_to_one = []
-    one_to_many = []
+            raise SystemExit(f"{path}: selected columns not on the page: {', '.join(missing)}")
+
+
+def _many_to_one(page: Page, carried: set[str]) -> list[dict[str, str]]:
+    found = []
     for block in page.blocks:
         rows = block.rows
         if block.section == "many_to_one" and rows.get("ReferencingEntityNavigationPropertyName"):
-            if selected is not None and rows.get("ReferencingAttribute") not in selected:
+            if rows.get("ReferencingAttribute") not in carried:
                 continue
-            many_to_one.append({
+            found.append({
                 "schema_name": block.name,
                 "referenced_entity": rows.get("ReferencedEntity", ""),
                 "referenced_attribute": rows.get("ReferencedAttribute", ""),
                 "referencing_attribute": rows.get("ReferencingAttribute", ""),
                 "navigation_property": rows["ReferencingEntityNavigationPropertyName"],
             })
-        elif block.section == "one_to_many" and rows.get("ReferencedEntityNavigationPropertyName"):
+    return found
+
+
+def _supplement(columns: dict[str, dict[str, Any]], many_to_one: list[dict[str, str]], page: Page,
+                source: dict[str, Any]) -> None:
+    """Merge a supplement page into a table: the columns it is asked for, the ``Targets`` its "Customized
+    columns/attributes" add to carried lookups, and its Many-to-One relationships (a relationship the table already
+    has keeps the first statement)."""
+    extra = _columns(page, source.get("columns") or [])
+    _missing(extra, source.get("columns"), source["path"])
+    clash = sorted(set(extra) & set(columns))
+    if clash:
+        raise SystemExit(f"{source['path']}: supplement repeats columns of the base page: {', '.join(clash)}")
+    columns.update(extra)
+    for block in page.blocks:
+        logical = block.name.lower()
+        if block.section == "customized" and "Targets" in block.rows and logical in columns:
+            targets = columns[logical].setdefault("targets", [])
+            targets.extend(t.strip() for t in block.rows["Targets"].split(",")
+                           if t.strip() and t.strip() not in targets)
+    known = {r["schema_name"] for r in many_to_one}
+    many_to_one.extend(r for r in _many_to_one(page, set(columns)) if r["schema_name"] not in known)
+
+
+def table_schema(page: Page, source: dict[str, Any],
+                 supplements: list[tuple[Page, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    supplements = supplements or []
+    selected = source.get("columns")
+    columns = _columns(page, selected)
+    _missing(columns, selected, source["path"])
+    many_to_one = _many_to_one(page, set(columns) if selected is not None else
+                               {b.rows.get("ReferencingAttribute", "") for b in page.blocks})
+    for sup_page, sup_source in supplements:
+        _supplement(columns, many_to_one, sup_page, sup_source)
+    one_to_many = []
+    for block in page.blocks:
+        rows = block.rows
+        if block.section == "one_to_many" and rows.get("ReferencedEntityNavigationPropertyName"):
             one_to_many.append({
                 "schema_name": block.name,
                 "referencing_entity": rows.get("ReferencingEntity", ""),
@@ -236,6 +298,7 @@ def table_schema(page: Page, source: dict[str, Any]) -> dict[str, Any]:
         "primary_name_attribute": props.get("PrimaryNameAttribute", ""),
         "ownership_type": props.get("OwnershipType", ""),
         "source": {k: source[k] for k in ("repo", "path", "commit")},
+        "supplements": [{k: sup[k] for k in ("repo", "path", "commit")} for _, sup in supplements],
         "columns": dict(sorted(columns.items())),
         "many_to_one": sorted(many_to_one, key=lambda r: r["schema_name"].lower()),
         "one_to_many": sorted(one_to_many, key=lambda r: r["schema_name"].lower()),
@@ -246,7 +309,9 @@ def extract(pages_dir: Path, sources: dict[str, Any]) -> dict[str, dict[str, Any
     out: dict[str, dict[str, Any]] = {}
     for table, source in sources["tables"].items():
         page = parse_page((pages_dir / f"{table}.md").read_text(encoding="utf-8"))
-        schema = table_schema(page, source)
+        supplements = [(parse_page((pages_dir / sup["page"]).read_text(encoding="utf-8")), sup)
+                       for sup in source.get("supplements", [])]
+        schema = table_schema(page, source, supplements)
         if schema["logical_name"] != table:
             raise SystemExit(f"{table}.md describes {schema['logical_name']!r}")
         out[table] = schema

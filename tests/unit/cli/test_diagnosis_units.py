@@ -74,7 +74,8 @@ def test_status_page_escapes_everything_from_data() -> None:
     hostile = "<img src=x onerror=alert(1)>&\"'"
     report = StatusReport(at=NOW, window=timedelta(hours=1), mailboxes=[MailboxLine(
         address="a@x", kind="user", inbound="individual", outbound="router", health="failing", last_probe="",
-        last_error=hostile, inbound_error=hostile, inbound_error_at="", outbound_error="", outbound_error_at="")],
+        last_error=hostile, pending="", inbound_error=hostile, inbound_error_at="", outbound_error="",
+        outbound_error_at="")],
         skip_reasons=[(hostile, 1, hostile)], counts={"skipped": 1})
     page = render_status_page(report)
     assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;&amp;&quot;&#x27;" in page

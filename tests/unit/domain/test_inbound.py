@@ -152,6 +152,24 @@ def test_attachments_within_the_limit_and_oversize_noted() -> None:
     assert rows == plan_attachment_rows(plan)  # deterministic ids: a retry writes the same rows
 
 
+def test_what_normalisation_dropped_is_on_the_crm_email_and_counted() -> None:
+    capped = message(truncations=("attachments: capped at 250 (78 more not saved)",
+                                  "internetMessageHeaders: capped at 300"))
+    plan = plan_inbound(capped, context())
+    assert isinstance(plan, TrackEmail) and plan.notifications == 1  # not all attachments could be saved
+    assert "78 more not saved" in plan.description and "Email Router: not everything" in plan.description
+    assert "internetMessageHeaders" not in plan.description  # headers are not on the CRM email: record only
+    assert plan.dropped == ("attachments: capped at 250 (78 more not saved)",)
+    record = decision_record(capped, plan)
+    assert record["incomplete"] == {"omittedAttachments": 0, "dropped": 1, "notifications": 1}
+    assert record["truncations"] == 2
+    body = plan_inbound(message(truncations=("body: bytes not valid in its charset 'utf-8' replaced",)), context())
+    assert isinstance(body, TrackEmail) and body.notifications == 2  # truncated body
+    assert plan_email_row(body)["notifications"] == 2
+    clean = plan_inbound(message(), context())
+    assert isinstance(clean, TrackEmail) and clean.notifications == 0 and "Email Router" not in clean.description
+
+
 def test_description_is_sanitised() -> None:
     plan = plan_inbound(message(body_html='<p onclick="x()">Hi<script>alert(1)</script></p>'), context())
     assert isinstance(plan, TrackEmail) and plan.description == "<p>Hi</p>"

@@ -276,3 +276,40 @@ def test_attached_message_is_read_from_its_mime_with_every_header() -> None:
     assert item.conversation_index == base64.b64decode(index) and item.loop_marker == "42"
     without = normalize_graph_message("crm-sink@contoso.com", wrapper, FolderKind.INBOX)
     assert without.attachments[0].item is not None and without.attachments[0].item.in_reply_to is None
+
+
+def test_attachments_past_the_cap_are_counted() -> None:
+    from core.domain.normalize import LIMITS, normalize_graph_message, normalize_mime_message
+
+    files = [{"@odata.type": "#microsoft.graph.fileAttachment", "id": f"a{i}", "name": f"f{i}.txt",
+              "contentType": "text/plain", "size": 1, "contentBytes": "eA=="}
+             for i in range(LIMITS.max_attachments + 78)]
+    graph = normalize_graph_message("a@x.example", {"id": "g1", "attachments": files}, FolderKind.INBOX)
+    assert len(graph.attachments) == LIMITS.max_attachments
+    assert "attachments: capped at 250 (78 more not saved)" in graph.truncations
+
+    from email.message import EmailMessage
+
+    mime = EmailMessage()
+    mime["From"], mime["To"], mime["Subject"], mime["Message-ID"] = "a@x.example", "b@x.example", "many", "<m@x>"
+    mime.set_content("body")
+    for i in range(LIMITS.max_attachments + 3):
+        mime.add_attachment(b"x", maintype="application", subtype="octet-stream", filename=f"f{i}.bin")
+    parsed = normalize_mime_message("a@x.example", mime.as_bytes())
+    assert len(parsed.attachments) == LIMITS.max_attachments and parsed.body_text == "body\n"
+    assert "attachments: capped at 250 (3 more not saved)" in parsed.truncations
+
+
+def test_an_undecodable_body_is_read_and_noted() -> None:
+    from core.domain.normalize import normalize_mime_message
+
+    raw = (b"From: a@x.example\r\nTo: b@x.example\r\nSubject: s\r\nMessage-ID: <m@x>\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\ncaf\xe9 \xff\r\n")
+    parsed = normalize_mime_message("a@x.example", raw)
+    assert parsed.body_text is not None and parsed.body_text.startswith("caf\ufffd")
+    assert any(n.startswith("body: bytes not valid in its charset 'utf-8'") for n in parsed.truncations)
+    unknown = raw.replace(b"charset=utf-8", b"charset=x-no-such-charset")
+    parsed = normalize_mime_message("a@x.example", unknown)
+    assert any("unknown charset 'x-no-such-charset'" in n for n in parsed.truncations)
+    fine = normalize_mime_message("a@x.example", raw.replace(b"caf\xe9 \xff", b"cafe"))
+    assert not fine.truncations

@@ -39,8 +39,13 @@ INTERNAL = {"from_": addr("bob@contoso.com"), "to": (addr("alice@contoso.com"),)
         ({"headers": [("Content-Type", "multipart/report; report-type=disposition-notification")]}, {}, {},
          SkipCode.BOUNCE),
         ({"headers": [("X-MS-Exchange-Message-Is-Ndr", "")]}, {}, {}, SkipCode.BOUNCE),
-        ({"from_": addr("MAILER-DAEMON@fabrikam.com")}, {}, {}, SkipCode.BOUNCE),
-        ({"from_": addr("postmaster@fabrikam.com")}, {}, {}, SkipCode.BOUNCE),
+        # A sender's name alone is no evidence: a mail admin writing from postmaster@ is tracked like anyone.
+        ({"from_": addr("MAILER-DAEMON@fabrikam.com")}, {}, {}, None),
+        ({"from_": addr("postmaster@fabrikam.com")}, {}, {}, None),
+        ({"from_": addr("MAILER-DAEMON@fabrikam.com"), "headers": [("Return-Path", "<>")]}, {}, {}, SkipCode.BOUNCE),
+        ({"from_": addr("postmaster@fabrikam.com"), "headers": [("Return-Path", "<postmaster@fabrikam.com>")]},
+         {}, {}, None),
+        ({"headers": [("X-Failed-Recipients", "gone@fabrikam.com")]}, {}, {}, SkipCode.BOUNCE),
         # auto replies (RFC 3834, EspoCRM headers)
         ({"headers": [("Auto-Submitted", "auto-replied")]}, {}, {}, SkipCode.AUTO_REPLY),
         ({"headers": [("Auto-Submitted", "auto-generated; x=y")]}, {}, {}, SkipCode.AUTO_REPLY),

@@ -250,3 +250,41 @@ async def test_backfill_refuses_mailboxes_the_router_does_not_read() -> None:
                        StaticMailboxDirectory([mbx("o@x.com", inbound_method=InboundMethod.OUTLOOK)]))
     report = await svc.backfill("o@x.com", NOW)
     assert report.enqueued == 0 and "does not read" in report.error
+
+
+async def test_a_busy_mailbox_drops_the_timers_item_and_brings_a_lifecycle_item_back_later() -> None:
+    from core.domain.leases import delta_lease
+    from tests.fakes import MemoryLeaseStore
+
+    graph, state, queue, leases = FakeDeltaGraph(), FakeState(), FakeWorkQueue(), MemoryLeaseStore()
+    service = DeltaService(graph, state, queue, StaticMailboxDirectory([mbx("a@x.com")]), clock=lambda: NOW,
+                           leases=leases, owner="worker-2")
+    await leases.acquire(delta_lease("a@x.com"), "worker-1", timedelta(minutes=2), purpose="timer")
+    assert await service.handle_sync_item(MailboxSyncItem("a@x.com", "timer")) == []
+    assert graph.folders == [] and not queue.messages[MAILBOX_SYNC_QUEUE]  # the running round covers it
+    missed = MailboxSyncItem("a@x.com", "missed", folder="inbox")
+    assert await service.handle_sync_item(missed) == []
+    assert graph.folders == [] and queue.messages[MAILBOX_SYNC_QUEUE] == [missed.to_json()]  # comes back later
+    await leases.release(leases.rows[delta_lease("a@x.com")])  # type: ignore[arg-type]
+    reports = await service.handle_sync_item(missed)
+    assert [r.folder for r in reports] == ["inbox"] and delta_lease("a@x.com") not in leases.rows
+
+
+async def test_the_fan_out_runs_once_at_a_time_and_can_name_mailboxes() -> None:
+    from core.domain.leases import JOB_DELTA_FANOUT
+    from core.services.jobs import JobBusy
+    from tests.fakes import MemoryLeaseStore
+
+    queue, leases = FakeWorkQueue(), MemoryLeaseStore()
+    service = DeltaService(FakeDeltaGraph(), FakeState(), queue,
+                           StaticMailboxDirectory([mbx("a@x.com"), mbx("b@x.com")]), leases=leases, owner="cli")
+    assert await service.fan_out(reason="manual", only=["B@x.com"]) == 1
+    assert [MailboxSyncItem.from_json(m) for m in queue.messages[MAILBOX_SYNC_QUEUE]] == [
+        MailboxSyncItem("b@x.com", "manual")]
+    await leases.acquire(JOB_DELTA_FANOUT, "timer@h:1:a", timedelta(minutes=1))
+    try:
+        await service.fan_out()
+    except JobBusy as busy:
+        assert "delta catch-up" in str(busy) and "timer@h:1:a" in str(busy)
+    else:
+        raise AssertionError("a second fan-out must not run")

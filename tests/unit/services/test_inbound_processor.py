@@ -66,6 +66,7 @@ class FakeMail:
         self.calls: list[tuple[str, str, str]] = []
         self.categories: dict[tuple[str, str], list[str]] = {}
         self.deleted: list[tuple[str, str]] = []
+        self.moved: dict[tuple[str, str], str] = {}
         self.fail: dict[str, list[Exception]] = defaultdict(list)
 
     def _maybe_fail(self, op: str) -> None:
@@ -100,6 +101,16 @@ class FakeMail:
         self.calls.append(("delete_message", mailbox, message_id))
         self.deleted.append((mailbox, message_id))
 
+    async def ensure_child_folder(self, mailbox: str, parent: str, display_name: str) -> str:
+        self.calls.append(("ensure_child_folder", mailbox, display_name))
+        return f"{parent}/{display_name}"
+
+    async def move_message(self, mailbox: str, message_id: str, destination_id: str) -> dict[str, Any]:
+        self.calls.append(("move_message", mailbox, message_id))
+        self._maybe_fail("move_message")
+        self.moved[(mailbox, message_id)] = destination_id
+        return {"id": message_id}
+
 
 class FakeCrm:
     """``InboundCrmGateway`` over an in-memory CRM: emails by activity id, a party directory."""
@@ -121,7 +132,12 @@ class FakeCrm:
         if self.fail_lookup:
             raise self.fail_lookup.pop(0)
         found = {a: self.directory.get(a, ()) for a in addresses}
-        hits = {k: self.by_message_id[k] for k in keys.message_ids if k in self.by_message_id}
+        # CRM finds by messageid what anyone wrote, the router's own earlier writes included (a crash or a lost
+        # ledger entry must not hide them from the loop guard).
+        written = {e.message_id: KnownEmail(e.activity_id, regarding=e.regarding, owner=e.owner)
+                   for e in self.emails.values()}
+        known = {**written, **self.by_message_id}
+        hits = {k: known[k] for k in keys.message_ids if k in known}
         return CrmLookup(found, CorrelationLookup(hits, {}, {}), requests=1)
 
     async def write(self, plan: TrackEmail) -> WriteOutcome:
@@ -542,7 +558,35 @@ async def test_spoofed_wrapper_in_the_sink_is_not_tracked_and_kept() -> None:
     w.mail.attachment_mime[("crm-sink@contoso.com", "w2", "att1")] = original_mime()
     result = await w.processor().process(item("crm-sink@contoso.com", "w2"))
     assert result.outcome == "skipped:unwrap:external"
+    # not deleted (even though the sink deletes processed mail): kept aside in the Undeliverable folder
     assert not w.crm.emails and not w.mail.deleted
+    assert w.mail.moved == {("crm-sink@contoso.com", "w2"): "inbox/Undeliverable"}
+
+
+async def test_decided_wrappers_leave_the_sinks_inbox_tracked_or_not() -> None:
+    from core.domain.model import TrackingFilter
+
+    w = World()
+    w.mailboxes[-1] = replace(SINK, delete_after_processing=False)  # the default: move, not delete
+    w.mailboxes[3] = replace(w.mailboxes[3], tracking_filter=TrackingFilter.NONE)  # dave tracks nothing
+    w.mail.messages[("crm-sink@contoso.com", "w3")] = wrapper("w3", forwarder="dave@contoso.com", expanded=True)
+    w.mail.attachment_mime[("crm-sink@contoso.com", "w3", "att1")] = original_mime()
+    result = await w.processor().process(item("crm-sink@contoso.com", "w3"))
+    assert result.outcome == "skipped:filter:not_accepted"
+    assert w.mail.moved == {("crm-sink@contoso.com", "w3"): "inbox/Processed"} and not w.mail.deleted
+    # with DeleteAfterProcessing a skipped wrapper is deleted like a tracked one
+    w.mailboxes[-1] = SINK
+    w.mail.messages[("crm-sink@contoso.com", "w4")] = wrapper("w4", forwarder="dave@contoso.com", expanded=True)
+    w.mail.attachment_mime[("crm-sink@contoso.com", "w4", "att1")] = original_mime(mid="<orig-4@fabrikam.com>")
+    assert (await w.processor().process(item("crm-sink@contoso.com", "w4"))).outcome == "skipped:filter:not_accepted"
+    assert ("crm-sink@contoso.com", "w4") in w.mail.deleted
+    # "" as the folder name leaves processed wrappers in the Inbox
+    w.mailboxes[-1] = replace(SINK, delete_after_processing=False)
+    w.router = replace(w.router, processed_folder="")
+    w.mail.messages[("crm-sink@contoso.com", "w5")] = wrapper("w5", forwarder="dave@contoso.com", expanded=True)
+    w.mail.attachment_mime[("crm-sink@contoso.com", "w5", "att1")] = original_mime(mid="<orig-5@fabrikam.com>")
+    await w.processor().process(item("crm-sink@contoso.com", "w5"))
+    assert ("crm-sink@contoso.com", "w5") not in w.mail.moved
 
 
 async def test_attachment_refused_by_crm_is_left_out_with_a_note() -> None:
@@ -630,6 +674,57 @@ async def test_backfill_ignores_the_process_from_date_but_notifications_do_not()
     processor = w.processor()
     assert (await processor.process(item("alice@contoso.com", "g1"))).outcome == "skipped:skip_rule:too_old"
     assert (await processor.process(item("alice@contoso.com", "g2", source="backfill"))).outcome == "tracked"
+
+
+def reprocess_item(mailbox: str, graph_id: str, requested_at: datetime, outcomes: str = "skipped,failed"
+                   ) -> InboundItem:
+    return InboundItem(mailbox, graph_id, "reprocess", folder="inbox", reevaluate=outcomes,
+                       requested_at=requested_at.isoformat())
+
+
+async def test_reprocess_decides_a_skipped_message_again_once_while_redelivery_stays_a_duplicate() -> None:
+    from datetime import timedelta
+
+    w = World()
+    w.mailboxes[0] = replace(w.mailboxes[0], tracking_filter=TrackingFilter.REPLIES_TO_CRM_EMAIL)
+    w.mail.messages[("alice@contoso.com", "g1")] = graph_message("g1")
+    processor = w.processor()
+    assert (await processor.process(item("alice@contoso.com", "g1"))).outcome == "skipped:filter:not_accepted"
+
+    # The admin sets Alice's filter to "all email". Mail decided before keeps its outcome on redelivery...
+    w.mailboxes[0] = replace(w.mailboxes[0], tracking_filter=TrackingFilter.ALL)
+    processor = w.processor()
+    assert (await processor.process(item("alice@contoso.com", "g1", source="delta"))).outcome == "duplicate_item"
+    # ...and `emailrouter reprocess` decides it again, with today's settings: tracked, once.
+    asked = NOW + timedelta(minutes=5)
+    processor.clock = lambda: asked + timedelta(seconds=1)
+    result = await processor.process(reprocess_item("alice@contoso.com", "g1", asked))
+    assert result.outcome == "tracked" and list(w.crm.emails) == [activity_id_for("<m1@fabrikam.com>")]
+    assert w.decisions.records[("alice@contoso.com", "g1")]["source"] == "reprocess"
+    # The same reprocess item delivered twice, or asked for again: the ledger says tracked now.
+    assert (await processor.process(reprocess_item("alice@contoso.com", "g1", asked))).outcome == "duplicate_item"
+    later = asked + timedelta(hours=1)
+    assert (await processor.process(reprocess_item("alice@contoso.com", "g1", later))).outcome == "duplicate_item"
+    assert len(w.crm.emails) == 1 and w.crm.writes == 1
+
+
+async def test_reprocess_overrules_only_the_outcomes_it_names_and_only_once() -> None:
+    from datetime import timedelta
+
+    w = World()
+    w.mailboxes[0] = replace(w.mailboxes[0], tracking_filter=TrackingFilter.NONE)
+    w.mail.messages[("alice@contoso.com", "g1")] = graph_message("g1")
+    processor = w.processor()
+    assert (await processor.process(item("alice@contoso.com", "g1"))).outcome == "skipped:filter:not_accepted"
+    asked = NOW + timedelta(minutes=5)
+    only_failed = reprocess_item("alice@contoso.com", "g1", asked, outcomes="failed")
+    assert (await processor.process(only_failed)).outcome == "duplicate_item"
+    processor.clock = lambda: asked + timedelta(seconds=1)
+    again = reprocess_item("alice@contoso.com", "g1", asked)
+    assert (await processor.process(again)).outcome == "skipped:filter:not_accepted"  # still "no email messages"
+    w.mail.calls.clear()
+    assert (await processor.process(again)).outcome == "duplicate_item"  # redelivered: decided once per request
+    assert w.mail.calls == []
 
 
 async def test_unapproved_mailbox_is_skipped() -> None:

@@ -61,3 +61,63 @@ def test_parse_raises_the_typed_error_of_a_failed_part() -> None:
         assert "Could not find entity" in str(exc)
     else:
         raise AssertionError("a failed metadata read must raise")
+
+
+def test_email_enabled_tables_come_from_the_metadata_bounded() -> None:
+    from core.services.org_schema import (
+        MAX_EMAIL_TABLES,
+        email_table_candidates,
+        email_table_requests,
+        parse_email_tables,
+    )
+
+    definitions = [
+        {"LogicalName": "new_agent", "EntitySetName": "new_agents", "IsActivityParty": True,
+         "PrimaryIdAttribute": "new_agentid", "PrimaryNameAttribute": "new_name", "OwnershipType": "UserOwned"},
+        {"LogicalName": "equipment", "EntitySetName": "equipments", "IsActivityParty": True,
+         "PrimaryIdAttribute": "equipmentid", "PrimaryNameAttribute": "name", "OwnershipType": "BusinessOwned"},
+        {"LogicalName": "opportunity", "EntitySetName": "opportunities", "IsActivityParty": True,
+         "PrimaryIdAttribute": "opportunityid", "PrimaryNameAttribute": "name", "OwnershipType": "UserOwned"},
+        {"LogicalName": "email", "EntitySetName": "emails", "IsActivityParty": False,
+         "PrimaryIdAttribute": "activityid"},
+    ]
+    candidates = email_table_candidates([_ok({"value": definitions})])
+    assert [c["LogicalName"] for c in candidates] == ["equipment", "new_agent", "opportunity"]
+    requests = email_table_requests(candidates)
+    assert len(requests) == 6 and requests[0].url.startswith(
+        "EntityDefinitions(LogicalName='equipment')/Attributes/Microsoft.Dynamics.CRM.StringAttributeMetadata?")
+    answers = [
+        _ok({"value": [{"LogicalName": "emailaddress", "FormatName": {"Value": "Email"}},
+                       {"LogicalName": "name", "FormatName": {"Value": "Text"}}]}), _ok({"value": []}),
+        _ok({"value": [{"LogicalName": "new_email", "FormatName": {"Value": "Email"}},
+                       {"LogicalName": "new_backup", "FormatName": {"Value": "Email"}}]}),
+        _ok({"value": [{"LogicalName": "statecode"}]}),
+        _ok({"value": [{"LogicalName": "name", "FormatName": {"Value": "Text"}}]}),  # no email column: not searched
+        _ok({"value": [{"LogicalName": "statecode"}]}),
+    ]
+    tables = parse_email_tables(candidates, answers)
+    assert [(t.logical_name, t.email_columns, t.owned, t.has_state) for t in tables] == [
+        ("equipment", ("emailaddress",), False, False), ("new_agent", ("new_backup", "new_email"), True, True)]
+    many = [{**definitions[0], "LogicalName": f"new_t{i:03d}"} for i in range(MAX_EMAIL_TABLES + 5)]
+    assert len(email_table_candidates([_ok({"value": many})])) == MAX_EMAIL_TABLES
+
+
+def test_party_tables_are_the_orgs_email_enabled_tables() -> None:
+    from dataclasses import replace
+
+    from core.domain.org_schema import DOCUMENTED, EmailEnabledTable
+    from core.services.inbound_crm import PARTY_TABLES, party_tables_for
+
+    assert party_tables_for(DOCUMENTED) == PARTY_TABLES  # before the org's metadata is read
+    org = replace(DOCUMENTED, from_org=True, email_enabled=(
+        EmailEnabledTable("systemuser", "systemusers", "systemuserid", "fullname",
+                          ("internalemailaddress", "personalemailaddress"), False, False),
+        EmailEnabledTable("contact", "contacts", "contactid", "fullname",
+                          ("emailaddress1", "emailaddress2", "emailaddress3"), True, True),
+        EmailEnabledTable("new_agent", "new_agentset", "new_agentid", "new_name", ("new_email",), True, True),
+    ))
+    tables = party_tables_for(org)
+    assert [t.table for t in tables] == ["systemuser", "contact", "new_agent"]  # no lead/account/queue in this org
+    assert tables[0].address_columns == ("internalemailaddress",)  # a user's personal address is not theirs
+    assert tables[2].entity_set == "new_agentset" and tables[2].select == ("new_agentid", "new_name", "new_email",
+                                                                          "_ownerid_value", "statecode")

@@ -313,3 +313,61 @@ async def test_write_pacer_keeps_a_sliding_window() -> None:
     assert slept == [15.0] and now[0] == 20.0
     await pacer.acquire(50)  # more than the whole window: capped, waits for a full window
     assert now[0] == 40.0
+
+
+# ------------------------------------------------------------------------------------------------ concurrent runs
+
+
+def leased(graph: FakeGraph, store: FakeStore, mailboxes: list[MailboxConfig], leases: Any, owner: str
+           ) -> SubscriptionService:
+    opts = SubscriptionOptions(URL, URL.replace("notifications", "lifecycle"), "tid")
+    return SubscriptionService(graph, store, StaticMailboxDirectory(mailboxes), opts, clock=lambda: NOW,
+                               leases=leases, owner=owner)
+
+
+async def test_two_reconciles_at_once_make_one_subscription_per_folder() -> None:
+    from tests.fakes import MemoryLeaseStore
+
+    graph, store, leases = FakeGraph(), FakeStore(), MemoryLeaseStore()
+    mailboxes = [mbx(f"u{i}@x.com", track_sent_items=True) for i in range(6)]
+    first, second = await asyncio.gather(
+        leased(graph, store, mailboxes, leases, "timer").reconcile(wait=60),
+        leased(graph, store, mailboxes, leases, "cli").reconcile(wait=60))
+    assert first.created + second.created == 12 and {first.created, second.created} == {0, 12}
+    keys = sorted((s["resource"]) for s in graph.subs.values())
+    assert len(keys) == len(set(keys)) == 12  # one per mailbox folder in Graph
+    assert len(store.records) == 12
+
+
+async def test_without_the_lease_concurrent_runs_duplicate_and_the_next_run_removes_the_duplicates() -> None:
+    graph, store = FakeGraph(), FakeStore()
+    mailboxes = [mbx(f"u{i}@x.com") for i in range(3)]
+    await asyncio.gather(service(graph, store, mailboxes).reconcile(), service(graph, store, mailboxes).reconcile())
+    assert len(graph.subs) == 6  # what the issue saw: two subscriptions per mailbox, every notification twice
+    report = await service(graph, store, mailboxes).reconcile()
+    assert report.duplicates == 3 and report.deleted == 3 and report.created == 0
+    assert sorted(s["resource"] for s in graph.subs.values()) == sorted(resource_for(m.address, "inbox")
+                                                                      for m in mailboxes)
+    assert report.as_dict()["duplicates_removed"] == 3
+
+
+async def test_a_lifecycle_resubscribe_waits_for_a_running_reconcile_and_then_finds_nothing_to_do() -> None:
+    from core.domain.leases import JOB_RECONCILE
+    from core.services.jobs import JobBusy
+    from tests.fakes import MemoryLeaseStore
+
+    graph, store, leases = FakeGraph(), FakeStore(), MemoryLeaseStore()
+    mailboxes = [mbx("a@x.com")]
+    await leases.acquire(JOB_RECONCILE, "timer@h:1:a", timedelta(minutes=5), purpose="all mailboxes")
+    lifecycle = leased(graph, store, mailboxes, leases, "lifecycle")
+    with pytest.raises(JobBusy, match="timer@h:1:a"):
+        await lifecycle.reconcile(only_mailbox="a@x.com", wait=0)
+    assert graph.creates == []  # nothing written while another run holds the reconcile
+
+
+async def test_reconcile_reports_the_mailboxes_it_changed() -> None:
+    graph, store = FakeGraph(), FakeStore()
+    report = await service(graph, store, [mbx("a@x.com"), mbx("b@x.com")]).reconcile()
+    assert report.changed == {"a@x.com", "b@x.com"} and report.full and report.started_at == NOW
+    again = await service(graph, store, [mbx("a@x.com")]).reconcile()
+    assert again.changed == {"b@x.com"}  # its subscription was deleted

@@ -16,6 +16,7 @@ from core.settings.health import (
     checks_for,
     crm_mailbox_update,
     next_state,
+    subscription_verdict,
 )
 from core.settings.rows import RouterSettings
 
@@ -97,6 +98,58 @@ def test_transitions_raise_alerts_except_first_baseline() -> None:
     assert alert is None and state.failures == 2 and state.next_probe == NOW + timedelta(minutes=30)
     state, *_, alert = next_state(state, mailbox(), ok, NOW, router)
     assert alert == "a@x.example changed from failing to ok" and state.failures == 0
+
+
+def test_pending_is_neither_a_failure_nor_an_alert() -> None:
+    router = RouterSettings()
+    waiting = CheckResult("subscription", False, "waiting for the first subscription reconcile", pending=True)
+    ok = [CheckResult(n, True, "") for n in ("graph_read", "crm_owner", "graph_send")]
+    state, incoming, outgoing, alert = next_state(ProbeState(), mailbox(), [waiting, *ok], NOW, router)
+    assert state.health is Health.PENDING and incoming is Health.PENDING and outgoing is Health.OK
+    assert alert is None and state.failures == 0 and state.next_probe == NOW + timedelta(minutes=1)
+    assert state.settled is Health.UNKNOWN
+    # pending -> ok is the first baseline (no alert); a later failure alerts as usual
+    done = CheckResult("subscription", True, "1 subscription(s)")
+    state, *_, alert = next_state(state, mailbox(), [done, *ok], NOW, router)
+    assert state.health is Health.OK and alert is None and state.settled is Health.OK
+    broken = CheckResult("subscription", False, "the last reconcile could not write it")
+    state, *_, alert = next_state(state, mailbox(), [broken, *ok], NOW, router)
+    assert state.health is Health.FAILING and alert and "subscription: the last reconcile" in alert
+    # failing -> pending (a reconcile is re-creating it) -> ok: one recovery alert, when it is ok
+    state, *_, alert = next_state(state, mailbox(), [waiting, *ok], NOW, router)
+    assert state.health is Health.PENDING and alert is None and state.settled is Health.FAILING
+    state, *_, alert = next_state(state, mailbox(), [done, *ok], NOW, router)
+    assert alert == "a@x.example changed from failing to ok"
+
+
+def test_subscription_verdict() -> None:
+    grace = timedelta(minutes=30)
+    since = NOW - timedelta(minutes=2)
+
+    def verdict(**kw: object) -> CheckResult:
+        args: dict[str, object] = {"expired": False, "row": {}, "needed_since": since, "reconcile_running": None,
+                                   "reconciled_from": None, "now": NOW, "grace": grace}
+        args.update(kw)
+        return subscription_verdict(**args)  # type: ignore[arg-type]
+
+    first = verdict()
+    assert first.pending and "waiting for the first subscription reconcile" in first.detail
+    running = verdict(reconcile_running="timer@h:1:a", reconciled_from=NOW - timedelta(hours=1))
+    assert running.pending and "timer@h:1:a" in running.detail
+    before = verdict(reconciled_from=since - timedelta(seconds=1))  # that reconcile read the settings earlier
+    assert before.pending
+    seen = verdict(reconciled_from=since + timedelta(seconds=30))
+    assert not seen.ok and not seen.pending and "although a reconcile ran" in seen.detail
+    stale = verdict(needed_since=NOW - timedelta(minutes=31))
+    assert not stale.pending and "is the subscription_reconcile timer running" in stale.detail
+    failed = verdict(row={"InboundLastSyncError": "subscription inbox: create: HTTP 403 ErrorAccessDenied",
+                          "InboundLastSyncErrorAt": NOW - timedelta(seconds=5)}, reconcile_running="x")
+    assert not failed.pending and "HTTP 403" in failed.detail
+    recovered = verdict(row={"InboundLastSyncError": "subscription inbox: create: HTTP 403",
+                             "InboundLastSyncErrorAt": NOW - timedelta(hours=2),
+                             "InboundLastSyncAt": NOW - timedelta(hours=1)})
+    assert recovered.pending
+    assert not verdict(expired=True).pending
 
 
 def test_crm_columns_for_failure_and_success() -> None:
