@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from core.adapters.graph import GraphMailClient
     from core.adapters.state import SubscriptionTable
     from core.adapters.storage import StorageAccount
+    from core.domain.hot_mailboxes import HotMailboxes
     from core.settings import TableMailboxDirectory
 
 __all__ = ["Container", "StorageWorkQueue", "get_container", "set_container"]
@@ -69,6 +70,15 @@ class Container:
         from core.settings import TableMailboxDirectory
 
         return TableMailboxDirectory.from_account(self.storage)
+
+    @cached_property
+    def hot_mailboxes(self) -> HotMailboxes:
+        """This process's notification rates per mailbox folder (the webhook's hot-mailbox switch)."""
+        from core.domain.hot_mailboxes import HotMailboxes
+
+        s = self.settings
+        return HotMailboxes(threshold=s.integer("HOT_MAILBOX_NOTIFICATIONS_PER_MINUTE", minimum=0),
+                            delay_s=float(s.integer("HOT_MAILBOX_DELTA_DELAY_SECONDS", minimum=1)))
 
     @cached_property
     def graph(self) -> GraphMailClient:

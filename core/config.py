@@ -193,6 +193,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "Subscription writes (create/renew/delete) per 20 s the router allows itself (Graph: 1,000 per app)."),
     Setting("SUBSCRIPTION_REAUTHORIZE_COALESCE_MINUTES", "10",
             "A reauthorizationRequired for a subscription renewed this recently needs no PATCH."),
+    Setting("HOT_MAILBOX_NOTIFICATIONS_PER_MINUTE", "120",
+            "Notifications per minute for one mailbox folder (per webhook instance) above which they become one "
+            "delta round per HOT_MAILBOX_DELTA_DELAY_SECONDS, worked under the mailbox's lease (0: never)."),
+    Setting("HOT_MAILBOX_DELTA_DELAY_SECONDS", "10",
+            "A hot mailbox's notifications are collected this long into one delta round (its added latency)."),
+    Setting("HOT_MAILBOX_INLINE_CONCURRENCY", "8",
+            "Messages a hot mailbox's delta round processes at once (Graph requests stay at 4 per mailbox)."),
     Setting("DELTA_CHANGE_TYPE", "created",
             "changeType of delta rounds: created (later rounds skip read flags and other updates; NOT VERIFIED "
             "that Exchange reports a message moved into the folder as created) or all."),

@@ -134,7 +134,7 @@ class MailboxSyncItem:
     """Run a delta round (or resubscribe) for one mailbox, e.g. after a lifecycle event."""
 
     mailbox: str
-    reason: Literal["missed", "subscriptionRemoved", "reauthorizationRequired", "timer", "manual"]
+    reason: Literal["missed", "subscriptionRemoved", "reauthorizationRequired", "timer", "manual", "hot"]
     subscription_id: str = ""
     folder: str = ""  # the lifecycle event's subscription folder: only that folder needs a delta round
 
@@ -145,7 +145,7 @@ class MailboxSyncItem:
     def from_json(cls, raw: str | bytes) -> MailboxSyncItem:
         data = _load(raw, "mailbox-sync")
         reason = _str(data, "reason")
-        if reason not in ("missed", "subscriptionRemoved", "reauthorizationRequired", "timer", "manual"):
+        if reason not in ("missed", "subscriptionRemoved", "reauthorizationRequired", "timer", "manual", "hot"):
             raise InvalidWorkItem(f"unknown reason {reason!r}")
         return cls(
             mailbox=_str(data, "mailbox"),

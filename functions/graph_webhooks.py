@@ -43,11 +43,15 @@ async def _notifications(req: func.HttpRequest, lifecycle: bool) -> func.HttpRes
     from core.services.webhook import handle_change_notifications, handle_lifecycle_notifications
 
     c = get_container()
-    handler = handle_lifecycle_notifications if lifecycle else handle_change_notifications
-    result = await handler(
-        req.get_body(), directory=c.subscription_directory, queue=c.work_queue,
-        tenant_id=c.settings.graph_tenant_id, max_bytes=c.settings.webhook_max_body_bytes,
-    )
+    body, settings = req.get_body(), c.settings
+    if lifecycle:
+        result = await handle_lifecycle_notifications(
+            body, directory=c.subscription_directory, queue=c.work_queue, tenant_id=settings.graph_tenant_id,
+            max_bytes=settings.webhook_max_body_bytes)
+    else:
+        result = await handle_change_notifications(
+            body, directory=c.subscription_directory, queue=c.work_queue, tenant_id=settings.graph_tenant_id,
+            max_bytes=settings.webhook_max_body_bytes, hot=c.hot_mailboxes)
     return _result_response(result.status, result.accepted, len(result.rejected), result.error)
 
 

@@ -54,8 +54,8 @@ async def mailbox_sync(msg: func.QueueMessage) -> None:
                 queue=MAILBOX_SYNC_QUEUE, message=raw, dequeue_count=count, reason=describe_error(exc))
             log.error("mailbox sync item fails on its last attempt; moving to poison: %s", describe_error(exc))
         raise
-    log.info("mailbox sync (%s): %d folder(s), %d message(s) enqueued", item.reason, len(reports),
-             sum(r.enqueued for r in reports))
+    log.info("mailbox sync (%s): %d folder(s), %d message(s) enqueued, %d processed here", item.reason,
+             len(reports), sum(r.enqueued for r in reports), sum(r.processed for r in reports))
 
 
 @bp.function_name("subscription_reconcile")

@@ -13,6 +13,11 @@
   mailbox's watched folders; a lifecycle event names its subscription's folder and syncs only that one: ``missed`` ->
   delta; ``subscriptionRemoved`` -> subscribe again, then delta; ``reauthorizationRequired`` -> one PATCH (renewing
   reauthorizes; coalesced), then delta (notifications may have paused).
+  ``hot`` (core/domain/hot_mailboxes.py: the webhook saw more notifications for the folder than
+  HOT_MAILBOX_NOTIFICATIONS_PER_MINUTE) -> a delta round whose messages are processed right here, under the mailbox's
+  lease, instead of one queue item each: the mailbox's Graph requests then come from one instance at a time (Graph's
+  4 concurrent per mailbox hold across instances) and one delta page lists up to 100 messages. A message that fails
+  inline goes to the inbound queue and its normal retries.
 * :meth:`DeltaService.fan_out` - the timer: one ``MailboxSyncItem(reason="timer")`` per watched mailbox, so the
   rounds spread over every instance that reads the mailbox-sync queue instead of running in one timer invocation.
   A ``timer``/``manual`` item also runs the mailbox's track-by-category search when that is on and due
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -60,6 +65,10 @@ LATE_ARRIVAL_SLACK: Final = timedelta(minutes=10)
 ENQUEUE_CHUNK: Final = 64
 DELTA_LEASE: Final = timedelta(minutes=2)  # renewed while the rounds run
 BUSY_RETRY_SECONDS: Final = 60  # a lifecycle sync item that finds its mailbox busy comes back this much later
+HOT_BUSY_RETRY_SECONDS: Final = 5  # a hot mailbox's delta request that finds a round running: soon, latency matters
+HOT_FIRST_ROUND_SLACK: Final = timedelta(minutes=15)  # a hot folder without a cursor: how far back its round looks
+
+InlineProcessor = Callable[[InboundItem], Awaitable[object]]
 
 
 class DeltaStateStore(Protocol):
@@ -86,6 +95,7 @@ class DeltaReport:
     pages: int = 0
     restarted: bool = False
     backfilled: int = 0  # messages past the 5,000 cap of a first round, listed instead
+    processed: int = 0  # hot mailbox: messages processed inline by the round (not enqueued)
     error: str = ""
 
 
@@ -115,8 +125,11 @@ class DeltaService:
                  concurrency: int = 4, clock: Callable[[], datetime] | None = None,
                  change_type: str | None = "created", filter_cap: int = DELTA_FILTER_CAP,
                  category: CategoryTracker | None = None, leases: LeaseStore | None = None,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, inline: Callable[[], InlineProcessor] | None = None,
+                 inline_concurrency: int = 8) -> None:
         self._leases = leases
+        self._inline = inline  # builds the processor for hot rounds on first use (not every caller needs one)
+        self._inline_concurrency = max(1, inline_concurrency)
         self._owner = owner or new_owner("delta")
         self._graph = graph
         self._state = state
@@ -132,7 +145,9 @@ class DeltaService:
 
     # -- one round ------------------------------------------------------------------------------------------
 
-    async def run_round(self, mailbox: str, folder: str, *, start_from: datetime | None) -> DeltaReport:
+    async def run_round(self, mailbox: str, folder: str, *, start_from: datetime | None,
+                        inline: bool = False) -> DeltaReport:
+        """One delta round; ``inline``: process the messages found here instead of enqueueing them (hot mailbox)."""
         report = DeltaReport(mailbox, folder)
         cursor = await self._state.get(mailbox, folder)
         if cursor is None:
@@ -145,7 +160,7 @@ class DeltaService:
         restarted = False
         while True:
             try:
-                await self._pages(cursor, report)
+                await self._pages(cursor, report, inline)
                 return report
             except GraphSyncStateNotFound:
                 if restarted:
@@ -159,7 +174,7 @@ class DeltaService:
                                      round_started=floor or self._clock())
                 await self._state.put(cursor)
 
-    async def _pages(self, cursor: DeltaCursor, report: DeltaReport) -> None:
+    async def _pages(self, cursor: DeltaCursor, report: DeltaReport, inline: bool = False) -> None:
         link = cursor.link
         high = cursor.high_water
         floor = cursor.round_started
@@ -171,7 +186,7 @@ class DeltaService:
                                                 page_size=self._page_size,
                                                 change_type=self._change_type if link is None else None)
             report.pages += 1
-            items: list[str] = []
+            items: list[InboundItem] = []
             if seen is not None:
                 seen += len(page.messages)
                 oldest = min([d for d in (oldest, *map(_received, page.messages)) if d is not None], default=None)
@@ -186,10 +201,12 @@ class DeltaService:
                     continue
                 if received is not None and (high is None or received > high):
                     high = received
-                items.append(InboundItem(cursor.mailbox, str(message["id"]), "delta", folder=cursor.folder).to_json())
-            for start in range(0, len(items), ENQUEUE_CHUNK):
-                await self._queue.send_many(INBOUND_QUEUE, items[start:start + ENQUEUE_CHUNK])
-            report.enqueued += len(items)
+                items.append(InboundItem(cursor.mailbox, str(message["id"]), "delta", folder=cursor.folder))
+            if inline and self._inline is not None:
+                await self._process_inline(items, report)
+            else:
+                await self._enqueue(items)
+                report.enqueued += len(items)
             link = page.next_link or page.delta_link
             if page.next_link is None and seen is not None:
                 if seen >= self._filter_cap:
@@ -201,6 +218,36 @@ class DeltaService:
                 return
         log.warning("delta round for a %s folder stopped after %d pages; continues next round",
                     cursor.folder, MAX_PAGES_PER_ROUND)
+
+    async def _enqueue(self, items: Sequence[InboundItem]) -> None:
+        payloads = [i.to_json() for i in items]
+        for start in range(0, len(payloads), ENQUEUE_CHUNK):
+            await self._queue.send_many(INBOUND_QUEUE, payloads[start:start + ENQUEUE_CHUNK])
+
+    async def _process_inline(self, items: Sequence[InboundItem], report: DeltaReport) -> None:
+        """A hot mailbox's page: processed here, ``inline_concurrency`` at a time (the Graph adapter's per-mailbox
+        semaphore keeps its requests at 4). Whatever fails goes to the inbound queue, where the normal retries and
+        poison handling apply; the page's cursor is saved only after that, so a crash re-reads the page (the
+        ledger dedupes)."""
+        assert self._inline is not None
+        process = self._inline()
+        gate = asyncio.Semaphore(self._inline_concurrency)
+        failed: list[InboundItem] = []
+
+        async def one(item: InboundItem) -> None:
+            async with gate:
+                try:
+                    await process(item)
+                    report.processed += 1
+                except Exception as exc:
+                    log.warning("hot mailbox: a message processed inline failed (%s); queued for the normal retries",
+                                exc.__class__.__name__)
+                    failed.append(item)
+
+        await asyncio.gather(*(one(i) for i in items))
+        if failed:
+            await self._enqueue(failed)
+            report.enqueued += len(failed)
 
     async def _past_the_cap(self, cursor: DeltaCursor, floor: datetime | None, oldest: datetime | None,
                             report: DeltaReport) -> None:
@@ -228,8 +275,12 @@ class DeltaService:
 
     # -- per mailbox ----------------------------------------------------------------------------------------
 
-    async def sync_mailbox(self, address: str, folders: Sequence[str] | None = None) -> list[DeltaReport]:
-        """Delta rounds for the mailbox's watched folders (only those named in ``folders``, when given)."""
+    async def sync_mailbox(self, address: str, folders: Sequence[str] | None = None, *,
+                           inline: bool = False) -> list[DeltaReport]:
+        """Delta rounds for the mailbox's watched folders (only those named in ``folders``, when given).
+
+        ``inline`` (hot mailbox): the rounds process what they find; a folder without a cursor yet starts
+        HOT_FIRST_ROUND_SLACK back (its round must list the messages whose notifications it replaces)."""
         config = await self._mailboxes.get_mailbox(address)
         if config is None:
             return []
@@ -240,8 +291,10 @@ class DeltaService:
             if wanted is not None and folder.lower() not in wanted:
                 continue
             try:
-                reports.append(await self.run_round(config.address, folder,
-                                                    start_from=config.process_email_received_after))
+                start_from = config.process_email_received_after
+                if inline and start_from is None:
+                    start_from = self._clock() - HOT_FIRST_ROUND_SLACK
+                reports.append(await self.run_round(config.address, folder, start_from=start_from, inline=inline))
             except GraphNotFound as exc:  # a mapped folder was deleted: report, keep the other folders going
                 reports.append(DeltaReport(config.address, folder, error=f"{exc.status} {exc.code}"))
             except GraphError as exc:
@@ -263,8 +316,10 @@ class DeltaService:
             if item.reason == "timer":
                 log.info("delta catch-up item dropped: %s", busy)
                 return []
-            log.info("mailbox sync item (%s) retried in %d s: %s", item.reason, BUSY_RETRY_SECONDS, busy)
-            await self._queue.send_many(MAILBOX_SYNC_QUEUE, [item.to_json()], delay_seconds=BUSY_RETRY_SECONDS)
+            # A hot mailbox's request comes back soon: the running round may have started before its messages came.
+            delay = HOT_BUSY_RETRY_SECONDS if item.reason == "hot" else BUSY_RETRY_SECONDS
+            log.info("mailbox sync item (%s) retried in %d s: %s", item.reason, delay, busy)
+            await self._queue.send_many(MAILBOX_SYNC_QUEUE, [item.to_json()], delay_seconds=delay)
             return []
 
     async def _handle_sync_item(self, item: MailboxSyncItem) -> list[DeltaReport]:
@@ -274,7 +329,8 @@ class DeltaService:
             elif item.reason == "reauthorizationRequired" and item.subscription_id:
                 await self._subscriptions.reauthorize(item.mailbox, item.subscription_id)
         # A lifecycle event concerns one subscription, i.e. one folder: only that folder can have missed mail.
-        reports = await self.sync_mailbox(item.mailbox, [item.folder] if item.folder else None)
+        reports = await self.sync_mailbox(item.mailbox, [item.folder] if item.folder else None,
+                                          inline=item.reason == "hot")
         if self._category is not None and item.reason in ("timer", "manual"):
             try:
                 await self._category.search(item.mailbox)
@@ -368,11 +424,17 @@ def delta_service_for(container: Container, *, role: str = "router") -> DeltaSer
         raise ValueError(f"App setting 'DELTA_CHANGE_TYPE' must be created or all, got {change_type!r}")
     from core.services.category_tracking import category_tracker_for
 
+    def inline() -> InlineProcessor:
+        from core.services.inbound import processor_for
+
+        return processor_for(container).process
+
     return DeltaService(container.graph, InboundState.for_container(container).delta, container.work_queue,
                         container.mailbox_directory,
                         subscriptions=subscriptions, change_type=None if change_type == "all" else change_type,
                         category=category_tracker_for(container), leases=lease_store_for(container),
-                        owner=new_owner(role))
+                        owner=new_owner(role), inline=inline,
+                        inline_concurrency=container.settings.integer("HOT_MAILBOX_INLINE_CONCURRENCY", minimum=1))
 
 
 async def backfill(container: Container, mailbox: str, since: datetime,

@@ -8,9 +8,12 @@ notification collection, 413 when too large, 503 when the queue is unavailable s
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from core.domain.hot_mailboxes import HotMailboxes
 from core.names import INBOUND_QUEUE, MAILBOX_SYNC_QUEUE
 from core.notifications import (
     BadNotificationPayload,
@@ -33,6 +36,7 @@ class WebhookResult:
     status: int
     accepted: int = 0
     ignored: int = 0
+    delta_requests: int = 0  # hot mailboxes: notifications turned into (or covered by) one delta round
     rejected: list[Rejection] = field(default_factory=list)
     error: str = ""
 
@@ -91,15 +95,20 @@ async def _enqueue(kind: str, queue: WorkQueue, name: str, work: list[InboundIte
 
 
 async def handle_change_notifications(
-    body: bytes, *, directory: SubscriptionDirectory, queue: WorkQueue, tenant_id: str, max_bytes: int
+    body: bytes, *, directory: SubscriptionDirectory, queue: WorkQueue, tenant_id: str, max_bytes: int,
+    hot: HotMailboxes | None = None, clock: Callable[[], float] = time.monotonic,
 ) -> WebhookResult:
+    """Valid notifications become inbound items; for a hot (mailbox, folder) (``hot``, see
+    core/domain/hot_mailboxes.py) they become one delayed delta request per coalescing window instead."""
     checked = await _checked_items("change", body, directory, max_bytes)
     if isinstance(checked, WebhookResult):
         return checked
     items, subs = checked
     result = WebhookResult(202)
     work: list[InboundItem] = []
+    deltas: dict[tuple[str, str], MailboxSyncItem] = {}
     seen: set[tuple[str, str]] = set()
+    now = clock()
     for item in items:
         outcome = check_change_notification(item, subs.get, tenant_id)  # type: ignore[arg-type]
         if isinstance(outcome, Rejection):
@@ -110,8 +119,28 @@ async def handle_change_notifications(
             result.ignored += 1  # Graph often sends created+updated together: one fetch is enough
         else:
             seen.add((outcome.mailbox, outcome.message_id))
-            work.append(outcome)
-    return await _enqueue("change", queue, INBOUND_QUEUE, work, result)
+            route = hot.route(outcome.mailbox, outcome.folder, now) if hot is not None else "fetch"
+            if route == "fetch":
+                work.append(outcome)
+                continue
+            result.delta_requests += 1
+            key = HotMailboxes.key(outcome.mailbox, outcome.folder)
+            if route == "delta" and key not in deltas:
+                deltas[key] = MailboxSyncItem(outcome.mailbox, "hot", subscription_id=outcome.subscription_id,
+                                              folder=outcome.folder)
+    result = await _enqueue("change", queue, INBOUND_QUEUE, work, result)
+    if deltas and result.status == 202 and hot is not None:
+        try:
+            await queue.send_many(MAILBOX_SYNC_QUEUE, [d.to_json() for d in deltas.values()],
+                                  delay_seconds=max(1, round(hot.delay_s)))
+        except Exception as exc:  # 5xx: Graph redelivers; nothing was marked covered
+            log.error("enqueue of %d hot-mailbox delta request(s) failed: %s", len(deltas), exc.__class__.__name__)
+            return WebhookResult(503, rejected=result.rejected, error="queue unavailable")
+        for d in deltas.values():
+            hot.scheduled(d.mailbox, d.folder, now)
+            log.info("hot mailbox: notifications for a %s folder go to a delta round in %d s", d.folder or "watched",
+                     round(hot.delay_s))
+    return result
 
 
 async def handle_lifecycle_notifications(

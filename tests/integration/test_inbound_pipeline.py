@@ -33,6 +33,7 @@ from starlette.routing import Route
 from core.adapters.storage import QueueBrowser
 from core.bootstrap import Container
 from core.config import Settings
+from core.domain.hot_mailboxes import HotMailboxes
 from core.domain.identity import activity_id_for
 from core.domain.model import (
     CrmRecordRef,
@@ -45,7 +46,7 @@ from core.domain.model import (
     WrapperTrustPolicy,
 )
 from core.names import INBOUND_QUEUE, MAILBOX_SYNC_QUEUE
-from core.services.delta import delta_service_for
+from core.services.delta import DeltaReport, delta_service_for
 from core.services.inbound import processor_for
 from core.services.subscriptions import service_for
 from core.services.webhook import handle_change_notifications, handle_lifecycle_notifications
@@ -193,6 +194,8 @@ class Pipeline:
         self.env = env
         self.c = container
         self.http = httpx.AsyncClient(verify=str(env.tls.bundle), timeout=30)
+        self.hot: HotMailboxes | None = None  # the webhook's hot-mailbox switch (off unless a test sets it)
+        self.sync_reports: list[DeltaReport] = []
 
     # -- emulator helpers ---------------------------------------------------------------------------------
 
@@ -237,9 +240,14 @@ class Pipeline:
 
     async def pump_webhooks(self) -> None:
         for path, body in self.env.receiver.take():
-            handler = handle_lifecycle_notifications if path.endswith("lifecycle") else handle_change_notifications
-            result = await handler(body, directory=self.c.subscription_directory, queue=self.c.work_queue,
-                                   tenant_id=demo.TENANT_ID, max_bytes=1_048_576)
+            if path.endswith("lifecycle"):
+                result = await handle_lifecycle_notifications(
+                    body, directory=self.c.subscription_directory, queue=self.c.work_queue,
+                    tenant_id=demo.TENANT_ID, max_bytes=1_048_576)
+            else:
+                result = await handle_change_notifications(
+                    body, directory=self.c.subscription_directory, queue=self.c.work_queue,
+                    tenant_id=demo.TENANT_ID, max_bytes=1_048_576, hot=self.hot)
             assert result.status == 202, result
 
     async def drain(self, done: Callable[[], Awaitable[bool]], *, within: float = 60.0) -> None:
@@ -254,7 +262,8 @@ class Pipeline:
             items = await inbound.receive(32, visibility_timeout=5)
             syncs = await sync.receive(8, visibility_timeout=5)
             for s in syncs:
-                await delta_service_for(self.c).handle_sync_item(MailboxSyncItem.from_json(s.content))
+                self.sync_reports += await delta_service_for(self.c).handle_sync_item(
+                    MailboxSyncItem.from_json(s.content))
                 await sync.delete(s)
 
             async def run(item: Any) -> None:
@@ -690,3 +699,24 @@ async def test_track_by_category_tracks_a_skipped_mail_once_in_any_folder(pipeli
     assert (graph_calls, dv_calls) == (1, 0)
     await p.drain(has_row(p, mid))
     assert len(await rows_for(p, mid)) == 1
+
+
+async def test_a_hot_mailbox_is_worked_by_delta_rounds_within_graphs_mailbox_concurrency(pipeline: Pipeline) -> None:
+    """Past the threshold the webhook stops asking one fetch per notification: the folder's delta round, under the
+    mailbox's lease, processes the messages itself. Every mail is tracked once and Graph never answered a
+    MailboxConcurrency 429 (the emulator enforces 4 concurrent requests per mailbox)."""
+    p = pipeline
+    await p.subscribe()
+    p.hot = HotMailboxes(threshold=3, delay_s=1)
+    await p.clear_logs()
+    mids = [p.smtp("fiona@fabrikam.example", [f"alice@{DOMAIN}"], f"Busy {n}") for n in range(16)]
+
+    async def all_tracked() -> bool:
+        return all([await rows_for(p, mid) for mid in mids])
+
+    await p.drain(all_tracked, within=120)
+    assert [len(await rows_for(p, mid)) for mid in mids] == [1] * len(mids)
+    hot_rounds = [r for r in p.sync_reports if r.processed]
+    assert hot_rounds and sum(r.processed for r in hot_rounds) >= 16 - 3 - sum(r.enqueued for r in hot_rounds)
+    graph_log = (await p.emu("graph", "GET", "requests"))["value"]
+    assert not [r for r in graph_log if r["status"] == 429]

@@ -288,3 +288,70 @@ async def test_the_fan_out_runs_once_at_a_time_and_can_name_mailboxes() -> None:
         assert "delta catch-up" in str(busy) and "timer@h:1:a" in str(busy)
     else:
         raise AssertionError("a second fan-out must not run")
+
+
+# -- hot mailboxes: the round works its messages itself, under the mailbox's lease --------------------------------
+
+
+class FakeInlineProcessor:
+    def __init__(self, fail: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        self.fail = fail
+        self.processed: list[InboundItem] = []
+        self.inflight = self.peak = 0
+
+    async def process(self, item: InboundItem) -> None:
+        import asyncio
+
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        await asyncio.sleep(0)
+        self.inflight -= 1
+        if item.message_id in self.fail:
+            raise ValueError("not transient")
+        self.processed.append(item)
+
+
+async def test_a_hot_round_processes_its_messages_inline_and_queues_only_failures() -> None:
+    graph, state, queue = FakeDeltaGraph(), FakeState(), FakeWorkQueue()
+    graph.rounds.append([DeltaPage([msg(f"m{n}", NOW) for n in range(20)], [], None, "delta-1")])
+    processor = FakeInlineProcessor(fail={"m7"})
+    svc = DeltaService(graph, state, queue, StaticMailboxDirectory([mbx("sink@x.com")]), clock=lambda: NOW,
+                       inline=lambda: processor.process, inline_concurrency=3)
+
+    (report,) = await svc.handle_sync_item(MailboxSyncItem("sink@x.com", "hot", folder="inbox"))
+
+    assert sorted(i.message_id for i in processor.processed) == sorted(f"m{n}" for n in range(20) if n != 7)
+    assert {i.source for i in processor.processed} == {"delta"} and processor.peak <= 3
+    assert enqueued(queue) == ["m7"]  # the normal retries and poison handling apply to it
+    assert (report.processed, report.enqueued) == (19, 1)
+    assert state.cursors[("sink@x.com", "inbox")].link == "delta-1"
+    # A folder without a cursor looks back far enough to list the messages whose notifications it replaced.
+    assert graph.started == [NOW - timedelta(minutes=15)]
+
+
+async def test_other_rounds_still_enqueue_and_a_busy_hot_request_comes_back_soon() -> None:
+    from core.domain.leases import delta_lease
+    from core.services.delta import HOT_BUSY_RETRY_SECONDS
+    from tests.fakes import MemoryLeaseStore
+
+    class DelayQueue(FakeWorkQueue):
+        def __init__(self) -> None:
+            super().__init__()
+            self.delays: list[int] = []
+
+        async def send_many(self, queue: str, messages, *, delay_seconds: int = 0) -> None:  # type: ignore[no-untyped-def]
+            self.delays.append(delay_seconds)
+            await super().send_many(queue, messages, delay_seconds=delay_seconds)
+
+    graph, state, queue, leases = FakeDeltaGraph(), FakeState(), DelayQueue(), MemoryLeaseStore()
+    graph.rounds.append([DeltaPage([msg("a", NOW)], [], None, "delta-1")])
+    processor = FakeInlineProcessor()
+    svc = DeltaService(graph, state, queue, StaticMailboxDirectory([mbx("sink@x.com")]), clock=lambda: NOW,
+                       inline=lambda: processor.process, leases=leases, owner="worker-2")
+    await svc.handle_sync_item(MailboxSyncItem("sink@x.com", "timer"))
+    assert enqueued(queue) == ["a"] and processor.processed == []
+
+    await leases.acquire(delta_lease("sink@x.com"), "worker-1", timedelta(minutes=2), purpose="hot")
+    hot = MailboxSyncItem("sink@x.com", "hot", folder="inbox")
+    assert await svc.handle_sync_item(hot) == []
+    assert queue.messages[MAILBOX_SYNC_QUEUE] == [hot.to_json()] and queue.delays[-1] == HOT_BUSY_RETRY_SECONDS

@@ -2,9 +2,15 @@ import json
 
 import pytest
 
+from core.domain.hot_mailboxes import HotMailboxes
 from core.names import INBOUND_QUEUE, MAILBOX_SYNC_QUEUE
 from core.notifications import SubscriptionInfo, constant_time_equals
-from core.services.webhook import handle_change_notifications, handle_lifecycle_notifications, validation_response
+from core.services.webhook import (
+    WebhookResult,
+    handle_change_notifications,
+    handle_lifecycle_notifications,
+    validation_response,
+)
 from core.work_items import InboundItem, MailboxSyncItem
 from tests.fakes import FakeSubscriptionDirectory, FakeWorkQueue
 
@@ -127,3 +133,48 @@ def test_constant_time_equals() -> None:
     assert not constant_time_equals("abc", "abd")
     assert not constant_time_equals("abc", None)
     assert not constant_time_equals("abc", "\ud800")  # lone surrogate must not crash
+
+
+# -- hot mailboxes ---------------------------------------------------------------------------------------------
+
+
+def burst(count: int, start: int = 0) -> dict:
+    return {"value": [note(resourceData={"id": f"M{n}"}, resource=f"Users/622eaaff/Messages/M{n}")
+                      for n in range(start, start + count)]}
+
+
+async def run_hot(items: dict, hot: HotMailboxes, now: float, queue: FakeWorkQueue) -> WebhookResult:
+    return await handle_change_notifications(json.dumps(items).encode(), directory=FakeSubscriptionDirectory([SUB]),
+                                             queue=queue, tenant_id=TENANT, max_bytes=1 << 20, hot=hot,
+                                             clock=lambda: now)
+
+
+async def test_a_hot_mailbox_gets_one_delayed_delta_round_instead_of_a_fetch_per_notification() -> None:
+
+    hot, q = HotMailboxes(threshold=5, delay_s=10), FakeWorkQueue()
+    res = await run_hot(burst(12), hot, 100.0, q)
+    assert res.status == 202 and res.accepted == 5 and res.delta_requests == 7
+    assert [InboundItem.from_json(m).message_id for m in q.messages[INBOUND_QUEUE]] == [f"M{n}" for n in range(5)]
+    (sync,) = [MailboxSyncItem.from_json(m) for m in q.messages[MAILBOX_SYNC_QUEUE]]
+    assert (sync.mailbox, sync.reason, sync.folder, sync.subscription_id) == (SUB.mailbox, "hot", "inbox", SUB.id)
+    # Notifications until the round becomes visible are covered by it; after that a new round is asked for.
+    await run_hot(burst(3, start=20), hot, 105.0, q)
+    assert len(q.messages[INBOUND_QUEUE]) == 5 and len(q.messages[MAILBOX_SYNC_QUEUE]) == 1
+    await run_hot(burst(1, start=30), hot, 111.0, q)
+    assert len(q.messages[MAILBOX_SYNC_QUEUE]) == 2
+
+
+async def test_a_failed_delta_enqueue_answers_503_and_the_redelivery_asks_again() -> None:
+
+    class FailingSyncQueue(FakeWorkQueue):
+        async def send_many(self, queue: str, messages, *, delay_seconds: int = 0) -> None:  # type: ignore[no-untyped-def]
+            if queue == MAILBOX_SYNC_QUEUE and self.fail_with is not None:
+                raise self.fail_with
+            await super().send_many(queue, messages, delay_seconds=delay_seconds)
+
+    hot, q = HotMailboxes(threshold=1, delay_s=10), FailingSyncQueue()
+    q.fail_with = ConnectionError("queue down")
+    assert (await run_hot(burst(3), hot, 0.0, q)).status == 503  # Graph redelivers
+    q.fail_with = None
+    res = await run_hot(burst(3), hot, 1.0, q)
+    assert res.status == 202 and len(q.messages[MAILBOX_SYNC_QUEUE]) == 1
