@@ -368,12 +368,15 @@ def _phases(stack: Stack, workdir: Path, result: dict[str, Any], *, quick: bool,
     poller.start()
     try:
         _warm_up(stack, org, poller)
-        _steady(stack, org, poller, result, steady=steady, pool=pool)
+        backlog = _steady(stack, org, poller, result, steady=steady, pool=pool)
         _log(f"steady phase: {result['latency']['seen']}/{result['latency']['expected']} rows; cpu {result['cpu']}")
+        # What the steady phase left queued would otherwise be measured as the bare ceiling's and the steps' load.
+        result["settle_after_steady_s"] = _settle(poller, backlog)
         result["bare"] = _bare(stack, org, workdir, seconds=4.0 if quick else 8.0)
         _log(f"bare calls: {result['bare']}")
-        _steps(stack, org, poller, result, quick=quick)
+        backlog = _steps(stack, org, poller, result, quick=quick)
         _log(f"steps: {result['steps']}")
+        result["settle_after_steps_s"] = _settle(poller, backlog)
         result["budgets"] = {}
         for k in (1, 3):
             try:
@@ -395,6 +398,17 @@ def _phases(stack: Stack, workdir: Path, result: dict[str, Any], *, quick: bool,
         _log(f"scale again: wall {result['scale_again'].get('wall_s')} s")
 
 
+def _settle(poller: RowPoller, expected: set[str], *, within: float = 240.0) -> float:
+    """Wait (bounded) until the mails of the phase before have their rows: the next phase starts on an idle
+    pipeline. Returns the seconds waited."""
+    t0 = time.monotonic()
+    wait_rows(poller, expected, within=within)
+    waited = round(time.monotonic() - t0, 1)
+    left = len(expected - set(poller.snapshot()))
+    _log(f"settled in {waited} s" + (f" ({left} rows still missing)" if left else ""))
+    return waited
+
+
 def _warm_up(stack: Stack, org: BenchOrg, poller: RowPoller) -> None:
     """25 mails to tracked mailboxes, waited for: imports, tokens, connection pools and the sender cache are warm
     before anything is measured, as in a router that has been running."""
@@ -404,7 +418,8 @@ def _warm_up(stack: Stack, org: BenchOrg, poller: RowPoller) -> None:
 
 
 def _steady(stack: Stack, org: BenchOrg, poller: RowPoller, result: dict[str, Any], *, steady: float,
-            pool: list[AppUser]) -> None:
+            pool: list[AppUser]) -> set[str]:
+    """The 50 msg/s phase; returns the tracked mails' ids (for the settle wait after it)."""
     tag = f"s{uuid.uuid4().hex[:6]}"
     count = int(RATE * steady)
     mails = make_mails(org, count, tag)
@@ -450,14 +465,17 @@ def _steady(stack: Stack, org: BenchOrg, poller: RowPoller, result: dict[str, An
     }
     result["cpu"] = {"window_s": round(end - t0, 1), "delta": ProcessCpu.delta(cpu_before, cpu_after),
                      "storage": sampler.result()}
+    return set(tracked)
 
 
-def _steps(stack: Stack, org: BenchOrg, poller: RowPoller, result: dict[str, Any], *, quick: bool) -> None:
-    """Offered rates stepped up; each step's mails are drained (or counted at the cap) before the next."""
+def _steps(stack: Stack, org: BenchOrg, poller: RowPoller, result: dict[str, Any], *, quick: bool) -> set[str]:
+    """Offered rates stepped up; each step's mails are drained (or counted at the cap) before the next. Returns
+    the last step's mail ids (for the settle wait after it)."""
     seconds = 10.0 if quick else 20.0
     drain_cap = 30.0
     result["step_s"] = seconds
     result["steps"] = []
+    expected: dict[str, Any] = {}
     for rate in STEPS:
         mails = make_mails(org, int(rate * seconds), f"r{int(rate)}{uuid.uuid4().hex[:4]}", tracked_only=True)
         sending = send_mails(stack, mails, rate=rate, cap_s=seconds + 10)
@@ -475,6 +493,7 @@ def _steps(stack: Stack, org: BenchOrg, poller: RowPoller, result: dict[str, Any
         if step["p99_s"] is None or step["p99_s"] > 3.0 or missing:
             break  # a higher rate cannot do better; its backlog would only slow the next phases
         time.sleep(2.0)
+    return set(expected)
 
 
 def _bare(stack: Stack, org: BenchOrg, workdir: Path, *, seconds: float) -> dict[str, Any]:

@@ -99,6 +99,7 @@ class Notifier:
         self.config = config
         self.faults = faults
         self._subs: dict[str, list[_Sub]] = {}
+        self._dirty = True  # the cache is rebuilt when next read, not on every subscription write
         self._heap: list[_Pending] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -203,6 +204,17 @@ class Notifier:
 
     # -- subscriptions cache -------------------------------------------------------------------
     def invalidate(self) -> None:
+        """A subscription changed: the cache is rebuilt on its next use. (Rebuilding here, once per create, made a
+        10,000-mailbox reconcile quadratic in the emulator: it measured the emulator, not the router.)"""
+        self._dirty = True
+
+    def _current(self) -> dict[str, list[_Sub]]:
+        if self._dirty:
+            self._dirty = False  # before the load: a change during it marks the cache dirty again
+            self._subs = self._load()
+        return self._subs
+
+    def _load(self) -> dict[str, list[_Sub]]:
         from .odata import compile_filter
 
         subs: dict[str, list[_Sub]] = {}
@@ -219,7 +231,7 @@ class Notifier:
                        raw.get("lifecycleNotificationUrl"), raw.get("clientState"), matcher, raw,
                        raw.get("_challengedSince"))
             subs.setdefault(sub.user_id, []).append(sub)
-        self._subs = subs
+        return subs
 
     # -- validation handshake ------------------------------------------------------------------
     async def validate_endpoint(self, url: str) -> None:
@@ -262,7 +274,7 @@ class Notifier:
     def publish(self, events: list[ChangeEvent]) -> None:
         """Store listener; may run on any thread (SMTP deliveries arrive on the listener's thread)."""
         loop = self._loop
-        if loop is None or not self._subs:
+        if loop is None or (not self._dirty and not self._subs):
             return
         try:
             running = asyncio.get_running_loop()
@@ -282,7 +294,7 @@ class Notifier:
     def _on_events(self, events: list[ChangeEvent]) -> None:
         now_dt = now_utc()
         for ev in events:
-            for sub in self._subs.get(ev.user_id, ()):
+            for sub in self._current().get(ev.user_id, ()):
                 if sub.expires <= now_dt:
                     continue
                 if self._paused(sub):
@@ -527,7 +539,7 @@ class Notifier:
     def sweep_once(self) -> None:
         now_dt = now_utc()
         changed = False
-        for subs in list(self._subs.values()):
+        for subs in list(self._current().values()):
             for sub in subs:
                 if sub.expires <= now_dt:
                     # "If you don't renew a subscription in time, Microsoft Graph deletes the subscription": no

@@ -52,6 +52,7 @@ CREATE INDEX IF NOT EXISTS attachments_iid ON attachments(iid, ord);
 CREATE TABLE IF NOT EXISTS rules (id TEXT PRIMARY KEY, user_id TEXT NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS subscriptions (id TEXT PRIMARY KEY, user_id TEXT NOT NULL, app_id TEXT NOT NULL,
     data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS subscriptions_user ON subscriptions(user_id);
 CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, folder_id TEXT NOT NULL,
     iid TEXT NOT NULL, rid TEXT NOT NULL, kind TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS changes_folder ON changes(folder_id, seq);
