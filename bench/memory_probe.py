@@ -10,9 +10,10 @@ body is streamed.
 
 Graph and Dataverse are answered in this process by two ``httpx`` transports (``httpx.AsyncBaseTransport``, the
 documented extension point; ``httpx.MockTransport`` reads the whole request body first, which would count the
-mock's copy): the Graph one generates the attachment's bytes chunk by chunk (seeded, so their SHA-256 is known)
-and keeps none of them; the Dataverse one reads the request body chunk by chunk as it arrives, decodes the
-attachment's base64 text as it goes into a running SHA-256 and drops it, so only a hash and a length are kept.
+mock's copy): the Graph one generates the attachment's bytes chunk by chunk from a seed, records their SHA-256
+as they are sent and keeps none of them; the Dataverse one reads the request body chunk by chunk as it arrives,
+decodes the attachment's base64 text as it goes into a running SHA-256 and drops it, so only a hash and a length
+are kept.
 The probe fails (exit 1) unless the bytes that reached Dataverse are exactly the bytes Graph sent, once.
 
 Measured: the baseline RSS after imports and a warm-up message (a 5 MiB attachment through the same path, then
@@ -21,8 +22,8 @@ reset to the baseline before the large message (``/proc/self/clear_refs`` "5", L
 allowed the peak since the process started is used (``peak_reset`` false in the JSON) - still after the warm-up, so
 the large message sets it unless the warm-up did.
 
-No product module is imported at module level: ``tests/unit/test_memory_probe.py`` runs :func:`build_probe` in the test
-process with a small attachment to check the path still delivers the bytes intact and once.
+No product module is imported at module level: ``tests/unit/test_memory_probe.py`` runs :func:`build_probe` in the
+test process with a 5 MiB attachment to check the path still delivers the bytes intact and once.
 """
 
 from __future__ import annotations
