@@ -29,16 +29,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("cold", "webhook", "emulators", "memory", "pipeline")
 
 
+MEMORY_ROW = "memory per large attachment (25 MB, processor path)"
+
+
 def _memory(quick: bool) -> list[Metric]:
+    """Issue 17: peak RSS above baseline for one 25 MB attachment through the real inbound processor (a fresh
+    process; Graph and Dataverse answered in it by streaming transports that keep no bodies)."""
     done = subprocess.run([sys.executable, "-m", "bench.memory_probe", "--mb", "25"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, check=True)
+                          capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        return [not_measured(MEMORY_ROW, "MiB", 60, (done.stderr.strip() or f"exit {done.returncode}")[-300:],
+                             error=True)]
     data = json.loads(done.stdout.strip().splitlines()[-1])
-    processor = (ROOT / "core" / "services" / "inbound.py").exists()
-    note = ("; the inbound processor service (core/services/inbound.py) is not driven by this probe"
-            if processor else "; core/services/inbound.py not present")
-    return [Metric("memory: peak RSS, message with a 25 MB attachment", data["peak_rss_mib"], "MiB", None,
-                   detail=f"{data['path']}; baseline {data['baseline_rss_mib']} MiB, +{data['peak_over_baseline_mib']}"
-                          f" MiB{note}", extra=data)]
+    return [Metric(MEMORY_ROW, data["peak_over_baseline_mib"], "MiB", 60, "<=",
+                   detail=f"{data['peak_over_attachment']}x the attachment; peak {data['peak_rss_mib']} over "
+                          f"{data['baseline_rss_mib']} MiB (imports + 5 MiB warm-up); "
+                          f"{data['attachment_bytes_written_to_dataverse']:,} bytes reached Dataverse intact (SHA-256)",
+                   extra=data)]
 
 
 def _git_commit() -> str:
