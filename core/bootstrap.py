@@ -8,6 +8,7 @@ the setting's name. Tests call ``set_container()`` with fakes, or build a Contai
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from functools import cached_property
@@ -79,6 +80,11 @@ class Container:
         s = self.settings
         return HotMailboxes(threshold=s.integer("HOT_MAILBOX_NOTIFICATIONS_PER_MINUTE", minimum=0),
                             delay_s=float(s.integer("HOT_MAILBOX_DELTA_DELAY_SECONDS", minimum=1)))
+
+    @cached_property
+    def hot_inline_gate(self) -> asyncio.Semaphore:
+        """Messages all hot-mailbox delta rounds of this process work at once (each holds its attachments)."""
+        return asyncio.Semaphore(self.settings.integer("HOT_MAILBOX_INLINE_CONCURRENCY", minimum=1))
 
     @cached_property
     def graph(self) -> GraphMailClient:

@@ -198,8 +198,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "delta round per HOT_MAILBOX_DELTA_DELAY_SECONDS, worked under the mailbox's lease (0: never)."),
     Setting("HOT_MAILBOX_DELTA_DELAY_SECONDS", "10",
             "A hot mailbox's notifications are collected this long into one delta round (its added latency)."),
-    Setting("HOT_MAILBOX_INLINE_CONCURRENCY", "8",
-            "Messages a hot mailbox's delta round processes at once (Graph requests stay at 4 per mailbox)."),
+    Setting("HOT_MAILBOX_INLINE_CONCURRENCY", "6",
+            "Messages all hot-mailbox delta rounds of one instance process at once (each holds its kept "
+            "attachments; Graph requests stay at 4 per mailbox)."),
     Setting("DELTA_CHANGE_TYPE", "created",
             "changeType of delta rounds: created (later rounds skip read flags and other updates; NOT VERIFIED "
             "that Exchange reports a message moved into the folder as created) or all."),

@@ -126,10 +126,12 @@ class DeltaService:
                  change_type: str | None = "created", filter_cap: int = DELTA_FILTER_CAP,
                  category: CategoryTracker | None = None, leases: LeaseStore | None = None,
                  owner: str | None = None, inline: Callable[[], InlineProcessor] | None = None,
-                 inline_concurrency: int = 8) -> None:
+                 inline_gate: asyncio.Semaphore | None = None) -> None:
         self._leases = leases
         self._inline = inline  # builds the processor for hot rounds on first use (not every caller needs one)
-        self._inline_concurrency = max(1, inline_concurrency)
+        # Messages processed inline at once by every hot round of this process together (each holds its kept
+        # attachments until written: memory is bounded per process, not per round; docs/deploy.md §9 "Memory").
+        self._inline_gate = inline_gate or asyncio.Semaphore(6)
         self._owner = owner or new_owner("delta")
         self._graph = graph
         self._state = state
@@ -225,13 +227,13 @@ class DeltaService:
             await self._queue.send_many(INBOUND_QUEUE, payloads[start:start + ENQUEUE_CHUNK])
 
     async def _process_inline(self, items: Sequence[InboundItem], report: DeltaReport) -> None:
-        """A hot mailbox's page: processed here, ``inline_concurrency`` at a time (the Graph adapter's per-mailbox
-        semaphore keeps its requests at 4). Whatever fails goes to the inbound queue, where the normal retries and
-        poison handling apply; the page's cursor is saved only after that, so a crash re-reads the page (the
-        ledger dedupes)."""
+        """A hot mailbox's page: processed here, at most ``inline_gate`` messages at a time in the whole process
+        (the Graph adapter's per-mailbox semaphore keeps its requests at 4). Whatever fails goes to the inbound
+        queue, where the normal retries and poison handling apply; the page's cursor is saved only after that, so a
+        crash re-reads the page (the ledger dedupes)."""
         assert self._inline is not None
         process = self._inline()
-        gate = asyncio.Semaphore(self._inline_concurrency)
+        gate = self._inline_gate
         failed: list[InboundItem] = []
 
         async def one(item: InboundItem) -> None:
@@ -433,8 +435,7 @@ def delta_service_for(container: Container, *, role: str = "router") -> DeltaSer
                         container.mailbox_directory,
                         subscriptions=subscriptions, change_type=None if change_type == "all" else change_type,
                         category=category_tracker_for(container), leases=lease_store_for(container),
-                        owner=new_owner(role), inline=inline,
-                        inline_concurrency=container.settings.integer("HOT_MAILBOX_INLINE_CONCURRENCY", minimum=1))
+                        owner=new_owner(role), inline=inline, inline_gate=container.hot_inline_gate)
 
 
 async def backfill(container: Container, mailbox: str, since: datetime,

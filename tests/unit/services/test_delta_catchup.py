@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -300,7 +301,6 @@ class FakeInlineProcessor:
         self.inflight = self.peak = 0
 
     async def process(self, item: InboundItem) -> None:
-        import asyncio
 
         self.inflight += 1
         self.peak = max(self.peak, self.inflight)
@@ -316,7 +316,7 @@ async def test_a_hot_round_processes_its_messages_inline_and_queues_only_failure
     graph.rounds.append([DeltaPage([msg(f"m{n}", NOW) for n in range(20)], [], None, "delta-1")])
     processor = FakeInlineProcessor(fail={"m7"})
     svc = DeltaService(graph, state, queue, StaticMailboxDirectory([mbx("sink@x.com")]), clock=lambda: NOW,
-                       inline=lambda: processor.process, inline_concurrency=3)
+                       inline=lambda: processor.process, inline_gate=asyncio.Semaphore(3))
 
     (report,) = await svc.handle_sync_item(MailboxSyncItem("sink@x.com", "hot", folder="inbox"))
 
