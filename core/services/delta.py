@@ -67,6 +67,7 @@ DELTA_LEASE: Final = timedelta(minutes=2)  # renewed while the rounds run
 BUSY_RETRY_SECONDS: Final = 60  # a lifecycle sync item that finds its mailbox busy comes back this much later
 HOT_BUSY_RETRY_SECONDS: Final = 5  # a hot mailbox's delta request that finds a round running: soon, latency matters
 HOT_FIRST_ROUND_SLACK: Final = timedelta(minutes=15)  # a hot folder without a cursor: how far back its round looks
+HOT_MAX_PAGES: Final = 10  # a hot round works at most this many pages, then hands the rest to a new hot item
 
 InlineProcessor = Callable[[InboundItem], Awaitable[object]]
 
@@ -94,6 +95,7 @@ class DeltaReport:
     enqueued: int = 0
     pages: int = 0
     restarted: bool = False
+    more: bool = False  # the round stopped at its page limit; the saved link continues it
     backfilled: int = 0  # messages past the 5,000 cap of a first round, listed instead
     processed: int = 0  # hot mailbox: messages processed inline by the round (not enqueued)
     error: str = ""
@@ -182,7 +184,9 @@ class DeltaService:
         floor = cursor.round_started
         # A new round's first request carries the $filter: count what it reports (Graph's 5,000 cap).
         seen, oldest = (0, None) if link is None else (cursor.initial_seen, cursor.initial_oldest)
-        for _ in range(MAX_PAGES_PER_ROUND):
+        # A hot round processes what it lists inside one function invocation: fewer pages, then a new hot item.
+        limit = HOT_MAX_PAGES if inline else MAX_PAGES_PER_ROUND
+        for _ in range(limit):
             page = await self._graph.delta_page(cursor.mailbox, cursor.folder, link,
                                                 received_after=floor if link is None else None,
                                                 page_size=self._page_size,
@@ -218,8 +222,8 @@ class DeltaService:
             await self._state.put(DeltaCursor(cursor.mailbox, cursor.folder, link, high, floor, seen, oldest))
             if page.next_link is None:
                 return
-        log.warning("delta round for a %s folder stopped after %d pages; continues next round",
-                    cursor.folder, MAX_PAGES_PER_ROUND)
+        report.more = True
+        log.warning("delta round for a %s folder stopped after %d pages; continues next round", cursor.folder, limit)
 
     async def _enqueue(self, items: Sequence[InboundItem]) -> None:
         payloads = [i.to_json() for i in items]
@@ -333,6 +337,9 @@ class DeltaService:
         # A lifecycle event concerns one subscription, i.e. one folder: only that folder can have missed mail.
         reports = await self.sync_mailbox(item.mailbox, [item.folder] if item.folder else None,
                                           inline=item.reason == "hot")
+        if item.reason == "hot" and any(r.more for r in reports):
+            # The rest of a hot folder's backlog: another round right away (after this one's lease is released).
+            await self._queue.send_many(MAILBOX_SYNC_QUEUE, [item.to_json()])
         if self._category is not None and item.reason in ("timer", "manual"):
             try:
                 await self._category.search(item.mailbox)

@@ -355,3 +355,22 @@ async def test_other_rounds_still_enqueue_and_a_busy_hot_request_comes_back_soon
     hot = MailboxSyncItem("sink@x.com", "hot", folder="inbox")
     assert await svc.handle_sync_item(hot) == []
     assert queue.messages[MAILBOX_SYNC_QUEUE] == [hot.to_json()] and queue.delays[-1] == HOT_BUSY_RETRY_SECONDS
+
+
+async def test_a_hot_round_stops_at_its_page_limit_and_hands_the_rest_to_a_new_hot_item() -> None:
+    from core.services.delta import HOT_MAX_PAGES
+
+    graph, state, queue = FakeDeltaGraph(), FakeState(), FakeWorkQueue()
+    graph.rounds.append([DeltaPage([msg("m0", NOW)], [], "next-1", None)])
+    for n in range(1, HOT_MAX_PAGES + 2):
+        graph.links[f"next-{n}"] = DeltaPage([msg(f"m{n}", NOW)], [], f"next-{n + 1}", None)
+    processor = FakeInlineProcessor()
+    svc = DeltaService(graph, state, queue, StaticMailboxDirectory([mbx("sink@x.com")]), clock=lambda: NOW,
+                       inline=lambda: processor.process)
+    hot = MailboxSyncItem("sink@x.com", "hot", folder="inbox")
+
+    (report,) = await svc.handle_sync_item(hot)
+
+    assert report.pages == HOT_MAX_PAGES and report.more and len(processor.processed) == HOT_MAX_PAGES
+    assert state.cursors[("sink@x.com", "inbox")].link == f"next-{HOT_MAX_PAGES}"  # the next round starts there
+    assert queue.messages[MAILBOX_SYNC_QUEUE] == [hot.to_json()]
