@@ -540,15 +540,18 @@ class DataverseClient:
                 try:
                     async with self.pool.lease(exclude=throttled) as user:
                         token = await user.token()
-                        started = time.perf_counter()
-                        try:
-                            async with self._in_flight:
+                        async with self._in_flight:
+                            started = time.perf_counter()  # the exchange only: waits above are ours, not the server's
+                            try:
                                 response = await self._http.request(
                                     method, url, content=content() if callable(content) else content,
                                     headers={**request_headers, "Authorization": f"Bearer {token}"},
                                 )
-                        except httpx.TransportError as exc:
-                            raise _transport_error(exc) from exc
+                            except httpx.TransportError as exc:
+                                user.pacer.finished((time.perf_counter() - started) * 1000)
+                                raise _transport_error(exc) from exc
+                        user.pacer.finished((time.perf_counter() - started) * 1000,
+                                            response.headers.get("x-ms-ratelimit-time-remaining-xrm-requests"))
                         user.pacer.hint(response.headers.get("x-ms-dop-hint"))
                         if response.status_code == 429:
                             error = map_error(429, response.content, response.headers, create_only=create_only)

@@ -11,8 +11,12 @@ Each user here gets a :class:`UserPacer` that keeps this process inside that use
 * **requests**: a sliding window of the send times this process reserved; a request goes when fewer than
   ``request_cap`` were sent in the last ``window_s`` (bursts up to the cap are allowed, as Dataverse allows them,
   then requests flow at the rate old ones leave the window: ``request_cap / window_s`` sustained);
-* **execution time**: the same window over the client-measured duration of finished requests (an upper bound of
-  the server's execution time, so conservative);
+* **execution time**: the same window over the duration of finished requests, timed around the HTTP exchange only
+  (not the wait for a slot or a token: that is this process's queueing, not the server's execution), an upper bound
+  of the server's execution time, so conservative. When the service reports what is left
+  (``x-ms-ratelimit-time-remaining-xrm-requests``, a documented debugging header), that figure decides instead: the
+  user waits for execution time only when the service says it is nearly spent (NOT VERIFIED that every org sends
+  the header; without it the client-side figure applies);
 * **concurrency**: at most ``concurrency_cap`` in flight, lowered by the org's ``x-ms-dop-hint``;
 * **429**: the user is paused for ``Retry-After``; the pool sends the request through another user at once when
   one is free, else the caller gets :class:`~core.adapters.dataverse.ThrottledError` as before.
@@ -115,6 +119,7 @@ class UserPacer:
         self._executions: deque[tuple[float, float]] = deque()  # (finished at, ms)
         self._execution_total = 0.0
         self._paused_until = 0.0
+        self._server_time_left: float | None = None  # ms, the service's own figure when it sends one
         self.limit = budget.concurrency_cap
         self.in_flight = 0
         self.stats = _Stats()
@@ -136,7 +141,7 @@ class UserPacer:
             slot = max(slot, self._sent[-1])  # reservations stay in order (module doc)
             if len(self._sent) >= cap:
                 slot = max(slot, self._sent[-cap] + self.budget.window_s)
-        if self._executions and self._execution_total >= self.budget.execution_cap_ms:
+        if self._executions and self._execution_spent():
             slot = max(slot, self._executions[0][0] + self.budget.window_s)
         return slot
 
@@ -149,10 +154,22 @@ class UserPacer:
         self.stats.waited_s += slot - now
         return slot
 
-    def finished(self, elapsed_ms: float) -> None:
+    def _execution_spent(self) -> bool:
+        if self._server_time_left is not None:
+            return self._server_time_left <= self.budget.execution_ms * (1 - self.budget.headroom * self.budget.share)
+        return self._execution_total >= self.budget.execution_cap_ms
+
+    def finished(self, elapsed_ms: float, server_time_left: str | None = None) -> None:
+        """A request of this user took ``elapsed_ms`` on the wire; ``server_time_left``: the service's
+        ``x-ms-ratelimit-time-remaining-xrm-requests`` value, when it sent one."""
         now = self._clock()
         self._executions.append((now, elapsed_ms))
         self._execution_total += elapsed_ms
+        if server_time_left:
+            try:
+                self._server_time_left = max(0.0, float(server_time_left.strip()))
+            except ValueError:
+                pass
 
     def throttle(self, retry_after: float | None) -> None:
         """A 429 for this user: no request of it before ``Retry-After`` (1 s when absent)."""
@@ -232,7 +249,8 @@ class ApplicationUserPool:
 
     @asynccontextmanager
     async def lease(self, exclude: Collection[str] = ()) -> AsyncIterator[PoolUser]:
-        """Hold a send slot of the best user for one request."""
+        """Hold a send slot of the best user for one request. The caller times the HTTP exchange itself and reports it
+        with ``user.pacer.finished(ms, server_time_left)``."""
         while True:
             user, at = self._pick(exclude)
             wait = at - self._clock()
@@ -248,11 +266,7 @@ class ApplicationUserPool:
             delay = slot - self._clock()
             if delay > 0:
                 await self._sleep(delay)
-            started = self._clock()
-            try:
-                yield user
-            finally:
-                user.pacer.finished((self._clock() - started) * 1000)
+            yield user  # the caller reports the request's duration: user.pacer.finished(...)
         finally:
             user.pacer.in_flight -= 1
             self._slot_freed.set()

@@ -52,6 +52,21 @@ def test_execution_time_budget() -> None:
     assert pacer.earliest() - clock.now == pytest.approx(10.0)
 
 
+def test_the_services_own_execution_figure_decides_when_it_sends_one() -> None:
+    """A slow exchange (a busy client, not a busy server) must not stop a user the service says has time left;
+    when the service says the time is nearly spent, the user waits even if the client saw fast requests."""
+    clock = Clock()
+    pacer = UserPacer(budget(requests=1000, execution_ms=1000, headroom=0.95), clock.monotonic)
+    pacer.reserve()
+    pacer.finished(1200.0, server_time_left="900")
+    assert pacer.earliest() == clock.now
+    pacer.reserve()
+    pacer.finished(5.0, server_time_left="40")  # under 5 % (the headroom) of the window's 1,000 ms left
+    assert pacer.earliest() - clock.now == pytest.approx(10.0)
+    pacer.finished(5.0, server_time_left="not a number")  # ignored: the last figure stands
+    assert pacer.earliest() - clock.now == pytest.approx(10.0)
+
+
 def test_429_pauses_the_user_and_dop_hint_lowers_its_concurrency() -> None:
     clock = Clock()
     pacer = UserPacer(budget(concurrency=8), clock.monotonic)
