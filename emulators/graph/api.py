@@ -1026,7 +1026,7 @@ class GraphApi:
                "_immutable": ctx.prefer.immutable_id, "_filter": filter_text}
         self._authorised(sub)
         self.store.put_subscription(sub)
-        self.notifier.invalidate()
+        self.notifier.added(sub)
         return json_response({"@odata.context": self._context(ctx, "subscriptions/$entity"), **self._public_sub(sub)},
                              201)
 

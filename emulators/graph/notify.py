@@ -214,24 +214,35 @@ class Notifier:
             self._subs = self._load()
         return self._subs
 
-    def _load(self) -> dict[str, list[_Sub]]:
-        from .odata import compile_filter
+    def added(self, raw: dict[str, Any]) -> None:
+        """A new subscription: appended to a clean cache (a create must not cost a rebuild of every subscription,
+        and the 1 s sweep would otherwise rebuild it every second while a large reconcile runs)."""
+        if not self._dirty:
+            sub = self._sub(raw)
+            self._subs.setdefault(sub.user_id, []).append(sub)
 
+    def _load(self) -> dict[str, list[_Sub]]:
         subs: dict[str, list[_Sub]] = {}
         for raw in self.store.list_subscriptions():
-            matcher = None
-            if raw.get("_filter"):
-                try:
-                    matcher = compile_filter(raw["_filter"])
-                except GraphError:
-                    matcher = None
-            sub = _Sub(raw["id"], raw["_userId"], raw.get("_folderId"),
-                       frozenset(k.strip().lower() for k in str(raw["changeType"]).split(",")),
-                       bool(raw.get("_immutable")), parse_dt(raw["expirationDateTime"]), raw["notificationUrl"],
-                       raw.get("lifecycleNotificationUrl"), raw.get("clientState"), matcher, raw,
-                       raw.get("_challengedSince"))
+            sub = self._sub(raw)
             subs.setdefault(sub.user_id, []).append(sub)
         return subs
+
+    @staticmethod
+    def _sub(raw: dict[str, Any]) -> _Sub:
+        from .odata import compile_filter
+
+        matcher = None
+        if raw.get("_filter"):
+            try:
+                matcher = compile_filter(raw["_filter"])
+            except GraphError:
+                matcher = None
+        return _Sub(raw["id"], raw["_userId"], raw.get("_folderId"),
+                    frozenset(k.strip().lower() for k in str(raw["changeType"]).split(",")),
+                    bool(raw.get("_immutable")), parse_dt(raw["expirationDateTime"]), raw["notificationUrl"],
+                    raw.get("lifecycleNotificationUrl"), raw.get("clientState"), matcher, raw,
+                    raw.get("_challengedSince"))
 
     # -- validation handshake ------------------------------------------------------------------
     async def validate_endpoint(self, url: str) -> None:
