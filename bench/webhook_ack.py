@@ -164,7 +164,7 @@ def measure(*, rate: float = 500.0, duration: float = 5.0) -> list[Metric]:
     try:
         prefix = "bench" + uuid.uuid4().hex[:8]
         sub_id, client_state = asyncio.run(_seed(azurite.connection_string, prefix))
-        # Every notification names the same subscription: with the hot-mailbox switch on, all but the first 120 of a
+        # Every notification names the same subscription: with the hot-mailbox switch on, all but the first 600 of a
         # minute would become one delta request instead of an enqueue each. The row measures the enqueue path.
         values = {"AzureWebJobsStorage": azurite.connection_string, "TABLE_PREFIX": prefix,
                   "GRAPH_TENANT_ID": demo.TENANT_ID, "HOT_MAILBOX_NOTIFICATIONS_PER_MINUTE": "0"}

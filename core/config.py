@@ -193,10 +193,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "Subscription writes (create/renew/delete) per 20 s the router allows itself (Graph: 1,000 per app)."),
     Setting("SUBSCRIPTION_REAUTHORIZE_COALESCE_MINUTES", "10",
             "A reauthorizationRequired for a subscription renewed this recently needs no PATCH."),
-    Setting("HOT_MAILBOX_NOTIFICATIONS_PER_MINUTE", "120",
+    Setting("HOT_MAILBOX_NOTIFICATIONS_PER_MINUTE", "600",
             "Notifications per minute for one mailbox folder (per webhook instance) above which they become one "
             "delta round per HOT_MAILBOX_DELTA_DELAY_SECONDS, worked under the mailbox's lease (0: never)."),
-    Setting("HOT_MAILBOX_DELTA_DELAY_SECONDS", "10",
+    Setting("HOT_MAILBOX_DELTA_DELAY_SECONDS", "5",
             "A hot mailbox's notifications are collected this long into one delta round (its added latency)."),
     Setting("HOT_MAILBOX_INLINE_CONCURRENCY", "6",
             "Messages all hot-mailbox delta rounds of one instance process at once (each holds its kept "
