@@ -3,9 +3,9 @@ beside its target; writes bench/results/<timestamp>.json and bench/results/lates
 
     python -m bench [--quick] [--only cold,webhook,emulators,memory,pipeline] [--out-dir bench/results]
 
-Bounded: each section has its own count/time limits; the default run takes about 5-6 minutes on 2 cores (the
-pipeline section: 60 s of steady load, a saturation burst, the ceiling and the 10,000-mailbox reconcile, capped)
-and ``--quick`` about 2 minutes. See docs/proof.md for how to read the table.
+Bounded: each section has its own count/time limits; the default run takes about 13-15 minutes on 2 cores (the
+pipeline section: 60 s of steady load, the bare-client ceiling, stepped rates, two 90 s budget phases and the
+10,000-mailbox reconcile, each capped) and ``--quick`` about 5 minutes. See docs/proof.md for how to read the table.
 """
 
 from __future__ import annotations
