@@ -168,7 +168,7 @@ class UserPacer:
         if server_time_left:
             try:
                 self._server_time_left = max(0.0, float(server_time_left.strip()))
-            except ValueError:
+            except ValueError:  # a malformed debugging header: the last figure (or the client's) stands
                 pass
 
     def throttle(self, retry_after: float | None) -> None:
