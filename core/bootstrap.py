@@ -72,6 +72,13 @@ class Container:
 
         return TableMailboxDirectory.from_account(self.storage)
 
+    async def close(self) -> None:
+        """Close the clients this container built (and only those: nothing is built just to be closed)."""
+        for name in ("graph", "dataverse", "storage"):
+            client = self.__dict__.get(name)
+            if client is not None:
+                await client.close()
+
     @cached_property
     def hot_mailboxes(self) -> HotMailboxes:
         """This process's notification rates per mailbox folder (the webhook's hot-mailbox switch)."""

@@ -61,12 +61,10 @@ def _container(args: argparse.Namespace, cwd: Path, environ: Mapping[str, str]) 
 
 
 async def _close(container: Any) -> None:
-    for name in ("graph", "dataverse", "storage"):
-        if name in container.__dict__:  # only what was built
-            try:
-                await container.__dict__[name].close()
-            except Exception as exc:  # closing at exit: the command's result stands; say why at DEBUG
-                logging.getLogger("emailrouter.cli").debug("closing %s failed: %s", name, exc.__class__.__name__)
+    try:
+        await container.close()
+    except Exception as exc:  # closing at exit: the command's result stands; say why at DEBUG
+        logging.getLogger("emailrouter.cli").debug("closing the clients failed: %s", exc.__class__.__name__)
 
 
 def _unreachable(exc: BaseException) -> bool:

@@ -307,8 +307,7 @@ def _drain_once(workdir: Path) -> list[str]:
         try:
             return await _drain_inbound(container)
         finally:
-            await container.storage.close()
-            await container.graph.close()
+            await container.close()
 
     return asyncio.run(run())
 

@@ -33,7 +33,7 @@ async def container(stack: LocalStack) -> AsyncIterator[Container]:
     try:
         yield c
     finally:
-        await c.dataverse.close()
+        await c.close()
 
 
 def plan(email: uuid.UUID, queue: str) -> QueueItemPlan:

@@ -39,9 +39,7 @@ async def container(stack: LocalStack) -> AsyncIterator[Container]:
     try:
         yield c
     finally:
-        await c.graph.close()
-        await c.dataverse.close()
-        await c.storage.close()
+        await c.close()
         stack.graph_emulator("POST", "access-policy", {"app_id": demo.APP_CLIENT_ID, "allowed": None})
 
 

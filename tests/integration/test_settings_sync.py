@@ -33,8 +33,7 @@ async def container(stack: LocalStack) -> AsyncIterator[Container]:
     try:
         yield c
     finally:
-        await c.dataverse.close()
-        await c.storage.close()
+        await c.close()
 
 
 def service(c: Container) -> CrmSyncService:

@@ -166,3 +166,24 @@ def test_dataverse_own_credential_wins_over_the_graph_one() -> None:
     with pytest.raises(MissingSettingError, match="'DATAVERSE_CLIENT_SECRET': Key Vault reference not resolved"):
         _ = Settings(env={**BASE_ENV, "DATAVERSE_CLIENT_SECRET": KV_REF,
                           "GRAPH_CLIENT_SECRET": "g"}).dataverse_credential
+
+
+async def test_container_close_closes_only_the_clients_it_built() -> None:
+    from core.bootstrap import Container
+
+    closed: list[str] = []
+
+    class Client:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def close(self) -> None:
+            closed.append(self.name)
+
+    container = Container(Settings(env={}))
+    await container.close()  # nothing built: nothing to close, and no client is built to be closed
+    assert closed == [] and not {"graph", "dataverse", "storage"} & set(container.__dict__)
+    container.__dict__["graph"] = Client("graph")
+    container.__dict__["storage"] = Client("storage")
+    await container.close()
+    assert closed == ["graph", "storage"]
