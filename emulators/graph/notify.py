@@ -100,6 +100,9 @@ class Notifier:
         self.faults = faults
         self._subs: dict[str, list[_Sub]] = {}
         self._dirty = True  # the cache is rebuilt when next read, not on every subscription write
+        # Rebuilds run on the dispatcher's thread, creates on the API's: an append must not land in a dict a
+        # concurrent rebuild is about to replace.
+        self._cache_lock = threading.Lock()
         self._heap: list[_Pending] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -209,17 +212,19 @@ class Notifier:
         self._dirty = True
 
     def _current(self) -> dict[str, list[_Sub]]:
-        if self._dirty:
-            self._dirty = False  # before the load: a change during it marks the cache dirty again
-            self._subs = self._load()
-        return self._subs
+        with self._cache_lock:
+            if self._dirty:
+                self._dirty = False  # before the load: a change during it marks the cache dirty again
+                self._subs = self._load()
+            return self._subs
 
     def added(self, raw: dict[str, Any]) -> None:
         """A new subscription: appended to a clean cache (a create must not cost a rebuild of every subscription,
         and the 1 s sweep would otherwise rebuild it every second while a large reconcile runs)."""
-        if not self._dirty:
-            sub = self._sub(raw)
-            self._subs.setdefault(sub.user_id, []).append(sub)
+        sub = self._sub(raw)
+        with self._cache_lock:
+            if not self._dirty:  # (a dirty cache is rebuilt from the store, which has the new subscription)
+                self._subs.setdefault(sub.user_id, []).append(sub)
 
     def _load(self) -> dict[str, list[_Sub]]:
         subs: dict[str, list[_Sub]] = {}
