@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -350,6 +350,13 @@ class TableMailboxStatus:
             props.update(InboundLastSyncError=detail[:1024], InboundLastSyncErrorAt=_now())
         await self._table.upsert(props, mode="merge")
 
+    async def record_synced(self, mailboxes: Sequence[str]) -> None:
+        """``record_sync(ok=True)`` for many mailboxes in table transactions (one partition holds every row)."""
+        now = _now()
+        await self._table.upsert_many([{"PartitionKey": self.PARTITION, "RowKey": _mailbox_key(m),
+                                         "Mailbox": m.lower(), "InboundLastSyncAt": now} for m in mailboxes],
+                                        mode="merge")
+
     async def get(self, mailbox: str) -> dict[str, Any] | None:
         try:
             return dict(await self._table.get(self.PARTITION, _mailbox_key(mailbox)))
@@ -394,6 +401,10 @@ class TableDeltaState:
                            initial_oldest=e.get("InitialOldest"))
 
     async def put(self, cursor: DeltaCursor) -> None:
+        await self._table.upsert(self._entity(cursor), mode="replace")
+
+    @staticmethod
+    def _entity(cursor: DeltaCursor) -> dict[str, Any]:
         entity: dict[str, Any] = {
             "PartitionKey": _mailbox_key(cursor.mailbox), "RowKey": encode_key(cursor.folder), "At": _now(),
             **split_text("Link", cursor.link or ""),
@@ -406,7 +417,12 @@ class TableDeltaState:
             entity["InitialSeen"] = cursor.initial_seen
         if cursor.initial_oldest is not None:
             entity["InitialOldest"] = cursor.initial_oldest
-        await self._table.upsert(entity, mode="replace")
+        return entity
+
+    async def put_if_absent(self, cursor: DeltaCursor) -> bool:
+        """Write the cursor unless the folder has one: one conditional insert (no read first, no race with a
+        delta round that wrote its own cursor a moment ago). True = written."""
+        return await self._table.insert_if_absent(self._entity(cursor))
 
     async def delete(self, mailbox: str, folder: str) -> None:
         await self._table.delete(_mailbox_key(mailbox), encode_key(folder))

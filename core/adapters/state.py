@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -72,6 +72,12 @@ class SubscriptionTable:
     async def put(self, record: SubscriptionRecord) -> None:
         await self._table.upsert(record.to_entity(), mode="replace")
         self._cache.pop(record.id, None)
+
+    async def put_many(self, records: Sequence[SubscriptionRecord]) -> None:
+        """Many records in table transactions (a reconcile creating thousands of subscriptions)."""
+        await self._table.upsert_many([r.to_entity() for r in records], mode="replace")
+        for record in records:
+            self._cache.pop(record.id, None)
 
     async def delete(self, subscription_id: str) -> None:
         await self._table.delete(_SUB_PARTITION, subscription_id)

@@ -89,6 +89,21 @@ async def test_upsert_merge_keeps_and_replace_drops_properties(table: TableStore
     assert "a" not in replaced and replaced["c"] == "4"
 
 
+async def test_upsert_many_writes_partitions_in_transactions_and_folds_repeated_keys(table: TableStore) -> None:
+    await table.upsert({"PartitionKey": "a", "RowKey": "r000", "old": "kept by merge"})
+    rows = [{"PartitionKey": p, "RowKey": f"r{i:03d}", "n": i} for p in ("a", "b") for i in range(130)]
+    rows.append({"PartitionKey": "a", "RowKey": "r001", "extra": "x"})  # the same key again: merged, not refused
+    assert await table.upsert_many(rows, mode="merge") == 260
+    first = await table.get("a", "r000")
+    assert first["old"] == "kept by merge" and first["n"] == 0
+    again = await table.get("a", "r001")
+    assert (again["n"], again["extra"]) == (1, "x")
+    assert len([e async for e in table.list_partition("b")]) == 130
+    assert await table.upsert_many([{"PartitionKey": "a", "RowKey": "r000", "only": 1}], mode="replace") == 1
+    assert "old" not in await table.get("a", "r000")
+    assert await table.upsert_many([]) == 0
+
+
 async def test_update_with_etag_detects_concurrent_change(table: TableStore) -> None:
     first = await table.insert({"PartitionKey": "claim", "RowKey": "e1", "state": "pending"})
     second = await table.update({"PartitionKey": "claim", "RowKey": "e1", "state": "sending"}, etag=first)

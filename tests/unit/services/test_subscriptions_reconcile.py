@@ -160,9 +160,15 @@ class FakeGraph:
 class FakeStore:
     def __init__(self) -> None:
         self.records: dict[str, SubscriptionRecord] = {}
+        self.batches: list[int] = []
 
     async def put(self, record: SubscriptionRecord) -> None:
         self.records[record.id] = record
+
+    async def put_many(self, records: Sequence[SubscriptionRecord]) -> None:
+        self.batches.append(len(records))
+        for record in records:
+            self.records[record.id] = record
 
     async def delete(self, subscription_id: str) -> None:
         self.records.pop(subscription_id, None)
@@ -178,6 +184,9 @@ class FakeSyncStatus:
 
     async def record_sync(self, mailbox: str, *, ok: bool, detail: str = "") -> None:
         self.rows.append((mailbox, ok, detail))
+
+    async def record_synced(self, mailboxes: Sequence[str]) -> None:
+        self.rows.extend((m, True, "") for m in mailboxes)
 
 
 def service(graph: FakeGraph, store: FakeStore, mailboxes: list[MailboxConfig],
@@ -371,3 +380,52 @@ async def test_reconcile_reports_the_mailboxes_it_changed() -> None:
     assert report.changed == {"a@x.com", "b@x.com"} and report.full and report.started_at == NOW
     again = await service(graph, store, [mbx("a@x.com")]).reconcile()
     assert again.changed == {"b@x.com"}  # its subscription was deleted
+
+
+async def test_new_subscription_records_are_written_in_transactions_with_their_sync_marks() -> None:
+    graph, store, status = FakeGraph(), FakeStore(), FakeSyncStatus()
+    mailboxes = [mbx(f"u{i:03d}@x.com") for i in range(250)]
+    report = await service(graph, store, mailboxes, status, create_concurrency=8).reconcile()
+
+    assert report.created == 250 and len(store.records) == 250 and not report.failed
+    assert sum(store.batches) == 250 and max(store.batches) <= 100 and len(store.batches) <= 4
+    assert sorted(m for m, ok, _ in status.rows if ok) == sorted(m.address for m in mailboxes)
+
+
+async def test_a_buffered_record_is_written_within_the_flush_interval_while_creates_go_on() -> None:
+    graph, store = FakeGraph(), FakeStore()
+    release = asyncio.Event()
+    original = graph.create_subscription
+
+    async def slow_after_first(body: Mapping[str, Any]) -> dict[str, Any]:
+        if graph.creates:  # the second create hangs until the test has seen the first record
+            await release.wait()
+        return await original(body)
+
+    graph.create_subscription = slow_after_first  # type: ignore[method-assign]
+    run = asyncio.create_task(service(graph, store, [mbx("a@x.com"), mbx("b@x.com")],
+                                      create_concurrency=1).reconcile())
+    for _ in range(100):
+        if store.records:
+            break
+        await asyncio.sleep(0.05)
+    assert [r.mailbox for r in store.records.values()] == ["a@x.com"]  # flushed by age, not by the run's end
+    release.set()
+    report = await run
+    assert report.created == 2 and len(store.records) == 2
+
+
+async def test_a_failed_record_write_reports_the_mailboxes_failed_not_created() -> None:
+    graph, store = FakeGraph(), FakeStore()
+
+    async def broken(records: Sequence[SubscriptionRecord]) -> None:
+        raise OSError("table unavailable")
+
+    store.put_many = broken  # type: ignore[method-assign]
+    report = await service(graph, store, [mbx("a@x.com"), mbx("b@x.com")]).reconcile()
+    assert report.created == 0 and len(graph.subs) == 2
+    assert sorted(report.failed) == [("a@x.com", "inbox", "record: OSError"), ("b@x.com", "inbox", "record: OSError")]
+    # the next run finds them in Graph but not in the table: orphans, deleted, and created again
+    fresh = FakeStore()
+    again = await service(graph, fresh, [mbx("a@x.com"), mbx("b@x.com")]).reconcile()
+    assert again.created == 2 and again.duplicates == 2 and len(graph.subs) == 2 and len(fresh.records) == 2
