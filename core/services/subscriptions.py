@@ -557,6 +557,21 @@ class SubscriptionService:
     async def _run_chunk(self, chunk: list[_Op], report: ReconcileReport, expires: datetime,
                          lost: list[tuple[str, str]]) -> None:
         pending = chunk
+        renewed: list[SubscriptionRecord] = []
+        try:
+            await self._run_rounds(pending, report, expires, lost, renewed)
+        finally:
+            if renewed:  # the chunk's renewed expiries in one table transaction, not one write each
+                try:
+                    await self._store.put_many(renewed)
+                    report.renewed += len(renewed)
+                except Exception as exc:  # Graph has the new expiry; the record's older one only renews it again
+                    log.error("recording %d renewal(s) failed (%s); the next reconcile renews them again",
+                              len(renewed), type(exc).__name__)
+                    report.failed.extend((r.mailbox, r.folder, f"record: {type(exc).__name__}") for r in renewed)
+
+    async def _run_rounds(self, pending: list[_Op], report: ReconcileReport, expires: datetime,
+                          lost: list[tuple[str, str]], renewed: list[SubscriptionRecord]) -> None:
         for round_ in range(2):  # second round: items Graph throttled inside the batch
             try:
                 responses = await self._send_batch(pending)
@@ -576,14 +591,14 @@ class SubscriptionService:
                         wait = max(wait, 1.0)
                     throttled.append(op)
                     continue
-                await self._settle(op, status, response, report, expires, lost)
+                await self._settle(op, status, response, report, expires, lost, renewed)
             if not throttled:
                 return
             await asyncio.sleep(min(wait, self._options.max_batch_wait))
             pending = throttled
 
     async def _settle(self, op: _Op, status: int, response: Mapping[str, Any], report: ReconcileReport,
-                      expires: datetime, lost: list[tuple[str, str]]) -> None:
+                      expires: datetime, lost: list[tuple[str, str]], renewed: list[SubscriptionRecord]) -> None:
         method = op.request["method"]
         body = response.get("body") if isinstance(response.get("body"), Mapping) else {}
         assert isinstance(body, Mapping)
@@ -599,8 +614,7 @@ class SubscriptionService:
         if method == "PATCH":
             assert op.record is not None
             if status < 300:
-                await self._store.put(_with_expiry(op.record, _parse_time(body.get("expirationDateTime"), expires)))
-                report.renewed += 1
+                renewed.append(_with_expiry(op.record, _parse_time(body.get("expirationDateTime"), expires)))
             elif status == 404:
                 await self._store.delete(op.record.id)
                 lost.append((op.record.mailbox, op.record.folder))

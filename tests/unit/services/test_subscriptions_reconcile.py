@@ -429,3 +429,16 @@ async def test_a_failed_record_write_reports_the_mailboxes_failed_not_created() 
     fresh = FakeStore()
     again = await service(graph, fresh, [mbx("a@x.com"), mbx("b@x.com")]).reconcile()
     assert again.created == 2 and again.duplicates == 2 and len(graph.subs) == 2 and len(fresh.records) == 2
+
+
+async def test_renewed_expiries_are_recorded_one_transaction_per_graph_batch() -> None:
+    graph, store = FakeGraph(), FakeStore()
+    mailboxes = [mbx(f"u{i}@x.com") for i in range(45)]
+    await service(graph, store, mailboxes).reconcile()
+    for record in list(store.records.values()):
+        store.records[record.id] = SubscriptionRecord(record.id, record.mailbox, record.folder, record.client_state,
+                                                      record.tenant_id, record.resource, NOW + timedelta(hours=1))
+    store.batches.clear()
+    report = await service(graph, store, mailboxes).reconcile()
+    assert report.renewed == 45 and sorted(store.batches) == [5, 20, 20]
+    assert all(r.expires > NOW + timedelta(days=2) for r in store.records.values())
