@@ -9,6 +9,7 @@ the setting's name. Tests call ``set_container()`` with fakes, or build a Contai
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Sequence
 from functools import cached_property
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from core.domain.hot_mailboxes import HotMailboxes
     from core.settings import TableMailboxDirectory
 
-__all__ = ["Container", "StorageWorkQueue", "get_container", "set_container"]
+__all__ = ["Container", "StorageWorkQueue", "get_container", "quiet_sdk_request_logs", "set_container"]
 
 
 class StorageWorkQueue:
@@ -54,6 +55,7 @@ class Container:
     def storage(self) -> StorageAccount:
         from core.adapters.storage import StorageAccount
 
+        quiet_sdk_request_logs(keep=self.settings.flag("AZURE_SDK_HTTP_LOGS"))
         return StorageAccount.from_settings(self.settings)
 
     @cached_property
@@ -118,6 +120,16 @@ class Container:
         return DataverseClient(s.dataverse_api_base, [p.get_token_async for _, p in users],
                                user_names=[client_id for client_id, _ in users],
                                budget=ServiceProtectionBudget(**s.dataverse_budget_values()))
+
+
+# azure-core's HttpLoggingPolicy logs the URL and headers of every request at INFO; the Functions worker ships INFO
+# records to Application Insights, so each tracked email would add about eight of them (its storage calls), paid
+# per GB ingested and formatted on the message's CPU. Their warnings and errors still get through.
+SDK_REQUEST_LOGGER = "azure.core.pipeline.policies.http_logging_policy"
+
+
+def quiet_sdk_request_logs(*, keep: bool = False) -> None:
+    logging.getLogger(SDK_REQUEST_LOGGER).setLevel(logging.NOTSET if keep else logging.WARNING)
 
 
 _lock = threading.Lock()

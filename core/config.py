@@ -193,6 +193,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "Subscription writes (create/renew/delete) per 20 s the router allows itself (Graph: 1,000 per app)."),
     Setting("SUBSCRIPTION_REAUTHORIZE_COALESCE_MINUTES", "10",
             "A reauthorizationRequired for a subscription renewed this recently needs no PATCH."),
+    Setting("AZURE_SDK_HTTP_LOGS", "false",
+            "true: keep the Azure SDKs' per-request INFO logs (URL and headers of every storage call) for a "
+            "diagnosis; by default only their warnings and errors are logged."),
     Setting("HOT_MAILBOX_NOTIFICATIONS_PER_MINUTE", "600",
             "Notifications per minute for one mailbox folder (per webhook instance) above which they become one "
             "delta round per HOT_MAILBOX_DELTA_DELAY_SECONDS, worked under the mailbox's lease (0: never)."),

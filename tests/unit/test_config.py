@@ -187,3 +187,21 @@ async def test_container_close_closes_only_the_clients_it_built() -> None:
     container.__dict__["storage"] = Client("storage")
     await container.close()
     assert closed == ["graph", "storage"]
+
+
+def test_the_storage_adapter_silences_the_sdk_request_log_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from core.bootstrap import SDK_REQUEST_LOGGER, Container
+
+    monkeypatch.setenv("AzureWebJobsStorage", "UseDevelopmentStorage=true")
+    sdk = logging.getLogger(SDK_REQUEST_LOGGER)
+    monkeypatch.setattr(sdk, "level", logging.NOTSET)
+    monkeypatch.setattr(logging.getLogger("azure"), "level", logging.INFO)  # as the Functions worker has it
+    assert sdk.isEnabledFor(logging.INFO)
+    monkeypatch.delenv("AZURE_SDK_HTTP_LOGS", raising=False)
+    assert Container().storage is not None
+    assert not sdk.isEnabledFor(logging.INFO) and sdk.isEnabledFor(logging.WARNING)
+    monkeypatch.setenv("AZURE_SDK_HTTP_LOGS", "true")
+    assert Container().storage is not None
+    assert sdk.level == logging.NOTSET
