@@ -195,13 +195,18 @@ def test_the_storage_adapter_silences_the_sdk_request_log_unless_asked(monkeypat
     from core.bootstrap import SDK_REQUEST_LOGGER, Container
 
     monkeypatch.setenv("AzureWebJobsStorage", "UseDevelopmentStorage=true")
-    sdk = logging.getLogger(SDK_REQUEST_LOGGER)
-    monkeypatch.setattr(sdk, "level", logging.NOTSET)
-    monkeypatch.setattr(logging.getLogger("azure"), "level", logging.INFO)  # as the Functions worker has it
-    assert sdk.isEnabledFor(logging.INFO)
-    monkeypatch.delenv("AZURE_SDK_HTTP_LOGS", raising=False)
-    assert Container().storage is not None
-    assert not sdk.isEnabledFor(logging.INFO) and sdk.isEnabledFor(logging.WARNING)
-    monkeypatch.setenv("AZURE_SDK_HTTP_LOGS", "true")
-    assert Container().storage is not None
-    assert sdk.level == logging.NOTSET
+    sdk, azure = logging.getLogger(SDK_REQUEST_LOGGER), logging.getLogger("azure")
+    before = sdk.level, azure.level
+    try:
+        sdk.setLevel(logging.NOTSET)
+        azure.setLevel(logging.INFO)  # as the Functions worker has it: INFO reaches Application Insights
+        assert sdk.isEnabledFor(logging.INFO)
+        monkeypatch.delenv("AZURE_SDK_HTTP_LOGS", raising=False)
+        assert Container().storage is not None
+        assert not sdk.isEnabledFor(logging.INFO) and sdk.isEnabledFor(logging.WARNING)
+        monkeypatch.setenv("AZURE_SDK_HTTP_LOGS", "true")
+        assert Container().storage is not None
+        assert sdk.isEnabledFor(logging.INFO)
+    finally:
+        sdk.setLevel(before[0])
+        azure.setLevel(before[1])
