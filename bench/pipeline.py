@@ -227,12 +227,13 @@ def _sustain_metrics(result: dict[str, Any]) -> list[Metric]:
     if not steps:
         return [not_measured(NAMES["sustain"], "ratio", None, "no step was run")]
     passing = [st for st in steps if st.get("p99_s") is not None and st["p99_s"] <= 3.0 and not st.get("missing")]
-    detail = "; ".join(f"{st['rate']:g}/s: p99 {st.get('p99_s')} s, {st.get('seen')}/{st.get('expected')} rows"
-                       for st in steps)
+    detail = "; ".join(f"{st['rate']:g}/s: p99 {st.get('p99_s')} s, {st.get('seen')}/{st.get('expected')} rows, "
+                       f"queued at its start {st.get('queued_at_start')}" for st in steps)
+    settled = {k: result.get(k) for k in ("settle_after_steady_s", "settle_after_steps_s") if k in result}
     best = max((st["rate"] for st in passing), default=0.0)
     rows = [Metric("sustainable rate (p99 <= 3 s)", best, "msg/s", None,
                    detail=f"stepped offered rates (tracked mail only, {result.get('step_s')} s each): {detail}",
-                   extra={"steps": steps})]
+                   extra={"steps": steps, **settled})]
     if not ceiling:
         rows.insert(0, not_measured(NAMES["sustain"], "ratio", None, f"no bare-call ceiling ({bare.get('error')})"))
     else:
@@ -398,6 +399,15 @@ def _phases(stack: Stack, workdir: Path, result: dict[str, Any], *, quick: bool,
         _log(f"scale again: wall {result['scale_again'].get('wall_s')} s")
 
 
+def _queued(stack: Stack) -> dict[str, int]:
+    from core.names import QUEUES
+
+    try:
+        return {q: stack.queue_depth(q) for q in QUEUES}
+    except Exception as exc:  # a diagnostic only
+        return {"error": f"{type(exc).__name__}"}  # type: ignore[dict-item]
+
+
 def _settle(poller: RowPoller, expected: set[str], *, within: float = 240.0) -> float:
     """Wait (bounded) until the mails of the phase before have their rows: the next phase starts on an idle
     pipeline. Returns the seconds waited."""
@@ -477,6 +487,7 @@ def _steps(stack: Stack, org: BenchOrg, poller: RowPoller, result: dict[str, Any
     result["steps"] = []
     expected: dict[str, Any] = {}
     for rate in STEPS:
+        queued = _queued(stack)  # what the host still had to do when the step began (a slow step's first suspect)
         mails = make_mails(org, int(rate * seconds), f"r{int(rate)}{uuid.uuid4().hex[:4]}", tracked_only=True)
         sending = send_mails(stack, mails, rate=rate, cap_s=seconds + 10)
         expected = {s.message_id: s for s, _ in mails if s.accepted is not None}
@@ -488,7 +499,7 @@ def _steps(stack: Stack, org: BenchOrg, poller: RowPoller, result: dict[str, Any
         step = {"rate": rate, "sent": sending["sent"], "send_rate": sending["rate_per_s"], "expected": len(expected),
                 "seen": len(samples), "missing": missing,
                 "p50_s": round(percentile(values, 50), 3) if values else None,
-                "p99_s": round(percentile(values, 99), 3) if values else None}
+                "p99_s": round(percentile(values, 99), 3) if values else None, "queued_at_start": queued}
         result["steps"].append(step)
         if step["p99_s"] is None or step["p99_s"] > 3.0 or missing:
             break  # a higher rate cannot do better; its backlog would only slow the next phases
