@@ -5,9 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from core.config import reset_settings_cache
 from local.azurite import Azurite, start_azurite
+
+# Property tests check what happens, never how fast: Hypothesis' default 200 ms deadline per example fails them on
+# a busy 2-core machine (speed is measured by `make bench`). Profiles of single tests still set their own limits.
+settings.register_profile("router", deadline=None)
+settings.load_profile("router")
 
 
 @pytest.fixture(autouse=True)

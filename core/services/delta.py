@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from core.adapters.graph import DeltaPage, GraphError, GraphNotFound, GraphSyncStateNotFound
 from core.domain.leases import JOB_DELTA_FANOUT, delta_lease, new_owner
-from core.domain.records import DeltaCursor
+from core.domain.records import DeltaCursor, InboundLedgerEntry
 from core.names import INBOUND_QUEUE, MAILBOX_SYNC_QUEUE
 from core.ports import MailboxDirectory, WorkQueue
 from core.services.jobs import JobBusy, LeaseStore, exclusive
@@ -67,6 +67,7 @@ DELTA_LEASE: Final = timedelta(minutes=2)  # renewed while the rounds run
 BUSY_RETRY_SECONDS: Final = 60  # a lifecycle sync item that finds its mailbox busy comes back this much later
 HOT_BUSY_RETRY_SECONDS: Final = 5  # a hot mailbox's delta request that finds a round running: soon, latency matters
 HOT_FIRST_ROUND_SLACK: Final = timedelta(minutes=15)  # a hot folder without a cursor: how far back its round looks
+LEDGER_LOOKUPS_IN_FLIGHT: Final = 16  # ledger reads of one delta page at once
 HOT_MAX_PAGES: Final = 10  # a hot round works at most this many pages, then hands the rest to a new hot item
 
 InlineProcessor = Callable[[InboundItem], Awaitable[object]]
@@ -76,6 +77,12 @@ class DeltaStateStore(Protocol):
     async def get(self, mailbox: str, folder: str) -> DeltaCursor | None: ...
 
     async def put(self, cursor: DeltaCursor) -> None: ...
+
+
+class ProcessedLookup(Protocol):
+    """The processed ledger's read side (``core.adapters.inbound_state.TableLedger``)."""
+
+    async def get(self, mailbox: str, graph_id: str) -> InboundLedgerEntry | None: ...
 
 
 class DeltaGateway(Protocol):
@@ -98,6 +105,7 @@ class DeltaReport:
     more: bool = False  # the round stopped at its page limit; the saved link continues it
     backfilled: int = 0  # messages past the 5,000 cap of a first round, listed instead
     processed: int = 0  # hot mailbox: messages processed inline by the round (not enqueued)
+    already_processed: int = 0  # listed, but the ledger has a final outcome for them: not enqueued
     error: str = ""
 
 
@@ -128,8 +136,12 @@ class DeltaService:
                  change_type: str | None = "created", filter_cap: int = DELTA_FILTER_CAP,
                  category: CategoryTracker | None = None, leases: LeaseStore | None = None,
                  owner: str | None = None, inline: Callable[[], InlineProcessor] | None = None,
-                 inline_gate: asyncio.Semaphore | None = None) -> None:
+                 inline_gate: asyncio.Semaphore | None = None, ledger: ProcessedLookup | None = None) -> None:
         self._leases = leases
+        # Delta re-reports every message notifications already brought (a round lists all mail since the last one):
+        # asking the ledger first keeps those out of the inbound queue - one table read each instead of a queue
+        # message, a function invocation and the same read there. The processor's ledger check stays the rule.
+        self._ledger = ledger
         self._inline = inline  # builds the processor for hot rounds on first use (not every caller needs one)
         # Messages processed inline at once by every hot round of this process together (each holds its kept
         # attachments until written: memory is bounded per process, not per round; docs/deploy.md §9 "Memory").
@@ -208,6 +220,7 @@ class DeltaService:
                 if received is not None and (high is None or received > high):
                     high = received
                 items.append(InboundItem(cursor.mailbox, str(message["id"]), "delta", folder=cursor.folder))
+            items = await self._not_processed(items, report)
             if inline and self._inline is not None:
                 await self._process_inline(items, report)
             else:
@@ -224,6 +237,26 @@ class DeltaService:
                 return
         report.more = True
         log.warning("delta round for a %s folder stopped after %d pages; continues next round", cursor.folder, limit)
+
+    async def _not_processed(self, items: list[InboundItem], report: DeltaReport) -> list[InboundItem]:
+        """The items the ledger has no final outcome for (a failed lookup keeps its item: the processor decides)."""
+        ledger = self._ledger
+        if ledger is None or not items:
+            return items
+        gate = asyncio.Semaphore(LEDGER_LOOKUPS_IN_FLIGHT)
+
+        async def done(item: InboundItem) -> bool:
+            async with gate:
+                try:
+                    entry = await ledger.get(item.mailbox, item.message_id)
+                except Exception as exc:  # storage hiccup: enqueue it, the processor checks again
+                    log.debug("ledger lookup before enqueue failed (%s)", type(exc).__name__)
+                    return False
+            return entry is not None and entry.outcome.terminal
+
+        known = await asyncio.gather(*(done(i) for i in items))
+        report.already_processed += sum(known)
+        return [item for item, seen in zip(items, known, strict=True) if not seen]
 
     async def _enqueue(self, items: Sequence[InboundItem]) -> None:
         payloads = [i.to_json() for i in items]
@@ -442,7 +475,8 @@ def delta_service_for(container: Container, *, role: str = "router") -> DeltaSer
                         container.mailbox_directory,
                         subscriptions=subscriptions, change_type=None if change_type == "all" else change_type,
                         category=category_tracker_for(container), leases=lease_store_for(container),
-                        owner=new_owner(role), inline=inline, inline_gate=container.hot_inline_gate)
+                        owner=new_owner(role), inline=inline, inline_gate=container.hot_inline_gate,
+                        ledger=InboundState.for_container(container).ledger)
 
 
 async def backfill(container: Container, mailbox: str, since: datetime,

@@ -10,6 +10,7 @@ from typing import Any
 
 from core.adapters.graph import DeltaPage, GraphSyncStateNotFound
 from core.domain.model import CrmRecordRef, CrmTable, InboundMethod, MailboxConfig, MailboxKind
+from core.domain.records import InboundLedgerEntry, LedgerOutcome
 from core.names import INBOUND_QUEUE, MAILBOX_SYNC_QUEUE
 from core.services.delta import LATE_ARRIVAL_SLACK, DeltaCursor, DeltaService
 from core.work_items import InboundItem, MailboxSyncItem
@@ -374,3 +375,36 @@ async def test_a_hot_round_stops_at_its_page_limit_and_hands_the_rest_to_a_new_h
     assert report.pages == HOT_MAX_PAGES and report.more and len(processor.processed) == HOT_MAX_PAGES
     assert state.cursors[("sink@x.com", "inbox")].link == f"next-{HOT_MAX_PAGES}"  # the next round starts there
     assert queue.messages[MAILBOX_SYNC_QUEUE] == [hot.to_json()]
+
+
+class FakeLedger:
+    def __init__(self, outcomes: dict[str, LedgerOutcome], broken: set[str] | None = None) -> None:
+        self.outcomes = outcomes
+        self.broken = broken or set()
+        self.asked: list[str] = []
+
+    async def get(self, mailbox: str, graph_id: str) -> InboundLedgerEntry | None:
+        self.asked.append(graph_id)
+        if graph_id in self.broken:
+            raise OSError("table unavailable")
+        outcome = self.outcomes.get(graph_id)
+        return None if outcome is None else InboundLedgerEntry(mailbox, graph_id, outcome)
+
+
+async def test_a_round_leaves_out_what_the_ledger_has_a_final_outcome_for() -> None:
+    graph, state, queue = FakeDeltaGraph(), FakeState(), FakeWorkQueue()
+    graph.rounds.append([DeltaPage([msg(g, NOW) for g in ("done", "skipped", "retrying", "new", "unknown")],
+                                   [], None, "delta-1")])
+    ledger = FakeLedger({"done": LedgerOutcome.TRACKED, "skipped": LedgerOutcome.SKIPPED,
+                         "retrying": LedgerOutcome.RETRYING}, broken={"unknown"})
+    svc = DeltaService(graph, state, queue, StaticMailboxDirectory([mbx("a@x.com")]), clock=lambda: NOW,
+                       ledger=ledger)
+
+    (report,) = await svc.sync_mailbox("a@x.com")
+
+    # notified and processed already: not enqueued again; a retry in progress, a new one and one the ledger could
+    # not be asked about go to the processor, whose own ledger check decides
+    assert enqueued(queue) == ["retrying", "new", "unknown"]
+    assert report.enqueued == 3 and report.already_processed == 2 and sorted(ledger.asked) == sorted(
+        ["done", "skipped", "retrying", "new", "unknown"])
+    assert state.cursors[("a@x.com", "inbox")].link == "delta-1"
