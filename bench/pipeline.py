@@ -203,11 +203,15 @@ def _cpu_metrics(result: dict[str, Any]) -> list[Metric]:
                              f"email, bare calls {bare_ms:.2f} ms per unit")]
     storage_ms = host_ms * fraction
     router_ms = host_ms - storage_ms
+    ours_only = storage.get("storage_fraction_ours_only")
+    before_fix = (f" With the storage SDKs' own frames not recognised (the classification before py-spy was asked "
+                  f"for full file names): {host_ms * (1 - ours_only) / bare_ms:.2f}x."
+                  if ours_only is not None else "")
     common = (f"steady phase: Functions host {host_ms:.1f} ms CPU per tracked email ({host:.1f} s / {tracked}), of "
               f"which storage calls {storage_ms:.1f} ms ({fraction:.0%} of py-spy's {storage.get('samples')} GIL "
               f"samples: Azure Storage SDKs, core/adapters/storage.py, the local host's queue listener); bare "
               f"client {bare_ms:.2f} ms per unit (httpx, same Graph GET + Dataverse $batch, {bare.get('units')} "
-              f"units); other processes per tracked email (ms): {others}")
+              f"units); other processes per tracked email (ms): {others}.{before_fix}")
     return [
         Metric(NAMES["cpu"], round(router_ms / bare_ms, 2), "x", CPU_TARGET,
                detail=f"(host - storage) {router_ms:.1f} ms / bare {bare_ms:.2f} ms. " + common,
