@@ -204,12 +204,15 @@ class GraphMailClient:
         from msgraph import GraphRequestAdapter, GraphServiceClient
         from msgraph_core import GraphClientFactory
 
+        from core.adapters.http_pool import cheap_readable_checks
+
         self._timeout = timeout
         self._token_provider = token_provider
         self._download: _httpx.AsyncClient | None = None  # plain client for streamed downloads (no middleware)
         # a given client's own transport (tests: a MockTransport), taken before the SDK wraps it in its middleware
         self._download_transport = getattr(http_client, "_transport", None) if http_client is not None else None
-        client = http_client or _httpx.AsyncClient(timeout=_httpx.Timeout(timeout, connect=15.0))
+        client = cheap_readable_checks(  # CPU: core/adapters/http_pool.py
+            http_client or _httpx.AsyncClient(timeout=_httpx.Timeout(timeout, connect=15.0)))
         client = GraphClientFactory.create_with_custom_middleware(_middleware(), client=client)
         self._adapter = GraphRequestAdapter(BaseBearerTokenAuthenticationProvider(token_provider), client=client)
         self._adapter.base_url = base_url.rstrip("/")
