@@ -332,12 +332,7 @@ class GraphMailClient:
         """One GET: the fields the processor needs, headers and MESSAGE_EXTENDED_PROPERTIES included, attachments
         listed by metadata (their content is fetched separately, only when CRM will keep it:
         :meth:`get_attachment_contents`)."""
-        wanted = " or ".join(f"id eq '{p}'" for p in MESSAGE_EXTENDED_PROPERTIES)
-        expand = [f"singleValueExtendedProperties($filter={wanted})"]
-        if with_attachments:
-            expand.insert(0, f"attachments($select={','.join(ATTACHMENT_METADATA)})")
-        query = "$select=" + ",".join(MESSAGE_SELECT) + "&$expand=" + quote(",".join(expand), safe="$=,'()")
-        url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}?{query}"
+        url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}?{_message_query(with_attachments)}"
         _, body, _ = await self._send(
             "get_message", mailbox, self._raw("GET", url), idempotent=True,
             headers={"Prefer": 'IdType="ImmutableId", outlook.body-content-type="html"'},
@@ -807,10 +802,27 @@ def _with_user_path(url: str, mailbox: str, user_segment: str) -> str:
     """``.../users/<address>[/...|?...]`` -> ``.../users/<object id>...`` in the path only (next and delta links
     from Graph already carry the id and are left alone)."""
     path, sep, query = url.partition("?")
-    names = "|".join(re.escape(n) for n in {quote(mailbox), quote(mailbox, safe="@"), mailbox})
-    path = re.sub(rf"/users/(?:{names})(?=/|$)", lambda _: f"/users/{user_segment}", path, count=1,
-                  flags=re.IGNORECASE)
+    path = _user_path_pattern(mailbox).sub(lambda _: f"/users/{user_segment}", path, count=1)
     return f"{path}{sep}{query}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _user_path_pattern(mailbox: str) -> re.Pattern[str]:
+    """The ``/users/<address>`` segment of a mailbox, as every URL here spells it (compiled once per mailbox, not
+    per request: CPU)."""
+    names = "|".join(re.escape(n) for n in {quote(mailbox), quote(mailbox, safe="@"), mailbox})
+    return re.compile(rf"/users/(?:{names})(?=/|$)", flags=re.IGNORECASE)
+
+
+@functools.cache
+def _message_query(with_attachments: bool) -> str:
+    """The query of :meth:`GraphMailClient.get_message`: MESSAGE_SELECT, the extended properties and (optionally)
+    the attachments' metadata. The same text for every message, so built once per process (CPU)."""
+    wanted = " or ".join(f"id eq '{p}'" for p in MESSAGE_EXTENDED_PROPERTIES)
+    expand = [f"singleValueExtendedProperties($filter={wanted})"]
+    if with_attachments:
+        expand.insert(0, f"attachments($select={','.join(ATTACHMENT_METADATA)})")
+    return "$select=" + ",".join(MESSAGE_SELECT) + "&$expand=" + quote(",".join(expand), safe="$=,'()")
 
 
 def _is_transport_error(exc: BaseException) -> bool:
