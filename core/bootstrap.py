@@ -9,6 +9,7 @@ the setting's name. Tests call ``set_container()`` with fakes, or build a Contai
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Sequence
 from functools import cached_property
@@ -49,6 +50,7 @@ class Container:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
+        _quiet_request_logs()
 
     @cached_property
     def storage(self) -> StorageAccount:
@@ -118,6 +120,18 @@ class Container:
         return DataverseClient(s.dataverse_api_base, [p.get_token_async for _, p in users],
                                user_names=[client_id for client_id, _ in users],
                                budget=ServiceProtectionBudget(**s.dataverse_budget_values()))
+
+
+def _quiet_request_logs() -> None:
+    """httpx logs every request at INFO, full URL included ("HTTP Request: GET https://...?$filter=... 200 OK"):
+    Dataverse lookups carry mail addresses in their ``$filter``, which core/adapters/dataverse.py keeps to DEBUG for
+    that reason (it logs each request itself there), and at the Functions host's default level (Information) the
+    INFO line went to the logs anyway, once per Dataverse and Graph request. Warnings and errors still pass. Also
+    CPU: a log record per request on the hot path."""
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:  # an explicit choice (a developer's DEBUG) is left alone
+            logger.setLevel(logging.WARNING)
 
 
 _lock = threading.Lock()
