@@ -50,6 +50,7 @@ class Container:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
+        _quiet_request_logs()
 
     @cached_property
     def storage(self) -> StorageAccount:
@@ -130,6 +131,18 @@ SDK_REQUEST_LOGGER = "azure.core.pipeline.policies.http_logging_policy"
 
 def quiet_sdk_request_logs(*, keep: bool = False) -> None:
     logging.getLogger(SDK_REQUEST_LOGGER).setLevel(logging.NOTSET if keep else logging.WARNING)
+
+
+def _quiet_request_logs() -> None:
+    """httpx logs every request at INFO, full URL included ("HTTP Request: GET https://...?$filter=... 200 OK"):
+    Dataverse lookups carry mail addresses in their ``$filter``, which core/adapters/dataverse.py keeps to DEBUG for
+    that reason (it logs each request itself there), and at the Functions host's default level (Information) the
+    INFO line went to the logs anyway, once per Dataverse and Graph request. Warnings and errors still pass. Also
+    CPU: a log record per request on the hot path."""
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:  # an explicit choice (a developer's DEBUG) is left alone
+            logger.setLevel(logging.WARNING)
 
 
 _lock = threading.Lock()

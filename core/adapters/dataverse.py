@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from core.adapters.dataverse_pool import ApplicationUserPool, PacingWait, ServiceProtectionBudget
+from core.adapters.http_pool import cheap_readable_checks
 from core.adapters.odata import (
     BatchRequest,
     BatchResponse,
@@ -487,6 +488,7 @@ class DataverseClient:
             },
             follow_redirects=False,
         )
+        cheap_readable_checks(self._http)  # CPU: core/adapters/http_pool.py
 
     async def close(self) -> None:
         await self._http.aclose()

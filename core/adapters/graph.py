@@ -17,6 +17,7 @@ this instance inside that limit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -203,13 +204,16 @@ class GraphMailClient:
         from msgraph import GraphRequestAdapter, GraphServiceClient
         from msgraph_core import GraphClientFactory
 
+        from core.adapters.http_pool import cheap_readable_checks
+
         self._timeout = timeout
         self._token_provider = token_provider
         self._download: _httpx.AsyncClient | None = None  # plain client for streamed downloads (no middleware)
         # a given client's own transport (tests: a MockTransport), taken before the SDK wraps it in its middleware
         self._download_transport = getattr(http_client, "_transport", None) if http_client is not None else None
-        client = http_client or _httpx.AsyncClient(timeout=_httpx.Timeout(timeout, connect=15.0))
-        client = GraphClientFactory.create_with_default_middleware(client=client)
+        client = cheap_readable_checks(  # CPU: core/adapters/http_pool.py
+            http_client or _httpx.AsyncClient(timeout=_httpx.Timeout(timeout, connect=15.0)))
+        client = GraphClientFactory.create_with_custom_middleware(_middleware(), client=client)
         self._adapter = GraphRequestAdapter(BaseBearerTokenAuthenticationProvider(token_provider), client=client)
         self._adapter.base_url = base_url.rstrip("/")
         self._client = GraphServiceClient(request_adapter=self._adapter)
@@ -236,13 +240,9 @@ class GraphMailClient:
     # -- transport -----------------------------------------------------------------------------
 
     def _prepare(self, ri: RequestInformation, headers: Mapping[str, str] | None) -> RequestInformation:
-        from kiota_abstractions.native_response_handler import NativeResponseHandler
-        from kiota_http.middleware.options import ResponseHandlerOption, RetryHandlerOption
-
-        ri.add_request_options([
-            ResponseHandlerOption(NativeResponseHandler()),
-            RetryHandlerOption(max_retries=0, should_retry=False),
-        ])
+        # The native response back (no kiota models); there is no RetryHandler in the chain (_middleware) to switch
+        # off: this adapter decides on retries itself.
+        ri.add_request_options([_native_response_option()])
         for name, value in (headers or {}).items():
             ri.headers.try_add(name, value)
         return ri
@@ -332,12 +332,7 @@ class GraphMailClient:
         """One GET: the fields the processor needs, headers and MESSAGE_EXTENDED_PROPERTIES included, attachments
         listed by metadata (their content is fetched separately, only when CRM will keep it:
         :meth:`get_attachment_contents`)."""
-        wanted = " or ".join(f"id eq '{p}'" for p in MESSAGE_EXTENDED_PROPERTIES)
-        expand = [f"singleValueExtendedProperties($filter={wanted})"]
-        if with_attachments:
-            expand.insert(0, f"attachments($select={','.join(ATTACHMENT_METADATA)})")
-        query = "$select=" + ",".join(MESSAGE_SELECT) + "&$expand=" + quote(",".join(expand), safe="$=,'()")
-        url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}?{query}"
+        url = f"/users/{quote(mailbox)}/messages/{quote(message_id, safe='')}?{_message_query(with_attachments)}"
         _, body, _ = await self._send(
             "get_message", mailbox, self._raw("GET", url), idempotent=True,
             headers={"Prefer": 'IdType="ImmutableId", outlook.body-content-type="html"'},
@@ -807,13 +802,92 @@ def _with_user_path(url: str, mailbox: str, user_segment: str) -> str:
     """``.../users/<address>[/...|?...]`` -> ``.../users/<object id>...`` in the path only (next and delta links
     from Graph already carry the id and are left alone)."""
     path, sep, query = url.partition("?")
-    names = "|".join(re.escape(n) for n in {quote(mailbox), quote(mailbox, safe="@"), mailbox})
-    path = re.sub(rf"/users/(?:{names})(?=/|$)", lambda _: f"/users/{user_segment}", path, count=1,
-                  flags=re.IGNORECASE)
+    path = _user_path_pattern(mailbox).sub(lambda _: f"/users/{user_segment}", path, count=1)
     return f"{path}{sep}{query}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _user_path_pattern(mailbox: str) -> re.Pattern[str]:
+    """The ``/users/<address>`` segment of a mailbox, as every URL here spells it (compiled once per mailbox, not
+    per request: CPU)."""
+    names = "|".join(re.escape(n) for n in {quote(mailbox), quote(mailbox, safe="@"), mailbox})
+    return re.compile(rf"/users/(?:{names})(?=/|$)", flags=re.IGNORECASE)
+
+
+@functools.cache
+def _message_query(with_attachments: bool) -> str:
+    """The query of :meth:`GraphMailClient.get_message`: MESSAGE_SELECT, the extended properties and (optionally)
+    the attachments' metadata. The same text for every message, so built once per process (CPU)."""
+    wanted = " or ".join(f"id eq '{p}'" for p in MESSAGE_EXTENDED_PROPERTIES)
+    expand = [f"singleValueExtendedProperties($filter={wanted})"]
+    if with_attachments:
+        expand.insert(0, f"attachments($select={','.join(ATTACHMENT_METADATA)})")
+    return "$select=" + ",".join(MESSAGE_SELECT) + "&$expand=" + quote(",".join(expand), safe="$=,'()")
 
 
 def _is_transport_error(exc: BaseException) -> bool:
     import httpx as _httpx
 
     return isinstance(exc, _httpx.TransportError | asyncio.TimeoutError)
+
+
+@functools.cache
+def _native_response_option() -> Any:
+    """One ``ResponseHandlerOption(NativeResponseHandler())`` for every request: both are stateless (the handler
+    returns the httpx response as it is), so building a pair per request was allocation for nothing."""
+    from kiota_abstractions.native_response_handler import NativeResponseHandler
+    from kiota_http.middleware.options import ResponseHandlerOption
+
+    return ResponseHandlerOption(NativeResponseHandler())
+
+
+def _middleware() -> list[Any]:
+    """The SDK's middleware chain, built from kiota's and msgraph_core's own handlers, less the ones that do
+    nothing for this adapter (CPU: each handler opens a tracing span, and three of them re-parse the whole URL on
+    every request; the message GET's URL is ~700 characters, which httpx and urllib3 parse character by character
+    in Python, ~0.3 ms CPU per request together).
+
+    Kept, in the default order: RedirectHandler, ParametersNameDecodingHandler (re-parsing only when a parameter
+    name really changes), UserAgentHandler, GraphTelemetryHandler (the same headers, with the Graph-host check read
+    from the URL httpx has already parsed). Left out:
+
+    * RetryHandler: every request switched it off (it re-sends POSTs); this adapter retries itself (module
+      docstring), so its only effect was work.
+    * UrlReplaceHandler: rewrites ``/users/TokenToReplace`` to ``/me``, a placeholder only kiota's ``/me``
+      request builders produce; every URL here is built from a mailbox address or object id, or is a link Graph
+      returned. It re-parsed every URL to replace nothing.
+    * HeadersInspectionHandler, BodyInspectionHandler: act only when a request asks for inspection through their
+      options; none does.
+    """
+    from kiota_http.middleware import ParametersNameDecodingHandler, RedirectHandler, UserAgentHandler
+    from msgraph_core.middleware import GraphTelemetryHandler
+
+    class _ParametersNameDecoding(ParametersNameDecodingHandler):  # type: ignore[misc]
+        """The same decoding; the request URL is replaced (httpx re-parses it) only when the decoded query differs.
+        The base class replaced it whenever the query held any ``%`` (every value with a space in it)."""
+
+        async def send(self, request: httpx.Request, transport: httpx.AsyncBaseTransport) -> httpx.Response:
+            options = self._get_current_options(request)
+            query = request.url.query.decode("utf-8")
+            if options and options.enabled and "%" in query and options.characters_to_decode:
+                decoded = self.decode_uri_encoded_string(query, options.characters_to_decode)
+                if decoded != query:
+                    request.url = request.url.copy_with(query=decoded.encode("utf-8"))
+            return await super(ParametersNameDecodingHandler, self).send(request, transport)
+
+    class _Telemetry(GraphTelemetryHandler):  # type: ignore[misc]
+        """The same telemetry headers on Graph hosts; the base class re-parsed the URL's text with urllib3 for
+        its scheme and host, which httpx has already parsed (and normalised: lowercase, default port dropped, as
+        ``str(url)`` handed to urllib3 was) on the request."""
+
+        def is_graph_url(self, url: httpx.URL) -> bool:
+            return f"{url.scheme}://{url.netloc.decode('ascii')}" in _graph_endpoints()
+
+    return [RedirectHandler(), _ParametersNameDecoding(), UserAgentHandler(), _Telemetry()]
+
+
+@functools.cache
+def _graph_endpoints() -> frozenset[str]:
+    from msgraph_core._enums import NationalClouds
+
+    return frozenset(item.value for item in NationalClouds)

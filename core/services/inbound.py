@@ -43,11 +43,11 @@ from core.domain.inbound import (
     already_in_crm,
     decision_record,
     inbound_lookups,
+    mailbox_index,
     plan_inbound,
 )
 from core.domain.model import (
     FolderKind,
-    InboundMethod,
     MailboxConfig,
     MailboxKind,
     MailMessage,
@@ -369,7 +369,7 @@ class InboundProcessor:
             known = tuple(replace(m, process_email_received_after=None) for m in known)
         context = InboundContext(
             mailbox=mailbox, org=org, now=self.clock(), known_mailboxes=known,
-            forward_users={m.address: m for m in known if m.inbound_method is InboundMethod.FORWARD},
+            forward_users=mailbox_index(known).forward_users,
             requested_category=requested,
         )
         return await self._plan_and_write(item, message, context, org, counters)
