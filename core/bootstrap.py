@@ -20,6 +20,7 @@ from core.config import Settings, get_settings
 if TYPE_CHECKING:
     from core.adapters.dataverse import DataverseClient
     from core.adapters.graph import GraphMailClient
+    from core.adapters.inbound_state import FinalOutcomes
     from core.adapters.state import SubscriptionTable
     from core.adapters.storage import StorageAccount
     from core.domain.hot_mailboxes import HotMailboxes
@@ -90,6 +91,13 @@ class Container:
         s = self.settings
         return HotMailboxes(threshold=s.integer("HOT_MAILBOX_NOTIFICATIONS_PER_MINUTE", minimum=0),
                             delay_s=float(s.integer("HOT_MAILBOX_DELTA_DELAY_SECONDS", minimum=1)))
+
+    @cached_property
+    def final_outcomes(self) -> FinalOutcomes:
+        """Messages this process wrote a final ledger outcome for (delta rounds skip them without a read)."""
+        from core.adapters.inbound_state import FinalOutcomes
+
+        return FinalOutcomes()
 
     @cached_property
     def hot_inline_gate(self) -> asyncio.Semaphore:

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,7 +63,9 @@ from .storage import (
 
 __all__ = [
     "DecisionHit",
+    "FinalOutcomes",
     "InboundState",
+    "RememberingLedger",
     "TableDecisionLog",
     "TableDeltaState",
     "TableLedger",
@@ -119,6 +123,67 @@ class TableLedger:
             "InternetMessageId": entry.internet_message_id[:1024], "Attempts": entry.attempts,
             "Reason": entry.reason[:1024], "At": entry.at or _now(), "Source": entry.source[:32],
         }, mode="replace")
+
+
+class FinalOutcomes:
+    """The (mailbox, Graph id) pairs this process wrote a final ledger outcome for, newest ``capacity`` kept.
+
+    Delta rounds re-report mail that notifications brought minutes ago; this lets a round leave those out without
+    a ledger read each. Only a shortcut: a pair not remembered (another instance processed it, or it was evicted)
+    is asked of the ledger as before. Keys are 16-byte BLAKE2 digests (a few MB at the default capacity); a false
+    match would take a collision of 128-bit digests."""
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self._capacity = max(1, capacity)
+        self._keys: dict[bytes, None] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(mailbox: str, graph_id: str) -> bytes:
+        return hashlib.blake2b(f"{mailbox.strip().lower()}\n{graph_id}".encode(), digest_size=16).digest()
+
+    def remember(self, mailbox: str, graph_id: str) -> None:
+        key = self._key(mailbox, graph_id)
+        with self._lock:
+            self._keys.pop(key, None)
+            self._keys[key] = None
+            while len(self._keys) > self._capacity:
+                del self._keys[next(iter(self._keys))]
+
+    def forget(self, mailbox: str, graph_id: str) -> None:
+        with self._lock:
+            self._keys.pop(self._key(mailbox, graph_id), None)
+
+    def final(self, mailbox: str, graph_id: str) -> bool:
+        return self._key(mailbox, graph_id) in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class RememberingLedger:
+    """A ledger whose writes also note final outcomes in :class:`FinalOutcomes` (and drop a pair that is no longer
+    final). Reads always go to the ledger."""
+
+    def __init__(self, ledger: TableLedger, memory: FinalOutcomes) -> None:
+        self._ledger = ledger
+        self.memory = memory
+
+    async def get(self, mailbox: str, graph_id: str) -> LedgerEntry | None:
+        return await self._ledger.get(mailbox, graph_id)
+
+    async def put(self, entry: LedgerEntry) -> None:
+        await self._ledger.put(entry)
+        if entry.outcome.terminal:
+            self.memory.remember(entry.mailbox, entry.graph_id)
+        else:
+            self.memory.forget(entry.mailbox, entry.graph_id)
+
+    async def expire(self, mailbox: str, before: datetime, limit: int) -> tuple[int, bool]:
+        return await self._ledger.expire(mailbox, before, limit)
+
+    def known_final(self, mailbox: str, graph_id: str) -> bool:
+        return self.memory.final(mailbox, graph_id)
 
 
 def message_id_key(internet_message_id: str) -> str:

@@ -80,9 +80,13 @@ class DeltaStateStore(Protocol):
 
 
 class ProcessedLookup(Protocol):
-    """The processed ledger's read side (``core.adapters.inbound_state.TableLedger``)."""
+    """The processed ledger's read side (``core.adapters.inbound_state.RememberingLedger``)."""
 
     async def get(self, mailbox: str, graph_id: str) -> InboundLedgerEntry | None: ...
+
+    def known_final(self, mailbox: str, graph_id: str) -> bool:
+        """This process wrote a final outcome for it (no read needed); False = ask ``get``."""
+        ...
 
 
 class DeltaGateway(Protocol):
@@ -246,6 +250,8 @@ class DeltaService:
         gate = asyncio.Semaphore(LEDGER_LOOKUPS_IN_FLIGHT)
 
         async def done(item: InboundItem) -> bool:
+            if ledger.known_final(item.mailbox, item.message_id):
+                return True
             async with gate:
                 try:
                     entry = await ledger.get(item.mailbox, item.message_id)
@@ -452,7 +458,7 @@ class DeltaService:
 
 
 def delta_service_for(container: Container, *, role: str = "router") -> DeltaService:
-    from core.adapters.inbound_state import InboundState
+    from core.adapters.inbound_state import InboundState, RememberingLedger
     from core.services.jobs import lease_store_for
     from core.services.subscriptions import service_for
 
@@ -476,7 +482,8 @@ def delta_service_for(container: Container, *, role: str = "router") -> DeltaSer
                         subscriptions=subscriptions, change_type=None if change_type == "all" else change_type,
                         category=category_tracker_for(container), leases=lease_store_for(container),
                         owner=new_owner(role), inline=inline, inline_gate=container.hot_inline_gate,
-                        ledger=InboundState.for_container(container).ledger)
+                        ledger=RememberingLedger(InboundState.for_container(container).ledger,
+                                                 container.final_outcomes))
 
 
 async def backfill(container: Container, mailbox: str, since: datetime,

@@ -382,6 +382,10 @@ class FakeLedger:
         self.outcomes = outcomes
         self.broken = broken or set()
         self.asked: list[str] = []
+        self.remembered: set[str] = set()
+
+    def known_final(self, mailbox: str, graph_id: str) -> bool:
+        return graph_id in self.remembered
 
     async def get(self, mailbox: str, graph_id: str) -> InboundLedgerEntry | None:
         self.asked.append(graph_id)
@@ -408,3 +412,17 @@ async def test_a_round_leaves_out_what_the_ledger_has_a_final_outcome_for() -> N
     assert report.enqueued == 3 and report.already_processed == 2 and sorted(ledger.asked) == sorted(
         ["done", "skipped", "retrying", "new", "unknown"])
     assert state.cursors[("a@x.com", "inbox")].link == "delta-1"
+
+
+async def test_what_this_process_finished_is_left_out_without_a_ledger_read() -> None:
+    graph, state, queue = FakeDeltaGraph(), FakeState(), FakeWorkQueue()
+    graph.rounds.append([DeltaPage([msg(g, NOW) for g in ("seen-here", "elsewhere", "new")], [], None, "delta-1")])
+    ledger = FakeLedger({"elsewhere": LedgerOutcome.TRACKED})
+    ledger.remembered = {"seen-here"}
+    svc = DeltaService(graph, state, queue, StaticMailboxDirectory([mbx("a@x.com")]), clock=lambda: NOW,
+                       ledger=ledger)
+
+    (report,) = await svc.sync_mailbox("a@x.com")
+
+    assert enqueued(queue) == ["new"] and report.already_processed == 2
+    assert sorted(ledger.asked) == ["elsewhere", "new"]  # the remembered one cost no read
