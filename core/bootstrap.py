@@ -20,13 +20,13 @@ from core.config import Settings, get_settings
 if TYPE_CHECKING:
     from core.adapters.dataverse import DataverseClient
     from core.adapters.graph import GraphMailClient
-    from core.adapters.inbound_state import FinalOutcomes
+    from core.adapters.inbound_state import RememberingLedger
     from core.adapters.state import SubscriptionTable
     from core.adapters.storage import StorageAccount
     from core.domain.hot_mailboxes import HotMailboxes
     from core.settings import TableMailboxDirectory
 
-__all__ = ["Container", "StorageWorkQueue", "get_container", "quiet_sdk_request_logs", "set_container"]
+__all__ = ["Container", "StorageWorkQueue", "get_container", "quiet_request_logs", "set_container"]
 
 
 class StorageWorkQueue:
@@ -51,13 +51,14 @@ class Container:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        _quiet_request_logs()
+        quiet_request_logs(HTTP_CLIENT_LOGGERS)
 
     @cached_property
     def storage(self) -> StorageAccount:
         from core.adapters.storage import StorageAccount
 
-        quiet_sdk_request_logs(keep=self.settings.flag("AZURE_SDK_HTTP_LOGS"))
+        if not self.settings.flag("AZURE_SDK_HTTP_LOGS"):
+            quiet_request_logs((SDK_REQUEST_LOGGER,))
         return StorageAccount.from_settings(self.settings)
 
     @cached_property
@@ -93,11 +94,12 @@ class Container:
                             delay_s=float(s.integer("HOT_MAILBOX_DELTA_DELAY_SECONDS", minimum=1)))
 
     @cached_property
-    def final_outcomes(self) -> FinalOutcomes:
-        """Messages this process wrote a final ledger outcome for (delta rounds skip them without a read)."""
-        from core.adapters.inbound_state import FinalOutcomes
+    def processed_ledger(self) -> RememberingLedger:
+        """The processed ledger, with the memory of what this process finished that the processor writes and delta
+        rounds read (one per process: both must share it)."""
+        from core.adapters.inbound_state import FinalOutcomes, InboundState, RememberingLedger
 
-        return FinalOutcomes()
+        return RememberingLedger(InboundState.for_container(self).ledger, FinalOutcomes())
 
     @cached_property
     def hot_inline_gate(self) -> asyncio.Semaphore:
@@ -131,25 +133,21 @@ class Container:
                                budget=ServiceProtectionBudget(**s.dataverse_budget_values()))
 
 
-# azure-core's HttpLoggingPolicy logs the URL and headers of every request at INFO; the Functions worker ships INFO
-# records to Application Insights, so each tracked email would add about eight of them (its storage calls), paid
-# per GB ingested and formatted on the message's CPU. Their warnings and errors still get through.
+# Loggers that write one INFO record per HTTP request. The Functions worker ships INFO to Application Insights
+# (paid per GB, and a record formatted on the message's CPU for every call):
+# * httpx (Graph, Dataverse): "HTTP Request: GET https://...?$filter=... 200 OK", full URL included - Dataverse
+#   lookups carry mail addresses in their $filter, which core/adapters/dataverse.py keeps to DEBUG for that reason;
+# * azure-core's HttpLoggingPolicy (storage): URL and headers, about eight records per tracked email;
+#   AZURE_SDK_HTTP_LOGS=true keeps it for a diagnosis.
+HTTP_CLIENT_LOGGERS = ("httpx", "httpcore")
 SDK_REQUEST_LOGGER = "azure.core.pipeline.policies.http_logging_policy"
 
 
-def quiet_sdk_request_logs(*, keep: bool = False) -> None:
-    logging.getLogger(SDK_REQUEST_LOGGER).setLevel(logging.NOTSET if keep else logging.WARNING)
-
-
-def _quiet_request_logs() -> None:
-    """httpx logs every request at INFO, full URL included ("HTTP Request: GET https://...?$filter=... 200 OK"):
-    Dataverse lookups carry mail addresses in their ``$filter``, which core/adapters/dataverse.py keeps to DEBUG for
-    that reason (it logs each request itself there), and at the Functions host's default level (Information) the
-    INFO line went to the logs anyway, once per Dataverse and Graph request. Warnings and errors still pass. Also
-    CPU: a log record per request on the hot path."""
-    for name in ("httpx", "httpcore"):
+def quiet_request_logs(names: Sequence[str]) -> None:
+    """Warnings and errors only for these loggers; one with a level of its own (a developer's DEBUG) is left alone."""
+    for name in names:
         logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET:  # an explicit choice (a developer's DEBUG) is left alone
+        if logger.level == logging.NOTSET:
             logger.setLevel(logging.WARNING)
 
 

@@ -167,7 +167,7 @@ class RememberingLedger:
 
     def __init__(self, ledger: TableLedger, memory: FinalOutcomes) -> None:
         self._ledger = ledger
-        self.memory = memory
+        self._memory = memory
 
     async def get(self, mailbox: str, graph_id: str) -> LedgerEntry | None:
         return await self._ledger.get(mailbox, graph_id)
@@ -175,15 +175,12 @@ class RememberingLedger:
     async def put(self, entry: LedgerEntry) -> None:
         await self._ledger.put(entry)
         if entry.outcome.terminal:
-            self.memory.remember(entry.mailbox, entry.graph_id)
+            self._memory.remember(entry.mailbox, entry.graph_id)
         else:
-            self.memory.forget(entry.mailbox, entry.graph_id)
-
-    async def expire(self, mailbox: str, before: datetime, limit: int) -> tuple[int, bool]:
-        return await self._ledger.expire(mailbox, before, limit)
+            self._memory.forget(entry.mailbox, entry.graph_id)
 
     def known_final(self, mailbox: str, graph_id: str) -> bool:
-        return self.memory.final(mailbox, graph_id)
+        return self._memory.final(mailbox, graph_id)
 
 
 def message_id_key(internet_message_id: str) -> str:
@@ -406,9 +403,11 @@ class TableMailboxStatus:
             "InboundLastErrorPermanent": permanent, "InboundLastErrorAt": _now(),
         }, mode="merge")
 
+    def _row(self, mailbox: str) -> dict[str, Any]:
+        return {"PartitionKey": self.PARTITION, "RowKey": _mailbox_key(mailbox), "Mailbox": mailbox.lower()}
+
     async def record_sync(self, mailbox: str, *, ok: bool, detail: str = "") -> None:
-        props: dict[str, Any] = {"PartitionKey": self.PARTITION, "RowKey": _mailbox_key(mailbox),
-                                 "Mailbox": mailbox.lower()}
+        props = self._row(mailbox)
         if ok:
             props["InboundLastSyncAt"] = _now()
         else:
@@ -418,9 +417,7 @@ class TableMailboxStatus:
     async def record_synced(self, mailboxes: Sequence[str]) -> None:
         """``record_sync(ok=True)`` for many mailboxes in table transactions (one partition holds every row)."""
         now = _now()
-        await self._table.upsert_many([{"PartitionKey": self.PARTITION, "RowKey": _mailbox_key(m),
-                                         "Mailbox": m.lower(), "InboundLastSyncAt": now} for m in mailboxes],
-                                        mode="merge")
+        await self._table.upsert_many([{**self._row(m), "InboundLastSyncAt": now} for m in mailboxes], mode="merge")
 
     async def get(self, mailbox: str) -> dict[str, Any] | None:
         try:

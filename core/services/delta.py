@@ -458,7 +458,7 @@ class DeltaService:
 
 
 def delta_service_for(container: Container, *, role: str = "router") -> DeltaService:
-    from core.adapters.inbound_state import InboundState, RememberingLedger
+    from core.adapters.inbound_state import InboundState
     from core.services.jobs import lease_store_for
     from core.services.subscriptions import service_for
 
@@ -482,8 +482,7 @@ def delta_service_for(container: Container, *, role: str = "router") -> DeltaSer
                         subscriptions=subscriptions, change_type=None if change_type == "all" else change_type,
                         category=category_tracker_for(container), leases=lease_store_for(container),
                         owner=new_owner(role), inline=inline, inline_gate=container.hot_inline_gate,
-                        ledger=RememberingLedger(InboundState.for_container(container).ledger,
-                                                 container.final_outcomes))
+                        ledger=container.processed_ledger)
 
 
 async def backfill(container: Container, mailbox: str, since: datetime,

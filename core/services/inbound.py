@@ -686,7 +686,7 @@ def processor_for(container: Container) -> InboundProcessor:
     """The process-wide processor for a container (its caches live as long as the container)."""
     processor = _PROCESSORS.get(container)
     if processor is None:
-        from core.adapters.inbound_state import InboundState, RememberingLedger
+        from core.adapters.inbound_state import InboundState
         from core.services.inbound_crm import DataverseInboundCrm
         from core.services.org_schema import org_schema_for
         from core.services.queue_items_crm import DataverseQueueItems
@@ -702,8 +702,7 @@ def processor_for(container: Container) -> InboundProcessor:
                 schema=schema,
             ),
             mailboxes=container.mailbox_directory,
-            ledger=RememberingLedger(state.ledger, container.final_outcomes), decisions=state.decisions,
-            status=state.status, poison=state.poison,
+            ledger=container.processed_ledger, decisions=state.decisions, status=state.status, poison=state.poison,
             queue=container.work_queue, options=options_from_settings(container),
             queue_items=DataverseQueueItems(container.dataverse, schema=schema),
         )

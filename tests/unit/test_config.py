@@ -198,15 +198,22 @@ def test_the_storage_adapter_silences_the_sdk_request_log_unless_asked(monkeypat
     sdk, azure = logging.getLogger(SDK_REQUEST_LOGGER), logging.getLogger("azure")
     before = sdk.level, azure.level
     try:
-        sdk.setLevel(logging.NOTSET)
         azure.setLevel(logging.INFO)  # as the Functions worker has it: INFO reaches Application Insights
+        sdk.setLevel(logging.NOTSET)
         assert sdk.isEnabledFor(logging.INFO)
         monkeypatch.delenv("AZURE_SDK_HTTP_LOGS", raising=False)
         assert Container().storage is not None
         assert not sdk.isEnabledFor(logging.INFO) and sdk.isEnabledFor(logging.WARNING)
+
+        sdk.setLevel(logging.NOTSET)
         monkeypatch.setenv("AZURE_SDK_HTTP_LOGS", "true")
         assert Container().storage is not None
         assert sdk.isEnabledFor(logging.INFO)
+
+        sdk.setLevel(logging.DEBUG)  # a developer's own choice is left alone
+        monkeypatch.delenv("AZURE_SDK_HTTP_LOGS")
+        assert Container().storage is not None
+        assert sdk.level == logging.DEBUG
     finally:
         sdk.setLevel(before[0])
         azure.setLevel(before[1])

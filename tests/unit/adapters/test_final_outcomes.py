@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from core.adapters.inbound_state import FinalOutcomes, RememberingLedger
 from core.domain.records import InboundLedgerEntry, LedgerOutcome
-
-
-class FakeTableLedger:
-    def __init__(self) -> None:
-        self.rows: dict[tuple[str, str], InboundLedgerEntry] = {}
-
-    async def get(self, mailbox: str, graph_id: str) -> InboundLedgerEntry | None:
-        return self.rows.get((mailbox, graph_id))
-
-    async def put(self, entry: InboundLedgerEntry) -> None:
-        self.rows[(entry.mailbox, entry.graph_id)] = entry
-
-    async def expire(self, mailbox: str, before: datetime, limit: int) -> tuple[int, bool]:
-        return 0, False
+from tests.unit.services.test_inbound_processor import FakeLedger
 
 
 def ledger(capacity: int = 10) -> RememberingLedger:
-    table: Any = FakeTableLedger()
+    table: Any = FakeLedger()  # the table adapter's get/put, in memory
     return RememberingLedger(table, FinalOutcomes(capacity))
 
 
